@@ -1,0 +1,50 @@
+# Stamen: the two commands of the README, plus helpers. Needs only python3 on the machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FLWR_VENV := .venv-flwr
+FLWR_VERSION := 1.12.0
+
+.PHONY: demo test lint typecheck pytest proto interop-venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Real Flower, only as a test peer, in a virtualenv of its own (never a Stamen dependency).
+$(FLWR_VENV)/.installed:
+	$(PYTHON) -m venv $(FLWR_VENV)
+	$(FLWR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLWR_VENV)/bin/python -m pip install -q 'flwr==$(FLWR_VERSION)'
+	touch $@
+
+interop-venv: $(FLWR_VENV)/.installed
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/stamen demo
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+typecheck: $(VENV)/.dev-installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev-installed $(FLWR_VENV)/.installed
+	STAMEN_FLWR_PYTHON=$(CURDIR)/$(FLWR_VENV)/bin/python $(BIN)/pytest
+
+test: lint typecheck pytest
+
+proto: $(VENV)/.dev-installed
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) $(FLWR_VENV) .pytest_cache .mypy_cache .ruff_cache

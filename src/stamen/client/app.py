@@ -1,0 +1,270 @@
+"""``start_client``: validate, pick the transport, run the node's session loop."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..clock import SystemClock
+from ..context import Context, RecordSet
+from ..errors import ConfigError, ConnectError, MessageTooLarge, TransportError
+from ..messages import DisconnectRes, ReconnectIns
+from ..protocol import Clock, NodeSession, RetryPolicy
+from ..transport._tls import load_pem
+from ..transport.base import ClientTransport
+from ..transport.grpc_bidi import GrpcBidiTransport
+from .client import Client
+from .dispatch import ClientFn, error_reply, handle, normalize_client_fn
+from .numpy_client import NumPyClient
+
+__all__ = ["GRPC_MAX_MESSAGE_LENGTH", "TRANSPORTS", "start_client"]
+
+logger = logging.getLogger("stamen.client")
+
+GRPC_MAX_MESSAGE_LENGTH = 536_870_912
+"""Default bound of one gRPC message, in bytes (512 MiB), as in Flower."""
+
+TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
+_AVAILABLE = ("grpc-bidi",)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated settings of one client node."""
+
+    address: str
+    client_fn: ClientFn
+    transport: str
+    max_message_length: int
+    root_certificates: bytes | None
+    secure: bool
+    policy: RetryPolicy
+
+
+def parse_address(address: object) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``.
+
+    Raises:
+        ConfigError: not a string of that form with a port in 0..65535.
+    """
+    if not isinstance(address, str):
+        raise ConfigError(f"server_address: expected 'host:port', received {type(address).__name__}")
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets is ambiguous
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(
+            f"server_address: expected 'host:port' or '[ipv6]:port' with a port in 0..65535, "
+            f"received {address!r}"
+        )
+    return host, int(port_text)
+
+
+def _client_fn_from(client_fn: Callable[..., Any] | None, client: Client | None) -> ClientFn:
+    if client_fn is None and client is None:
+        raise ConfigError("Both `client_fn` and `client` are `None`, but one is required")
+    if client_fn is not None and client is not None:
+        raise ConfigError("Both `client_fn` and `client` are provided, but only one is allowed")
+    if client_fn is not None:
+        return normalize_client_fn(client_fn)
+    if isinstance(client, NumPyClient):
+        logger.warning("start_client: `client` is a NumPyClient; converting it with .to_client()")
+        client = client.to_client()
+    if not isinstance(client, Client):
+        raise ConfigError(
+            f"client: expected a Client or NumPyClient, received {type(client).__name__}"
+        )
+    fixed: Client = client
+    return lambda _context: fixed
+
+
+def make_node_config(
+    *,
+    server_address: str,
+    client_fn: Callable[..., Any] | None,
+    client: Client | None,
+    grpc_max_message_length: int,
+    root_certificates: bytes | str | None,
+    insecure: bool | None,
+    transport: str | None,
+    authentication_keys: tuple[Any, Any] | None,
+    max_retries: int | None,
+    max_wait_time: float | None,
+) -> NodeConfig:
+    """Check every argument of :func:`start_client`; raise ConfigError naming the bad one."""
+    fn = _client_fn_from(client_fn, client)
+    parse_address(server_address)
+    transport = "grpc-bidi" if transport is None else transport
+    if transport not in TRANSPORTS:
+        raise ConfigError(
+            f"transport: expected one of {list(TRANSPORTS)}, received {transport!r}"
+        )
+    if transport not in _AVAILABLE:
+        raise ConfigError(
+            f"transport {transport!r} is not available in this version of Stamen "
+            f"(available: {list(_AVAILABLE)})"
+        )
+    if (
+        isinstance(grpc_max_message_length, bool)
+        or not isinstance(grpc_max_message_length, int)
+        or grpc_max_message_length <= 0
+    ):
+        raise ConfigError(
+            f"grpc_max_message_length: expected an int > 0, received {grpc_max_message_length!r}"
+        )
+    if insecure is not None and not isinstance(insecure, bool):
+        raise ConfigError(f"insecure: expected None or a bool, received {insecure!r}")
+    if insecure is True and root_certificates is not None:
+        raise ConfigError(
+            "Invalid configuration: 'root_certificates' should not be provided when "
+            "'insecure' is set to True"
+        )
+    roots = None if root_certificates is None else load_pem("root_certificates", root_certificates)
+    secure = roots is not None or insecure is False
+    if authentication_keys is not None:
+        raise ConfigError(
+            "authentication_keys: node authentication is not available in this version of "
+            "Stamen; refusing to connect unauthenticated"
+        )
+    policy = RetryPolicy(max_retries=max_retries, max_wait_time=max_wait_time)
+    return NodeConfig(
+        address=server_address,
+        client_fn=fn,
+        transport=transport,
+        max_message_length=grpc_max_message_length,
+        root_certificates=roots,
+        secure=secure,
+        policy=policy,
+    )
+
+
+def make_transport(config: NodeConfig) -> ClientTransport:
+    """Build the transport adapter named in ``config``."""
+    return GrpcBidiTransport(
+        config.address,
+        max_message_length=config.max_message_length,
+        root_certificates=config.root_certificates,
+        secure=config.secure,
+    )
+
+
+def run_node(
+    config: NodeConfig,
+    *,
+    clock: Clock,
+    rng: Callable[[], float],
+    transport_factory: Callable[[NodeConfig], ClientTransport] = make_transport,
+) -> None:
+    """Run the node until the server ends the session; reconnect under ``config.policy``.
+
+    Raises:
+        ConnectError: reconnection was given up (``max_retries``/``max_wait_time``).
+        ProtocolError, AuthError: errors that retrying cannot fix.
+    """
+    session = NodeSession(config.policy, rng)
+    context: Context | None = None
+    while True:
+        transport = transport_factory(config)
+        session.connect()
+        try:
+            transport.connect()
+            session.connected()
+            while True:
+                instruction = transport.receive()
+                session.instruction()
+                if context is None:
+                    # One Context per run: its state persists across the run's messages.
+                    context = Context(
+                        node_id=transport.node_id, node_config={}, state=RecordSet(), run_config={}
+                    )
+                if isinstance(instruction, ReconnectIns):
+                    seconds = instruction.seconds or 0
+                    transport.send(DisconnectRes(reason="RECONNECT" if seconds else "ACK"))
+                    come_back = session.reconnect(seconds)
+                    transport.close(graceful=True)
+                    if not come_back:
+                        logger.info("server ended the session; node shuts down")
+                        return
+                    logger.info("server asked to reconnect in %s s", seconds)
+                    clock.sleep(seconds)
+                    break
+                reply = handle(config.client_fn, context, instruction)
+                try:
+                    transport.send(reply)
+                except MessageTooLarge as exc:
+                    logger.error("%s", exc)
+                    transport.send(error_reply(instruction, str(exc)))
+                session.replied()
+        except TransportError as exc:
+            transport.close(graceful=False)
+            now = clock.monotonic()
+            delay = session.link_failed(now)
+            if delay is None:
+                raise ConnectError(
+                    f"gave up connecting to {config.address} after {session.failures} "
+                    f"failed attempt(s) over {session.outage_seconds(now):.2f} s: {exc}"
+                ) from exc
+            logger.warning("%s; retrying in %.2f s", exc, delay)
+            clock.sleep(delay)
+        except BaseException:
+            transport.close(graceful=False)
+            session.fatal()
+            raise
+
+
+def start_client(
+    *,
+    server_address: str,
+    client_fn: Callable[..., Any] | None = None,
+    client: Client | None = None,
+    grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+    root_certificates: bytes | str | None = None,
+    insecure: bool | None = None,
+    transport: str | None = None,
+    authentication_keys: tuple[Any, Any] | None = None,
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
+) -> None:
+    """Start a client node that connects to a server and serves it until the run ends.
+
+    Args:
+        server_address: ``host:port`` or ``[ipv6]:port`` of the server.
+        client_fn: Builds a :class:`Client` from a :class:`Context`; called once per message.
+        client: A fixed client instead of ``client_fn`` (exactly one of the two).
+        grpc_max_message_length: Largest message sent or received, in bytes.
+        root_certificates: PEM bytes, or the path of a PEM file, of the CAs to trust;
+            enables TLS.
+        insecure: ``True`` for plaintext; ``False`` for TLS (with the system's CAs when
+            ``root_certificates`` is None). Default: TLS exactly when certificates are given.
+        transport: ``"grpc-bidi"`` (default), ``"grpc-rere"`` or ``"rest"``.
+        authentication_keys: ``(private_key, public_key)`` elliptic-curve keys.
+        max_retries: Consecutive failed connection attempts allowed; None is no limit.
+        max_wait_time: Seconds allowed since the connection was lost; None is no limit.
+
+    Returns when the server ends the session (``ReconnectIns(seconds=0)``).
+
+    Raises:
+        ConfigError (a ValueError): an invalid argument, before any I/O. Unlike Flower,
+            a bad address never raises SystemExit.
+        ConnectError: the server stayed unreachable past ``max_retries``/``max_wait_time``.
+            Unlike Flower, the limits hold on grpc-bidi too, and giving up raises instead of
+            returning silently.
+    """
+    config = make_node_config(
+        server_address=server_address,
+        client_fn=client_fn,
+        client=client,
+        grpc_max_message_length=grpc_max_message_length,
+        root_certificates=root_certificates,
+        insecure=insecure,
+        transport=transport,
+        authentication_keys=authentication_keys,
+        max_retries=max_retries,
+        max_wait_time=max_wait_time,
+    )
+    run_node(config, clock=SystemClock(), rng=random.random)

@@ -1,0 +1,99 @@
+"""The one exception tree of Stamen.
+
+Every error Stamen raises on purpose derives from :class:`StamenError`. Errors of the
+libraries underneath (grpc, protobuf, sockets) are translated at the boundary with
+``raise ... from exc``, so callers only ever catch these::
+
+    StamenError
+    ├── ConfigError (ValueError)          bad arguments; raised before any I/O
+    ├── TransportError                    the link to the peer failed; the ONLY retried family
+    │   ├── ConnectError                  could not reach the peer (also: gave up retrying)
+    │   ├── ConnectionLost                an established session broke
+    │   └── Timeout (TimeoutError)        a bounded wait ran out
+    ├── ProtocolError                     the peer answered, but not as the protocol says
+    │   ├── DecodeError (ValueError)      bytes that are not a valid message
+    │   ├── MessageTooLarge               a message over ``grpc_max_message_length``
+    │   └── VersionMismatch               the peer speaks another protocol version
+    ├── AuthError                         credentials rejected; never retried
+    ├── ClientAppError                    user code in a client raised
+    └── RunError                          a server run cannot go on
+        └── NotEnoughClients (TimeoutError)  too few clients connected in time
+
+``TransportError`` is the only family the client retries: anything else means that trying
+again cannot help.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "ClientAppError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectionLost",
+    "DecodeError",
+    "MessageTooLarge",
+    "NotEnoughClients",
+    "ProtocolError",
+    "RunError",
+    "StamenError",
+    "Timeout",
+    "TransportError",
+    "VersionMismatch",
+]
+
+
+class StamenError(Exception):
+    """Base class of every error Stamen raises on purpose."""
+
+
+class ConfigError(StamenError, ValueError):
+    """An argument or configuration value is invalid; raised before any I/O."""
+
+
+class TransportError(StamenError):
+    """The link to the peer failed. The only family of errors that is retried."""
+
+
+class ConnectError(TransportError):
+    """The peer could not be reached, or reconnection was given up."""
+
+
+class ConnectionLost(TransportError):
+    """An established session with the peer broke."""
+
+
+class Timeout(TransportError, TimeoutError):
+    """A bounded wait ran out."""
+
+
+class ProtocolError(StamenError):
+    """The peer answered, but not as the protocol says. Not retried."""
+
+
+class DecodeError(ProtocolError, ValueError):
+    """Bytes that do not decode to a valid message."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A message is larger than the configured maximum message length."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the protocol."""
+
+
+class AuthError(StamenError):
+    """The peer rejected our credentials, or we rejected theirs. Not retried."""
+
+
+class ClientAppError(StamenError):
+    """User code inside a client raised; the message says which method and why."""
+
+
+class RunError(StamenError):
+    """A server run cannot go on."""
+
+
+class NotEnoughClients(RunError, TimeoutError):
+    """Fewer clients than required connected within the allowed time."""

@@ -1,0 +1,281 @@
+"""The messages exchanged between server and client nodes.
+
+Frozen, slotted dataclasses with Flower's names, field order and defaults. Each validates
+its fields on construction, so a malformed message fails where it is built, with an error
+that names the field, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TypeAlias
+
+from .errors import ConfigError
+from .typing import Scalar
+
+__all__ = [
+    "Code",
+    "DisconnectRes",
+    "EvaluateIns",
+    "EvaluateRes",
+    "FitIns",
+    "FitRes",
+    "GetParametersIns",
+    "GetParametersRes",
+    "GetPropertiesIns",
+    "GetPropertiesRes",
+    "Instruction",
+    "Parameters",
+    "Reason",
+    "ReconnectIns",
+    "Reply",
+    "Status",
+    "check_scalar",
+    "check_scalar_mapping",
+]
+
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
+
+
+class Code(IntEnum):
+    """Status codes of a reply. 0-4 are Flower's; 5 is Stamen's."""
+
+    OK = 0
+    GET_PROPERTIES_NOT_IMPLEMENTED = 1
+    GET_PARAMETERS_NOT_IMPLEMENTED = 2
+    FIT_NOT_IMPLEMENTED = 3
+    EVALUATE_NOT_IMPLEMENTED = 4
+    CLIENT_ERROR = 5
+    """The client's own code raised; the message says what. (Stamen extension: a Flower
+    server fails to decode it and, as it does for any error, counts a failure.)"""
+
+
+class Reason(IntEnum):
+    """Why a client disconnects (``DisconnectRes.reason``)."""
+
+    UNKNOWN = 0
+    RECONNECT = 1
+    POWER_DISCONNECTED = 2
+    WIFI_UNAVAILABLE = 3
+    ACK = 4
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_scalar(where: str, value: object) -> None:
+    """Raise ConfigError unless ``value`` is a Scalar that fits the wire format."""
+    # bool is an int: test it first so that True is not range-checked as 1.
+    if isinstance(value, bool | bytes | float | str):
+        return
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _UINT64_MAX:
+            raise ConfigError(
+                f"{where}: expected an int in [-2**63, 2**64 - 1], received {value}"
+            )
+        return
+    raise ConfigError(
+        f"{where}: expected bool, bytes, float, int or str, received {_type_name(value)} "
+        f"({value!r:.60})"
+    )
+
+
+def check_scalar_mapping(where: str, mapping: object) -> None:
+    """Raise ConfigError unless ``mapping`` maps str keys to Scalars."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{where}: expected a dict of str to scalar, received {_type_name(mapping)}")
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: expected str keys, received key {key!r} ({_type_name(key)})")
+        check_scalar(f"{where}[{key!r}]", value)
+
+
+def _check_int(where: str, value: object, *, minimum: int = _INT64_MIN) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected int, received {_type_name(value)} ({value!r:.60})")
+    if not minimum <= value < 2**63:
+        raise ConfigError(f"{where}: expected an int in [{minimum}, 2**63 - 1], received {value}")
+
+
+def _check_type(where: str, value: object, expected: type) -> None:
+    if not isinstance(value, expected):
+        raise ConfigError(
+            f"{where}: expected {expected.__name__}, received {_type_name(value)} ({value!r:.60})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """Model parameters as opaque byte tensors plus the name of their serialization."""
+
+    tensors: list[bytes]
+    tensor_type: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, list):
+            raise ConfigError(
+                f"Parameters.tensors: expected a list of bytes, received {_type_name(self.tensors)}"
+            )
+        for index, tensor in enumerate(self.tensors):
+            if not isinstance(tensor, bytes):
+                raise ConfigError(
+                    f"Parameters.tensors[{index}]: expected bytes, received {_type_name(tensor)}"
+                )
+        _check_type("Parameters.tensor_type", self.tensor_type, str)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The outcome of a client operation."""
+
+    code: Code
+    message: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, Code):
+            raise ConfigError(f"Status.code: expected a Code, received {self.code!r}")
+        _check_type("Status.message", self.message, str)
+
+
+@dataclass(frozen=True, slots=True)
+class GetPropertiesIns:
+    """Ask a client for its properties."""
+
+    config: dict[str, Scalar]
+
+    def __post_init__(self) -> None:
+        check_scalar_mapping("GetPropertiesIns.config", self.config)
+
+
+@dataclass(frozen=True, slots=True)
+class GetPropertiesRes:
+    """A client's properties."""
+
+    status: Status
+    properties: dict[str, Scalar]
+
+    def __post_init__(self) -> None:
+        _check_type("GetPropertiesRes.status", self.status, Status)
+        check_scalar_mapping("GetPropertiesRes.properties", self.properties)
+
+
+@dataclass(frozen=True, slots=True)
+class GetParametersIns:
+    """Ask a client for its current model parameters."""
+
+    config: dict[str, Scalar]
+
+    def __post_init__(self) -> None:
+        check_scalar_mapping("GetParametersIns.config", self.config)
+
+
+@dataclass(frozen=True, slots=True)
+class GetParametersRes:
+    """A client's current model parameters."""
+
+    status: Status
+    parameters: Parameters
+
+    def __post_init__(self) -> None:
+        _check_type("GetParametersRes.status", self.status, Status)
+        _check_type("GetParametersRes.parameters", self.parameters, Parameters)
+
+
+@dataclass(frozen=True, slots=True)
+class FitIns:
+    """Train the global model on local data."""
+
+    parameters: Parameters
+    config: dict[str, Scalar]
+
+    def __post_init__(self) -> None:
+        _check_type("FitIns.parameters", self.parameters, Parameters)
+        check_scalar_mapping("FitIns.config", self.config)
+
+
+@dataclass(frozen=True, slots=True)
+class FitRes:
+    """The result of local training."""
+
+    status: Status
+    parameters: Parameters
+    num_examples: int
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_type("FitRes.status", self.status, Status)
+        _check_type("FitRes.parameters", self.parameters, Parameters)
+        _check_int("FitRes.num_examples", self.num_examples)
+        check_scalar_mapping("FitRes.metrics", self.metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateIns:
+    """Evaluate the global model on local data."""
+
+    parameters: Parameters
+    config: dict[str, Scalar]
+
+    def __post_init__(self) -> None:
+        _check_type("EvaluateIns.parameters", self.parameters, Parameters)
+        check_scalar_mapping("EvaluateIns.config", self.config)
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateRes:
+    """The result of local evaluation.
+
+    ``loss`` travels as a 32-bit float on the wire (as in Flower), so a loss read back from
+    the network may differ from the client's value in the 8th significant digit.
+    """
+
+    status: Status
+    loss: float
+    num_examples: int
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_type("EvaluateRes.status", self.status, Status)
+        if isinstance(self.loss, bool) or not isinstance(self.loss, float | int):
+            raise ConfigError(
+                f"EvaluateRes.loss: expected float, received {_type_name(self.loss)} "
+                f"({self.loss!r:.60})"
+            )
+        _check_int("EvaluateRes.num_examples", self.num_examples)
+        check_scalar_mapping("EvaluateRes.metrics", self.metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectIns:
+    """End the session; come back after ``seconds`` (``None`` or ``0``: do not come back)."""
+
+    seconds: int | None
+
+    def __post_init__(self) -> None:
+        if self.seconds is not None:
+            _check_int("ReconnectIns.seconds", self.seconds, minimum=0)
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectRes:
+    """A client's answer to ReconnectIns; ``reason`` is a :class:`Reason` name."""
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in Reason.__members__:
+            raise ConfigError(
+                f"DisconnectRes.reason: expected one of {sorted(Reason.__members__)}, "
+                f"received {self.reason!r}"
+            )
+
+
+Instruction: TypeAlias = GetPropertiesIns | GetParametersIns | FitIns | EvaluateIns | ReconnectIns
+"""What a server sends to a client node."""
+
+Reply: TypeAlias = GetPropertiesRes | GetParametersRes | FitRes | EvaluateRes | DisconnectRes
+"""What a client node sends back."""

@@ -1,0 +1,82 @@
+"""The only NumPy codec of Stamen: arrays <-> ``.npy`` bytes.
+
+Each array travels as a standard ``.npy`` (format 1.0/2.0) blob, which is what Flower
+sends (``tensor_type = "numpy.ndarray"``). Pickle is never used: object arrays are refused
+when encoding and ``allow_pickle=False`` guards decoding.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import numpy as np
+
+from .errors import ConfigError, DecodeError
+from .messages import Parameters
+from .typing import NDArray, NDArrays
+
+__all__ = [
+    "TENSOR_TYPE",
+    "bytes_to_ndarray",
+    "ndarray_to_bytes",
+    "ndarrays_to_parameters",
+    "parameters_to_ndarrays",
+]
+
+TENSOR_TYPE = "numpy.ndarray"
+
+
+def ndarray_to_bytes(ndarray: NDArray) -> bytes:
+    """Serialize one array to ``.npy`` bytes.
+
+    Raises:
+        ConfigError: ``ndarray`` is not a NumPy array, or holds Python objects (which
+            could only travel as pickle).
+    """
+    if not isinstance(ndarray, np.ndarray):
+        raise ConfigError(f"expected a numpy.ndarray, received {type(ndarray).__name__}")
+    if ndarray.dtype.hasobject:
+        raise ConfigError(
+            f"arrays of dtype {ndarray.dtype} hold Python objects and cannot be sent "
+            "without pickle; convert them to a numeric dtype"
+        )
+    buffer = io.BytesIO()
+    np.save(buffer, ndarray, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def bytes_to_ndarray(tensor: bytes) -> NDArray:
+    """Deserialize ``.npy`` bytes (never unpickling).
+
+    Raises:
+        DecodeError: the bytes are not a valid ``.npy`` blob of a non-object dtype.
+    """
+    try:
+        array = np.load(io.BytesIO(tensor), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DecodeError(f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}") from exc
+    if not isinstance(array, np.ndarray):
+        raise DecodeError(f"tensor decoded to {type(array).__name__}, expected a numpy.ndarray")
+    return array
+
+
+def ndarrays_to_parameters(ndarrays: Iterable[NDArray]) -> Parameters:
+    """Convert a list of arrays to :class:`Parameters` (``tensor_type="numpy.ndarray"``)."""
+    # As in Flower, a bare array is taken as the iterable of its rows.
+    return Parameters(tensors=[ndarray_to_bytes(a) for a in ndarrays], tensor_type=TENSOR_TYPE)
+
+
+def parameters_to_ndarrays(parameters: Parameters) -> NDArrays:
+    """Convert :class:`Parameters` back to a list of arrays.
+
+    Raises:
+        DecodeError: ``tensor_type`` is not ``"numpy.ndarray"`` (an empty one is accepted
+            for empty parameters) or a tensor is not valid ``.npy`` bytes.
+    """
+    if parameters.tensor_type not in (TENSOR_TYPE, ""):
+        raise DecodeError(
+            f"Parameters.tensor_type: expected {TENSOR_TYPE!r}, "
+            f"received {parameters.tensor_type!r}"
+        )
+    return [bytes_to_ndarray(t) for t in parameters.tensors]

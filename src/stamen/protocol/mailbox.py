@@ -1,0 +1,111 @@
+"""The server's per-node mailbox (sans-IO, single-threaded).
+
+The server posts instructions; the transport takes them in order and delivers the replies.
+Every posted task ends exactly once through its ``on_done`` callback: with the reply, or
+with the error that ended it (timeout, node gone). The mailbox is owned by one thread (the
+server's fleet event loop); other threads reach it through that loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ConnectionLost
+from ..messages import Instruction, Reply
+
+__all__ = ["Mailbox", "Task"]
+
+DoneCallback = Callable[[Reply | BaseException], None]
+
+
+@dataclass(slots=True)
+class Task:
+    """One instruction for a node and what to do when it ends."""
+
+    task_id: int
+    instruction: Instruction
+    payload: bytes
+    on_done: DoneCallback
+
+
+class Mailbox:
+    """Pending and in-flight tasks of one node."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._pending: deque[Task] = deque()
+        self._in_flight: dict[int, Task] = {}
+        self._next_id = 1
+        self._closed: BaseException | None = None
+        self._wakeup: Callable[[], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the node is gone; posting then fails at once."""
+        return self._closed is not None
+
+    def set_wakeup(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` whenever a task is posted (the transport's waiter)."""
+        self._wakeup = callback
+
+    def post(self, instruction: Instruction, payload: bytes, on_done: DoneCallback) -> int:
+        """Queue an instruction (``payload`` is its encoded form); return the task id."""
+        task_id = self._next_id
+        self._next_id += 1
+        if self._closed is not None:
+            on_done(self._closed)
+            return task_id
+        self._pending.append(Task(task_id, instruction, payload, on_done))
+        if self._wakeup is not None:
+            self._wakeup()
+        return task_id
+
+    def take(self) -> Task | None:
+        """Move the oldest pending task in flight and return it (None if none is pending)."""
+        if not self._pending:
+            return None
+        task = self._pending.popleft()
+        self._in_flight[task.task_id] = task
+        return task
+
+    def deliver(self, task_id: int, reply: Reply) -> bool:
+        """End an in-flight task with its reply; False if it had already ended (late reply)."""
+        task = self._in_flight.pop(task_id, None)
+        if task is None:
+            return False
+        task.on_done(reply)
+        return True
+
+    def fail(self, task_id: int, error: BaseException) -> bool:
+        """End a pending or in-flight task with ``error``; False if it had already ended."""
+        task = self._in_flight.pop(task_id, None)
+        if task is None:
+            for index, pending in enumerate(self._pending):
+                if pending.task_id == task_id:
+                    task = pending
+                    del self._pending[index]
+                    break
+        if task is None:
+            return False
+        task.on_done(error)
+        return True
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The node is gone: end every task with ``error`` and refuse new ones."""
+        if self._closed is not None:
+            return
+        self._closed = error or ConnectionLost(f"node {self.node_id} disconnected")
+        tasks = [*self._in_flight.values(), *self._pending]
+        self._in_flight.clear()
+        self._pending.clear()
+        for task in tasks:
+            task.on_done(self._closed)
+
+    def __repr__(self) -> str:
+        return (
+            f"Mailbox({self.node_id!r}, pending={len(self._pending)}, "
+            f"in_flight={len(self._in_flight)}, closed={self.closed})"
+        )
+

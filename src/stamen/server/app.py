@@ -1,0 +1,93 @@
+"""``start_server``: serve client nodes and run a strategy's rounds over them."""
+
+from __future__ import annotations
+
+import logging
+
+from ..client.app import GRPC_MAX_MESSAGE_LENGTH, parse_address
+from ..errors import ConfigError
+from .client_manager import ClientManager, SimpleClientManager
+from .fleet.service import FleetService
+from .history import History
+from .server import Server, ServerConfig
+from .strategy import Strategy
+
+__all__ = ["init_defaults", "run_server", "start_server"]
+
+logger = logging.getLogger("stamen.server")
+
+
+def init_defaults(
+    server: Server | None,
+    config: ServerConfig | None,
+    strategy: Strategy | None,
+    client_manager: ClientManager | None,
+) -> tuple[Server, ServerConfig]:
+    """Fill in Flower's defaults: a Server with FedAvg and a SimpleClientManager, 1 round."""
+    if server is None:
+        if client_manager is None:
+            client_manager = SimpleClientManager()
+        server = Server(client_manager=client_manager, strategy=strategy)
+    elif strategy is not None:
+        server.set_strategy(strategy)
+    if config is None:
+        config = ServerConfig()
+    if not isinstance(config, ServerConfig):
+        raise ConfigError(f"config: expected a ServerConfig, received {type(config).__name__}")
+    return server, config
+
+
+def run_server(server: Server, config: ServerConfig) -> History:
+    """Run the rounds, then tell every client the run is over."""
+    try:
+        history, elapsed = server.fit(num_rounds=config.num_rounds, timeout=config.round_timeout)
+        logger.info("run finished in %.2f s\n%s", elapsed, history)
+        return history
+    finally:
+        server.disconnect_all_clients()
+
+
+def start_server(
+    *,
+    server_address: str = "[::]:8080",
+    server: Server | None = None,
+    config: ServerConfig | None = None,
+    strategy: Strategy | None = None,
+    client_manager: ClientManager | None = None,
+    grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+    certificates: tuple[bytes, bytes, bytes] | None = None,
+) -> History:
+    """Serve client nodes on ``server_address`` and run the configured rounds.
+
+    Args:
+        server_address: ``host:port`` to listen on (gRPC: grpc-bidi).
+        server: A Server (default: one with ``strategy`` and ``client_manager``).
+        config: Rounds and round timeout (default: ``ServerConfig()``, 1 round).
+        strategy: The strategy (default: FedAvg); replaces the strategy of ``server``.
+        client_manager: Default ``SimpleClientManager()``, which waits at most 600 s for
+            clients (Flower: 24 h); pass ``SimpleClientManager(wait_timeout=...)`` to change.
+        grpc_max_message_length: Bound of one gRPC message, both ways. Clients must use
+            the same value.
+        certificates: ``(ca_cert, server_cert, server_key)`` PEM bytes: serve TLS.
+
+    Returns:
+        The run's :class:`History`. Every client is sent ``ReconnectIns(0)`` at the end, so
+        their ``start_client`` returns.
+
+    Raises:
+        ConfigError: invalid arguments, or the address cannot be bound.
+        NotEnoughClients: too few clients connected in time.
+    """
+    parse_address(server_address)
+    server, config = init_defaults(server, config, strategy, client_manager)
+    service = FleetService(
+        server.client_manager(),
+        address=server_address,
+        max_message_length=grpc_max_message_length,
+        certificates=certificates,
+    )
+    service.start()
+    try:
+        return run_server(server, config)
+    finally:
+        service.stop()

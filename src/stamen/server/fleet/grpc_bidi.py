@@ -1,0 +1,57 @@
+"""Thin grpc.aio servicer for the grpc-bidi ``Join`` stream (Flower-compatible).
+
+One stream is one node. The server speaks first: it writes the node's next instruction,
+reads the reply, and repeats. A node that hangs up, or whose stream breaks, is closed and
+its in-flight instruction fails at once. Runs on grpc.aio, so a connected node costs a
+coroutine, not a thread: there is no ~1000-stream ceiling.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from ...errors import ConnectionLost, DecodeError
+from ...messages import ReconnectIns
+from ...wire import BIDI_METHOD_NAME, BIDI_SERVICE_NAME
+from .handler import Fleet
+
+__all__ = ["bidi_handler"]
+
+logger = logging.getLogger("stamen.server")
+
+
+def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
+    """The generic handler that serves ``/flwr.proto.FlowerService/Join`` for ``fleet``."""
+
+    async def join(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        _ = request_iterator  # we use the reader/writer API (context.read/context.write)
+        if fleet.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        node = fleet.open_node("grpc-bidi", context.peer())
+        error: BaseException | None = None
+        try:
+            while True:
+                task = await fleet.next_task(node)
+                await context.write(task.payload)
+                data = await context.read()
+                if data is grpc.aio.EOF:
+                    error = ConnectionLost(f"node {node.cid} closed its stream")
+                    return
+                try:
+                    fleet.deliver(node, task, data)
+                except DecodeError as exc:
+                    error = exc
+                    logger.warning("node %s sent an invalid reply: %s", node.cid, exc)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if isinstance(task.instruction, ReconnectIns):
+                    return
+        except ConnectionLost as exc:
+            error = exc
+        finally:
+            fleet.close_node(node, error)
+
+    method = grpc.stream_stream_rpc_method_handler(join)
+    return grpc.method_handlers_generic_handler(BIDI_SERVICE_NAME, {BIDI_METHOD_NAME: method})

@@ -1,0 +1,201 @@
+"""``Server``: the round loop, and ``ServerConfig``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+
+from ..errors import ConfigError, RunError
+from ..messages import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    Instruction,
+    Parameters,
+    ReconnectIns,
+    Reply,
+)
+from ..typing import Scalar
+from .client_manager import ClientManager
+from .client_proxy import ClientProxy
+from .history import History
+from .strategy import FedAvg, Strategy
+
+__all__ = ["Server", "ServerConfig"]
+
+logger = logging.getLogger("stamen.server")
+
+_DISCONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class ServerConfig:
+    """How many rounds to run, and how long a round may wait for its clients.
+
+    Attributes:
+        num_rounds: Number of rounds (fit, then evaluate).
+        round_timeout: Seconds a client has to answer an instruction; a client that does not
+            counts as a failure of that round. None waits as long as the client is connected.
+    """
+
+    num_rounds: int = 1
+    round_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 0:
+            raise ConfigError(f"ServerConfig.num_rounds: expected an int >= 0, received {self.num_rounds!r}")
+        if self.round_timeout is not None and (
+            isinstance(self.round_timeout, bool)
+            or not isinstance(self.round_timeout, int | float)
+            or not self.round_timeout > 0
+        ):
+            raise ConfigError(
+                f"ServerConfig.round_timeout: expected None or a number > 0, received {self.round_timeout!r}"
+            )
+
+
+Results = list[tuple[ClientProxy, Reply]]
+Failures = list[tuple[ClientProxy, Reply] | BaseException]
+
+
+def run_instructions(
+    instructions: list[tuple[ClientProxy, Instruction]], timeout: float | None
+) -> tuple[Results, Failures]:
+    """Send every instruction at once and wait for all replies.
+
+    Results keep the order of ``instructions``. A reply whose status is not OK is a failure
+    ``(proxy, reply)``; an error (timeout, disconnect, protocol) is a failure too.
+    """
+    futures = [(proxy, proxy.submit(ins, timeout)) for proxy, ins in instructions]
+    concurrent.futures.wait([f for _, f in futures])
+    results: Results = []
+    failures: Failures = []
+    for proxy, future in futures:
+        error = future.exception()
+        if error is not None:
+            logger.warning("client %s failed: %s", proxy.cid, error)
+            failures.append(error)
+            continue
+        reply = future.result()
+        status = getattr(reply, "status", None)
+        if status is not None and status.code != Code.OK:
+            logger.warning("client %s answered %s: %s", proxy.cid, status.code.name, status.message)
+            failures.append((proxy, reply))
+        else:
+            results.append((proxy, reply))
+    return results, failures
+
+
+class Server:
+    """Runs a strategy's rounds over the clients of a client manager."""
+
+    def __init__(self, *, client_manager: ClientManager, strategy: Strategy | None = None) -> None:
+        self._client_manager = client_manager
+        self.strategy: Strategy = strategy if strategy is not None else FedAvg()
+        self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")
+        self.max_workers: int | None = None
+
+    def set_max_workers(self, max_workers: int | None) -> None:
+        """Accepted for compatibility: client calls need no worker threads here."""
+        self.max_workers = max_workers
+
+    def set_strategy(self, strategy: Strategy) -> None:
+        """Replace the strategy."""
+        self.strategy = strategy
+
+    def client_manager(self) -> ClientManager:
+        """The client manager."""
+        return self._client_manager
+
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        """Run ``num_rounds`` rounds; return the History and the elapsed seconds."""
+        history = History()
+        start = time.monotonic()
+        self.parameters = self._get_initial_parameters(timeout)
+        self._evaluate_centralized(0, history)
+        for server_round in range(1, num_rounds + 1):
+            fitted = self.fit_round(server_round, timeout)
+            if fitted is not None:
+                parameters, fit_metrics, _ = fitted
+                if parameters is not None:
+                    self.parameters = parameters
+                history.add_metrics_distributed_fit(server_round, fit_metrics)
+            self._evaluate_centralized(server_round, history)
+            evaluated = self.evaluate_round(server_round, timeout)
+            if evaluated is not None:
+                loss, eval_metrics, _ = evaluated
+                if loss is not None:
+                    history.add_loss_distributed(server_round, loss)
+                    history.add_metrics_distributed(server_round, eval_metrics)
+        elapsed = time.monotonic() - start
+        logger.info("run finished: %d round(s) in %.2f s", num_rounds, elapsed)
+        return history, elapsed
+
+    def _evaluate_centralized(self, server_round: int, history: History) -> None:
+        result = self.strategy.evaluate(server_round, parameters=self.parameters)
+        if result is None:
+            return
+        loss, metrics = result
+        history.add_loss_centralized(server_round, loss)
+        history.add_metrics_centralized(server_round, metrics)
+        logger.info("round %d: centralized loss %.4f %s", server_round, loss, metrics)
+
+    def fit_round(
+        self, server_round: int, timeout: float | None
+    ) -> tuple[Parameters | None, dict[str, Scalar], tuple[Results, Failures]] | None:
+        """One training round; None if the strategy picked no clients."""
+        instructions = self.strategy.configure_fit(server_round, self.parameters, self._client_manager)
+        if not instructions:
+            logger.info("round %d: no clients selected for fit", server_round)
+            return None
+        results, failures = run_instructions(list(instructions), timeout)
+        logger.info(
+            "round %d: fit %d result(s), %d failure(s)", server_round, len(results), len(failures)
+        )
+        fit_results = [(p, r) for p, r in results if isinstance(r, FitRes)]
+        parameters, metrics = self.strategy.aggregate_fit(server_round, fit_results, failures)  # type: ignore[arg-type]
+        return parameters, metrics, (results, failures)
+
+    def evaluate_round(
+        self, server_round: int, timeout: float | None
+    ) -> tuple[float | None, dict[str, Scalar], tuple[Results, Failures]] | None:
+        """One federated evaluation round; None if the strategy picked no clients."""
+        instructions = self.strategy.configure_evaluate(
+            server_round, self.parameters, self._client_manager
+        )
+        if not instructions:
+            return None
+        results, failures = run_instructions(list(instructions), timeout)
+        eval_results = [(p, r) for p, r in results if isinstance(r, EvaluateRes)]
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, eval_results, failures)  # type: ignore[arg-type]
+        logger.info("round %d: distributed loss %s %s", server_round, loss, metrics)
+        return loss, metrics, (results, failures)
+
+    def _get_initial_parameters(self, timeout: float | None) -> Parameters:
+        parameters = self.strategy.initialize_parameters(client_manager=self._client_manager)
+        if parameters is not None:
+            logger.info("using the strategy's initial parameters")
+            return parameters
+        logger.info("asking one random client for initial parameters")
+        client = self._client_manager.sample(1)[0]
+        reply = client.submit(GetParametersIns(config={}), timeout).result()
+        if not isinstance(reply, GetParametersRes) or reply.status.code != Code.OK:
+            raise RunError(
+                f"client {client.cid} could not give initial parameters: "
+                f"{getattr(reply, 'status', reply)}"
+            )
+        return reply.parameters
+
+    def disconnect_all_clients(self, timeout: float | None = _DISCONNECT_TIMEOUT) -> None:
+        """Tell every connected client that the run is over (``ReconnectIns(0)``)."""
+        clients = list(self._client_manager.all().values())
+        instructions: list[tuple[ClientProxy, Instruction]] = [
+            (c, ReconnectIns(seconds=None)) for c in clients
+        ]
+        _, failures = run_instructions(instructions, timeout)
+        if failures:
+            logger.info("%d client(s) left without acknowledging the end of the run", len(failures))

@@ -1,0 +1,55 @@
+"""The ``Strategy`` interface: how a server configures and aggregates rounds."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ...messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters
+from ...typing import Scalar
+from ..client_manager import ClientManager
+from ..client_proxy import ClientProxy
+
+__all__ = ["Strategy"]
+
+FitResults = list[tuple[ClientProxy, FitRes]]
+FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
+EvaluateResults = list[tuple[ClientProxy, EvaluateRes]]
+EvaluateFailures = list[tuple[ClientProxy, EvaluateRes] | BaseException]
+
+
+class Strategy(ABC):
+    """Decides which clients do what in each round, and how results are combined."""
+
+    @abstractmethod
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Return the initial global parameters, or None to ask one client for them."""
+
+    @abstractmethod
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Pick the clients of a training round and their instructions."""
+
+    @abstractmethod
+    def aggregate_fit(
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Combine training results into new global parameters (None: keep the old ones)."""
+
+    @abstractmethod
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Pick the clients of an evaluation round and their instructions."""
+
+    @abstractmethod
+    def aggregate_evaluate(
+        self, server_round: int, results: EvaluateResults, failures: EvaluateFailures
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Combine evaluation results into a loss and metrics."""
+
+    @abstractmethod
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """Evaluate the global parameters on the server (None: no central evaluation)."""

@@ -1,0 +1,96 @@
+"""Run a real server in a background thread on a free port, for tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..client.app import GRPC_MAX_MESSAGE_LENGTH
+from ..errors import Timeout
+from ..server.app import init_defaults, run_server
+from ..server.client_manager import ClientManager
+from ..server.fleet.service import FleetService
+from ..server.history import History
+from ..server.server import Server, ServerConfig
+from ..server.strategy import Strategy
+
+__all__ = ["RunningServer", "running_server"]
+
+
+@dataclass
+class RunningServer:
+    """A server started by :func:`running_server`."""
+
+    host: str
+    port: int
+    server: Server
+    service: FleetService
+    _thread: threading.Thread | None = None
+    _outcome: list[History | BaseException] = field(default_factory=list)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for ``start_client``."""
+        return f"{self.host}:{self.port}"
+
+    def result(self, timeout: float) -> History:
+        """Wait for the run to end; return its History or raise its error.
+
+        Raises:
+            Timeout: the run did not end within ``timeout`` seconds.
+        """
+        if not self._done.wait(timeout):
+            raise Timeout(f"the server's run did not finish within {timeout:g} s")
+        outcome = self._outcome[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+@contextmanager
+def running_server(
+    *,
+    config: ServerConfig | None = None,
+    strategy: Strategy | None = None,
+    client_manager: ClientManager | None = None,
+    server: Server | None = None,
+    host: str = "127.0.0.1",
+    grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+    certificates: tuple[bytes, bytes, bytes] | None = None,
+    run: bool = True,
+) -> Iterator[RunningServer]:
+    """Serve on ``host`` port 0 and (if ``run``) run the rounds in a background thread.
+
+    On exit the listeners stop (so the run ends, clients get disconnected) and the thread
+    is joined; nothing is left running.
+    """
+    server, config = init_defaults(server, config, strategy, client_manager)
+    service = FleetService(
+        server.client_manager(),
+        address=f"{host}:0",
+        max_message_length=grpc_max_message_length,
+        certificates=certificates,
+    )
+    port = service.start()
+    handle = RunningServer(host=host, port=port, server=server, service=service)
+
+    def target() -> None:
+        try:
+            handle._outcome.append(run_server(server, config))
+        except BaseException as exc:  # handed to the test through result()
+            handle._outcome.append(exc)
+        finally:
+            handle._done.set()
+
+    if run:
+        handle._thread = threading.Thread(target=target, name="stamen-test-server", daemon=True)
+        handle._thread.start()
+    try:
+        yield handle
+    finally:
+        service.stop()
+        if handle._thread is not None:
+            handle._thread.join(30)

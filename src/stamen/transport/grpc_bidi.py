@@ -1,0 +1,153 @@
+"""grpc-bidi client transport: Flower's ``FlowerService/Join`` stream.
+
+The server speaks first; each instruction is answered by one reply on the same stream.
+Bytes go through the stream as they are (no grpc serializers): :mod:`stamen.wire` encodes
+and decodes, so malformed bytes raise :class:`~stamen.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from ..errors import ConnectError, ConnectionLost, MessageTooLarge
+from ..messages import Instruction, Reply
+from ..wire import BIDI_JOIN_METHOD, decode_instruction, encode_reply
+from ._errors import map_rpc_error
+from ._tls import channel_credentials
+
+__all__ = ["GrpcBidiTransport", "channel_options"]
+
+_CLOSE_GRACE_SECONDS = 5.0
+
+
+def channel_options(max_message_length: int) -> list[tuple[str, Any]]:
+    """gRPC channel options shared by Stamen's gRPC client transports.
+
+    Keepalive pings every 5.5 minutes detect a dead server without tripping the 5-minute
+    ping policy of gRPC servers (Flower's included) that allow no pings without data.
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_length),
+        ("grpc.max_receive_message_length", max_message_length),
+        ("grpc.keepalive_time_ms", 330_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
+
+
+def wait_until_ready(channel: grpc.Channel, address: str, timeout: float) -> None:
+    """Block until ``channel`` is READY.
+
+    Raises:
+        ConnectError: the channel failed to connect, or did not within ``timeout``.
+    """
+    done = threading.Event()
+    outcome: list[grpc.ChannelConnectivity] = []
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in (
+            grpc.ChannelConnectivity.READY,
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        ) and not done.is_set():
+            outcome.append(state)
+            done.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        if not done.wait(timeout):
+            raise ConnectError(f"cannot reach {address}: no connection within {timeout:g} s")
+    finally:
+        channel.unsubscribe(watch)
+    if outcome[0] is not grpc.ChannelConnectivity.READY:
+        raise ConnectError(
+            f"cannot reach {address}: connection failed (server down, wrong port, "
+            "or a TLS/plaintext mismatch)"
+        )
+
+
+class GrpcBidiTransport:
+    """Client side of the grpc-bidi stream (see :class:`~stamen.transport.base.ClientTransport`)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        max_message_length: int,
+        root_certificates: bytes | None,
+        secure: bool,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._address = address
+        self._max_message_length = max_message_length
+        self._root_certificates = root_certificates
+        self._secure = secure
+        self._connect_timeout = connect_timeout
+        self._channel: grpc.Channel | None = None
+        self._call: Any = None
+        self._responses: Iterator[bytes] | None = None
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+
+    @property
+    def node_id(self) -> int:
+        """grpc-bidi streams carry no node identity: ``-1``, as in Flower."""
+        return -1
+
+    def connect(self) -> None:
+        """Open the channel, wait until it is READY, and open the Join stream."""
+        options = channel_options(self._max_message_length)
+        if self._secure:
+            creds = channel_credentials(self._root_certificates)
+            self._channel = grpc.secure_channel(self._address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self._address, options=options)
+        wait_until_ready(self._channel, self._address, self._connect_timeout)
+        join = self._channel.stream_stream(BIDI_JOIN_METHOD)
+        self._outbox = queue.Queue()
+        self._call = join(iter(self._outbox.get, None))
+        self._responses = self._call
+
+    def receive(self) -> Instruction:
+        """Wait for the server's next instruction."""
+        if self._responses is None:
+            raise ConnectionLost("grpc-bidi: receive() before connect()")
+        try:
+            data = next(self._responses)
+        except StopIteration:
+            raise ConnectionLost(f"grpc-bidi: {self._address} closed the stream") from None
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"grpc-bidi stream to {self._address}") from exc
+        return decode_instruction(data)
+
+    def send(self, reply: Reply) -> None:
+        """Queue the reply on the request stream.
+
+        Raises:
+            MessageTooLarge: the encoded reply exceeds ``grpc_max_message_length``.
+        """
+        data = encode_reply(reply)
+        if len(data) > self._max_message_length:
+            raise MessageTooLarge(
+                f"reply {type(reply).__name__} is {len(data)} bytes, over "
+                f"grpc_max_message_length={self._max_message_length}"
+            )
+        self._outbox.put(data)
+
+    def close(self, *, graceful: bool) -> None:
+        """End the stream (after the queued reply, if ``graceful``) and close the channel."""
+        call, channel = self._call, self._channel
+        self._call = self._responses = self._channel = None
+        self._outbox.put(None)  # ends the request iterator: half-close
+        if call is not None:
+            if graceful:
+                finished = threading.Event()
+                call.add_done_callback(lambda _call: finished.set())
+                finished.wait(_CLOSE_GRACE_SECONDS)
+            call.cancel()
+        if channel is not None:
+            channel.close()

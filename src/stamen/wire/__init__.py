@@ -1,0 +1,20 @@
+"""Wire format: the only package that imports protobuf.
+
+Messages go in as Stamen dataclasses and come out as bytes, and back; decoding anything
+but valid bytes raises :class:`~stamen.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+from .codec import decode_instruction, decode_reply, encode_instruction, encode_reply
+from .routes import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME
+
+__all__ = [
+    "BIDI_JOIN_METHOD",
+    "BIDI_METHOD_NAME",
+    "BIDI_SERVICE_NAME",
+    "decode_instruction",
+    "decode_reply",
+    "encode_instruction",
+    "encode_reply",
+]

@@ -1,0 +1,213 @@
+"""Encode and decode messages (dataclasses <-> protobuf bytes).
+
+This is the only module that touches generated protobuf classes. Decoders raise only
+:class:`~stamen.errors.DecodeError`, whatever bytes they are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import ConfigError, DecodeError
+from ..messages import (
+    Code,
+    DisconnectRes,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    Instruction,
+    Parameters,
+    Reason,
+    ReconnectIns,
+    Reply,
+    Status,
+)
+from ..typing import Scalar
+from ._pb import stamen_transport_pb2 as pb
+
+__all__ = ["decode_instruction", "decode_reply", "encode_instruction", "encode_reply"]
+
+_INT64_MAX = 2**63 - 1
+
+
+# --- scalars -----------------------------------------------------------------------------
+
+
+def _put_scalars(target: Any, values: Mapping[str, Scalar]) -> None:
+    for key, value in values.items():
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool = value
+        elif isinstance(value, int):
+            if value > _INT64_MAX:
+                slot.uint64 = value
+            else:
+                slot.sint64 = value
+        elif isinstance(value, float):
+            slot.double = value
+        elif isinstance(value, str):
+            slot.string = value
+        else:
+            slot.bytes = value
+
+
+def _get_scalars(source: Any) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for key, scalar in source.items():
+        kind = scalar.WhichOneof("scalar")
+        if kind is None:
+            raise DecodeError(f"scalar {key!r}: expected one of double/uint64/sint64/bool/string/bytes, received none")
+        out[key] = getattr(scalar, kind)
+    return out
+
+
+def _put_parameters(target: Any, parameters: Parameters) -> None:
+    target.tensors.extend(parameters.tensors)
+    target.tensor_type = parameters.tensor_type
+
+
+def _get_parameters(source: Any) -> Parameters:
+    return Parameters(tensors=list(source.tensors), tensor_type=source.tensor_type)
+
+
+def _put_status(target: Any, status: Status) -> None:
+    target.code = int(status.code)
+    target.message = status.message
+
+
+def _get_status(source: Any) -> Status:
+    try:
+        code = Code(source.code)
+    except ValueError as exc:
+        raise DecodeError(f"Status.code: expected one of {[int(c) for c in Code]}, received {source.code}") from exc
+    return Status(code=code, message=source.message)
+
+
+# --- server -> client --------------------------------------------------------------------
+
+
+def encode_instruction(instruction: Instruction) -> bytes:
+    """Serialize an instruction as a ``ServerMessage``."""
+    msg = pb.ServerMessage()
+    if isinstance(instruction, FitIns):
+        _put_parameters(msg.fit_ins.parameters, instruction.parameters)
+        _put_scalars(msg.fit_ins.config, instruction.config)
+    elif isinstance(instruction, EvaluateIns):
+        _put_parameters(msg.evaluate_ins.parameters, instruction.parameters)
+        _put_scalars(msg.evaluate_ins.config, instruction.config)
+    elif isinstance(instruction, GetParametersIns):
+        msg.get_parameters_ins.SetInParent()
+        _put_scalars(msg.get_parameters_ins.config, instruction.config)
+    elif isinstance(instruction, GetPropertiesIns):
+        msg.get_properties_ins.SetInParent()
+        _put_scalars(msg.get_properties_ins.config, instruction.config)
+    elif isinstance(instruction, ReconnectIns):
+        msg.reconnect_ins.seconds = instruction.seconds or 0
+    else:
+        raise ConfigError(f"expected an instruction message, received {type(instruction).__name__}")
+    return msg.SerializeToString()
+
+
+def decode_instruction(data: bytes) -> Instruction:
+    """Parse ``ServerMessage`` bytes.
+
+    Raises:
+        DecodeError: the bytes are not a valid ServerMessage with one instruction set.
+    """
+    msg = pb.ServerMessage()
+    try:
+        msg.ParseFromString(data)
+        kind = msg.WhichOneof("msg")
+        if kind == "fit_ins":
+            return FitIns(_get_parameters(msg.fit_ins.parameters), _get_scalars(msg.fit_ins.config))
+        if kind == "evaluate_ins":
+            ins = msg.evaluate_ins
+            return EvaluateIns(_get_parameters(ins.parameters), _get_scalars(ins.config))
+        if kind == "get_parameters_ins":
+            return GetParametersIns(_get_scalars(msg.get_parameters_ins.config))
+        if kind == "get_properties_ins":
+            return GetPropertiesIns(_get_scalars(msg.get_properties_ins.config))
+        if kind == "reconnect_ins":
+            return ReconnectIns(seconds=msg.reconnect_ins.seconds)
+    except DecodeError:
+        raise
+    except Exception as exc:  # protobuf and our validators: any failure means bad bytes
+        raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
+    raise DecodeError(f"ServerMessage ({len(data)} bytes): expected one instruction set, received none")
+
+
+# --- client -> server --------------------------------------------------------------------
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """Serialize a reply as a ``ClientMessage``."""
+    msg = pb.ClientMessage()
+    if isinstance(reply, FitRes):
+        res = msg.fit_res
+        _put_status(res.status, reply.status)
+        _put_parameters(res.parameters, reply.parameters)
+        res.num_examples = reply.num_examples
+        _put_scalars(res.metrics, reply.metrics)
+    elif isinstance(reply, EvaluateRes):
+        ev = msg.evaluate_res
+        _put_status(ev.status, reply.status)
+        ev.loss = reply.loss
+        ev.num_examples = reply.num_examples
+        _put_scalars(ev.metrics, reply.metrics)
+    elif isinstance(reply, GetParametersRes):
+        gp = msg.get_parameters_res
+        _put_status(gp.status, reply.status)
+        _put_parameters(gp.parameters, reply.parameters)
+    elif isinstance(reply, GetPropertiesRes):
+        pr = msg.get_properties_res
+        _put_status(pr.status, reply.status)
+        _put_scalars(pr.properties, reply.properties)
+    elif isinstance(reply, DisconnectRes):
+        msg.disconnect_res.reason = int(Reason[reply.reason])
+    else:
+        raise ConfigError(f"expected a reply message, received {type(reply).__name__}")
+    return msg.SerializeToString()
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Parse ``ClientMessage`` bytes.
+
+    Raises:
+        DecodeError: the bytes are not a valid ClientMessage with one reply set.
+    """
+    msg = pb.ClientMessage()
+    try:
+        msg.ParseFromString(data)
+        kind = msg.WhichOneof("msg")
+        if kind == "fit_res":
+            fr = msg.fit_res
+            return FitRes(
+                _get_status(fr.status), _get_parameters(fr.parameters), fr.num_examples,
+                _get_scalars(fr.metrics),
+            )
+        if kind == "evaluate_res":
+            er = msg.evaluate_res
+            return EvaluateRes(_get_status(er.status), er.loss, er.num_examples, _get_scalars(er.metrics))
+        if kind == "get_parameters_res":
+            gp = msg.get_parameters_res
+            return GetParametersRes(_get_status(gp.status), _get_parameters(gp.parameters))
+        if kind == "get_properties_res":
+            pr = msg.get_properties_res
+            return GetPropertiesRes(_get_status(pr.status), _get_scalars(pr.properties))
+        if kind == "disconnect_res":
+            reason = msg.disconnect_res.reason
+            try:
+                return DisconnectRes(reason=Reason(reason).name)
+            except ValueError as exc:
+                raise DecodeError(f"DisconnectRes.reason: expected one of {[int(r) for r in Reason]}, received {reason}") from exc
+    except DecodeError:
+        raise
+    except Exception as exc:  # protobuf and our validators: any failure means bad bytes
+        raise DecodeError(f"invalid ClientMessage ({len(data)} bytes): {exc}") from exc
+    raise DecodeError(f"ClientMessage ({len(data)} bytes): expected one reply set, received none")
