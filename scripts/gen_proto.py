@@ -31,7 +31,9 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted(p for p in out_dir.iterdir() if p.suffix in (".py", ".pyi") and p.stem != "__init__")
+    return sorted(
+        p for p in out_dir.iterdir() if p.suffix in (".py", ".pyi") and p.stem != "__init__"
+    )
 
 
 if __name__ == "__main__":

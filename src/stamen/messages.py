@@ -74,9 +74,7 @@ def check_scalar(where: str, value: object) -> None:
         return
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _UINT64_MAX:
-            raise ConfigError(
-                f"{where}: expected an int in [-2**63, 2**64 - 1], received {value}"
-            )
+            raise ConfigError(f"{where}: expected an int in [-2**63, 2**64 - 1], received {value}")
         return
     raise ConfigError(
         f"{where}: expected bool, bytes, float, int or str, received {_type_name(value)} "
@@ -87,10 +85,14 @@ def check_scalar(where: str, value: object) -> None:
 def check_scalar_mapping(where: str, mapping: object) -> None:
     """Raise ConfigError unless ``mapping`` maps str keys to Scalars."""
     if not isinstance(mapping, Mapping):
-        raise ConfigError(f"{where}: expected a dict of str to scalar, received {_type_name(mapping)}")
+        raise ConfigError(
+            f"{where}: expected a dict of str to scalar, received {_type_name(mapping)}"
+        )
     for key, value in mapping.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{where}: expected str keys, received key {key!r} ({_type_name(key)})")
+            raise ConfigError(
+                f"{where}: expected str keys, received key {key!r} ({_type_name(key)})"
+            )
         check_scalar(f"{where}[{key!r}]", value)
 
 

@@ -55,7 +55,9 @@ def bytes_to_ndarray(tensor: bytes) -> NDArray:
     try:
         array = np.load(io.BytesIO(tensor), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise DecodeError(f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}") from exc
+        raise DecodeError(
+            f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}"
+        ) from exc
     if not isinstance(array, np.ndarray):
         raise DecodeError(f"tensor decoded to {type(array).__name__}, expected a numpy.ndarray")
     return array
@@ -76,7 +78,6 @@ def parameters_to_ndarrays(parameters: Parameters) -> NDArrays:
     """
     if parameters.tensor_type not in (TENSOR_TYPE, ""):
         raise DecodeError(
-            f"Parameters.tensor_type: expected {TENSOR_TYPE!r}, "
-            f"received {parameters.tensor_type!r}"
+            f"Parameters.tensor_type: expected {TENSOR_TYPE!r}, received {parameters.tensor_type!r}"
         )
     return [bytes_to_ndarray(t) for t in parameters.tensors]

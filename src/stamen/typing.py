@@ -33,6 +33,4 @@ UserConfigValue: TypeAlias = bool | float | int | str
 UserConfig: TypeAlias = dict[str, UserConfigValue]
 
 
-
 MetricsAggregationFn: TypeAlias = Callable[[list[tuple[int, Metrics]]], Metrics]
-

@@ -51,7 +51,9 @@ def parse_address(address: object) -> tuple[str, int]:
         ConfigError: not a string of that form with a port in 0..65535.
     """
     if not isinstance(address, str):
-        raise ConfigError(f"server_address: expected 'host:port', received {type(address).__name__}")
+        raise ConfigError(
+            f"server_address: expected 'host:port', received {type(address).__name__}"
+        )
     host, sep, port_text = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -101,9 +103,7 @@ def make_node_config(
     parse_address(server_address)
     transport = "grpc-bidi" if transport is None else transport
     if transport not in TRANSPORTS:
-        raise ConfigError(
-            f"transport: expected one of {list(TRANSPORTS)}, received {transport!r}"
-        )
+        raise ConfigError(f"transport: expected one of {list(TRANSPORTS)}, received {transport!r}")
     if transport not in _AVAILABLE:
         raise ConfigError(
             f"transport {transport!r} is not available in this version of Stamen "

@@ -46,9 +46,7 @@ class NumPyClient(ABC):
         _ = config
         return []
 
-    def fit(
-        self, parameters: NDArrays, config: Config
-    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+    def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train ``parameters`` on local data.
 
         Returns:

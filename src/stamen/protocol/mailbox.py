@@ -108,4 +108,3 @@ class Mailbox:
             f"Mailbox({self.node_id!r}, pending={len(self._pending)}, "
             f"in_flight={len(self._in_flight)}, closed={self.closed})"
         )
-

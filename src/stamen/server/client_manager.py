@@ -68,7 +68,11 @@ class SimpleClientManager(ClientManager):
     """
 
     def __init__(self, wait_timeout: float = 600.0, seed: int | None = None) -> None:
-        if isinstance(wait_timeout, bool) or not isinstance(wait_timeout, int | float) or not wait_timeout > 0:
+        if (
+            isinstance(wait_timeout, bool)
+            or not isinstance(wait_timeout, int | float)
+            or not wait_timeout > 0
+        ):
             raise ConfigError(f"wait_timeout: expected a number > 0, received {wait_timeout!r}")
         self.wait_timeout = float(wait_timeout)
         self._clients: dict[str, ClientProxy] = {}
@@ -129,7 +133,9 @@ class SimpleClientManager(ClientManager):
                 f"{self.wait_timeout:g} s (SimpleClientManager(wait_timeout=...))"
             )
         with self._cv:
-            candidates = [c for c in self._clients.values() if criterion is None or criterion.select(c)]
+            candidates = [
+                c for c in self._clients.values() if criterion is None or criterion.select(c)
+            ]
         if num_clients > len(candidates):
             return candidates if len(candidates) >= needed else []
         return self._rng.sample(candidates, num_clients)

@@ -138,7 +138,12 @@ class RemoteClientProxy(ClientProxy):
     """A node reached over the network, on any transport, through its mailbox."""
 
     def __init__(
-        self, cid: str, mailbox: Mailbox, loop: asyncio.AbstractEventLoop, *, max_message_length: int
+        self,
+        cid: str,
+        mailbox: Mailbox,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_message_length: int,
     ) -> None:
         super().__init__(cid)
         self.mailbox = mailbox
@@ -182,7 +187,9 @@ class RemoteClientProxy(ClientProxy):
                     timeout,
                     self.mailbox.fail,
                     task_id,
-                    Timeout(f"node {self.cid}: no reply to {type(ins).__name__} within {timeout:g} s"),
+                    Timeout(
+                        f"node {self.cid}: no reply to {type(ins).__name__} within {timeout:g} s"
+                    ),
                 )
 
         try:

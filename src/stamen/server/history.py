@@ -22,7 +22,9 @@ def _scalar_to_json(value: Scalar) -> Any:
 def _scalar_from_json(value: Any) -> Scalar:
     if isinstance(value, dict):
         if set(value) != {"bytes"} or not isinstance(value["bytes"], str):
-            raise DecodeError(f"History: expected a scalar or {{'bytes': base64}}, received {value!r:.80}")
+            raise DecodeError(
+                f"History: expected a scalar or {{'bytes': base64}}, received {value!r:.80}"
+            )
         return base64.b64decode(value["bytes"])
     if isinstance(value, bool | int | float | str):
         return value
@@ -69,6 +71,7 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (bytes metrics as ``{"bytes": base64}``)."""
+
         def metrics(m: dict[str, list[tuple[int, Scalar]]]) -> dict[str, list[list[Any]]]:
             return {k: [[r, _scalar_to_json(v)] for r, v in vs] for k, vs in m.items()}
 
@@ -92,6 +95,7 @@ class History:
             DecodeError: ``data`` is not of that shape.
         """
         try:
+
             def losses(key: str) -> list[tuple[int, float]]:
                 return [(int(r), float(v)) for r, v in data[key]]
 
@@ -125,6 +129,8 @@ class History:
         return "\n".join(lines) if len(lines) > 2 else "History(empty)"
 
 
-def _add(target: dict[str, list[tuple[int, Scalar]]], server_round: int, metrics: dict[str, Scalar]) -> None:
+def _add(
+    target: dict[str, list[tuple[int, Scalar]]], server_round: int, metrics: dict[str, Scalar]
+) -> None:
     for key, value in metrics.items():
         target.setdefault(key, []).append((server_round, value))

@@ -46,15 +46,22 @@ class ServerConfig:
     round_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 0:
-            raise ConfigError(f"ServerConfig.num_rounds: expected an int >= 0, received {self.num_rounds!r}")
+        if (
+            isinstance(self.num_rounds, bool)
+            or not isinstance(self.num_rounds, int)
+            or self.num_rounds < 0
+        ):
+            raise ConfigError(
+                f"ServerConfig.num_rounds: expected an int >= 0, received {self.num_rounds!r}"
+            )
         if self.round_timeout is not None and (
             isinstance(self.round_timeout, bool)
             or not isinstance(self.round_timeout, int | float)
             or not self.round_timeout > 0
         ):
             raise ConfigError(
-                f"ServerConfig.round_timeout: expected None or a number > 0, received {self.round_timeout!r}"
+                "ServerConfig.round_timeout: expected None or a number > 0, "
+                f"received {self.round_timeout!r}"
             )
 
 
@@ -148,7 +155,9 @@ class Server:
         self, server_round: int, timeout: float | None
     ) -> tuple[Parameters | None, dict[str, Scalar], tuple[Results, Failures]] | None:
         """One training round; None if the strategy picked no clients."""
-        instructions = self.strategy.configure_fit(server_round, self.parameters, self._client_manager)
+        instructions = self.strategy.configure_fit(
+            server_round, self.parameters, self._client_manager
+        )
         if not instructions:
             logger.info("round %d: no clients selected for fit", server_round)
             return None

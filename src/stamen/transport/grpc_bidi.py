@@ -50,11 +50,15 @@ def wait_until_ready(channel: grpc.Channel, address: str, timeout: float) -> Non
     outcome: list[grpc.ChannelConnectivity] = []
 
     def watch(state: grpc.ChannelConnectivity) -> None:
-        if state in (
-            grpc.ChannelConnectivity.READY,
-            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-            grpc.ChannelConnectivity.SHUTDOWN,
-        ) and not done.is_set():
+        if (
+            state
+            in (
+                grpc.ChannelConnectivity.READY,
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN,
+            )
+            and not done.is_set()
+        ):
             outcome.append(state)
             done.set()
 

@@ -62,7 +62,10 @@ def _get_scalars(source: Any) -> dict[str, Scalar]:
     for key, scalar in source.items():
         kind = scalar.WhichOneof("scalar")
         if kind is None:
-            raise DecodeError(f"scalar {key!r}: expected one of double/uint64/sint64/bool/string/bytes, received none")
+            raise DecodeError(
+                f"scalar {key!r}: expected one of double/uint64/sint64/bool/string/bytes, "
+                "received none"
+            )
         out[key] = getattr(scalar, kind)
     return out
 
@@ -85,7 +88,9 @@ def _get_status(source: Any) -> Status:
     try:
         code = Code(source.code)
     except ValueError as exc:
-        raise DecodeError(f"Status.code: expected one of {[int(c) for c in Code]}, received {source.code}") from exc
+        raise DecodeError(
+            f"Status.code: expected one of {[int(c) for c in Code]}, received {source.code}"
+        ) from exc
     return Status(code=code, message=source.message)
 
 
@@ -139,7 +144,9 @@ def decode_instruction(data: bytes) -> Instruction:
         raise
     except Exception as exc:  # protobuf and our validators: any failure means bad bytes
         raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
-    raise DecodeError(f"ServerMessage ({len(data)} bytes): expected one instruction set, received none")
+    raise DecodeError(
+        f"ServerMessage ({len(data)} bytes): expected one instruction set, received none"
+    )
 
 
 # --- client -> server --------------------------------------------------------------------
@@ -169,7 +176,7 @@ def encode_reply(reply: Reply) -> bytes:
         _put_status(pr.status, reply.status)
         _put_scalars(pr.properties, reply.properties)
     elif isinstance(reply, DisconnectRes):
-        msg.disconnect_res.reason = int(Reason[reply.reason])
+        msg.disconnect_res.reason = pb.Reason.Value(reply.reason)
     else:
         raise ConfigError(f"expected a reply message, received {type(reply).__name__}")
     return msg.SerializeToString()
@@ -188,12 +195,16 @@ def decode_reply(data: bytes) -> Reply:
         if kind == "fit_res":
             fr = msg.fit_res
             return FitRes(
-                _get_status(fr.status), _get_parameters(fr.parameters), fr.num_examples,
+                _get_status(fr.status),
+                _get_parameters(fr.parameters),
+                fr.num_examples,
                 _get_scalars(fr.metrics),
             )
         if kind == "evaluate_res":
             er = msg.evaluate_res
-            return EvaluateRes(_get_status(er.status), er.loss, er.num_examples, _get_scalars(er.metrics))
+            return EvaluateRes(
+                _get_status(er.status), er.loss, er.num_examples, _get_scalars(er.metrics)
+            )
         if kind == "get_parameters_res":
             gp = msg.get_parameters_res
             return GetParametersRes(_get_status(gp.status), _get_parameters(gp.parameters))
@@ -205,7 +216,10 @@ def decode_reply(data: bytes) -> Reply:
             try:
                 return DisconnectRes(reason=Reason(reason).name)
             except ValueError as exc:
-                raise DecodeError(f"DisconnectRes.reason: expected one of {[int(r) for r in Reason]}, received {reason}") from exc
+                raise DecodeError(
+                    f"DisconnectRes.reason: expected one of {[int(r) for r in Reason]}, "
+                    f"received {reason}"
+                ) from exc
     except DecodeError:
         raise
     except Exception as exc:  # protobuf and our validators: any failure means bad bytes

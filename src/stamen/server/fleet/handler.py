@@ -40,7 +40,11 @@ class Fleet:
     """Registry of connected nodes, shared by every transport."""
 
     def __init__(
-        self, client_manager: ClientManager, loop: asyncio.AbstractEventLoop, *, max_message_length: int
+        self,
+        client_manager: ClientManager,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_message_length: int,
     ) -> None:
         self._client_manager = client_manager
         self._loop = loop
@@ -55,7 +59,9 @@ class Fleet:
         """Register a new node and make it available to the server's rounds."""
         cid = uuid.uuid4().hex
         mailbox = Mailbox(cid)
-        proxy = RemoteClientProxy(cid, mailbox, self._loop, max_message_length=self._max_message_length)
+        proxy = RemoteClientProxy(
+            cid, mailbox, self._loop, max_message_length=self._max_message_length
+        )
         node = Node(cid=cid, transport=transport, peer=peer, mailbox=mailbox, proxy=proxy)
         mailbox.set_wakeup(node.wake.set)
         self._nodes[cid] = node

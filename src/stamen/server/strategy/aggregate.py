@@ -29,7 +29,9 @@ def aggregate(results: Iterable[tuple[NDArrays, int]]) -> NDArrays:
         if acc is None:
             acc = [np.zeros(a.shape, dtype=np.float64) for a in arrays]
             dtypes = [a.dtype for a in arrays]
-        elif len(arrays) != len(acc) or any(a.shape != s.shape for a, s in zip(arrays, acc, strict=True)):
+        elif len(arrays) != len(acc) or any(
+            a.shape != s.shape for a, s in zip(arrays, acc, strict=True)
+        ):
             raise RunError(
                 f"aggregate: result {index} has layers "
                 f"{[a.shape for a in arrays]}, expected {[s.shape for s in acc]}"
@@ -40,7 +42,9 @@ def aggregate(results: Iterable[tuple[NDArrays, int]]) -> NDArrays:
     if acc is None:
         raise RunError("aggregate: expected at least one result, received none")
     if total <= 0:
-        raise RunError(f"aggregate: the results hold {total} examples in total; cannot weight by it")
+        raise RunError(
+            f"aggregate: the results hold {total} examples in total; cannot weight by it"
+        )
     out: NDArrays = []
     for layer, dtype in zip(acc, dtypes, strict=True):
         layer /= total

@@ -89,7 +89,9 @@ class FedAvg(Strategy):
             logger.warning(
                 "min_fit_clients (%s) or min_evaluate_clients (%s) exceeds "
                 "min_available_clients (%s): rounds may wait for more clients than needed",
-                min_fit_clients, min_evaluate_clients, min_available_clients,
+                min_fit_clients,
+                min_evaluate_clients,
+                min_available_clients,
             )
         self.fraction_fit = fraction_fit
         self.fraction_evaluate = fraction_evaluate
@@ -161,8 +163,11 @@ class FedAvg(Strategy):
         if not results:
             return None, {}
         if not self.accept_failures and failures:
-            logger.warning("round %s: %d failure(s) and accept_failures=False: not aggregating",
-                           server_round, len(failures))
+            logger.warning(
+                "round %s: %d failure(s) and accept_failures=False: not aggregating",
+                server_round,
+                len(failures),
+            )
             return None, {}
         decoded: list[tuple[NDArrays, int]] = []
         for proxy, fit_res in results:
@@ -181,7 +186,9 @@ class FedAvg(Strategy):
             return None, {}
         metrics: dict[str, Scalar] = {}
         if self.fit_metrics_aggregation_fn is not None:
-            metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for _, r in results])
+            metrics = self.fit_metrics_aggregation_fn(
+                [(r.num_examples, r.metrics) for _, r in results]
+            )
         return parameters, metrics
 
     def aggregate_evaluate(
