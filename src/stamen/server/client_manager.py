@@ -129,7 +129,7 @@ class SimpleClientManager(ClientManager):
         needed = num_clients if min_num_clients is None else min_num_clients
         if not self.wait_for(needed):
             raise NotEnoughClients(
-                f"needed {needed} connected clients, had {self.num_available()} after waiting "
+                f"needed {needed} connected client(s), had {self.num_available()} after waiting "
                 f"{self.wait_timeout:g} s (SimpleClientManager(wait_timeout=...))"
             )
         with self._cv:
