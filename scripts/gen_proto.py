@@ -22,8 +22,10 @@ def generate(out_dir: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) with the mypy-protobuf plugin; return the outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = sorted(PROTO_DIR.glob("*.proto"))
+    plugin = Path(sys.executable).with_name("protoc-gen-mypy")
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={plugin}",
         f"--proto_path={PROTO_DIR}",
         f"--python_out={out_dir}",
         f"--mypy_out={out_dir}",

@@ -16,6 +16,8 @@ from ..protocol import Clock, NodeSession, RetryPolicy
 from ..transport._tls import load_pem
 from ..transport.base import ClientTransport
 from ..transport.grpc_bidi import GrpcBidiTransport
+from ..transport.grpc_rere import grpc_rere_transport
+from ..transport.rest import rest_transport
 from .client import Client
 from .dispatch import ClientFn, error_reply, handle, normalize_client_fn
 from .numpy_client import NumPyClient
@@ -28,7 +30,6 @@ GRPC_MAX_MESSAGE_LENGTH = 536_870_912
 """Default bound of one gRPC message, in bytes (512 MiB), as in Flower."""
 
 TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
-_AVAILABLE = ("grpc-bidi",)
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,21 @@ def make_node_config(
 ) -> NodeConfig:
     """Check every argument of :func:`start_client`; raise ConfigError naming the bad one."""
     fn = _client_fn_from(client_fn, client)
-    parse_address(server_address)
     transport = "grpc-bidi" if transport is None else transport
     if transport not in TRANSPORTS:
         raise ConfigError(f"transport: expected one of {list(TRANSPORTS)}, received {transport!r}")
-    if transport not in _AVAILABLE:
-        raise ConfigError(
-            f"transport {transport!r} is not available in this version of Stamen "
-            f"(available: {list(_AVAILABLE)})"
-        )
+    if transport == "rest" and isinstance(server_address, str):
+        scheme, sep, rest = server_address.partition("://")
+        if sep and scheme not in ("http", "https"):
+            raise ConfigError(
+                f"server_address: expected http://, https:// or no scheme for rest, "
+                f"received {server_address!r}"
+            )
+        parse_address(rest if sep else server_address)
+        if scheme == "https" and insecure is True:
+            raise ConfigError("server_address: https:// contradicts insecure=True")
+    else:
+        parse_address(server_address)
     if (
         isinstance(grpc_max_message_length, bool)
         or not isinstance(grpc_max_message_length, int)
@@ -125,7 +132,7 @@ def make_node_config(
             "'insecure' is set to True"
         )
     roots = None if root_certificates is None else load_pem("root_certificates", root_certificates)
-    secure = roots is not None or insecure is False
+    secure = roots is not None or insecure is False or server_address.startswith("https://")
     if authentication_keys is not None:
         raise ConfigError(
             "authentication_keys: node authentication is not available in this version of "
@@ -143,9 +150,16 @@ def make_node_config(
     )
 
 
+_FACTORIES: dict[str, Callable[..., ClientTransport]] = {
+    "grpc-bidi": GrpcBidiTransport,
+    "grpc-rere": grpc_rere_transport,
+    "rest": rest_transport,
+}
+
+
 def make_transport(config: NodeConfig) -> ClientTransport:
     """Build the transport adapter named in ``config``."""
-    return GrpcBidiTransport(
+    return _FACTORIES[config.transport](
         config.address,
         max_message_length=config.max_message_length,
         root_certificates=config.root_certificates,

@@ -63,7 +63,14 @@ class Mailbox:
         return task_id
 
     def take(self) -> Task | None:
-        """Move the oldest pending task in flight and return it (None if none is pending)."""
+        """Return the next task to deliver, or None.
+
+        A node handles one instruction at a time, so a node that asks for work while a task
+        is still in flight never got it (its response was lost with a broken connection):
+        that task is delivered again. Otherwise the oldest pending task moves in flight.
+        """
+        if self._in_flight:
+            return next(iter(self._in_flight.values()))
         if not self._pending:
             return None
         task = self._pending.popleft()

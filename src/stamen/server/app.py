@@ -56,11 +56,12 @@ def start_server(
     client_manager: ClientManager | None = None,
     grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
     certificates: tuple[bytes, bytes, bytes] | None = None,
+    rest_address: str | None = None,
 ) -> History:
     """Serve client nodes on ``server_address`` and run the configured rounds.
 
     Args:
-        server_address: ``host:port`` to listen on (gRPC: grpc-bidi).
+        server_address: ``host:port`` to listen on (gRPC: grpc-bidi and grpc-rere).
         server: A Server (default: one with ``strategy`` and ``client_manager``).
         config: Rounds and round timeout (default: ``ServerConfig()``, 1 round).
         strategy: The strategy (default: FedAvg); replaces the strategy of ``server``.
@@ -68,7 +69,10 @@ def start_server(
             clients (Flower: 24 h); pass ``SimpleClientManager(wait_timeout=...)`` to change.
         grpc_max_message_length: Bound of one gRPC message, both ways. Clients must use
             the same value.
-        certificates: ``(ca_cert, server_cert, server_key)`` PEM bytes: serve TLS.
+        certificates: ``(ca_cert, server_cert, server_key)`` PEM bytes: serve TLS (on the
+            gRPC port and the REST port).
+        rest_address: ``host:port`` on which to serve the ``rest`` transport too (Stamen;
+            default None: no REST). The gRPC port always serves grpc-bidi and grpc-rere.
 
     Returns:
         The run's :class:`History`. Every client is sent ``ReconnectIns(0)`` at the end, so
@@ -79,12 +83,15 @@ def start_server(
         NotEnoughClients: too few clients connected in time.
     """
     parse_address(server_address)
+    if rest_address is not None:
+        parse_address(rest_address)
     server, config = init_defaults(server, config, strategy, client_manager)
     service = FleetService(
         server.client_manager(),
         address=server_address,
         max_message_length=grpc_max_message_length,
         certificates=certificates,
+        rest_address=rest_address,
     )
     service.start()
     try:

@@ -11,6 +11,7 @@ from ..client.app import GRPC_MAX_MESSAGE_LENGTH
 from ..errors import Timeout
 from ..server.app import init_defaults, run_server
 from ..server.client_manager import ClientManager
+from ..server.fleet.handler import FleetTiming
 from ..server.fleet.service import FleetService
 from ..server.history import History
 from ..server.server import Server, ServerConfig
@@ -27,14 +28,27 @@ class RunningServer:
     port: int
     server: Server
     service: FleetService
+    rest_port: int | None = None
     _thread: threading.Thread | None = None
     _outcome: list[History | BaseException] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
-        """``host:port`` for ``start_client``."""
+        """``host:port`` of the gRPC port, for ``start_client`` (grpc-bidi, grpc-rere)."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def rest_url(self) -> str:
+        """``http(s)://host:port`` of the REST port (``rest=True``)."""
+        if self.rest_port is None:
+            raise AttributeError("the server was started without rest=True")
+        scheme = "http" if self.service.certificates is None else "https"
+        return f"{scheme}://{self.host}:{self.rest_port}"
+
+    def address_for(self, transport: str) -> str:
+        """The address a node on ``transport`` connects to."""
+        return self.rest_url if transport == "rest" else self.address
 
     def result(self, timeout: float) -> History:
         """Wait for the run to end; return its History or raise its error.
@@ -60,9 +74,16 @@ def running_server(
     host: str = "127.0.0.1",
     grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
     certificates: tuple[bytes, bytes, bytes] | None = None,
+    rest: bool = False,
+    timing: FleetTiming | None = None,
+    port: int = 0,
+    rest_port: int = 0,
     run: bool = True,
 ) -> Iterator[RunningServer]:
-    """Serve on ``host`` port 0 and (if ``run``) run the rounds in a background thread.
+    """Serve on ``host`` (port 0: a free port) and, if ``run``, run the rounds in a thread.
+
+    ``rest=True`` also serves the rest transport on its own port. ``port``/``rest_port``
+    name fixed ports, to restart a server where its nodes expect it.
 
     On exit the listeners stop (so the run ends, clients get disconnected) and the thread
     is joined; nothing is left running.
@@ -70,12 +91,16 @@ def running_server(
     server, config = init_defaults(server, config, strategy, client_manager)
     service = FleetService(
         server.client_manager(),
-        address=f"{host}:0",
+        address=f"{host}:{port}",
         max_message_length=grpc_max_message_length,
         certificates=certificates,
+        rest_address=f"{host}:{rest_port}" if rest else None,
+        timing=timing,
     )
-    port = service.start()
-    handle = RunningServer(host=host, port=port, server=server, service=service)
+    bound = service.start()
+    handle = RunningServer(
+        host=host, port=bound, server=server, service=service, rest_port=service.rest_port
+    )
 
     def target() -> None:
         try:

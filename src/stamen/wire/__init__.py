@@ -6,15 +6,29 @@ but valid bytes raises :class:`~stamen.errors.DecodeError`.
 
 from __future__ import annotations
 
+from . import fleet_codec
 from .codec import decode_instruction, decode_reply, encode_instruction, encode_reply
-from .routes import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME
+from .routes import (
+    BIDI_JOIN_METHOD,
+    BIDI_METHOD_NAME,
+    BIDI_SERVICE_NAME,
+    FLEET_SERVICE_NAME,
+    REST_CONTENT_TYPE,
+    REST_PREFIX,
+    Verb,
+)
 
 __all__ = [
     "BIDI_JOIN_METHOD",
     "BIDI_METHOD_NAME",
     "BIDI_SERVICE_NAME",
+    "FLEET_SERVICE_NAME",
+    "REST_CONTENT_TYPE",
+    "REST_PREFIX",
+    "Verb",
     "decode_instruction",
     "decode_reply",
     "encode_instruction",
     "encode_reply",
+    "fleet_codec",
 ]

@@ -41,7 +41,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     error = ConnectionLost(f"node {node.cid} closed its stream")
                     return
                 try:
-                    fleet.deliver(node, task, data)
+                    fleet.deliver(node, task.task_id, data)
                 except DecodeError as exc:
                     error = exc
                     logger.warning("node %s sent an invalid reply: %s", node.cid, exc)

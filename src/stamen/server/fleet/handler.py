@@ -1,27 +1,58 @@
 """The transport-agnostic side of the fleet: nodes, their mailboxes and proxies.
 
-Every transport's servicer is a thin adapter over :class:`Fleet`: it opens a node, takes
-the node's next task, hands back the reply bytes, and closes the node. All of it runs on
-the fleet's event loop thread, which owns every mailbox.
+Every transport's servicer is a thin adapter over :class:`Fleet`. grpc-bidi opens a node
+per stream and moves bytes; grpc-rere and rest hand each Fleet request to
+:meth:`Fleet.handle` and map a :class:`~stamen.protocol.fleet.FleetError` to their own
+status. All of it runs on the fleet's event loop thread, which owns every mailbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from dataclasses import dataclass, field
 
 from ...errors import ConnectionLost, DecodeError
-from ...messages import Reply
+from ...messages import DisconnectRes, Reply
+from ...protocol.fleet import (
+    PROTOCOL_VERSION,
+    CreateNodeResponse,
+    ErrorKind,
+    FleetError,
+    PullResponse,
+)
 from ...protocol.mailbox import Mailbox, Task
-from ...wire import decode_reply
+from ...wire import Verb, decode_reply
+from ...wire import fleet_codec as codec
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 
-__all__ = ["Fleet", "Node"]
+__all__ = ["Fleet", "FleetTiming", "Node"]
 
 logger = logging.getLogger("stamen.server")
+
+
+@dataclass(frozen=True)
+class FleetTiming:
+    """Liveness and long-poll timing of pull-based nodes (grpc-rere, rest).
+
+    Attributes:
+        heartbeat_interval: Seconds between a busy node's heartbeats (told to each node).
+        heartbeat_timeout: Seconds of silence after which a node is dropped and its
+            in-flight instruction fails (default: 3 intervals).
+        poll_timeout: Seconds a PullInstruction request is held open when there is no work.
+    """
+
+    heartbeat_interval: float = 15.0
+    heartbeat_timeout: float | None = None
+    poll_timeout: float = 10.0
+
+    @property
+    def silence_limit(self) -> float:
+        """The effective heartbeat timeout."""
+        return self.heartbeat_timeout or 3.0 * self.heartbeat_interval
 
 
 @dataclass(eq=False)
@@ -29,10 +60,14 @@ class Node:
     """One connected client node."""
 
     cid: str
+    node_id: int
     transport: str
     peer: str
     mailbox: Mailbox
     proxy: RemoteClientProxy
+    pull_based: bool = False
+    last_seen: float = 0.0
+    polls: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -45,24 +80,43 @@ class Fleet:
         loop: asyncio.AbstractEventLoop,
         *,
         max_message_length: int,
+        timing: FleetTiming | None = None,
     ) -> None:
         self._client_manager = client_manager
         self._loop = loop
         self._max_message_length = max_message_length
+        self.timing = timing or FleetTiming()
         self._nodes: dict[str, Node] = {}
         self.closing = False
 
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def open_node(self, transport: str, peer: str) -> Node:
+    # --- nodes -------------------------------------------------------------------------
+
+    def open_node(self, transport: str, peer: str, *, pull_based: bool = False) -> Node:
         """Register a new node and make it available to the server's rounds."""
-        cid = uuid.uuid4().hex
+        if pull_based:
+            node_id = secrets.randbits(63) or 1
+            while str(node_id) in self._nodes:
+                node_id = secrets.randbits(63) or 1
+            cid = str(node_id)
+        else:
+            node_id, cid = -1, uuid.uuid4().hex
         mailbox = Mailbox(cid)
         proxy = RemoteClientProxy(
             cid, mailbox, self._loop, max_message_length=self._max_message_length
         )
-        node = Node(cid=cid, transport=transport, peer=peer, mailbox=mailbox, proxy=proxy)
+        node = Node(
+            cid=cid,
+            node_id=node_id,
+            transport=transport,
+            peer=peer,
+            mailbox=mailbox,
+            proxy=proxy,
+            pull_based=pull_based,
+            last_seen=self._loop.time(),
+        )
         mailbox.set_wakeup(node.wake.set)
         self._nodes[cid] = node
         self._client_manager.register(proxy)
@@ -80,8 +134,8 @@ class Fleet:
             node.wake.clear()
             await node.wake.wait()
 
-    def deliver(self, node: Node, task: Task, data: bytes) -> Reply:
-        """Decode reply bytes for ``task`` and resolve it.
+    def deliver(self, node: Node, task_id: int, data: bytes) -> Reply:
+        """Decode reply bytes for task ``task_id`` and resolve it.
 
         Raises:
             DecodeError: the bytes are not a valid reply (the task fails with it too).
@@ -89,10 +143,10 @@ class Fleet:
         try:
             reply = decode_reply(data)
         except DecodeError as exc:
-            node.mailbox.fail(task.task_id, exc)
+            node.mailbox.fail(task_id, exc)
             raise
-        if not node.mailbox.deliver(task.task_id, reply):
-            logger.info("node %s: late reply to task %d discarded", node.cid, task.task_id)
+        if not node.mailbox.deliver(task_id, reply):
+            logger.info("node %s: late reply to task %d discarded", node.cid, task_id)
         return reply
 
     def close_node(self, node: Node, error: BaseException | None = None) -> None:
@@ -109,3 +163,106 @@ class Fleet:
         self.closing = True
         for node in list(self._nodes.values()):
             self.close_node(node, ConnectionLost(f"node {node.cid}: {reason}"))
+
+    def drop_silent_nodes(self) -> int:
+        """Close pull-based nodes silent for longer than the heartbeat timeout."""
+        now, limit = self._loop.time(), self.timing.silence_limit
+        dropped = 0
+        for node in list(self._nodes.values()):
+            if node.pull_based and node.polls == 0 and now - node.last_seen > limit:
+                logger.warning(
+                    "node %s: silent for %.1f s; dropping it", node.cid, now - node.last_seen
+                )
+                self.close_node(
+                    node, ConnectionLost(f"node {node.cid}: no heartbeat within {limit:g} s")
+                )
+                dropped += 1
+        return dropped
+
+    async def watch_liveness(self) -> None:
+        """Run :meth:`drop_silent_nodes` periodically (a task on the fleet loop)."""
+        period = max(0.01, min(self.timing.heartbeat_interval, self.timing.silence_limit) / 2)
+        while True:
+            await asyncio.sleep(period)
+            self.drop_silent_nodes()
+
+    # --- Fleet protocol (grpc-rere, rest) ----------------------------------------------
+
+    def _check_version(self, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            raise FleetError(
+                ErrorKind.VERSION_MISMATCH,
+                f"Fleet protocol version: expected {PROTOCOL_VERSION}, received {version} "
+                "(upgrade the node or the server so both speak the same version)",
+            )
+
+    def _lookup(self, node_id: int, version: int) -> Node:
+        self._check_version(version)
+        node = self._nodes.get(str(node_id))
+        if node is None or not node.pull_based:
+            raise FleetError(ErrorKind.UNKNOWN_NODE, f"node {node_id} is not registered")
+        node.last_seen = self._loop.time()
+        return node
+
+    async def handle(self, verb: Verb, body: bytes, transport: str, peer: str) -> bytes:
+        """Serve one Fleet request; return the response body.
+
+        Raises:
+            FleetError: the request is refused; the adapter maps its kind to a status.
+        """
+        if self.closing:
+            raise FleetError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        if len(body) > self._max_message_length:
+            raise FleetError(
+                ErrorKind.TOO_LARGE,
+                f"request of {len(body)} bytes is over the server's max message length "
+                f"{self._max_message_length}",
+            )
+        try:
+            return await self._handle(verb, body, transport, peer)
+        except DecodeError as exc:
+            raise FleetError.from_decode(exc) from exc
+
+    async def _handle(self, verb: Verb, body: bytes, transport: str, peer: str) -> bytes:
+        if verb is Verb.CREATE_NODE:
+            self._check_version(codec.decode_create_node_request(body).protocol_version)
+            node = self.open_node(transport, peer, pull_based=True)
+            timing = self.timing
+            return codec.encode_create_node_response(
+                CreateNodeResponse(node.node_id, timing.heartbeat_interval, timing.poll_timeout)
+            )
+        if verb is Verb.PULL:
+            pull = codec.decode_pull_request(body)
+            return await self._pull(self._lookup(pull.node_id, pull.protocol_version))
+        if verb is Verb.PUSH:
+            push = codec.decode_push_request(body)
+            node = self._lookup(push.node_id, push.protocol_version)
+            reply = self.deliver(node, push.task_id, push.client_message)
+            if isinstance(reply, DisconnectRes):
+                self.close_node(node, None)  # it acknowledged the end of its session
+            return codec.encode_empty()
+        if verb is Verb.HEARTBEAT:
+            beat = codec.decode_simple_request(body)
+            self._lookup(beat.node_id, beat.protocol_version)
+            return codec.encode_empty()
+        if verb is Verb.DELETE_NODE:
+            gone = codec.decode_simple_request(body)
+            self._check_version(gone.protocol_version)
+            node_or_none = self._nodes.get(str(gone.node_id))
+            if node_or_none is not None and node_or_none.pull_based:
+                self.close_node(node_or_none, ConnectionLost(f"node {gone.node_id} left"))
+            return codec.encode_empty()
+        raise FleetError(ErrorKind.INVALID_ARGUMENT, f"unknown Fleet verb {verb!r}")
+
+    async def _pull(self, node: Node) -> bytes:
+        node.polls += 1
+        try:
+            task = await asyncio.wait_for(self.next_task(node), self.timing.poll_timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            return codec.encode_pull_response(PullResponse(0, b""))
+        except ConnectionLost as exc:
+            raise FleetError(ErrorKind.UNKNOWN_NODE, str(exc)) from exc
+        finally:
+            node.polls -= 1
+            node.last_seen = self._loop.time()
+        return codec.encode_pull_response(PullResponse(task.task_id, task.payload))

@@ -1,18 +1,24 @@
-"""The server's listeners: one event loop thread, one gRPC server, one fleet."""
+"""The server's listeners: one event loop thread, one gRPC server, an optional REST server."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import grpc
 
 from ...errors import ConfigError
-from ...transport._tls import server_credentials
+from ...transport._tls import load_pem, server_credentials
 from ..client_manager import ClientManager
 from .grpc_bidi import bidi_handler
-from .handler import Fleet
+from .grpc_rere import rere_handler
+from .handler import Fleet, FleetTiming
 from .loop import LoopThread
+from .rest import RestListener
 
 __all__ = ["FleetService", "server_options"]
 
@@ -38,14 +44,25 @@ def server_options(max_message_length: int) -> list[tuple[str, Any]]:
     ]
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"expected 'host:port', received {address!r}")
+    return host.strip("[]"), int(port)
+
+
 class FleetService:
     """Starts and stops everything that serves client nodes.
 
     Args:
         client_manager: Where connecting nodes are registered.
-        address: ``host:port`` of the gRPC listener (port 0 picks a free one).
-        max_message_length: Bound of one gRPC message, both ways.
+        address: ``host:port`` of the gRPC listener (grpc-bidi and grpc-rere; port 0 picks
+            a free one).
+        max_message_length: Bound of one message, both ways, on every transport.
         certificates: ``(ca_cert, server_cert, server_key)`` PEM bytes for TLS, or None.
+        rest_address: ``host:port`` of the REST listener, or None for no REST.
+        timing: Heartbeat and long-poll timing of pull-based nodes.
     """
 
     def __init__(
@@ -55,37 +72,53 @@ class FleetService:
         address: str,
         max_message_length: int,
         certificates: tuple[bytes, bytes, bytes] | None = None,
+        rest_address: str | None = None,
+        timing: FleetTiming | None = None,
     ) -> None:
         self._address = address
+        self._rest_address = rest_address
         self._max_message_length = max_message_length
+        self.certificates = (
+            None
+            if certificates is None
+            else tuple(load_pem(f"certificates[{i}]", v) for i, v in enumerate(certificates))
+        )
         self._credentials = None if certificates is None else server_credentials(certificates)
         self._loop_thread = LoopThread()
         self.fleet = Fleet(
-            client_manager, self._loop_thread.loop, max_message_length=max_message_length
+            client_manager,
+            self._loop_thread.loop,
+            max_message_length=max_message_length,
+            timing=timing,
         )
         self._grpc: Any = None
+        self._rest: RestListener | None = None
+        self._liveness: asyncio.Task[None] | None = None
         self.port: int = 0
+        self.rest_port: int | None = None
 
     def start(self, timeout: float = 10.0) -> int:
-        """Bind and start serving; return the bound gRPC port.
+        """Bind and start serving; return the bound gRPC port (see also ``rest_port``).
 
         Raises:
-            ConfigError: the address cannot be bound (in use, or not an address here).
+            ConfigError: an address cannot be bound (in use, or not an address here).
         """
         self._loop_thread.start()
         try:
             self.port = self._loop_thread.run(self._start(), timeout)
         except BaseException:
-            self._loop_thread.stop()
+            self.stop()
             raise
-        logger.info("serving grpc-bidi on %s (port %d)", self._address, self.port)
+        logger.info("serving grpc-bidi and grpc-rere on %s (port %d)", self._address, self.port)
+        if self.rest_port is not None:
+            logger.info("serving rest on %s (port %d)", self._rest_address, self.rest_port)
         return self.port
 
     async def _start(self) -> int:
         server = grpc.aio.server(
             options=server_options(self._max_message_length), maximum_concurrent_rpcs=None
         )
-        server.add_generic_rpc_handlers((bidi_handler(self.fleet),))
+        server.add_generic_rpc_handlers((bidi_handler(self.fleet), rere_handler(self.fleet)))
         try:
             if self._credentials is None:
                 port = server.add_insecure_port(self._address)
@@ -100,18 +133,54 @@ class FleetService:
             raise ConfigError(f"server_address: cannot listen on {self._address!r}")
         await server.start()
         self._grpc = server
+        if self._rest_address is not None:
+            await self._start_rest(self._rest_address)
+        self._liveness = asyncio.create_task(self.fleet.watch_liveness())
         return int(port)
+
+    async def _start_rest(self, address: str) -> None:
+        host, port = split_host_port(address)
+        if self.certificates is None:
+            self._rest = RestListener(self.fleet, (host, port), max_body=self._max_message_length)
+            await self._rest.start()
+        else:
+            # uvicorn reads TLS material from files: write them privately, load, delete.
+            folder = tempfile.mkdtemp(prefix="stamen-tls-")
+            try:
+                paths = []
+                for name, pem in zip(
+                    ("ca.pem", "cert.pem", "key.pem"), self.certificates, strict=True
+                ):
+                    path = os.path.join(folder, name)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(pem)
+                    paths.append(path)
+                self._rest = RestListener(
+                    self.fleet,
+                    (host, port),
+                    max_body=self._max_message_length,
+                    ssl_files=(paths[0], paths[1], paths[2]),
+                )
+                await self._rest.start()
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.rest_port = self._rest.port
 
     def stop(self, grace: float = 2.0, timeout: float = 10.0) -> None:
         """Close every node, stop the listeners and the loop thread."""
 
         async def _stop() -> None:
             self.fleet.close_all("server stopped")
+            if self._liveness is not None:
+                self._liveness.cancel()
+            if self._rest is not None:
+                await self._rest.stop()
             if self._grpc is not None:
                 await self._grpc.stop(grace)
 
         try:
-            if not self._loop_thread.loop.is_closed():
+            if not self._loop_thread.loop.is_closed() and self._loop_thread.loop.is_running():
                 self._loop_thread.run(_stop(), timeout)
         finally:
             self._loop_thread.stop(timeout)

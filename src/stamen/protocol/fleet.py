@@ -1,0 +1,138 @@
+"""The Fleet protocol of the grpc-rere and rest transports (sans-IO definitions).
+
+A node registers, long-polls for instructions, pushes replies, sends heartbeats while it
+is busy, and unregisters. Both transports carry the same messages (see
+``wire/proto/stamen_fleet.proto``) and report the same errors, each as its own status:
+one table, :data:`ERRORS`, maps an error kind to its gRPC status name, its HTTP status
+and the Stamen exception a client raises for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..errors import (
+    AuthError,
+    ConnectionLost,
+    DecodeError,
+    MessageTooLarge,
+    ProtocolError,
+    StamenError,
+    VersionMismatch,
+)
+
+__all__ = [
+    "ERRORS",
+    "PROTOCOL_VERSION",
+    "CreateNodeRequest",
+    "CreateNodeResponse",
+    "ErrorKind",
+    "FleetError",
+    "NodeUnknown",
+    "PullRequest",
+    "PullResponse",
+    "PushRequest",
+    "SimpleRequest",
+]
+
+PROTOCOL_VERSION = 1
+"""Version of the Fleet protocol spoken by this release."""
+
+
+class NodeUnknown(ConnectionLost):
+    """The server does not know this node (it restarted, or dropped the node): register again."""
+
+
+class ErrorKind(Enum):
+    """Errors a Fleet server reports."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNKNOWN_NODE = "UNKNOWN_NODE"
+    VERSION_MISMATCH = "VERSION_MISMATCH"
+    TOO_LARGE = "TOO_LARGE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    """How one error kind travels on each transport, and what a client raises for it."""
+
+    grpc_status: str
+    http_status: int
+    exception: type[StamenError]
+
+
+ERRORS: dict[ErrorKind, ErrorSpec] = {
+    ErrorKind.INVALID_ARGUMENT: ErrorSpec("INVALID_ARGUMENT", 400, ProtocolError),
+    ErrorKind.UNKNOWN_NODE: ErrorSpec("NOT_FOUND", 404, NodeUnknown),
+    ErrorKind.VERSION_MISMATCH: ErrorSpec("FAILED_PRECONDITION", 412, VersionMismatch),
+    ErrorKind.TOO_LARGE: ErrorSpec("RESOURCE_EXHAUSTED", 413, MessageTooLarge),
+    ErrorKind.UNAUTHENTICATED: ErrorSpec("UNAUTHENTICATED", 401, AuthError),
+    ErrorKind.UNAVAILABLE: ErrorSpec("UNAVAILABLE", 503, ConnectionLost),
+}
+
+
+class FleetError(StamenError):
+    """An error a Fleet server returns to the node (server side)."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    @classmethod
+    def from_decode(cls, exc: DecodeError) -> FleetError:
+        """The error for a request that did not decode."""
+        return cls(ErrorKind.INVALID_ARGUMENT, str(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class CreateNodeRequest:
+    """Register a new node."""
+
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class CreateNodeResponse:
+    """The node's id and the server's timing parameters."""
+
+    node_id: int
+    heartbeat_interval: float
+    poll_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class SimpleRequest:
+    """DeleteNode and Heartbeat: the header alone."""
+
+    node_id: int
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class PullRequest:
+    """Ask for the next instruction (held open up to ``poll_timeout``)."""
+
+    node_id: int
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class PullResponse:
+    """The next instruction, or ``task_id == 0`` when there was none in time."""
+
+    task_id: int
+    server_message: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PushRequest:
+    """The reply to the instruction ``task_id``."""
+
+    node_id: int
+    task_id: int
+    client_message: bytes
+    protocol_version: int = PROTOCOL_VERSION

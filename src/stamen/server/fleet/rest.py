@@ -1,0 +1,127 @@
+"""Thin Starlette app for the Fleet protocol over HTTP (rest), served by uvicorn.
+
+``POST /api/v0/fleet/<verb>`` with an ``application/protobuf`` body; the response is the
+protobuf response, or an error status with a ``text/plain`` reason. The app runs on the
+fleet's own event loop, beside the gRPC server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from ...errors import ConfigError
+from ...protocol.fleet import ERRORS, ErrorKind, FleetError
+from ...wire import REST_CONTENT_TYPE, Verb
+from .handler import Fleet
+
+__all__ = ["RestListener", "rest_app"]
+
+logger = logging.getLogger("stamen.server")
+
+
+def _error(kind: ErrorKind, message: str) -> Response:
+    return PlainTextResponse(message, status_code=ERRORS[kind].http_status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise FleetError(
+            ErrorKind.TOO_LARGE, f"body of {declared} bytes is over the limit of {limit}"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise FleetError(ErrorKind.TOO_LARGE, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def rest_app(fleet: Fleet, max_body: int) -> Starlette:
+    """The Starlette application serving ``fleet``."""
+
+    def endpoint(verb: Verb) -> Any:
+        async def serve(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "").split(";")[0].strip()
+            if content_type != REST_CONTENT_TYPE:
+                return PlainTextResponse(
+                    f"content-type: expected {REST_CONTENT_TYPE}, received {content_type!r}",
+                    status_code=415,
+                )
+            peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
+            try:
+                body = await _read_body(request, max_body)
+                out = await fleet.handle(verb, body, "rest", peer)
+            except FleetError as exc:
+                return _error(exc.kind, exc.message)
+            return Response(out, media_type=REST_CONTENT_TYPE)
+
+        return serve
+
+    routes = [Route(verb.rest_path, endpoint(verb), methods=["POST"]) for verb in Verb]
+    return Starlette(routes=routes)
+
+
+class RestListener:
+    """uvicorn serving :func:`rest_app` on a socket we bind (so port 0 works)."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        address: tuple[str, int],
+        *,
+        max_body: int,
+        ssl_files: tuple[str, str, str] | None = None,
+    ) -> None:
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as exc:
+            self._socket.close()
+            raise ConfigError(
+                f"rest_address: cannot listen on {host}:{port} ({exc.strerror})"
+            ) from exc
+        self.port = int(self._socket.getsockname()[1])
+        kwargs: dict[str, Any] = {}
+        if ssl_files is not None:
+            ca, cert, key = ssl_files
+            kwargs = {"ssl_ca_certs": ca, "ssl_certfile": cert, "ssl_keyfile": key}
+        self._config = uvicorn.Config(
+            rest_app(fleet, max_body),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            **kwargs,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._main: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start serving (on the running loop)."""
+        self._config.load()
+        self._server.lifespan = self._config.lifespan_class(self._config)
+        await self._server.startup(sockets=[self._socket])
+        self._main = asyncio.create_task(self._server.main_loop())
+
+    async def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.should_exit = True
+        if self._main is not None:
+            await self._main
+            await self._server.shutdown(sockets=[self._socket])
+        self._socket.close()

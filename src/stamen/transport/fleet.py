@@ -1,0 +1,148 @@
+"""Client side of the Fleet protocol, shared by the grpc-rere and rest transports.
+
+:class:`FleetClientTransport` implements :class:`~stamen.transport.base.ClientTransport`
+over a :class:`Requester` (one request, one response), so both request/response transports
+share one state machine: register, long-poll, push, heartbeat while busy, unregister. The
+two adapters only move bytes and map their library's errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+from ..errors import ConnectionLost, MessageTooLarge, ProtocolError, StamenError
+from ..messages import Instruction, Reply
+from ..protocol.fleet import (
+    CreateNodeRequest,
+    NodeUnknown,
+    PullRequest,
+    PushRequest,
+    SimpleRequest,
+)
+from ..wire import Verb, decode_instruction, encode_reply
+from ..wire import fleet_codec as codec
+
+__all__ = ["FleetClientTransport", "Requester"]
+
+logger = logging.getLogger("stamen.client")
+
+_SLACK = 15.0
+"""Seconds a request may take beyond the server's long-poll timeout before we give up."""
+
+
+class Requester(Protocol):
+    """Sends one Fleet request and returns the response body."""
+
+    def open(self) -> None:
+        """Reach the server (raises ConnectError when it cannot be reached)."""
+        ...
+
+    def call(self, verb: Verb, body: bytes, timeout: float) -> bytes:
+        """Send ``body`` as ``verb``; raise a mapped Stamen error on failure."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Never raises."""
+        ...
+
+
+class FleetClientTransport:
+    """A node on a request/response transport (see ClientTransport)."""
+
+    def __init__(
+        self, requester: Requester, *, max_message_length: int, request_timeout: float = 30.0
+    ) -> None:
+        self._requester = requester
+        self._max_message_length = max_message_length
+        self._request_timeout = request_timeout
+        self._node_id = 0
+        self._poll_timeout = 10.0
+        self._heartbeat_interval = 15.0
+        self._task_id = 0
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._heartbeat_error: StamenError | None = None
+        self._busy = threading.Event()
+
+    @property
+    def node_id(self) -> int:
+        """The id the server assigned at registration."""
+        return self._node_id
+
+    def connect(self) -> None:
+        """Reach the server and register this node."""
+        self._requester.open()
+        body = codec.encode_create_node_request(CreateNodeRequest())
+        response = codec.decode_create_node_response(
+            self._requester.call(Verb.CREATE_NODE, body, self._request_timeout)
+        )
+        if response.node_id == 0:
+            raise ProtocolError("CreateNode: expected a node id, received 0")
+        self._node_id = response.node_id
+        self._poll_timeout = response.poll_timeout or self._poll_timeout
+        self._heartbeat_interval = response.heartbeat_interval or self._heartbeat_interval
+        self._stop.clear()
+        self._heartbeat = threading.Thread(
+            target=self._beat, name=f"stamen-heartbeat-{self._node_id}", daemon=True
+        )
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """While the node is busy with an instruction, prove it is alive."""
+        body = codec.encode_simple_request(SimpleRequest(self._node_id))
+        while not self._stop.wait(self._heartbeat_interval):
+            if not self._busy.is_set():
+                continue  # an idle node is long-polling: that proves it is alive
+            try:
+                self._requester.call(Verb.HEARTBEAT, body, self._request_timeout)
+            except StamenError as exc:
+                logger.warning("heartbeat failed: %s", exc)
+                self._heartbeat_error = exc
+                if isinstance(exc, NodeUnknown):
+                    return
+
+    def receive(self) -> Instruction:
+        """Long-poll until the server has an instruction for this node."""
+        self._busy.clear()
+        if isinstance(self._heartbeat_error, NodeUnknown):
+            raise self._heartbeat_error
+        body = codec.encode_pull_request(PullRequest(self._node_id))
+        while True:
+            data = self._requester.call(Verb.PULL, body, self._poll_timeout + _SLACK)
+            response = codec.decode_pull_response(data)
+            if response.task_id:
+                self._task_id = response.task_id
+                self._busy.set()
+                return decode_instruction(response.server_message)
+
+    def send(self, reply: Reply) -> None:
+        """Push the reply to the last instruction."""
+        if not self._task_id:
+            raise ConnectionLost("send() without an instruction to answer")
+        data = encode_reply(reply)
+        if len(data) > self._max_message_length:
+            raise MessageTooLarge(
+                f"reply {type(reply).__name__} is {len(data)} bytes, over "
+                f"grpc_max_message_length={self._max_message_length}"
+            )
+        request = PushRequest(self._node_id, self._task_id, data)
+        self._requester.call(Verb.PUSH, codec.encode_push_request(request), self._request_timeout)
+        self._task_id = 0
+        self._busy.clear()
+
+    def close(self, *, graceful: bool) -> None:
+        """Stop heartbeats, unregister (best effort) and release connections."""
+        self._stop.set()
+        self._busy.clear()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(self._request_timeout)
+        if self._node_id and graceful:
+            body = codec.encode_simple_request(SimpleRequest(self._node_id))
+            try:
+                self._requester.call(Verb.DELETE_NODE, body, 5.0)
+            except StamenError as exc:
+                logger.info("could not unregister node %s: %s", self._node_id, exc)
+        self._node_id = 0
+        self._requester.close()
