@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from . import conformance
 from .certs import TestCertificates, generate_certificates, generate_node_keys
 from .clock import FakeClock
+from .nodes import NodeThread, node_threads
 from .server import RunningServer, running_server
 
 __all__ = [
     "FakeClock",
+    "NodeThread",
     "RunningServer",
     "TestCertificates",
+    "conformance",
     "generate_certificates",
     "generate_node_keys",
+    "node_threads",
     "running_server",
 ]

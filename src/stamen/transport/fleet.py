@@ -133,15 +133,16 @@ class FleetClientTransport:
         self._busy.clear()
 
     def close(self, *, graceful: bool) -> None:
-        """Stop heartbeats, unregister (best effort) and release connections."""
+        """Stop heartbeats, unregister (best effort, also when not ``graceful``, so the
+        server fails this node's work at once) and release connections."""
         self._stop.set()
         self._busy.clear()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(self._request_timeout)
-        if self._node_id and graceful:
+        if self._node_id:
             body = codec.encode_simple_request(SimpleRequest(self._node_id))
             try:
-                self._requester.call(Verb.DELETE_NODE, body, 5.0)
+                self._requester.call(Verb.DELETE_NODE, body, 5.0 if graceful else 2.0)
             except StamenError as exc:
                 logger.info("could not unregister node %s: %s", self._node_id, exc)
         self._node_id = 0

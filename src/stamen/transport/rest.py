@@ -6,7 +6,7 @@ import ssl
 
 import httpx
 
-from ..errors import ConnectError, ConnectionLost, ProtocolError, Timeout
+from ..errors import ConnectError, ConnectionLost, MessageTooLarge, ProtocolError, Timeout
 from ..protocol.fleet import ERRORS
 from ..wire import REST_CONTENT_TYPE, Verb
 from .fleet import FleetClientTransport
@@ -70,6 +70,11 @@ class RestRequester:
         except httpx.TransportError as exc:
             raise ConnectionLost(f"{where}: {type(exc).__name__}: {exc}") from exc
         if response.status_code == 200:
+            if len(response.content) > self._max_message_length:
+                raise MessageTooLarge(
+                    f"{where}: response of {len(response.content)} bytes is over "
+                    f"grpc_max_message_length={self._max_message_length}"
+                )
             return response.content
         mapped = _BY_HTTP_STATUS.get(response.status_code)
         text = f"{where}: HTTP {response.status_code}: {response.text[:300]}"

@@ -1,0 +1,428 @@
+"""The transport conformance suite: one behaviour, every transport.
+
+Each ``check_*`` function runs a real server on 127.0.0.1 and real client nodes over the
+given transport(s) and raises AssertionError when the behaviour differs from the contract.
+``tests/conformance/`` runs every check for grpc-bidi, grpc-rere and rest; anyone adding
+a transport runs the same checks.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from ..client.app import make_node_config, make_transport, run_node
+from ..client.client import Client
+from ..client.numpy_client import NumPyClient
+from ..errors import ConnectError, ConnectionLost, MessageTooLarge, Timeout
+from ..messages import Code, FitIns, FitRes, Parameters, ReconnectIns
+from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
+from ..protocol.fleet import CreateNodeRequest, PullRequest
+from ..server.client_manager import SimpleClientManager
+from ..server.fleet.handler import FleetTiming
+from ..server.server import ServerConfig
+from ..server.strategy import FedAvg
+from ..server.strategy.strategy import FitFailures, FitResults
+from ..transport.fleet import Requester
+from ..transport.grpc_rere import GrpcRereRequester
+from ..transport.rest import RestRequester
+from ..typing import Config, NDArrays, Scalar
+from ..wire import Verb, fleet_codec
+from .clock import FakeClock
+from .nodes import NodeThread, node_threads
+from .server import RunningServer, running_server
+
+__all__ = [
+    "TRANSPORTS",
+    "AddClient",
+    "RecordingFedAvg",
+    "check_client_exception_is_failure",
+    "check_end_of_run",
+    "check_fedavg_identical",
+    "check_liveness",
+    "check_max_retries",
+    "check_message_limits",
+    "check_reconnect_later",
+    "check_round_timeout",
+    "check_server_restart",
+]
+
+TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
+_WAIT = 30.0
+
+
+class AddClient(NumPyClient):
+    """Deterministic client: fit adds ``k`` to every array and reports ``num_examples=k``."""
+
+    def __init__(self, k: int, *, fail_first_fit: bool = False) -> None:
+        self.k = k
+        self.fail_first_fit = fail_first_fit
+        self.fits = 0
+
+    def get_parameters(self, config: Config) -> NDArrays:
+        return [np.zeros((2, 2), dtype=np.float32), np.zeros(3, dtype=np.float32)]
+
+    def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        self.fits += 1
+        if self.fail_first_fit and self.fits == 1:
+            raise RuntimeError("disk on fire")
+        return [p + np.float32(self.k) for p in parameters], self.k, {"k": self.k}
+
+    def evaluate(
+        self, parameters: NDArrays, config: Config
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        return float(parameters[1].sum()), self.k, {"k": self.k}
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that keeps each round's fit results and failures."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rounds: list[tuple[FitResults, FitFailures]] = []
+
+    def aggregate_fit(
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.rounds.append((list(results), list(failures)))
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def _strategy(n: int, **kwargs: Any) -> RecordingFedAvg:
+    return RecordingFedAvg(
+        min_fit_clients=n, min_evaluate_clients=n, min_available_clients=n, **kwargs
+    )
+
+
+def _start(
+    srv: RunningServer, transport: str, client: Client, nodes: list[NodeThread], **kwargs: Any
+) -> NodeThread:
+    node = NodeThread(
+        {
+            "server_address": srv.address_for(transport),
+            "transport": transport,
+            "client": client,
+            **kwargs,
+        }
+    ).start()
+    nodes.append(node)
+    return node
+
+
+def _expect_clean_exit(nodes: Sequence[NodeThread]) -> None:
+    for node in nodes:
+        outcome = node.join(_WAIT)
+        assert outcome is None, f"start_client raised {outcome!r}"
+
+
+def check_fedavg_identical(transports: Sequence[str]) -> NDArrays:
+    """3 rounds of FedAvg with 3 nodes (node i on ``transports[i % len]``) give the exact
+    weighted mean, and every node's start_client returns normally at the end of the run."""
+    strategy = _strategy(3)
+    with (
+        running_server(config=ServerConfig(num_rounds=3), strategy=strategy, rest=True) as srv,
+        node_threads() as nodes,
+    ):
+        for i, k in enumerate((1, 2, 3)):
+            _start(srv, transports[i % len(transports)], AddClient(k).to_client(), nodes)
+        history = srv.result(_WAIT)
+        _expect_clean_exit(nodes)
+    # Each round adds (1*1 + 2*2 + 3*3) / 6 = 7/3 to every parameter: 7 after 3 rounds.
+    params = parameters_to_ndarrays(srv.server.parameters)
+    np.testing.assert_allclose(params[0], np.full((2, 2), 7.0, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(params[1], np.full(3, 7.0, np.float32), rtol=1e-6)
+    assert [r for r, _ in history.losses_distributed] == [1, 2, 3]
+    assert all(len(results) == 3 and not fails for results, fails in strategy.rounds)
+    return params
+
+
+def check_client_exception_is_failure(transport: str) -> None:
+    """An exception in fit is a failure of that round with CLIENT_ERROR naming the error;
+    the round aggregates the others and the node serves the next round."""
+    strategy = _strategy(2)
+    with (
+        running_server(config=ServerConfig(num_rounds=2), strategy=strategy, rest=True) as srv,
+        node_threads() as nodes,
+    ):
+        _start(srv, transport, AddClient(1).to_client(), nodes)
+        _start(srv, transport, AddClient(5, fail_first_fit=True).to_client(), nodes)
+        srv.result(_WAIT)
+        _expect_clean_exit(nodes)
+    (r1_ok, r1_failed), (r2_ok, r2_failed) = strategy.rounds
+    assert len(r1_ok) == 1 and len(r1_failed) == 1, strategy.rounds[0]
+    failed = r1_failed[0]
+    assert isinstance(failed, tuple) and isinstance(failed[1], FitRes), failed
+    assert failed[1].status.code == Code.CLIENT_ERROR
+    assert "RuntimeError: disk on fire" in failed[1].status.message
+    assert len(r2_ok) == 2 and not r2_failed
+
+
+def check_round_timeout(transport: str) -> None:
+    """round_timeout makes a node that does not answer in time a failure (Timeout) and
+    the round completes with the others; the slow node still exits cleanly."""
+    release = threading.Event()
+
+    class Slow(AddClient):
+        def fit(
+            self, parameters: NDArrays, config: Config
+        ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+            release.wait(_WAIT)
+            return super().fit(parameters, config)
+
+    class Releasing(RecordingFedAvg):
+        def aggregate_fit(
+            self, server_round: int, results: FitResults, failures: FitFailures
+        ) -> tuple[Parameters | None, dict[str, Scalar]]:
+            release.set()  # the round is over: let the slow node finish
+            return super().aggregate_fit(server_round, results, failures)
+
+    init = ndarrays_to_parameters([np.zeros(2, dtype=np.float32)])
+    strategy = Releasing(
+        min_fit_clients=2, min_available_clients=2, initial_parameters=init, fraction_evaluate=0.0
+    )
+    config = ServerConfig(num_rounds=1, round_timeout=0.5)
+    with (
+        running_server(config=config, strategy=strategy, rest=True) as srv,
+        node_threads() as nodes,
+    ):
+        _start(srv, transport, AddClient(2).to_client(), nodes)
+        _start(srv, transport, Slow(100).to_client(), nodes)
+        try:
+            srv.result(_WAIT)
+        finally:
+            release.set()
+        _expect_clean_exit(nodes)
+    [(results, failures)] = strategy.rounds
+    assert len(results) == 1 and len(failures) == 1
+    assert isinstance(failures[0], Timeout), failures
+    np.testing.assert_array_equal(
+        parameters_to_ndarrays(srv.server.parameters)[0], np.full(2, 2.0, np.float32)
+    )
+
+
+def _wait_for_node(manager: SimpleClientManager) -> Any:
+    assert manager.wait_for(1, timeout=_WAIT), "no node connected"
+    [proxy] = manager.all().values()
+    return proxy
+
+
+def check_message_limits(transport: str) -> None:
+    """grpc_max_message_length holds on both sides: the server refuses to send a larger
+    instruction (MessageTooLarge, node still connected); a node refuses to send a larger
+    reply (the server gets a CLIENT_ERROR failure naming the size); a node that receives a
+    larger instruction stops with MessageTooLarge and the server fails that instruction."""
+    small = ndarrays_to_parameters([np.zeros(4, dtype=np.float32)])
+    big = ndarrays_to_parameters([np.zeros(10_000, dtype=np.float32)])
+    manager = SimpleClientManager(wait_timeout=_WAIT)
+    with (
+        running_server(
+            client_manager=manager, run=False, rest=True, grpc_max_message_length=8192
+        ) as srv,
+        node_threads() as nodes,
+    ):
+
+        class Inflating(AddClient):
+            def fit(
+                self, parameters: NDArrays, config: Config
+            ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+                size = int(config.get("reply_floats", 4))
+                return [np.zeros(size, dtype=np.float32)], 1, {}
+
+        node = _start(srv, transport, Inflating(1).to_client(), nodes, grpc_max_message_length=8192)
+        proxy = _wait_for_node(manager)
+        try:
+            proxy.fit(FitIns(big, {}), timeout=_WAIT)
+            raise AssertionError("an instruction over the server's limit was sent")
+        except MessageTooLarge as exc:
+            assert "over grpc_max_message_length=8192" in str(exc)
+        reply = proxy.fit(FitIns(small, {"reply_floats": 10_000}), timeout=_WAIT)
+        assert reply.status.code == Code.CLIENT_ERROR
+        assert "over grpc_max_message_length=8192" in reply.status.message
+        assert proxy.fit(FitIns(small, {}), timeout=_WAIT).status.code == Code.OK
+        proxy.reconnect(ReconnectIns(seconds=0), timeout=_WAIT)
+        assert node.join(_WAIT) is None
+    manager = SimpleClientManager(wait_timeout=_WAIT)
+    with (
+        running_server(client_manager=manager, run=False, rest=True) as srv,
+        node_threads() as nodes,
+    ):
+        node = _start(srv, transport, AddClient(1).to_client(), nodes, grpc_max_message_length=8192)
+        proxy = _wait_for_node(manager)
+        future = proxy.submit(FitIns(big, {}), timeout=_WAIT)
+        assert isinstance(node.join(_WAIT), MessageTooLarge)
+        assert isinstance(future.exception(timeout=_WAIT), ConnectionLost)
+
+
+def check_reconnect_later(transport: str) -> None:
+    """ReconnectIns(seconds=1): the node answers RECONNECT, leaves, and rejoins after the
+    delay as a new node; ReconnectIns(0) then ends start_client normally with ACK."""
+    manager = SimpleClientManager(wait_timeout=_WAIT)
+    with (
+        running_server(client_manager=manager, run=False, rest=True) as srv,
+        node_threads() as nodes,
+    ):
+        node = _start(srv, transport, AddClient(1).to_client(), nodes)
+        first = _wait_for_node(manager)
+        assert first.reconnect(ReconnectIns(seconds=1), timeout=_WAIT).reason == "RECONNECT"
+        second = _wait_for_node(manager)
+        assert second.cid != first.cid
+        assert second.reconnect(ReconnectIns(seconds=0), timeout=_WAIT).reason == "ACK"
+        assert node.join(_WAIT) is None
+        assert manager.num_available() == 0
+
+
+def check_end_of_run(transport: str) -> None:
+    """At the end of a run the server tells each node, and start_client returns (Flower's
+    grpc-rere and rest nodes never stop on their own); the server forgets the node."""
+    init = ndarrays_to_parameters([np.zeros(2, dtype=np.float32)])
+    strategy = _strategy(1, initial_parameters=init)
+    manager = SimpleClientManager(wait_timeout=_WAIT)
+    with (
+        running_server(
+            config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager, rest=True
+        ) as srv,
+        node_threads() as nodes,
+    ):
+        _start(srv, transport, AddClient(1).to_client(), nodes)
+        srv.result(_WAIT)
+        _expect_clean_exit(nodes)
+        assert manager.num_available() == 0
+        assert len(srv.service.fleet) == 0
+
+
+@contextmanager
+def _dead_address() -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def check_max_retries(transport: str) -> None:
+    """max_retries=2 against an address where nothing listens: exactly 3 attempts over
+    real sockets, waits of full jitter under 1 s then 2 s, then ConnectError."""
+    with _dead_address() as address:
+        config = make_node_config(
+            server_address=address,
+            client_fn=None,
+            client=AddClient(1).to_client(),
+            grpc_max_message_length=1 << 20,
+            root_certificates=None,
+            insecure=None,
+            transport=transport,
+            authentication_keys=None,
+            max_retries=2,
+            max_wait_time=None,
+        )
+        attempts: list[int] = []
+
+        def counting(cfg: Any) -> Any:
+            attempts.append(1)
+            return make_transport(cfg)
+
+        clock = FakeClock()
+        try:
+            run_node(config, clock=clock, rng=random.Random(7).random, transport_factory=counting)
+            raise AssertionError("run_node returned against a dead address")
+        except ConnectError as exc:
+            assert "after 3 failed attempt(s)" in str(exc), exc
+    assert len(attempts) == 3, attempts
+    assert len(clock.sleeps) == 2 and clock.sleeps[0] <= 1.0 and clock.sleeps[1] <= 2.0
+
+
+def check_server_restart(transport: str) -> None:
+    """The server dies mid-run and a new one starts on the same port(s): every node
+    reconnects (re-registering where the server forgot it) and finishes the new run."""
+    manager = SimpleClientManager(wait_timeout=_WAIT)
+    init = ndarrays_to_parameters([np.zeros(2, dtype=np.float32)])
+    with node_threads() as nodes:
+        with running_server(client_manager=manager, run=False, rest=True) as first:
+            ports = (first.port, first.rest_port or 0)
+            for k in (1, 3):
+                _start(first, transport, AddClient(k).to_client(), nodes)
+            assert manager.wait_for(2, timeout=_WAIT)
+            for proxy in manager.all().values():
+                assert proxy.fit(FitIns(init, {}), timeout=_WAIT).status.code == Code.OK
+        # The first server is gone without ending the run; start the second.
+        strategy = _strategy(2, initial_parameters=init)
+        with running_server(
+            config=ServerConfig(num_rounds=2),
+            strategy=strategy,
+            rest=True,
+            port=ports[0],
+            rest_port=ports[1],
+        ) as second:
+            second.result(_WAIT * 2)
+            _expect_clean_exit(nodes)
+    params = parameters_to_ndarrays(second.server.parameters)
+    np.testing.assert_array_equal(params[0], np.full(2, 5.0, np.float32))  # 2 x 2.5
+
+
+def _requester(transport: str, srv: RunningServer) -> Requester:
+    if transport == "grpc-rere":
+        return GrpcRereRequester(
+            srv.address, max_message_length=1 << 20, root_certificates=None, secure=False
+        )
+    return RestRequester(srv.rest_url, max_message_length=1 << 20, root_certificates=None)
+
+
+def check_liveness(transport: str) -> None:
+    """Pull-based transports: a busy node's heartbeats keep it registered through a fit
+    longer than the heartbeat timeout; a node that vanishes while holding an instruction
+    is dropped after the heartbeat timeout and that instruction fails at once with
+    ConnectionLost (not at the round timeout)."""
+    timing = FleetTiming(heartbeat_interval=0.1, heartbeat_timeout=0.4, poll_timeout=0.5)
+    params = ndarrays_to_parameters([np.zeros(2, dtype=np.float32)])
+    manager = SimpleClientManager(wait_timeout=_WAIT)
+    with (
+        running_server(client_manager=manager, run=False, rest=True, timing=timing) as srv,
+        node_threads() as nodes,
+    ):
+
+        class Busy(AddClient):
+            def fit(
+                self, parameters: NDArrays, config: Config
+            ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+                threading.Event().wait(1.2)  # a fit that takes 3 heartbeat timeouts
+                return super().fit(parameters, config)
+
+        node = _start(srv, transport, Busy(1).to_client(), nodes)
+        proxy = _wait_for_node(manager)
+        assert proxy.fit(FitIns(params, {}), timeout=_WAIT).status.code == Code.OK
+        proxy.reconnect(ReconnectIns(seconds=0), timeout=_WAIT)
+        assert node.join(_WAIT) is None
+
+        requester = _requester(transport, srv)
+        requester.open()
+        try:
+            created = fleet_codec.decode_create_node_response(
+                requester.call(
+                    Verb.CREATE_NODE,
+                    fleet_codec.encode_create_node_request(CreateNodeRequest()),
+                    _WAIT,
+                )
+            )
+            proxy = _wait_for_node(manager)
+            future = proxy.submit(FitIns(params, {}), timeout=_WAIT)
+            pulled = fleet_codec.decode_pull_response(
+                requester.call(
+                    Verb.PULL,
+                    fleet_codec.encode_pull_request(PullRequest(created.node_id)),
+                    _WAIT,
+                )
+            )
+            assert pulled.task_id != 0
+            # The node now vanishes: no heartbeat, no reply.
+            error = future.exception(timeout=_WAIT)
+            assert isinstance(error, ConnectionLost) and "no heartbeat" in str(error), error
+            assert manager.num_available() == 0
+        finally:
+            requester.close()
