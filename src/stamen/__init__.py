@@ -1,14 +1,14 @@
 """Stamen: federated learning with Flower's API and wire format.
 
-``import stamen as fl`` and Flower code that uses ``fl.client``, ``fl.server`` and
-``fl.common`` runs unchanged.
+``import stamen as fl`` and Flower code that uses ``fl.client``, ``fl.server``,
+``fl.common`` and ``fl.simulation`` runs unchanged. Subpackages load on first use, so
+``import stamen.wire`` or ``import stamen.protocol`` loads no network library.
 """
 
 from __future__ import annotations
 
-from . import client, common, errors, server
-from .client import Client, NumPyClient, start_client
-from .server import ServerConfig, start_server
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,33 @@ __all__ = [
     "common",
     "errors",
     "server",
+    "simulation",
     "start_client",
     "start_server",
 ]
+
+_SUBMODULES = {"client", "common", "errors", "server", "simulation"}
+_NAMES = {
+    "Client": "client",
+    "NumPyClient": "client",
+    "start_client": "client",
+    "ServerConfig": "server",
+    "start_server": "server",
+}
+
+if TYPE_CHECKING:
+    from . import client, common, errors, server, simulation
+    from .client import Client, NumPyClient, start_client
+    from .server import ServerConfig, start_server
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'stamen' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -67,10 +67,22 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _check_utf8(where: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"{where}: expected text encodable as UTF-8, received {text!r:.60}"
+        ) from exc
+
+
 def check_scalar(where: str, value: object) -> None:
     """Raise ConfigError unless ``value`` is a Scalar that fits the wire format."""
+    if isinstance(value, str):
+        _check_utf8(where, value)
+        return
     # bool is an int: test it first so that True is not range-checked as 1.
-    if isinstance(value, bool | bytes | float | str):
+    if isinstance(value, bool | bytes | float):
         return
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _UINT64_MAX:
@@ -93,6 +105,7 @@ def check_scalar_mapping(where: str, mapping: object) -> None:
             raise ConfigError(
                 f"{where}: expected str keys, received key {key!r} ({_type_name(key)})"
             )
+        _check_utf8(f"{where} key", key)
         check_scalar(f"{where}[{key!r}]", value)
 
 
@@ -108,6 +121,8 @@ def _check_type(where: str, value: object, expected: type) -> None:
         raise ConfigError(
             f"{where}: expected {expected.__name__}, received {_type_name(value)} ({value!r:.60})"
         )
+    if isinstance(value, str):
+        _check_utf8(where, value)
 
 
 @dataclass(frozen=True, slots=True)

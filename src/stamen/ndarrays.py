@@ -8,7 +8,9 @@ when encoding and ``allow_pickle=False`` guards decoding.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -46,20 +48,45 @@ def ndarray_to_bytes(ndarray: NDArray) -> bytes:
     return buffer.getvalue()
 
 
+def _read_header(tensor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """Parse and check a ``.npy`` header: (shape, fortran_order, dtype, data offset)."""
+    stream = io.BytesIO(tensor)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects (would need pickle)")
+    return shape, fortran, dtype, stream.tell()
+
+
 def bytes_to_ndarray(tensor: bytes) -> NDArray:
     """Deserialize ``.npy`` bytes (never unpickling).
+
+    The header is checked before anything is allocated: its shape and dtype must account
+    for exactly the bytes that follow, so a forged header cannot make us allocate more
+    than the message holds.
 
     Raises:
         DecodeError: the bytes are not a valid ``.npy`` blob of a non-object dtype.
     """
     try:
-        array = np.load(io.BytesIO(tensor), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        shape, fortran, dtype, offset = _read_header(tensor)
+        count = math.prod(shape)
+        if count * dtype.itemsize != len(tensor) - offset:
+            raise ValueError(
+                f"header says {shape} of {dtype} ({count * dtype.itemsize} bytes), "
+                f"the data has {len(tensor) - offset} bytes"
+            )
+        flat = np.frombuffer(tensor, dtype=dtype, count=count, offset=offset)
+        array = flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+    except Exception as exc:  # numpy's header parser raises many kinds: all mean bad bytes
         raise DecodeError(
             f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}"
         ) from exc
-    if not isinstance(array, np.ndarray):
-        raise DecodeError(f"tensor decoded to {type(array).__name__}, expected a numpy.ndarray")
     return array
 
 

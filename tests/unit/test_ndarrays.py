@@ -1,0 +1,240 @@
+"""The NumPy codec: standard ``.npy`` bytes, never pickle, DecodeError on bad input."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stamen.errors import ConfigError, DecodeError
+from stamen.messages import Parameters
+from stamen.ndarrays import (
+    TENSOR_TYPE,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+_STRUCTURED = np.dtype([("a", "<i4"), ("b", "<f8", (2,)), ("c", "S3")])
+
+ARRAYS: dict[str, np.ndarray] = {
+    "0-d float": np.array(3.5),
+    "0-d int": np.array(-7, dtype=np.int16),
+    "empty 1-d": np.zeros((0,)),
+    "empty 3-d": np.zeros((3, 0, 2), dtype=np.float32),
+    "float16": np.arange(5, dtype=np.float16),
+    "float32": np.linspace(-1, 1, 7, dtype=np.float32),
+    "float64 nan inf": np.array([np.nan, np.inf, -np.inf, -0.0, 1e-300]),
+    "int8": np.array([-128, 0, 127], dtype=np.int8),
+    "int64 bounds": np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max]),
+    "uint8": np.arange(256, dtype=np.uint8),
+    "uint64 max": np.array([np.iinfo(np.uint64).max], dtype=np.uint64),
+    "bool": np.array([[True, False], [False, True]]),
+    "complex64": np.array([1 + 2j, -3j], dtype=np.complex64),
+    "complex128": np.array([[1 + 2j], [np.nan + 1j]]),
+    "big-endian int32": np.arange(6, dtype=">i4").reshape(2, 3),
+    "fortran order": np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+    "non-contiguous slice": np.arange(40, dtype=np.int32)[::3],
+    "transposed": np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(2, 0, 1),
+    "structured": np.array([(1, (2.0, 3.0), b"abc"), (4, (5.0, 6.0), b"de")], dtype=_STRUCTURED),
+    "unicode": np.array(["a", "héllo"]),
+    "datetime64": np.array(["2024-01-01", "1970-01-01"], dtype="datetime64[s]"),
+    "4-d": np.random.default_rng(0).standard_normal((2, 3, 1, 2)),
+}
+
+
+def _assert_same(a: np.ndarray, b: np.ndarray) -> None:
+    assert b.dtype == a.dtype
+    assert b.shape == a.shape
+    # Bitwise: NaN payloads and -0.0 survive too.
+    assert b.tobytes() == a.tobytes()
+
+
+@pytest.mark.parametrize("name", list(ARRAYS))
+def test_round_trip(name: str) -> None:
+    """bytes_to_ndarray(ndarray_to_bytes(a)) has a's dtype, shape and exact contents."""
+    array = ARRAYS[name]
+    _assert_same(array, bytes_to_ndarray(ndarray_to_bytes(array)))
+
+
+@pytest.mark.parametrize("name", list(ARRAYS))
+def test_bytes_are_a_standard_npy_file(name: str) -> None:
+    """The bytes are a ``.npy`` file that plain ``np.load(allow_pickle=False)`` reads."""
+    array = ARRAYS[name]
+    data = ndarray_to_bytes(array)
+    assert data.startswith(b"\x93NUMPY")
+    _assert_same(array, np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def test_fortran_order_is_preserved() -> None:
+    """A Fortran-ordered array comes back Fortran-ordered (the .npy header says so)."""
+    array = ARRAYS["fortran order"]
+    assert bytes_to_ndarray(ndarray_to_bytes(array)).flags.f_contiguous
+
+
+def test_reads_bytes_written_by_np_save() -> None:
+    """Bytes written by ``np.save(..., allow_pickle=False)`` (Flower's encoder) decode."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(6.0).reshape(2, 3), allow_pickle=False)
+    _assert_same(np.arange(6.0).reshape(2, 3), bytes_to_ndarray(buffer.getvalue()))
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([1, "a", None], dtype=object),
+        np.empty((2, 2), dtype=object),
+        np.zeros(2, dtype=[("x", "<i4"), ("o", object)]),
+    ],
+    ids=["mixed objects", "empty objects", "structured with an object field"],
+)
+def test_object_dtype_is_refused_with_a_clear_error(array: np.ndarray) -> None:
+    """Arrays holding Python objects could only travel as pickle: ConfigError says so."""
+    with pytest.raises(ConfigError) as info:
+        ndarray_to_bytes(array)
+    text = str(info.value)
+    assert "object" in text.lower()
+    assert "pickle" in text
+
+
+@pytest.mark.parametrize("value", [[1.0, 2.0], 3.0, b"raw"], ids=["list", "float", "bytes"])
+def test_non_arrays_are_refused(value: Any) -> None:
+    """Only numpy.ndarray is encoded; the error names what was received."""
+    with pytest.raises(ConfigError, match=type(value).__name__):
+        ndarray_to_bytes(value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage bytes, not npy",
+        b"\x93NUMPY",
+        b"\x93NUMPY\x01\x00\xff\xff{'descr'",
+        ndarray_to_bytes(np.arange(100, dtype=np.int64))[:-8],  # truncated data
+        ndarray_to_bytes(np.arange(4))[:40],  # truncated header
+    ],
+    ids=["empty", "garbage", "magic only", "bad header", "truncated data", "truncated header"],
+)
+def test_garbage_is_a_decode_error(data: bytes) -> None:
+    """Bytes that are not a valid .npy array raise DecodeError, nothing else."""
+    with pytest.raises(DecodeError):
+        bytes_to_ndarray(data)
+
+
+_UNPICKLED: list[str] = []
+
+
+def _tripwire() -> str:
+    _UNPICKLED.append("unpickled!")
+    return "boom"
+
+
+class _Tripwire:
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_tripwire, ())
+
+
+def test_pickled_object_array_is_a_decode_error_and_never_unpickled() -> None:
+    """A .npy holding a pickled object array is refused before anything is unpickled."""
+    array = np.array([_Tripwire(), 1], dtype=object)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    data = buffer.getvalue()
+    assert data.startswith(b"\x93NUMPY")
+    _UNPICKLED.clear()
+    with pytest.raises(DecodeError):
+        bytes_to_ndarray(data)
+    assert _UNPICKLED == []
+
+
+def test_a_bare_pickle_is_a_decode_error_and_never_unpickled() -> None:
+    """Pickle bytes (np.load's fallback format) are refused without being unpickled."""
+    data = pickle.dumps(_Tripwire())
+    _UNPICKLED.clear()
+    with pytest.raises(DecodeError):
+        bytes_to_ndarray(data)
+    assert _UNPICKLED == []
+
+
+def test_npz_archive_is_a_decode_error() -> None:
+    """A .npz archive is not one array: DecodeError."""
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.ones(3))
+    with pytest.raises(DecodeError):
+        bytes_to_ndarray(buffer.getvalue())
+
+
+def _header_only(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(2**40,), (2**20, 2**20), (2**62, 4)])
+def test_header_claiming_a_huge_array_is_a_decode_error(shape: tuple[int, ...]) -> None:
+    """A 128-byte header that claims terabytes of data is a DecodeError.
+
+    The codec must compare the header's size with the bytes it has before allocating:
+    a peer must not be able to make us allocate (or fail with MemoryError) at will.
+    """
+    with pytest.raises(DecodeError):
+        bytes_to_ndarray(_header_only(shape))
+
+
+def _with_nul_at(data: bytes, char: bytes) -> bytes:
+    """``data`` with the first ``char`` of its .npy header replaced by a NUL byte."""
+    position = data.index(char, 10)
+    return data[:position] + b"\x00" + data[position + 1 :]
+
+
+@pytest.mark.parametrize("char", [b"{", b"(", b")", b"}"])
+def test_header_with_a_nul_byte_is_a_decode_error(char: bytes) -> None:
+    """One corrupted header byte (a NUL) is a DecodeError, not numpy's tokenize.TokenError.
+
+    Any other exception escapes the callers that catch DecodeError (FedAvg.aggregate_fit):
+    one bad tensor from one client would crash the server's round.
+    """
+    data = _with_nul_at(ndarray_to_bytes(np.arange(3.0)), char)
+    with pytest.raises(DecodeError):
+        bytes_to_ndarray(data)
+
+
+def test_ndarrays_to_parameters_and_back() -> None:
+    """A list of arrays becomes Parameters(tensor_type='numpy.ndarray') and comes back."""
+    arrays = [ARRAYS["float32"], ARRAYS["0-d float"], ARRAYS["structured"]]
+    parameters = ndarrays_to_parameters(arrays)
+    assert parameters.tensor_type == TENSOR_TYPE == "numpy.ndarray"
+    assert parameters.tensors == [ndarray_to_bytes(a) for a in arrays]
+    for a, b in zip(arrays, parameters_to_ndarrays(parameters), strict=True):
+        _assert_same(a, b)
+
+
+def test_empty_parameters() -> None:
+    """No arrays round-trip; an empty tensor_type is accepted for empty Parameters."""
+    assert parameters_to_ndarrays(ndarrays_to_parameters([])) == []
+    assert parameters_to_ndarrays(Parameters(tensors=[], tensor_type="")) == []
+
+
+@pytest.mark.parametrize("tensor_type", ["numpy.nda", "torch.Tensor", "NUMPY.NDARRAY"])
+def test_tensor_type_mismatch_is_a_decode_error(tensor_type: str) -> None:
+    """Parameters of another serialization are refused, naming expected and received."""
+    parameters = Parameters(tensors=[ndarray_to_bytes(np.ones(2))], tensor_type=tensor_type)
+    with pytest.raises(DecodeError) as info:
+        parameters_to_ndarrays(parameters)
+    assert "numpy.ndarray" in str(info.value)
+    assert tensor_type in str(info.value)
+
+
+def test_a_bad_tensor_in_parameters_is_a_decode_error() -> None:
+    """One invalid tensor among valid ones makes parameters_to_ndarrays raise DecodeError."""
+    parameters = Parameters(
+        tensors=[ndarray_to_bytes(np.ones(2)), b"junk"], tensor_type=TENSOR_TYPE
+    )
+    with pytest.raises(DecodeError):
+        parameters_to_ndarrays(parameters)
