@@ -8,6 +8,7 @@ libraries underneath (grpc, protobuf, sockets) are translated at the boundary wi
     ├── ConfigError (ValueError)          bad arguments; raised before any I/O
     ├── TransportError                    the link to the peer failed; the ONLY retried family
     │   ├── ConnectError                  could not reach the peer (also: gave up retrying)
+    │   │   └── TLSError                  TLS failed (untrusted, wrong host, mismatch): NOT retried
     │   ├── ConnectionLost                an established session broke
     │   └── Timeout (TimeoutError)        a bounded wait ran out
     ├── ProtocolError                     the peer answered, but not as the protocol says
@@ -19,8 +20,9 @@ libraries underneath (grpc, protobuf, sockets) are translated at the boundary wi
     └── RunError                          a server run cannot go on
         └── NotEnoughClients (TimeoutError)  too few clients connected in time
 
-``TransportError`` is the only family the client retries: anything else means that trying
-again cannot help.
+``TransportError`` is the only family the client retries, and only where its ``retryable``
+is true (a :class:`TLSError` is not: the same certificate fails the same way again);
+anything else means that trying again cannot help.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "ProtocolError",
     "RunError",
     "StamenError",
+    "TLSError",
     "Timeout",
     "TransportError",
     "VersionMismatch",
@@ -54,9 +57,18 @@ class ConfigError(StamenError, ValueError):
 class TransportError(StamenError):
     """The link to the peer failed. The only family of errors that is retried."""
 
+    retryable: bool = True
+
 
 class ConnectError(TransportError):
     """The peer could not be reached, or reconnection was given up."""
+
+
+class TLSError(ConnectError):
+    """The TLS handshake failed: an untrusted certificate, a wrong hostname, a missing
+    client certificate, or one side speaking TLS and the other plaintext. Not retried."""
+
+    retryable = False
 
 
 class ConnectionLost(TransportError):

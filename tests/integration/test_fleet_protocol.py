@@ -10,6 +10,7 @@ import pytest
 from stamen.errors import ProtocolError, VersionMismatch
 from stamen.protocol.fleet import CreateNodeRequest, NodeUnknown, PullRequest, SimpleRequest
 from stamen.testing import RunningServer, running_server
+from stamen.transport.base import TransportSettings
 from stamen.transport.fleet import Requester
 from stamen.transport.grpc_rere import GrpcRereRequester
 from stamen.transport.rest import RestRequester
@@ -25,12 +26,11 @@ def server() -> Iterator[RunningServer]:
 @pytest.fixture(params=["grpc-rere", "rest"])
 def requester(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[Requester]:
     made: Requester
+    settings = TransportSettings(server.address_for(request.param), max_message_length=1 << 20)
     if request.param == "grpc-rere":
-        made = GrpcRereRequester(
-            server.address, max_message_length=1 << 20, root_certificates=None, secure=False
-        )
+        made = GrpcRereRequester(settings)
     else:
-        made = RestRequester(server.rest_url, max_message_length=1 << 20, root_certificates=None)
+        made = RestRequester(settings)
     made.open()
     yield made
     made.close()

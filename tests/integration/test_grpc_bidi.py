@@ -12,7 +12,7 @@ from integration_clients import AddClient
 
 import stamen as fl
 from stamen.client.app import make_node_config, make_transport, run_node
-from stamen.errors import ConnectError, MessageTooLarge, NotEnoughClients
+from stamen.errors import ConnectError, MessageTooLarge, NotEnoughClients, TLSError
 from stamen.messages import Code, FitRes, ReconnectIns
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.strategy.strategy import FitFailures, FitResults
@@ -236,7 +236,7 @@ def test_plaintext_client_cannot_join_a_tls_server() -> None:
     """A node that connects in plaintext to a TLS server fails with ConnectError."""
     certs = generate_certificates()
     with running_server(certificates=certs.server_tuple, run=False) as srv:
-        with pytest.raises(ConnectError, match="TLS/plaintext mismatch"):
+        with pytest.raises(TLSError, match="speaks TLS but the node connects in plaintext"):
             fl.client.start_client(
                 server_address=srv.address, client=AddClient(1, 1).to_client(), max_retries=0
             )
@@ -270,7 +270,7 @@ def test_reconnect_ins_with_seconds_makes_the_node_leave_and_rejoin(start_node: 
         assert manager.wait_for(1, timeout=20)
         [second] = manager.all().values()
         assert second.cid != first.cid
-        assert second.reconnect(ReconnectIns(seconds=0), timeout=10).reason == "ACK"
+        assert second.reconnect(ReconnectIns(seconds=0), timeout=10).reason == "RECONNECT"
         node.join(10)
         assert node.outcome is None
 

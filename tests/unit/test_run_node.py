@@ -229,11 +229,11 @@ def test_connection_lost_without_an_instruction_does_not_reset_the_budget() -> N
 
 
 def test_reconnect_zero_sends_ack_and_returns() -> None:
-    """ReconnectIns(0): DisconnectRes(reason='ACK') is sent, the link closed gracefully, done."""
+    """ReconnectIns(0): DisconnectRes(reason='RECONNECT') is sent (as by Flower nodes), the link closed gracefully, done."""
     network = FakeNetwork(Link(inbox=[BYE]))
     clock = FakeClock()
     assert _run(network, _config(), clock) is None
-    assert network.sent == [DisconnectRes(reason="ACK")]
+    assert network.sent == [DisconnectRes(reason="RECONNECT")]
     assert network.closes == [True]
     assert network.connects == 1
     assert clock.sleeps == []
@@ -243,7 +243,7 @@ def test_reconnect_none_is_the_same_as_zero() -> None:
     """ReconnectIns(None) (what start_server sends) also ends the node."""
     network = FakeNetwork(Link(inbox=[ReconnectIns(seconds=None)]))
     _run(network, _config(), FakeClock())
-    assert network.sent == [DisconnectRes(reason="ACK")]
+    assert network.sent == [DisconnectRes(reason="RECONNECT")]
 
 
 def test_reconnect_later_sleeps_and_reconnects() -> None:
@@ -255,7 +255,7 @@ def test_reconnect_later_sleeps_and_reconnects() -> None:
     assert network.connects == 2
     assert network.sent[0] == DisconnectRes(reason="RECONNECT")
     assert isinstance(network.sent[1], GetPropertiesRes)
-    assert network.sent[2] == DisconnectRes(reason="ACK")
+    assert network.sent[2] == DisconnectRes(reason="RECONNECT")
     assert network.closes == [True, True]
 
 
@@ -300,7 +300,7 @@ def test_too_large_reply_becomes_a_client_error_reply() -> None:
     assert isinstance(fit_reply, FitRes)
     assert fit_reply.status.code == Code.CLIENT_ERROR
     assert "over the limit" in fit_reply.status.message
-    assert bye == DisconnectRes(reason="ACK")
+    assert bye == DisconnectRes(reason="RECONNECT")
 
 
 def test_user_error_in_fit_is_a_client_error_reply_and_the_node_goes_on() -> None:
@@ -317,7 +317,7 @@ def test_user_error_in_fit_is_a_client_error_reply_and_the_node_goes_on() -> Non
     assert fit_reply.status.code == Code.CLIENT_ERROR
     assert "ZeroDivisionError" in fit_reply.status.message
     assert props_reply.status.code == Code.GET_PROPERTIES_NOT_IMPLEMENTED  # type: ignore[union-attr]
-    assert bye == DisconnectRes(reason="ACK")
+    assert bye == DisconnectRes(reason="RECONNECT")
 
 
 def test_one_context_per_run_across_messages_and_reconnects() -> None:

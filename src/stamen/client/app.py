@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
 from collections.abc import Callable
@@ -13,11 +14,9 @@ from ..context import Context, RecordSet
 from ..errors import ConfigError, ConnectError, MessageTooLarge, TransportError
 from ..messages import DisconnectRes, ReconnectIns
 from ..protocol import Clock, NodeSession, RetryPolicy
+from ..protocol.auth import RequestSigner
 from ..transport._tls import load_pem
-from ..transport.base import ClientTransport
-from ..transport.grpc_bidi import GrpcBidiTransport
-from ..transport.grpc_rere import grpc_rere_transport
-from ..transport.rest import rest_transport
+from ..transport.base import ClientTransport, TransportSettings
 from .client import Client
 from .dispatch import ClientFn, error_reply, handle, normalize_client_fn
 from .numpy_client import NumPyClient
@@ -36,13 +35,15 @@ TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
 class NodeConfig:
     """Validated settings of one client node."""
 
-    address: str
     client_fn: ClientFn
     transport: str
-    max_message_length: int
-    root_certificates: bytes | None
-    secure: bool
+    settings: TransportSettings
     policy: RetryPolicy
+
+    @property
+    def address(self) -> str:
+        """The server's address."""
+        return self.settings.address
 
 
 def parse_address(address: object) -> tuple[str, int]:
@@ -98,6 +99,7 @@ def make_node_config(
     authentication_keys: tuple[Any, Any] | None,
     max_retries: int | None,
     max_wait_time: float | None,
+    client_certificates: tuple[bytes | str, bytes | str] | None = None,
 ) -> NodeConfig:
     """Check every argument of :func:`start_client`; raise ConfigError naming the bad one."""
     fn = _client_fn_from(client_fn, client)
@@ -133,38 +135,53 @@ def make_node_config(
         )
     roots = None if root_certificates is None else load_pem("root_certificates", root_certificates)
     secure = roots is not None or insecure is False or server_address.startswith("https://")
-    if authentication_keys is not None:
-        raise ConfigError(
-            "authentication_keys: node authentication is not available in this version of "
-            "Stamen; refusing to connect unauthenticated"
+    client_pair: tuple[bytes, bytes] | None = None
+    if client_certificates is not None:
+        if not (isinstance(client_certificates, tuple) and len(client_certificates) == 2):
+            raise ConfigError(
+                "client_certificates: expected (certificate_chain, private_key) as PEM bytes "
+                f"or paths, received {type(client_certificates).__name__}"
+            )
+        if not secure:
+            raise ConfigError("client_certificates: mutual TLS needs TLS; insecure is True")
+        client_pair = (
+            load_pem("client_certificates[0]", client_certificates[0]),
+            load_pem("client_certificates[1]", client_certificates[1]),
         )
+    signer = None
+    if authentication_keys is not None:
+        if not (isinstance(authentication_keys, tuple) and len(authentication_keys) == 2):
+            raise ConfigError(
+                "authentication_keys: expected (private_key, public_key), received "
+                f"{type(authentication_keys).__name__}"
+            )
+        signer = RequestSigner(*authentication_keys)
     policy = RetryPolicy(max_retries=max_retries, max_wait_time=max_wait_time)
-    return NodeConfig(
+    settings = TransportSettings(
         address=server_address,
-        client_fn=fn,
-        transport=transport,
         max_message_length=grpc_max_message_length,
-        root_certificates=roots,
         secure=secure,
-        policy=policy,
+        root_certificates=roots,
+        client_certificate=client_pair,
+        signer=signer,
     )
+    return NodeConfig(client_fn=fn, transport=transport, settings=settings, policy=policy)
 
 
-_FACTORIES: dict[str, Callable[..., ClientTransport]] = {
-    "grpc-bidi": GrpcBidiTransport,
-    "grpc-rere": grpc_rere_transport,
-    "rest": rest_transport,
+_FACTORIES = {
+    "grpc-bidi": ("stamen.transport.grpc_bidi", "GrpcBidiTransport"),
+    "grpc-rere": ("stamen.transport.grpc_rere", "grpc_rere_transport"),
+    "rest": ("stamen.transport.rest", "rest_transport"),
 }
 
 
 def make_transport(config: NodeConfig) -> ClientTransport:
-    """Build the transport adapter named in ``config``."""
-    return _FACTORIES[config.transport](
-        config.address,
-        max_message_length=config.max_message_length,
-        root_certificates=config.root_certificates,
-        secure=config.secure,
+    """Build the transport adapter named in ``config`` (its module loads on first use)."""
+    module, name = _FACTORIES[config.transport]
+    factory: Callable[[TransportSettings], ClientTransport] = getattr(
+        importlib.import_module(module), name
     )
+    return factory(config.settings)
 
 
 def run_node(
@@ -198,7 +215,9 @@ def run_node(
                     )
                 if isinstance(instruction, ReconnectIns):
                     seconds = instruction.seconds or 0
-                    transport.send(DisconnectRes(reason="RECONNECT" if seconds else "ACK"))
+                    # Always RECONNECT, byte for byte what a Flower node sends: a Flower
+                    # server decodes any other reason (ACK included) as "UNKNOWN".
+                    transport.send(DisconnectRes(reason="RECONNECT"))
                     come_back = session.reconnect(seconds)
                     transport.close(graceful=True)
                     if not come_back:
@@ -215,6 +234,10 @@ def run_node(
                     transport.send(error_reply(instruction, str(exc)))
                 session.replied()
         except TransportError as exc:
+            if not exc.retryable:
+                transport.close(graceful=False)
+                session.fatal()
+                raise
             transport.close(graceful=False)
             now = clock.monotonic()
             delay = session.link_failed(now)
@@ -243,6 +266,7 @@ def start_client(
     authentication_keys: tuple[Any, Any] | None = None,
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    client_certificates: tuple[bytes | str, bytes | str] | None = None,
 ) -> None:
     """Start a client node that connects to a server and serves it until the run ends.
 
@@ -256,9 +280,13 @@ def start_client(
         insecure: ``True`` for plaintext; ``False`` for TLS (with the system's CAs when
             ``root_certificates`` is None). Default: TLS exactly when certificates are given.
         transport: ``"grpc-bidi"`` (default), ``"grpc-rere"`` or ``"rest"``.
-        authentication_keys: ``(private_key, public_key)`` elliptic-curve keys.
+        authentication_keys: ``(private_key, public_key)`` elliptic-curve keys (P-256,
+            P-384 or P-521): every request is signed, on every transport (Flower: grpc-rere
+            only, and without replay protection). See docs/security.md.
         max_retries: Consecutive failed connection attempts allowed; None is no limit.
         max_wait_time: Seconds allowed since the connection was lost; None is no limit.
+        client_certificates: ``(certificate_chain, private_key)`` PEM bytes or paths: a
+            client certificate for servers that require mutual TLS (Stamen extension).
 
     Returns when the server ends the session (``ReconnectIns(seconds=0)``).
 
@@ -280,5 +308,6 @@ def start_client(
         authentication_keys=authentication_keys,
         max_retries=max_retries,
         max_wait_time=max_wait_time,
+        client_certificates=client_certificates,
     )
     run_node(config, clock=SystemClock(), rng=random.random)

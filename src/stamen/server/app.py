@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..client.app import GRPC_MAX_MESSAGE_LENGTH, parse_address
 from ..errors import ConfigError
 from .client_manager import ClientManager, SimpleClientManager
+from .fleet.auth import AuthorizedKeys, NodeAuthenticator
 from .fleet.service import FleetService
 from .history import History
 from .server import Server, ServerConfig
 from .strategy import Strategy
 
-__all__ = ["init_defaults", "run_server", "start_server"]
+__all__ = ["init_defaults", "make_authenticator", "run_server", "start_server"]
 
 logger = logging.getLogger("stamen.server")
 
@@ -37,11 +42,20 @@ def init_defaults(
     return server, config
 
 
+def make_authenticator(
+    authorized_keys: Iterable[ec.EllipticCurvePublicKey] | str | os.PathLike[str] | None,
+    window: float,
+) -> NodeAuthenticator | None:
+    """The request checker for ``authorized_keys`` (None when nodes are not authenticated)."""
+    if authorized_keys is None:
+        return None
+    return NodeAuthenticator(AuthorizedKeys(authorized_keys), window)
+
+
 def run_server(server: Server, config: ServerConfig) -> History:
     """Run the rounds, then tell every client the run is over."""
     try:
-        history, elapsed = server.fit(num_rounds=config.num_rounds, timeout=config.round_timeout)
-        logger.info("run finished in %.2f s\n%s", elapsed, history)
+        history, _ = server.fit(num_rounds=config.num_rounds, timeout=config.round_timeout)
         return history
     finally:
         server.disconnect_all_clients()
@@ -57,6 +71,9 @@ def start_server(
     grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
     certificates: tuple[bytes, bytes, bytes] | None = None,
     rest_address: str | None = None,
+    require_client_certificate: bool = False,
+    authorized_keys: Iterable[ec.EllipticCurvePublicKey] | str | os.PathLike[str] | None = None,
+    auth_window: float = 60.0,
 ) -> History:
     """Serve client nodes on ``server_address`` and run the configured rounds.
 
@@ -73,6 +90,13 @@ def start_server(
             gRPC port and the REST port).
         rest_address: ``host:port`` on which to serve the ``rest`` transport too (Stamen;
             default None: no REST). The gRPC port always serves grpc-bidi and grpc-rere.
+        require_client_certificate: Mutual TLS (Stamen): refuse nodes that do not present
+            a certificate signed by ``certificates[0]``; nodes pass theirs with
+            ``start_client(client_certificates=...)``.
+        authorized_keys: Node authentication (Stamen, every transport): the public keys
+            allowed to connect, as keys or the path of a file of PEM / OpenSSH keys (read
+            again when it changes). Nodes sign each request with ``authentication_keys``.
+        auth_window: Seconds a signed request stays valid (and its nonce remembered).
 
     Returns:
         The run's :class:`History`. Every client is sent ``ReconnectIns(0)`` at the end, so
@@ -92,6 +116,8 @@ def start_server(
         max_message_length=grpc_max_message_length,
         certificates=certificates,
         rest_address=rest_address,
+        require_client_certificate=require_client_certificate,
+        authenticator=make_authenticator(authorized_keys, auth_window),
     )
     service.start()
     try:

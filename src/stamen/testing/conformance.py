@@ -29,6 +29,7 @@ from ..server.fleet.handler import FleetTiming
 from ..server.server import ServerConfig
 from ..server.strategy import FedAvg
 from ..server.strategy.strategy import FitFailures, FitResults
+from ..transport.base import TransportSettings
 from ..transport.fleet import Requester
 from ..transport.grpc_rere import GrpcRereRequester
 from ..transport.rest import RestRequester
@@ -261,7 +262,7 @@ def check_message_limits(transport: str) -> None:
 
 def check_reconnect_later(transport: str) -> None:
     """ReconnectIns(seconds=1): the node answers RECONNECT, leaves, and rejoins after the
-    delay as a new node; ReconnectIns(0) then ends start_client normally with ACK."""
+    delay as a new node; ReconnectIns(0) then ends start_client normally."""
     manager = SimpleClientManager(wait_timeout=_WAIT)
     with (
         running_server(client_manager=manager, run=False, rest=True) as srv,
@@ -272,7 +273,7 @@ def check_reconnect_later(transport: str) -> None:
         assert first.reconnect(ReconnectIns(seconds=1), timeout=_WAIT).reason == "RECONNECT"
         second = _wait_for_node(manager)
         assert second.cid != first.cid
-        assert second.reconnect(ReconnectIns(seconds=0), timeout=_WAIT).reason == "ACK"
+        assert second.reconnect(ReconnectIns(seconds=0), timeout=_WAIT).reason == "RECONNECT"
         assert node.join(_WAIT) is None
         assert manager.num_available() == 0
 
@@ -367,11 +368,10 @@ def check_server_restart(transport: str) -> None:
 
 
 def _requester(transport: str, srv: RunningServer) -> Requester:
+    settings = TransportSettings(srv.address_for(transport), max_message_length=1 << 20)
     if transport == "grpc-rere":
-        return GrpcRereRequester(
-            srv.address, max_message_length=1 << 20, root_certificates=None, secure=False
-        )
-    return RestRequester(srv.rest_url, max_message_length=1 << 20, root_certificates=None)
+        return GrpcRereRequester(settings)
+    return RestRequester(settings)
 
 
 def check_liveness(transport: str) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from ..client.app import GRPC_MAX_MESSAGE_LENGTH
 from ..errors import Timeout
-from ..server.app import init_defaults, run_server
+from ..server.app import init_defaults, make_authenticator, run_server
 from ..server.client_manager import ClientManager
 from ..server.fleet.handler import FleetTiming
 from ..server.fleet.service import FleetService
@@ -78,6 +80,9 @@ def running_server(
     timing: FleetTiming | None = None,
     port: int = 0,
     rest_port: int = 0,
+    require_client_certificate: bool = False,
+    authorized_keys: Iterable[ec.EllipticCurvePublicKey] | str | None = None,
+    auth_window: float = 60.0,
     run: bool = True,
 ) -> Iterator[RunningServer]:
     """Serve on ``host`` (port 0: a free port) and, if ``run``, run the rounds in a thread.
@@ -96,6 +101,8 @@ def running_server(
         certificates=certificates,
         rest_address=f"{host}:{rest_port}" if rest else None,
         timing=timing,
+        require_client_certificate=require_client_certificate,
+        authenticator=make_authenticator(authorized_keys, auth_window),
     )
     bound = service.start()
     handle = RunningServer(

@@ -1,14 +1,28 @@
-"""TLS material, built in one place for every transport."""
+"""TLS material and diagnosis, in one place for every transport."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TLSError
 
-__all__ = ["channel_credentials", "load_pem", "server_credentials"]
+__all__ = [
+    "channel_credentials",
+    "client_ssl_context",
+    "diagnose_tls",
+    "load_pem",
+    "pem_files",
+    "server_credentials",
+]
 
 
 def load_pem(name: str, value: bytes | str) -> bytes:
@@ -31,13 +45,57 @@ def load_pem(name: str, value: bytes | str) -> bytes:
     raise ConfigError(f"{name}: expected bytes or a path str, received {type(value).__name__}")
 
 
-def channel_credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
-    """TLS credentials of a client channel; ``None`` trusts the system's CA store."""
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+@contextlib.contextmanager
+def pem_files(*pems: bytes) -> Iterator[list[str]]:
+    """Write PEM blobs to private (0600) temporary files for libraries that read only
+    files; the files are deleted on exit."""
+    folder = tempfile.mkdtemp(prefix="stamen-tls-")
+    try:
+        paths = []
+        for index, pem in enumerate(pems):
+            path = os.path.join(folder, f"{index}.pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(pem)
+            paths.append(path)
+        yield paths
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def server_credentials(certificates: tuple[bytes, bytes, bytes]) -> grpc.ServerCredentials:
-    """TLS credentials of a server from ``(ca_cert, server_cert, server_key)`` PEM bytes."""
+def channel_credentials(
+    root_certificates: bytes | None, client_certificate: tuple[bytes, bytes] | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials of a client channel; ``None`` roots trust the system's CA store.
+
+    ``client_certificate`` is ``(certificate_chain, private_key)`` PEM, for mutual TLS.
+    """
+    cert, key = client_certificate if client_certificate is not None else (None, None)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=key, certificate_chain=cert
+    )
+
+
+def client_ssl_context(
+    root_certificates: bytes | None, client_certificate: tuple[bytes, bytes] | None = None
+) -> ssl.SSLContext:
+    """An ``ssl`` client context (system CAs when ``root_certificates`` is None)."""
+    cadata = None if root_certificates is None else root_certificates.decode("ascii")
+    context = ssl.create_default_context(cadata=cadata)
+    if client_certificate is not None:
+        with pem_files(*client_certificate) as (cert_path, key_path):
+            context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def server_credentials(
+    certificates: tuple[bytes, bytes, bytes], *, require_client_certificate: bool = False
+) -> grpc.ServerCredentials:
+    """TLS credentials of a server from ``(ca_cert, server_cert, server_key)`` PEM bytes.
+
+    With ``require_client_certificate``, clients must present a certificate signed by
+    ``ca_cert`` (mutual TLS).
+    """
     if not (isinstance(certificates, tuple) and len(certificates) == 3):
         raise ConfigError(
             "certificates: expected a tuple (ca_cert, server_cert, server_key) of PEM bytes, "
@@ -47,5 +105,91 @@ def server_credentials(certificates: tuple[bytes, bytes, bytes]) -> grpc.ServerC
         load_pem(f"certificates[{i}]", v) for i, v in enumerate(certificates)
     )
     return grpc.ssl_server_credentials(
-        ((server_key, server_cert),), root_certificates=ca_cert, require_client_auth=False
+        ((server_key, server_cert),),
+        root_certificates=ca_cert,
+        require_client_auth=require_client_certificate,
+    )
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    address = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def diagnose_tls(
+    address: str,
+    *,
+    secure: bool,
+    root_certificates: bytes | None,
+    client_certificate: tuple[bytes, bytes] | None = None,
+    timeout: float = 5.0,
+) -> TLSError | None:
+    """After a failed connection, find out whether TLS is why; None if it is not.
+
+    gRPC reports every handshake failure as "unavailable", indistinguishable from a
+    server that is down, so without this a bad certificate would be retried forever.
+    This opens one TCP connection and tries the handshake with Python's ``ssl``.
+    """
+    try:
+        host, port = _host_port(address)
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except (OSError, ValueError):
+        return None  # unreachable: not a TLS problem
+    with sock:
+        if secure:
+            return _probe_secure(sock, host, address, root_certificates, client_certificate)
+        return _probe_plaintext(sock, address)
+
+
+def _probe_secure(
+    sock: socket.socket,
+    host: str,
+    address: str,
+    roots: bytes | None,
+    client_certificate: tuple[bytes, bytes] | None,
+) -> TLSError | None:
+    context = client_ssl_context(roots, client_certificate)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            tls.settimeout(0.5)
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                tls.recv(1)  # TLS 1.3 servers refuse a missing client certificate here
+    except ssl.SSLCertVerificationError as exc:
+        return TLSError(
+            f"TLS with {address}: the server's certificate is not accepted: "
+            f"{exc.verify_message} (check root_certificates and the address's host name)"
+        )
+    except ssl.SSLError as exc:
+        reason = (exc.reason or str(exc)).upper()
+        if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+            return TLSError(
+                f"TLS with {address}: the server requires a client certificate signed by its "
+                "CA (mutual TLS): pass client_certificates"
+            )
+        if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "PACKET" in reason:
+            return TLSError(
+                f"TLS with {address}: the server does not speak TLS (plaintext server?); "
+                "connect with insecure=True or give the server certificates"
+            )
+        return TLSError(f"TLS with {address} failed: {exc.reason or exc}")
+    except OSError:
+        return None
+    return None
+
+
+def _probe_plaintext(sock: socket.socket, address: str) -> TLSError | None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        with context.wrap_socket(sock):
+            pass
+    except (ssl.SSLError, OSError):
+        return None
+    return TLSError(
+        f"{address} speaks TLS but the node connects in plaintext: pass root_certificates "
+        "(or insecure=False to trust the system's CAs)"
     )

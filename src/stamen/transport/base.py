@@ -8,11 +8,36 @@ anything else is final).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..messages import Instruction, Reply
+from ..protocol.auth import RequestSigner
 
-__all__ = ["ClientTransport"]
+__all__ = ["ClientTransport", "TransportSettings"]
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """What every client transport needs to reach a server.
+
+    Attributes:
+        address: ``host:port`` (rest also takes ``http(s)://host:port``).
+        max_message_length: Bound of one message, both ways.
+        secure: Use TLS.
+        root_certificates: PEM of the CAs to trust (None: the system's).
+        client_certificate: ``(certificate_chain, private_key)`` PEM for mutual TLS.
+        signer: Signs every request (node authentication), or None.
+        connect_timeout: Seconds to wait for a connection.
+    """
+
+    address: str
+    max_message_length: int
+    secure: bool = False
+    root_certificates: bytes | None = None
+    client_certificate: tuple[bytes, bytes] | None = None
+    signer: RequestSigner | None = None
+    connect_timeout: float = 10.0
 
 
 class ClientTransport(Protocol):

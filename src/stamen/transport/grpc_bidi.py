@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +19,10 @@ from ..errors import ConnectError, ConnectionLost, MessageTooLarge
 from ..messages import Instruction, Reply
 from ..wire import BIDI_JOIN_METHOD, decode_instruction, encode_reply
 from ._errors import map_rpc_error
-from ._tls import channel_credentials
+from ._tls import channel_credentials, diagnose_tls
+from .base import TransportSettings
 
-__all__ = ["GrpcBidiTransport", "channel_options"]
+__all__ = ["GrpcBidiTransport", "channel_options", "open_channel", "wait_until_ready"]
 
 _CLOSE_GRACE_SECONDS = 5.0
 
@@ -75,23 +77,42 @@ def wait_until_ready(channel: grpc.Channel, address: str, timeout: float) -> Non
         )
 
 
+def open_channel(settings: TransportSettings) -> grpc.Channel:
+    """A gRPC channel to ``settings.address``, READY.
+
+    Raises:
+        TLSError: the connection failed because of TLS (not retried).
+        ConnectError: the server could not be reached.
+    """
+    options = channel_options(settings.max_message_length)
+    if settings.secure:
+        creds = channel_credentials(settings.root_certificates, settings.client_certificate)
+        channel = grpc.secure_channel(settings.address, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(settings.address, options=options)
+    try:
+        wait_until_ready(channel, settings.address, settings.connect_timeout)
+    except ConnectError as exc:
+        channel.close()
+        diagnosis = diagnose_tls(
+            settings.address,
+            secure=settings.secure,
+            root_certificates=settings.root_certificates,
+            client_certificate=settings.client_certificate,
+        )
+        if diagnosis is not None:
+            raise diagnosis from exc
+        raise
+    return channel
+
+
 class GrpcBidiTransport:
     """Client side of the grpc-bidi stream (see :class:`~stamen.transport.base.ClientTransport`)."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        max_message_length: int,
-        root_certificates: bytes | None,
-        secure: bool,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        self._address = address
-        self._max_message_length = max_message_length
-        self._root_certificates = root_certificates
-        self._secure = secure
-        self._connect_timeout = connect_timeout
+    def __init__(self, settings: TransportSettings) -> None:
+        self._settings = settings
+        self._address = settings.address
+        self._max_message_length = settings.max_message_length
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._responses: Iterator[bytes] | None = None
@@ -103,17 +124,16 @@ class GrpcBidiTransport:
         return -1
 
     def connect(self) -> None:
-        """Open the channel, wait until it is READY, and open the Join stream."""
-        options = channel_options(self._max_message_length)
-        if self._secure:
-            creds = channel_credentials(self._root_certificates)
-            self._channel = grpc.secure_channel(self._address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(self._address, options=options)
-        wait_until_ready(self._channel, self._address, self._connect_timeout)
+        """Open the channel, wait until it is READY, and open the Join stream (signed, when
+        the node authenticates)."""
+        self._channel = open_channel(self._settings)
         join = self._channel.stream_stream(BIDI_JOIN_METHOD)
+        metadata = None
+        if self._settings.signer is not None:
+            headers = self._settings.signer.headers(BIDI_JOIN_METHOD, b"", time.time())
+            metadata = tuple(headers.items())
         self._outbox = queue.Queue()
-        self._call = join(iter(self._outbox.get, None))
+        self._call = join(iter(self._outbox.get, None), metadata=metadata)
         self._responses = self._call
 
     def receive(self) -> Instruction:

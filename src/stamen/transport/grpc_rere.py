@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -10,9 +11,9 @@ from ..errors import ConnectionLost, StamenError
 from ..protocol.fleet import ERRORS
 from ..wire import Verb
 from ._errors import map_rpc_error
-from ._tls import channel_credentials
+from .base import TransportSettings
 from .fleet import FleetClientTransport
-from .grpc_bidi import channel_options, wait_until_ready
+from .grpc_bidi import open_channel
 
 __all__ = ["GrpcRereRequester", "grpc_rere_transport"]
 
@@ -22,32 +23,15 @@ _BY_GRPC_STATUS = {spec.grpc_status: spec.exception for spec in ERRORS.values()}
 class GrpcRereRequester:
     """Sends Fleet requests as unary-unary gRPC calls on one channel."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        max_message_length: int,
-        root_certificates: bytes | None,
-        secure: bool,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        self._address = address
-        self._max_message_length = max_message_length
-        self._root_certificates = root_certificates
-        self._secure = secure
-        self._connect_timeout = connect_timeout
+    def __init__(self, settings: TransportSettings) -> None:
+        self._settings = settings
+        self._address = settings.address
         self._channel: grpc.Channel | None = None
         self._methods: dict[Verb, Any] = {}
 
     def open(self) -> None:
         """Open the channel and wait until it is READY."""
-        options = channel_options(self._max_message_length)
-        if self._secure:
-            creds = channel_credentials(self._root_certificates)
-            self._channel = grpc.secure_channel(self._address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(self._address, options=options)
-        wait_until_ready(self._channel, self._address, self._connect_timeout)
+        self._channel = open_channel(self._settings)
         self._methods = {verb: self._channel.unary_unary(verb.grpc_method) for verb in Verb}
 
     def call(self, verb: Verb, body: bytes, timeout: float) -> bytes:
@@ -55,8 +39,12 @@ class GrpcRereRequester:
         method = self._methods.get(verb)
         if method is None:
             raise ConnectionLost(f"grpc-rere: {verb.name} on a closed channel")
+        metadata = None
+        if self._settings.signer is not None:
+            headers = self._settings.signer.headers(verb.grpc_method, body, time.time())
+            metadata = tuple(headers.items())
         try:
-            response: bytes = method(body, timeout=timeout)
+            response: bytes = method(body, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             mapped = _BY_GRPC_STATUS.get(code.name) if code is not None else None
@@ -75,14 +63,8 @@ class GrpcRereRequester:
             channel.close()
 
 
-def grpc_rere_transport(
-    address: str, *, max_message_length: int, root_certificates: bytes | None, secure: bool
-) -> FleetClientTransport:
+def grpc_rere_transport(settings: TransportSettings) -> FleetClientTransport:
     """A grpc-rere node transport."""
-    requester = GrpcRereRequester(
-        address,
-        max_message_length=max_message_length,
-        root_certificates=root_certificates,
-        secure=secure,
+    return FleetClientTransport(
+        GrpcRereRequester(settings), max_message_length=settings.max_message_length
     )
-    return FleetClientTransport(requester, max_message_length=max_message_length)

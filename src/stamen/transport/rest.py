@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import ssl
+import time
 
 import httpx
 
-from ..errors import ConnectError, ConnectionLost, MessageTooLarge, ProtocolError, Timeout
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    MessageTooLarge,
+    ProtocolError,
+    StamenError,
+    Timeout,
+)
 from ..protocol.fleet import ERRORS
 from ..wire import REST_CONTENT_TYPE, Verb
+from ._tls import client_ssl_context, diagnose_tls
+from .base import TransportSettings
 from .fleet import FleetClientTransport
 
 __all__ = ["RestRequester", "rest_base_url", "rest_transport"]
@@ -26,49 +36,56 @@ def rest_base_url(address: str, *, secure: bool) -> str:
 class RestRequester:
     """Sends Fleet requests as ``POST /api/v0/fleet/<verb>`` with protobuf bodies."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        max_message_length: int,
-        root_certificates: bytes | None,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        self._base_url = base_url
-        self._max_message_length = max_message_length
-        self._root_certificates = root_certificates
-        self._connect_timeout = connect_timeout
+    def __init__(self, settings: TransportSettings) -> None:
+        self._settings = settings
+        self._base_url = rest_base_url(settings.address, secure=settings.secure)
+        self._max_message_length = settings.max_message_length
         self._client: httpx.Client | None = None
 
     def open(self) -> None:
         """Create the HTTP client (connections are made on the first request)."""
-        verify: ssl.SSLContext | bool = True
-        if self._root_certificates is not None:
-            verify = ssl.create_default_context(cadata=self._root_certificates.decode("ascii"))
+        settings = self._settings
+        verify: ssl.SSLContext | bool = False
+        if self._base_url.startswith("https://"):
+            verify = client_ssl_context(settings.root_certificates, settings.client_certificate)
         self._client = httpx.Client(
             base_url=self._base_url,
             verify=verify,
-            timeout=httpx.Timeout(30.0, connect=self._connect_timeout),
+            timeout=httpx.Timeout(30.0, connect=settings.connect_timeout),
             headers={"content-type": REST_CONTENT_TYPE, "accept": REST_CONTENT_TYPE},
         )
+
+    def _tls_or(self, error: StamenError, exc: Exception) -> StamenError:
+        diagnosis = diagnose_tls(
+            self._base_url,
+            secure=self._base_url.startswith("https://"),
+            root_certificates=self._settings.root_certificates,
+            client_certificate=self._settings.client_certificate,
+        )
+        return error if diagnosis is None else diagnosis
 
     def call(self, verb: Verb, body: bytes, timeout: float) -> bytes:
         """One POST; HTTP statuses and httpx errors map to Stamen errors."""
         if self._client is None:
             raise ConnectionLost(f"rest: {verb.name} on a closed client")
         where = f"rest {verb.rest_path} at {self._base_url}"
+        headers = None
+        if self._settings.signer is not None:
+            headers = self._settings.signer.headers(f"POST {verb.rest_path}", body, time.time())
         try:
             response = self._client.post(
                 verb.rest_path,
                 content=body,
-                timeout=httpx.Timeout(timeout, connect=self._connect_timeout),
+                headers=headers,
+                timeout=httpx.Timeout(timeout, connect=self._settings.connect_timeout),
             )
         except httpx.ConnectError as exc:
-            raise ConnectError(f"{where}: cannot connect: {exc}") from exc
+            raise self._tls_or(ConnectError(f"{where}: cannot connect: {exc}"), exc) from exc
         except httpx.TimeoutException as exc:
             raise Timeout(f"{where}: no response within {timeout:g} s") from exc
         except httpx.TransportError as exc:
-            raise ConnectionLost(f"{where}: {type(exc).__name__}: {exc}") from exc
+            lost = ConnectionLost(f"{where}: {type(exc).__name__}: {exc}")
+            raise self._tls_or(lost, exc) from exc
         if response.status_code == 200:
             if len(response.content) > self._max_message_length:
                 raise MessageTooLarge(
@@ -91,13 +108,8 @@ class RestRequester:
             client.close()
 
 
-def rest_transport(
-    address: str, *, max_message_length: int, root_certificates: bytes | None, secure: bool
-) -> FleetClientTransport:
+def rest_transport(settings: TransportSettings) -> FleetClientTransport:
     """A rest node transport."""
-    requester = RestRequester(
-        rest_base_url(address, secure=secure),
-        max_message_length=max_message_length,
-        root_certificates=root_certificates,
+    return FleetClientTransport(
+        RestRequester(settings), max_message_length=settings.max_message_length
     )
-    return FleetClientTransport(requester, max_message_length=max_message_length)

@@ -15,7 +15,9 @@ import grpc
 
 from ...errors import ConnectionLost, DecodeError
 from ...messages import ReconnectIns
-from ...wire import BIDI_METHOD_NAME, BIDI_SERVICE_NAME
+from ...protocol.fleet import FleetError
+from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME
+from .grpc_rere import metadata_dict
 from .handler import Fleet
 
 __all__ = ["bidi_handler"]
@@ -30,7 +32,12 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         _ = request_iterator  # we use the reader/writer API (context.read/context.write)
         if fleet.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        node = fleet.open_node("grpc-bidi", context.peer())
+        try:
+            key = fleet.authenticate(BIDI_JOIN_METHOD, b"", metadata_dict(context))
+        except FleetError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            raise
+        node = fleet.open_node("grpc-bidi", context.peer(), key=key)
         error: BaseException | None = None
         try:
             while True:

@@ -11,15 +11,29 @@ from ...protocol.fleet import ERRORS, FleetError
 from ...wire import FLEET_SERVICE_NAME, Verb
 from .handler import Fleet
 
-__all__ = ["rere_handler"]
+__all__ = ["metadata_dict", "rere_handler"]
 
 Handler = Callable[[bytes, Any], Awaitable[bytes]]
+
+
+def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata as a dict."""
+    return {
+        key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+    }
 
 
 def _method(fleet: Fleet, verb: Verb) -> Handler:
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            return await fleet.handle(verb, request, "grpc-rere", context.peer())
+            return await fleet.handle(
+                verb,
+                request,
+                "grpc-rere",
+                context.peer(),
+                method=verb.grpc_method,
+                headers=metadata_dict(context),
+            )
         except FleetError as exc:
             code = getattr(grpc.StatusCode, ERRORS[exc.kind].grpc_status)
             await context.abort(code, exc.message)

@@ -12,9 +12,10 @@ import asyncio
 import logging
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ...errors import ConnectionLost, DecodeError
+from ...errors import AuthError, ConnectionLost, DecodeError
 from ...messages import DisconnectRes, Reply
 from ...protocol.fleet import (
     PROTOCOL_VERSION,
@@ -28,6 +29,7 @@ from ...wire import Verb, decode_reply
 from ...wire import fleet_codec as codec
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
+from .auth import NodeAuthenticator
 
 __all__ = ["Fleet", "FleetTiming", "Node"]
 
@@ -66,6 +68,7 @@ class Node:
     mailbox: Mailbox
     proxy: RemoteClientProxy
     pull_based: bool = False
+    key: str | None = None
     last_seen: float = 0.0
     polls: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,7 +84,9 @@ class Fleet:
         *,
         max_message_length: int,
         timing: FleetTiming | None = None,
+        authenticator: NodeAuthenticator | None = None,
     ) -> None:
+        self.authenticator = authenticator
         self._client_manager = client_manager
         self._loop = loop
         self._max_message_length = max_message_length
@@ -94,7 +99,23 @@ class Fleet:
 
     # --- nodes -------------------------------------------------------------------------
 
-    def open_node(self, transport: str, peer: str, *, pull_based: bool = False) -> Node:
+    def authenticate(self, method: str, body: bytes, headers: Mapping[str, str]) -> str | None:
+        """Check a request's signature; return the node key's fingerprint (None: no auth).
+
+        Raises:
+            FleetError: UNAUTHENTICATED, saying why.
+        """
+        if self.authenticator is None:
+            return None
+        try:
+            return self.authenticator.verify(method, body, headers)
+        except AuthError as exc:
+            logger.warning("refused a request to %s: %s", method, exc)
+            raise FleetError(ErrorKind.UNAUTHENTICATED, str(exc)) from exc
+
+    def open_node(
+        self, transport: str, peer: str, *, pull_based: bool = False, key: str | None = None
+    ) -> Node:
         """Register a new node and make it available to the server's rounds."""
         if pull_based:
             node_id = secrets.randbits(63) or 1
@@ -115,6 +136,7 @@ class Fleet:
             mailbox=mailbox,
             proxy=proxy,
             pull_based=pull_based,
+            key=key,
             last_seen=self._loop.time(),
         )
         mailbox.set_wakeup(node.wake.set)
@@ -196,16 +218,31 @@ class Fleet:
                 "(upgrade the node or the server so both speak the same version)",
             )
 
-    def _lookup(self, node_id: int, version: int) -> Node:
+    def _lookup(self, node_id: int, version: int, key: str | None) -> Node:
         self._check_version(version)
         node = self._nodes.get(str(node_id))
         if node is None or not node.pull_based:
             raise FleetError(ErrorKind.UNKNOWN_NODE, f"node {node_id} is not registered")
+        if node.key != key:
+            raise FleetError(ErrorKind.UNAUTHENTICATED, f"node {node_id} belongs to another key")
         node.last_seen = self._loop.time()
         return node
 
-    async def handle(self, verb: Verb, body: bytes, transport: str, peer: str) -> bytes:
+    async def handle(
+        self,
+        verb: Verb,
+        body: bytes,
+        transport: str,
+        peer: str,
+        *,
+        method: str,
+        headers: Mapping[str, str],
+    ) -> bytes:
         """Serve one Fleet request; return the response body.
+
+        ``method`` is the request as the transport names it (gRPC method path or
+        ``POST <path>``), ``headers`` its metadata: together they are what a node's
+        signature covers.
 
         Raises:
             FleetError: the request is refused; the adapter maps its kind to a status.
@@ -218,38 +255,41 @@ class Fleet:
                 f"request of {len(body)} bytes is over the server's max message length "
                 f"{self._max_message_length}",
             )
+        key = self.authenticate(method, body, headers)
         try:
-            return await self._handle(verb, body, transport, peer)
+            return await self._handle(verb, body, transport, peer, key)
         except DecodeError as exc:
             raise FleetError.from_decode(exc) from exc
 
-    async def _handle(self, verb: Verb, body: bytes, transport: str, peer: str) -> bytes:
+    async def _handle(
+        self, verb: Verb, body: bytes, transport: str, peer: str, key: str | None
+    ) -> bytes:
         if verb is Verb.CREATE_NODE:
             self._check_version(codec.decode_create_node_request(body).protocol_version)
-            node = self.open_node(transport, peer, pull_based=True)
+            node = self.open_node(transport, peer, pull_based=True, key=key)
             timing = self.timing
             return codec.encode_create_node_response(
                 CreateNodeResponse(node.node_id, timing.heartbeat_interval, timing.poll_timeout)
             )
         if verb is Verb.PULL:
             pull = codec.decode_pull_request(body)
-            return await self._pull(self._lookup(pull.node_id, pull.protocol_version))
+            return await self._pull(self._lookup(pull.node_id, pull.protocol_version, key))
         if verb is Verb.PUSH:
             push = codec.decode_push_request(body)
-            node = self._lookup(push.node_id, push.protocol_version)
+            node = self._lookup(push.node_id, push.protocol_version, key)
             reply = self.deliver(node, push.task_id, push.client_message)
             if isinstance(reply, DisconnectRes):
                 self.close_node(node, None)  # it acknowledged the end of its session
             return codec.encode_empty()
         if verb is Verb.HEARTBEAT:
             beat = codec.decode_simple_request(body)
-            self._lookup(beat.node_id, beat.protocol_version)
+            self._lookup(beat.node_id, beat.protocol_version, key)
             return codec.encode_empty()
         if verb is Verb.DELETE_NODE:
             gone = codec.decode_simple_request(body)
             self._check_version(gone.protocol_version)
             node_or_none = self._nodes.get(str(gone.node_id))
-            if node_or_none is not None and node_or_none.pull_based:
+            if node_or_none is not None and node_or_none.pull_based and node_or_none.key == key:
                 self.close_node(node_or_none, ConnectionLost(f"node {gone.node_id} left"))
             return codec.encode_empty()
         raise FleetError(ErrorKind.INVALID_ARGUMENT, f"unknown Fleet verb {verb!r}")

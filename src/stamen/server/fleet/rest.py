@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any
 
 import uvicorn
@@ -62,7 +63,14 @@ def rest_app(fleet: Fleet, max_body: int) -> Starlette:
             peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
             try:
                 body = await _read_body(request, max_body)
-                out = await fleet.handle(verb, body, "rest", peer)
+                out = await fleet.handle(
+                    verb,
+                    body,
+                    "rest",
+                    peer,
+                    method=f"POST {verb.rest_path}",
+                    headers=request.headers,
+                )
             except FleetError as exc:
                 return _error(exc.kind, exc.message)
             return Response(out, media_type=REST_CONTENT_TYPE)
@@ -83,6 +91,7 @@ class RestListener:
         *,
         max_body: int,
         ssl_files: tuple[str, str, str] | None = None,
+        require_client_certificate: bool = False,
     ) -> None:
         host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -100,6 +109,8 @@ class RestListener:
         if ssl_files is not None:
             ca, cert, key = ssl_files
             kwargs = {"ssl_ca_certs": ca, "ssl_certfile": cert, "ssl_keyfile": key}
+            if require_client_certificate:
+                kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         self._config = uvicorn.Config(
             rest_app(fleet, max_body),
             log_config=None,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import grpc
 
 from ...errors import ConfigError
-from ...transport._tls import load_pem, server_credentials
+from ...transport._tls import load_pem, pem_files, server_credentials
 from ..client_manager import ClientManager
+from .auth import NodeAuthenticator
 from .grpc_bidi import bidi_handler
 from .grpc_rere import rere_handler
 from .handler import Fleet, FleetTiming
@@ -63,6 +61,10 @@ class FleetService:
         certificates: ``(ca_cert, server_cert, server_key)`` PEM bytes for TLS, or None.
         rest_address: ``host:port`` of the REST listener, or None for no REST.
         timing: Heartbeat and long-poll timing of pull-based nodes.
+        require_client_certificate: Mutual TLS: refuse nodes without a certificate signed
+            by ``certificates[0]`` (the CA), on every port.
+        authenticator: Checks node signatures on every request of every transport (None:
+            nodes are not authenticated).
     """
 
     def __init__(
@@ -74,7 +76,12 @@ class FleetService:
         certificates: tuple[bytes, bytes, bytes] | None = None,
         rest_address: str | None = None,
         timing: FleetTiming | None = None,
+        require_client_certificate: bool = False,
+        authenticator: NodeAuthenticator | None = None,
     ) -> None:
+        if require_client_certificate and certificates is None:
+            raise ConfigError("require_client_certificate: mutual TLS needs certificates")
+        self._require_client_certificate = require_client_certificate
         self._address = address
         self._rest_address = rest_address
         self._max_message_length = max_message_length
@@ -83,13 +90,20 @@ class FleetService:
             if certificates is None
             else tuple(load_pem(f"certificates[{i}]", v) for i, v in enumerate(certificates))
         )
-        self._credentials = None if certificates is None else server_credentials(certificates)
+        self._credentials = (
+            None
+            if certificates is None
+            else server_credentials(
+                certificates, require_client_certificate=require_client_certificate
+            )
+        )
         self._loop_thread = LoopThread()
         self.fleet = Fleet(
             client_manager,
             self._loop_thread.loop,
             max_message_length=max_message_length,
             timing=timing,
+            authenticator=authenticator,
         )
         self._grpc: Any = None
         self._rest: RestListener | None = None
@@ -145,26 +159,15 @@ class FleetService:
             await self._rest.start()
         else:
             # uvicorn reads TLS material from files: write them privately, load, delete.
-            folder = tempfile.mkdtemp(prefix="stamen-tls-")
-            try:
-                paths = []
-                for name, pem in zip(
-                    ("ca.pem", "cert.pem", "key.pem"), self.certificates, strict=True
-                ):
-                    path = os.path.join(folder, name)
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(pem)
-                    paths.append(path)
+            with pem_files(*self.certificates) as (ca, cert, key):
                 self._rest = RestListener(
                     self.fleet,
                     (host, port),
                     max_body=self._max_message_length,
-                    ssl_files=(paths[0], paths[1], paths[2]),
+                    ssl_files=(ca, cert, key),
+                    require_client_certificate=self._require_client_certificate,
                 )
                 await self._rest.start()
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
         self.rest_port = self._rest.port
 
     def stop(self, grace: float = 2.0, timeout: float = 10.0) -> None:

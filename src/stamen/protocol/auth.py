@@ -1,0 +1,208 @@
+"""Node authentication: signed requests that cannot be replayed (sans-IO).
+
+Every authenticated request carries four headers (gRPC metadata or HTTP headers):
+
+* ``x-stamen-node-key``: the node's public key (base64 of its DER SubjectPublicKeyInfo);
+* ``x-stamen-timestamp``: milliseconds since the Unix epoch when the request was signed;
+* ``x-stamen-nonce``: 128 random bits, hex; never valid twice;
+* ``x-stamen-signature``: base64 of the ECDSA signature over the *signing string*::
+
+      stamen-auth-v1 \\n <method> \\n <hex SHA-256 of the body> \\n <timestamp> \\n <nonce>
+
+``<method>`` is what the server itself knows the request as (the gRPC method path, or
+``POST <path>`` on REST), so a signature is bound to one call, one body and one moment.
+The hash of the ECDSA signature follows the curve: SHA-256 (P-256), SHA-384 (P-384),
+SHA-512 (P-521).
+
+The verifier accepts a request only if the key is authorized, the signature is valid, the
+timestamp is within ``window`` seconds of its clock, and the nonce has not been seen
+within the window. Nonces are remembered for exactly the window, so memory is bounded by
+the request rate times the window. Time is passed in: this module reads no clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..errors import AuthError, ConfigError
+
+__all__ = [
+    "HEADER_KEY",
+    "HEADER_NONCE",
+    "HEADER_SIGNATURE",
+    "HEADER_TIMESTAMP",
+    "RequestSigner",
+    "RequestVerifier",
+    "key_fingerprint",
+    "public_key_der",
+    "signing_string",
+]
+
+HEADER_KEY = "x-stamen-node-key"
+HEADER_TIMESTAMP = "x-stamen-timestamp"
+HEADER_NONCE = "x-stamen-nonce"
+HEADER_SIGNATURE = "x-stamen-signature"
+_VERSION = b"stamen-auth-v1"
+
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "secp256r1": hashes.SHA256,
+    "secp384r1": hashes.SHA384,
+    "secp521r1": hashes.SHA512,
+}
+
+
+def _hash_for(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
+    try:
+        return _HASHES[key.curve.name]()
+    except KeyError:
+        raise ConfigError(
+            f"authentication key: expected a curve of {sorted(_HASHES)}, received {key.curve.name}"
+        ) from None
+
+
+def public_key_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    """The DER SubjectPublicKeyInfo of ``key`` (what the key header carries)."""
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of the key's DER, hex: how keys are named in logs and lookups."""
+    return hashlib.sha256(public_key_der(key)).hexdigest()
+
+
+def signing_string(method: str, body: bytes, timestamp_ms: int, nonce: str) -> bytes:
+    """The bytes a request signature covers."""
+    digest = hashlib.sha256(body).hexdigest()
+    return b"\n".join(
+        [_VERSION, method.encode(), digest.encode(), str(timestamp_ms).encode(), nonce.encode()]
+    )
+
+
+class RequestSigner:
+    """Signs a node's requests with its private key.
+
+    Raises:
+        ConfigError: the keys are not an elliptic-curve pair on P-256, P-384 or P-521, or
+            the public key is not the private key's.
+    """
+
+    def __init__(self, private_key: object, public_key: object) -> None:
+        if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(
+                "authentication_keys[0]: expected an EllipticCurvePrivateKey, received "
+                f"{type(private_key).__name__}"
+            )
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ConfigError(
+                "authentication_keys[1]: expected an EllipticCurvePublicKey, received "
+                f"{type(public_key).__name__}"
+            )
+        if public_key_der(private_key.public_key()) != public_key_der(public_key):
+            raise ConfigError("authentication_keys: the public key does not match the private key")
+        self._private = private_key
+        self._hash = _hash_for(private_key)
+        self._key_header = base64.b64encode(public_key_der(public_key)).decode("ascii")
+
+    def headers(self, method: str, body: bytes, now: float) -> dict[str, str]:
+        """The authentication headers of one request signed at Unix time ``now``."""
+        timestamp_ms = int(now * 1000)
+        nonce = secrets.token_hex(16)
+        signature = self._private.sign(
+            signing_string(method, body, timestamp_ms, nonce), ec.ECDSA(self._hash)
+        )
+        return {
+            HEADER_KEY: self._key_header,
+            HEADER_TIMESTAMP: str(timestamp_ms),
+            HEADER_NONCE: nonce,
+            HEADER_SIGNATURE: base64.b64encode(signature).decode("ascii"),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    expires: float
+    nonce: str
+
+    def __lt__(self, other: _Seen) -> bool:
+        return self.expires < other.expires
+
+
+class RequestVerifier:
+    """Checks signed requests on the server.
+
+    Args:
+        lookup: Returns the authorized public key with this DER, or None.
+        window: Seconds a signature is valid for, either side of the server's clock.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[bytes], ec.EllipticCurvePublicKey | None],
+        window: float = 60.0,
+    ) -> None:
+        if not window > 0:
+            raise ConfigError(f"auth window: expected seconds > 0, received {window!r}")
+        self._lookup = lookup
+        self.window = window
+        self._nonces: set[str] = set()
+        self._expiry: list[_Seen] = []
+
+    def _forget_expired(self, now: float) -> None:
+        while self._expiry and self._expiry[0].expires < now:
+            self._nonces.discard(heapq.heappop(self._expiry).nonce)
+
+    def verify(self, method: str, body: bytes, headers: Mapping[str, str], now: float) -> str:
+        """Accept or refuse one request; return the key's fingerprint.
+
+        Raises:
+            AuthError: the reason the request is refused.
+        """
+        try:
+            key_der = base64.b64decode(headers[HEADER_KEY], validate=True)
+            timestamp_ms = int(headers[HEADER_TIMESTAMP])
+            nonce = headers[HEADER_NONCE]
+            signature = base64.b64decode(headers[HEADER_SIGNATURE], validate=True)
+        except KeyError as exc:
+            raise AuthError(f"authentication required: missing header {exc.args[0]}") from None
+        except (ValueError, binascii.Error) as exc:
+            raise AuthError(f"malformed authentication headers: {exc}") from None
+        key = self._lookup(key_der)
+        if key is None:
+            fingerprint = hashlib.sha256(key_der).hexdigest()
+            raise AuthError(f"unknown node key {fingerprint[:16]}: not in the authorized keys")
+        skew = now - timestamp_ms / 1000
+        if abs(skew) > self.window:
+            raise AuthError(
+                f"stale or future timestamp: {skew:+.1f} s from the server's clock "
+                f"(window {self.window:g} s)"
+            )
+        if len(nonce) != 32 or any(c not in "0123456789abcdef" for c in nonce):
+            raise AuthError("malformed nonce: expected 32 lowercase hex digits")
+        try:
+            key.verify(
+                signature,
+                signing_string(method, body, timestamp_ms, nonce),
+                ec.ECDSA(_hash_for(key)),
+            )
+        except InvalidSignature:
+            raise AuthError(
+                "bad signature: the request was altered or signed with another key"
+            ) from None
+        self._forget_expired(now)
+        if nonce in self._nonces:
+            raise AuthError("replayed request: this nonce was already used")
+        self._nonces.add(nonce)
+        heapq.heappush(self._expiry, _Seen(timestamp_ms / 1000 + self.window, nonce))
+        return key_fingerprint(key)
