@@ -27,10 +27,7 @@ def server() -> Iterator[RunningServer]:
 def requester(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[Requester]:
     made: Requester
     settings = TransportSettings(server.address_for(request.param), max_message_length=1 << 20)
-    if request.param == "grpc-rere":
-        made = GrpcRereRequester(settings)
-    else:
-        made = RestRequester(settings)
+    made = GrpcRereRequester(settings) if request.param == "grpc-rere" else RestRequester(settings)
     made.open()
     yield made
     made.close()

@@ -229,7 +229,8 @@ def test_connection_lost_without_an_instruction_does_not_reset_the_budget() -> N
 
 
 def test_reconnect_zero_sends_ack_and_returns() -> None:
-    """ReconnectIns(0): DisconnectRes(reason='RECONNECT') is sent (as by Flower nodes), the link closed gracefully, done."""
+    """ReconnectIns(0): DisconnectRes(reason='RECONNECT') is sent (as by Flower nodes), the
+    link is closed gracefully, and run_node returns."""
     network = FakeNetwork(Link(inbox=[BYE]))
     clock = FakeClock()
     assert _run(network, _config(), clock) is None
