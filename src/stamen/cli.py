@@ -4,7 +4,9 @@ The only module of Stamen that parses ``argv``, prints, configures logging and d
 exit codes. Subcommands:
 
 * ``stamen demo``: federated softmax regression on scikit-learn's digits, with a server
-  and 10 client nodes on 127.0.0.1 (see :mod:`stamen.demo`).
+  and 10 client nodes on 127.0.0.1 (see :mod:`stamen.demo`);
+* ``stamen keys generate``: a node key pair for ``authentication_keys``;
+* ``stamen certs generate``: a development CA, server and client certificates.
 
 Exit codes: 0 success, 1 the command failed, 2 usage error, 130 interrupted (Ctrl-C).
 """
@@ -13,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__
 from .demo import CLIENT_LIMIT, DemoStarted, RoundProgress, run_demo
 from .errors import ConfigError, StamenError
+from .testing.certs import generate_certificates, generate_node_keys
 
 __all__ = ["build_parser", "main"]
 
@@ -121,7 +129,97 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the run's history as JSON (default: demo-history.json)",
     )
     demo.set_defaults(handler=_demo)
+
+    keys = commands.add_parser("keys", help="node authentication keys")
+    keys_commands = keys.add_subparsers(
+        title="keys commands", dest="keys_command", metavar="ACTION"
+    )
+    keys_commands.required = True
+    keys_generate = keys_commands.add_parser(
+        "generate",
+        help="make a node key pair (PEM) for start_client(authentication_keys=...)",
+        description=(
+            "Write NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub (public, PEM) and "
+            "print the public key in OpenSSH form, ready for the server's authorized keys file."
+        ),
+    )
+    keys_generate.add_argument("--out-dir", default=".", metavar="DIR")
+    keys_generate.add_argument("--name", default="node", metavar="NAME")
+    keys_generate.add_argument("--curve", choices=sorted(_CURVES), default="p256")
+    keys_generate.set_defaults(handler=_keys_generate)
+
+    certs = commands.add_parser("certs", help="TLS certificates for development")
+    certs_commands = certs.add_subparsers(
+        title="certs commands", dest="certs_command", metavar="ACTION"
+    )
+    certs_commands.required = True
+    certs_generate = certs_commands.add_parser(
+        "generate",
+        help="make a development CA, a server certificate and a client certificate",
+        description=(
+            "Write ca.crt, server.crt, server.key, client.crt and client.key (keys mode 0600). "
+            "The server certificate is valid for the given hosts (default: localhost, "
+            "127.0.0.1, ::1). For development and tests only: use your own PKI in production."
+        ),
+    )
+    certs_generate.add_argument("--out-dir", default=".", metavar="DIR")
+    certs_generate.add_argument(
+        "--host", action="append", dest="hosts", metavar="HOST", help="repeat for more hosts"
+    )
+    certs_generate.add_argument("--days", type=_int_in(1, 3650), default=365, metavar="N")
+    certs_generate.set_defaults(handler=_certs_generate)
     return parser
+
+
+_CURVES = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}
+
+
+def _write(path: Path, data: bytes, *, private: bool) -> None:
+    """Write a file; private files are created with mode 0600 and never overwritten."""
+    if path.exists():
+        raise ConfigError(f"{path} exists; refusing to overwrite it")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    _print(f"wrote {path}")
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = generate_node_keys(_CURVES[args.curve]())
+    _write(
+        out / f"{args.name}.key",
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        private=True,
+    )
+    _write(
+        out / f"{args.name}.pub",
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        private=False,
+    )
+    ssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _print(ssh.decode("ascii"))
+    return _EXIT_OK
+
+
+def _certs_generate(args: argparse.Namespace) -> int:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
+    made = generate_certificates(hosts, days=args.days)
+    _write(out / "ca.crt", made.ca_cert, private=False)
+    _write(out / "server.crt", made.server_cert, private=False)
+    _write(out / "server.key", made.server_key, private=True)
+    _write(out / "client.crt", made.client_cert, private=False)
+    _write(out / "client.key", made.client_key, private=True)
+    return _EXIT_OK
 
 
 def _configure_logging(verbose: int) -> None:

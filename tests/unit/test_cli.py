@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -219,3 +220,59 @@ def test_python_dash_m_stamen_runs_the_cli() -> None:
     )
     assert bad.returncode == 2
     assert "invalid choice: 'nope'" in bad.stderr
+
+
+def test_keys_generate_writes_a_usable_private_and_public_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stamen keys generate` writes a 0600 private key and its public key (PEM), prints the
+    OpenSSH form, and the pair signs requests a server verifies; a second run refuses to
+    overwrite the key (exit 2)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from stamen.protocol.auth import RequestSigner, RequestVerifier, public_key_der
+    from stamen.server.fleet.auth import parse_public_keys
+
+    assert cli.main(["keys", "generate", "--out-dir", str(tmp_path), "--curve", "p384"]) == 0
+    private = serialization.load_pem_private_key((tmp_path / "node.key").read_bytes(), None)
+    public = serialization.load_pem_public_key((tmp_path / "node.pub").read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert private.curve.name == "secp384r1"
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+    ssh_line = capsys.readouterr().out.strip().splitlines()[-1]
+    [from_ssh] = parse_public_keys(ssh_line.encode())
+    assert public_key_der(from_ssh) == public_key_der(public)
+    headers = RequestSigner(private, public).headers("/m", b"x", 100.0)
+    assert RequestVerifier({public_key_der(public): public}.get).verify("/m", b"x", headers, 100.0)
+    assert cli.main(["keys", "generate", "--out-dir", str(tmp_path)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_certs_generate_writes_a_ca_server_and_client_certificate(tmp_path: Path) -> None:
+    """`stamen certs generate` writes a CA, a server certificate for the given hosts and a
+    client certificate, both signed by the CA; private keys are 0600."""
+    from cryptography import x509
+
+    args = [
+        "certs",
+        "generate",
+        "--out-dir",
+        str(tmp_path),
+        "--host",
+        "fl.example",
+        "--host",
+        "10.1.2.3",
+    ]
+    assert cli.main(args) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    client = x509.load_pem_x509_certificate((tmp_path / "client.crt").read_bytes())
+    for cert in (server, client):
+        cert.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    for key in ("server.key", "client.key"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o600

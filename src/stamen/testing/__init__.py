@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from . import conformance
-from .certs import TestCertificates, generate_certificates, generate_node_keys
+from .certs import DevCertificates, generate_certificates, generate_node_keys
 from .clock import FakeClock
 from .nodes import NodeThread, node_threads
 from .server import RunningServer, running_server
 
 __all__ = [
+    "DevCertificates",
     "FakeClock",
     "NodeThread",
     "RunningServer",
-    "TestCertificates",
     "conformance",
     "generate_certificates",
     "generate_node_keys",

@@ -11,16 +11,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["TestCertificates", "generate_certificates", "generate_node_keys"]
+__all__ = ["DevCertificates", "generate_certificates", "generate_node_keys"]
 
 
 @dataclass(frozen=True)
-class TestCertificates:
-    """A CA and a server certificate signed by it, all PEM bytes."""
+class DevCertificates:
+    """A CA, and a server and a client certificate signed by it, all PEM bytes."""
 
     ca_cert: bytes
     server_cert: bytes
     server_key: bytes
+    client_cert: bytes
+    client_key: bytes
+
+    @property
+    def client_pair(self) -> tuple[bytes, bytes]:
+        """``(client_cert, client_key)`` for ``start_client(client_certificates=...)``."""
+        return self.client_cert, self.client_key
 
     @property
     def server_tuple(self) -> tuple[bytes, bytes, bytes]:
@@ -38,8 +45,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def generate_certificates(
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 30
-) -> TestCertificates:
-    """Make a development CA and a server certificate for ``hosts`` (names or IPs)."""
+) -> DevCertificates:
+    """Make a development CA, a server certificate for ``hosts`` (names or IPs) and a
+    client certificate (for mutual TLS), all signed by the CA."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Stamen development CA")])
@@ -74,26 +82,35 @@ def generate_certificates(
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+
+    def leaf(
+        common_name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None
+    ) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return TestCertificates(
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+    server_cert, server_key = leaf(hosts[0], x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, names)
+    client_cert, client_key = leaf("stamen-node", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    return DevCertificates(
         ca_cert=ca_cert.public_bytes(serialization.Encoding.PEM),
-        server_cert=server_cert.public_bytes(serialization.Encoding.PEM),
-        server_key=_key_pem(server_key),
+        server_cert=server_cert,
+        server_key=server_key,
+        client_cert=client_cert,
+        client_key=client_key,
     )
 
 

@@ -154,8 +154,22 @@ def _probe_secure(
     try:
         with context.wrap_socket(sock, server_hostname=host) as tls:
             tls.settimeout(0.5)
-            with contextlib.suppress(TimeoutError, socket.timeout):
-                tls.recv(1)  # TLS 1.3 servers refuse a missing client certificate here
+            try:
+                # TLS 1.3 servers refuse a client certificate after the handshake: with an
+                # alert, or by hanging up before sending anything.
+                hung_up = tls.recv(1) == b""
+            except (TimeoutError, socket.timeout):
+                hung_up = False
+            if hung_up:
+                if client_certificate is None:
+                    return TLSError(
+                        f"TLS with {address}: the server hung up after the handshake: it "
+                        "requires a client certificate (mutual TLS): pass client_certificates"
+                    )
+                return TLSError(
+                    f"TLS with {address}: the server hung up after the handshake: it does "
+                    "not accept our client certificate (is it signed by the server's CA?)"
+                )
     except ssl.SSLCertVerificationError as exc:
         return TLSError(
             f"TLS with {address}: the server's certificate is not accepted: "

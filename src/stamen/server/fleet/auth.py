@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -30,7 +31,12 @@ def parse_public_keys(data: bytes, source: str = "keys") -> list[ec.EllipticCurv
         ConfigError: a block or line is not an elliptic-curve public key.
     """
     keys: list[ec.EllipticCurvePublicKey] = []
-    loaded: list[object] = [serialization.load_pem_public_key(m) for m in _PEM_BLOCK.findall(data)]
+    try:
+        loaded: list[object] = [
+            serialization.load_pem_public_key(m) for m in _PEM_BLOCK.findall(data)
+        ]
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{source}: a PEM block is not a public key: {exc}") from exc
     remainder = _PEM_BLOCK.sub(b"", data)
     for number, raw in enumerate(remainder.splitlines(), start=1):
         line = raw.strip()
@@ -38,7 +44,7 @@ def parse_public_keys(data: bytes, source: str = "keys") -> list[ec.EllipticCurv
             continue
         try:
             loaded.append(serialization.load_ssh_public_key(line))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(f"{source}: line {number} is not a public key: {exc}") from exc
     for key in loaded:
         if not isinstance(key, ec.EllipticCurvePublicKey):
