@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CURVES = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}
+_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "p256": ec.SECP256R1,
+    "p384": ec.SECP384R1,
+    "p521": ec.SECP521R1,
+}
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:

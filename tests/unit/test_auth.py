@@ -67,9 +67,9 @@ def test_unknown_key_missing_and_malformed_headers() -> None:
     verifier = _verifier(public)
     with pytest.raises(AuthError, match="unknown node key"):
         verifier.verify("/m", b"", RequestSigner(*stranger).headers("/m", b"", NOW), NOW)
+    headers = RequestSigner(private, public).headers("/m", b"", NOW)
+    del headers[HEADER_SIGNATURE]
     with pytest.raises(AuthError, match=f"missing header {HEADER_SIGNATURE}"):
-        headers = RequestSigner(private, public).headers("/m", b"", NOW)
-        del headers[HEADER_SIGNATURE]
         verifier.verify("/m", b"", headers, NOW)
     headers = RequestSigner(private, public).headers("/m", b"", NOW)
     with pytest.raises(AuthError, match="malformed"):
@@ -91,7 +91,7 @@ def test_nonces_are_forgotten_after_the_window() -> None:
 
 def test_signer_refuses_bad_key_pairs() -> None:
     """Non-EC keys and mismatched halves are configuration errors."""
-    private, public = _pair(ec.SECP256R1())
+    _, public = _pair(ec.SECP256R1())
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     with pytest.raises(ConfigError, match="EllipticCurvePrivateKey"):
         RequestSigner(rsa_key, public)

@@ -158,7 +158,7 @@ def _probe_secure(
                 # TLS 1.3 servers refuse a client certificate after the handshake: with an
                 # alert, or by hanging up before sending anything.
                 hung_up = tls.recv(1) == b""
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 hung_up = False
             if hung_up:
                 if client_certificate is None:
