@@ -43,9 +43,24 @@ def ndarray_to_bytes(ndarray: NDArray) -> bytes:
             f"arrays of dtype {ndarray.dtype} hold Python objects and cannot be sent "
             "without pickle; convert them to a numeric dtype"
         )
-    buffer = io.BytesIO()
-    np.save(buffer, ndarray, allow_pickle=False)
-    return buffer.getvalue()
+    if ndarray.flags.c_contiguous or not ndarray.flags.f_contiguous:
+        data = np.ascontiguousarray(ndarray)
+        fortran = False
+    else:
+        data, fortran = ndarray.T, True  # F-ordered memory is the transpose's C order
+    header = {
+        "descr": np.lib.format.dtype_to_descr(ndarray.dtype),
+        "fortran_order": fortran,
+        "shape": ndarray.shape,
+    }
+    head = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(head, header)
+    except ValueError:  # a header over 64 KiB (a huge structured dtype): format 2.0
+        head = io.BytesIO()
+        np.lib.format.write_array_header_2_0(head, header)
+    # One copy: the header and the array's memory joined into the blob.
+    return b"".join([head.getvalue(), data.reshape(-1).view(np.uint8).data])
 
 
 def _read_header(tensor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:

@@ -29,6 +29,7 @@ from ..messages import (
     Status,
 )
 from ..typing import Scalar
+from . import _fast
 from ._pb import stamen_transport_pb2 as pb
 
 __all__ = ["decode_instruction", "decode_reply", "encode_instruction", "encode_reply"]
@@ -97,8 +98,22 @@ def _get_status(source: Any) -> Status:
 # --- server -> client --------------------------------------------------------------------
 
 
+def _with_parameters(outer: int, small: bytes, field: int, parameters: Parameters) -> bytes:
+    """``outer`` field holding a message made of ``small`` plus ``parameters`` at ``field``,
+    joined with one copy of the tensors."""
+    chunks, size = _fast.parameters_chunks(parameters)
+    head = _fast.length_delimited(field, size)
+    inner = len(small) + len(head) + size
+    return b"".join([_fast.length_delimited(outer, inner), small, head, *chunks])
+
+
 def encode_instruction(instruction: Instruction) -> bytes:
     """Serialize an instruction as a ``ServerMessage``."""
+    if isinstance(instruction, FitIns | EvaluateIns):
+        small: Any = pb.FitIns() if isinstance(instruction, FitIns) else pb.EvaluateIns()
+        _put_scalars(small.config, instruction.config)
+        outer = 4 if isinstance(instruction, FitIns) else 5
+        return _with_parameters(outer, small.SerializeToString(), 1, instruction.parameters)
     msg = pb.ServerMessage()
     if isinstance(instruction, FitIns):
         _put_parameters(msg.fit_ins.parameters, instruction.parameters)
@@ -119,12 +134,55 @@ def encode_instruction(instruction: Instruction) -> bytes:
     return msg.SerializeToString()
 
 
+def _split_parameters(
+    data: bytes, carriers: dict[int, Any], field: int
+) -> tuple[int, Parameters, Any] | None:
+    """Fast path: ``data`` is one top-level field in ``carriers`` holding one Parameters at
+    ``field``. Returns (top-level field, Parameters, the carrier parsed without it)."""
+    view = memoryview(data)
+    try:
+        top = list(_fast.split_fields(view, 0, len(view)))
+        if len(top) != 1 or top[0][0] not in carriers or top[0][1] != 2:
+            return None
+        outer, _, _, start, end = top[0]
+        rest: list[memoryview] = []
+        parameters = None
+        for number, wire, tag_start, value_start, value_end in _fast.split_fields(view, start, end):
+            if number == field:
+                if wire != 2 or parameters is not None:
+                    return None
+                parameters = _fast.read_parameters(view, value_start, value_end)
+                if parameters is None:
+                    return None
+            else:
+                rest.append(view[tag_start:value_end])
+        carrier = carriers[outer]()
+        carrier.ParseFromString(b"".join(rest))
+    except Exception:  # anything unusual: let protobuf decide
+        return None
+    if parameters is None:
+        parameters = Parameters(tensors=[], tensor_type="")
+    return outer, parameters, carrier
+
+
 def decode_instruction(data: bytes) -> Instruction:
     """Parse ``ServerMessage`` bytes.
 
     Raises:
         DecodeError: the bytes are not a valid ServerMessage with one instruction set.
     """
+    fast = _split_parameters(data, {4: pb.FitIns, 5: pb.EvaluateIns}, 1)
+    if fast is not None:
+        outer, parameters, carrier = fast
+        try:
+            config = _get_scalars(carrier.config)
+            if outer == 4:
+                return FitIns(parameters, config)
+            return EvaluateIns(parameters, config)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
     msg = pb.ServerMessage()
     try:
         msg.ParseFromString(data)
@@ -154,6 +212,15 @@ def decode_instruction(data: bytes) -> Instruction:
 
 def encode_reply(reply: Reply) -> bytes:
     """Serialize a reply as a ``ClientMessage``."""
+    if isinstance(reply, FitRes):
+        fit = pb.FitRes(num_examples=reply.num_examples)
+        _put_status(fit.status, reply.status)
+        _put_scalars(fit.metrics, reply.metrics)
+        return _with_parameters(4, fit.SerializeToString(), 2, reply.parameters)
+    if isinstance(reply, GetParametersRes):
+        res = pb.GetParametersRes()
+        _put_status(res.status, reply.status)
+        return _with_parameters(3, res.SerializeToString(), 2, reply.parameters)
     msg = pb.ClientMessage()
     if isinstance(reply, FitRes):
         res = msg.fit_res
@@ -188,6 +255,20 @@ def decode_reply(data: bytes) -> Reply:
     Raises:
         DecodeError: the bytes are not a valid ClientMessage with one reply set.
     """
+    fast = _split_parameters(data, {4: pb.FitRes, 3: pb.GetParametersRes}, 2)
+    if fast is not None:
+        outer, parameters, carrier = fast
+        try:
+            status = _get_status(carrier.status)
+            if outer == 4:
+                return FitRes(
+                    status, parameters, carrier.num_examples, _get_scalars(carrier.metrics)
+                )
+            return GetParametersRes(status, parameters)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"invalid ClientMessage ({len(data)} bytes): {exc}") from exc
     msg = pb.ClientMessage()
     try:
         msg.ParseFromString(data)

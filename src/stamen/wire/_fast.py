@@ -1,0 +1,117 @@
+"""Copy-lean encoding and decoding of the messages that carry model tensors.
+
+protobuf copies every tensor into its own buffers on the way in and on the way out (about
+0.3-0.6 GB/s for a large model here). The tensors are opaque bytes, so this module writes
+and reads their fields directly, byte-compatible with protobuf's encoding: a message with
+tensors is ``join(small parts encoded by protobuf, tensor field headers, tensors)`` (one
+copy), and decoding slices the tensors out of the received bytes (one copy each), handing
+only the small remainder to protobuf. Anything unusual (fields repeated, unexpected wire
+types) falls back to the plain protobuf path, so semantics never differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..errors import DecodeError
+from ..messages import Parameters
+
+__all__ = ["length_delimited", "parameters_chunks", "read_parameters", "split_fields", "varint"]
+
+_LEN = 2
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def length_delimited(field: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field whose payload is ``length`` bytes."""
+    return varint(field << 3 | _LEN) + varint(length)
+
+
+def parameters_chunks(parameters: Parameters) -> tuple[list[bytes], int]:
+    """The encoded ``Parameters`` message as chunks (tensors not copied), and its size."""
+    chunks: list[bytes] = []
+    size = 0
+    for tensor in parameters.tensors:
+        head = length_delimited(1, len(tensor))
+        chunks += (head, tensor)
+        size += len(head) + len(tensor)
+    if parameters.tensor_type:
+        kind = parameters.tensor_type.encode("utf-8")
+        head = length_delimited(2, len(kind))
+        chunks += (head, kind)
+        size += len(head) + len(kind)
+    return chunks, size
+
+
+def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise DecodeError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def split_fields(
+    data: memoryview, start: int, end: int
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """Walk a message's fields: ``(field, wire_type, tag_start, value_start, value_end)``.
+
+    Raises:
+        DecodeError: truncated data, a group, or an unknown wire type.
+    """
+    pos = start
+    while pos < end:
+        tag_start = pos
+        tag, pos = _read_varint(data, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise DecodeError("field number 0")
+        if wire == 0:
+            _, value_end = _read_varint(data, pos, end)
+        elif wire == 1:
+            value_end = pos + 8
+        elif wire == _LEN:
+            length, pos = _read_varint(data, pos, end)
+            value_end = pos + length
+        elif wire == 5:
+            value_end = pos + 4
+        else:
+            raise DecodeError(f"unsupported wire type {wire}")
+        if value_end > end:
+            raise DecodeError("truncated field")
+        yield field, wire, tag_start, pos, value_end
+        pos = value_end
+
+
+def read_parameters(data: memoryview, start: int, end: int) -> Parameters | None:
+    """Decode a ``Parameters`` message in ``data[start:end]``; None if it needs protobuf."""
+    tensors: list[bytes] = []
+    tensor_type = ""
+    for field, wire, _, value_start, value_end in split_fields(data, start, end):
+        if field == 1 and wire == _LEN:
+            tensors.append(data[value_start:value_end].tobytes())
+        elif field == 2 and wire == _LEN:
+            try:
+                tensor_type = str(data[value_start:value_end], "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DecodeError(f"Parameters.tensor_type is not UTF-8: {exc}") from exc
+        else:
+            return None
+    return Parameters(tensors=tensors, tensor_type=tensor_type)
