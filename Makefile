@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FLWR_VENV := .venv-flwr
 FLWR_VERSION := 1.12.0
 
-.PHONY: demo test lint typecheck pytest proto interop-venv clean
+.PHONY: demo test lint typecheck pytest proto interop-venv bench-simulation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,23 @@ $(FLWR_VENV)/.installed:
 
 interop-venv: $(FLWR_VENV)/.installed
 
+# Flower with its Ray simulation extra, for bench/simulation only.
+FLWR_SIM_VENV := .venv-flwr-sim
+$(FLWR_SIM_VENV)/.installed:
+	$(PYTHON) -m venv $(FLWR_SIM_VENV)
+	$(FLWR_SIM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLWR_SIM_VENV)/bin/python -m pip install -q 'flwr[simulation]==$(FLWR_VERSION)'
+	touch $@
+
+bench-simulation: $(VENV)/.dev-installed $(FLWR_SIM_VENV)/.installed
+	STAMEN_FLWR_SIM_PYTHON=$(CURDIR)/$(FLWR_SIM_VENV)/bin/python $(BIN)/python bench/simulation/run.py --repeat 3
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/stamen demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts bench
+	$(BIN)/ruff format --check src tests scripts bench
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy

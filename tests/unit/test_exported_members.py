@@ -53,6 +53,7 @@ MODULES = {
     "stamen.server.strategy": True,
     "stamen.common": True,
     "stamen.wire": True,
+    "stamen.simulation": True,
     "stamen.protocol": True,
     "stamen.testing": True,
     "stamen.transport": True,

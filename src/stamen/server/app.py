@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..client.app import GRPC_MAX_MESSAGE_LENGTH, parse_address
 from ..errors import ConfigError
+from .checkpoint import Checkpointer
 from .client_manager import ClientManager, SimpleClientManager
 from .fleet.auth import AuthorizedKeys, NodeAuthenticator
 from .fleet.service import FleetService
@@ -74,6 +75,7 @@ def start_server(
     require_client_certificate: bool = False,
     authorized_keys: Iterable[ec.EllipticCurvePublicKey] | str | os.PathLike[str] | None = None,
     auth_window: float = 60.0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> History:
     """Serve client nodes on ``server_address`` and run the configured rounds.
 
@@ -97,6 +99,9 @@ def start_server(
             allowed to connect, as keys or the path of a file of PEM / OpenSSH keys (read
             again when it changes). Nodes sign each request with ``authentication_keys``.
         auth_window: Seconds a signed request stays valid (and its nonce remembered).
+        checkpoint_dir: Crash safety (Stamen): after every round, the global parameters,
+            round, History and strategy state are written atomically here; a server started
+            again with the same folder resumes after the newest good checkpoint.
 
     Returns:
         The run's :class:`History`. Every client is sent ``ReconnectIns(0)`` at the end, so
@@ -110,6 +115,8 @@ def start_server(
     if rest_address is not None:
         parse_address(rest_address)
     server, config = init_defaults(server, config, strategy, client_manager)
+    if checkpoint_dir is not None:
+        server.checkpointer = Checkpointer(checkpoint_dir)
     service = FleetService(
         server.client_manager(),
         address=server_address,

@@ -20,6 +20,7 @@ from ..messages import (
     Reply,
 )
 from ..typing import Scalar
+from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
 from .client_proxy import ClientProxy
 from .history import History
@@ -103,7 +104,14 @@ def run_instructions(
 class Server:
     """Runs a strategy's rounds over the clients of a client manager."""
 
-    def __init__(self, *, client_manager: ClientManager, strategy: Strategy | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client_manager: ClientManager,
+        strategy: Strategy | None = None,
+        checkpointer: Checkpointer | None = None,
+    ) -> None:
+        self.checkpointer = checkpointer
         self._client_manager = client_manager
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")
@@ -122,12 +130,15 @@ class Server:
         return self._client_manager
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        """Run ``num_rounds`` rounds; return the History and the elapsed seconds."""
-        history = History()
+        """Run ``num_rounds`` rounds; return the History and the elapsed seconds.
+
+        With a checkpointer, the run resumes after the newest good checkpoint (global
+        parameters, History and strategy state as they were), and a checkpoint is written
+        after every round.
+        """
         start = time.monotonic()
-        self.parameters = self._get_initial_parameters(timeout)
-        self._evaluate_centralized(0, history)
-        for server_round in range(1, num_rounds + 1):
+        history, first_round = self._start_or_resume(timeout)
+        for server_round in range(first_round, num_rounds + 1):
             fitted = self.fit_round(server_round, timeout)
             if fitted is not None:
                 parameters, fit_metrics, _ = fitted
@@ -141,9 +152,24 @@ class Server:
                 if loss is not None:
                     history.add_loss_distributed(server_round, loss)
                     history.add_metrics_distributed(server_round, eval_metrics)
+            if self.checkpointer is not None:
+                state = self.strategy.state_dict()
+                self.checkpointer.save(Checkpoint(server_round, self.parameters, history, state))
         elapsed = time.monotonic() - start
         logger.info("run finished: %d round(s) in %.2f s", num_rounds, elapsed)
         return history, elapsed
+
+    def _start_or_resume(self, timeout: float | None) -> tuple[History, int]:
+        resumed = None if self.checkpointer is None else self.checkpointer.load_latest()
+        if resumed is None:
+            history = History()
+            self.parameters = self._get_initial_parameters(timeout)
+            self._evaluate_centralized(0, history)
+            return history, 1
+        self.strategy.load_state_dict(resumed.strategy_state)
+        self.parameters = resumed.parameters
+        logger.info("resuming after round %d from a checkpoint", resumed.server_round)
+        return resumed.history, resumed.server_round + 1
 
     def _evaluate_centralized(self, server_round: int, history: History) -> None:
         result = self.strategy.evaluate(server_round, parameters=self.parameters)

@@ -1,45 +1,50 @@
-"""Federated Averaging (FedAvg)."""
+"""Federated Averaging (FedAvg), and the round skeleton the FedAvg family shares."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
-from ...errors import ConfigError, DecodeError, RunError
-from ...messages import Code, EvaluateIns, FitIns, Parameters
+from ...errors import ConfigError, RunError
+from ...messages import EvaluateIns, FitIns, Parameters
 from ...ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
-from ...typing import Config, MetricsAggregationFn, NDArrays, Scalar
+from ...typing import Config, Metrics, MetricsAggregationFn, NDArrays, Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
-from .aggregate import aggregate, weighted_loss_avg
+from ._checks import check_count, check_fraction
+from .aggregate import WeightedSum, weighted_loss_avg
 from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults, Strategy
+from .validate import CheckedFitResults, ModelLayout, validate_evaluate_results
 
-__all__ = ["FedAvg"]
+__all__ = ["EvaluateFn", "FedAvg", "fit_results_of", "no_valid_result"]
 
 logger = logging.getLogger("stamen.server")
 
 EvaluateFn = Callable[[int, NDArrays, Config], tuple[float, dict[str, Scalar]] | None]
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name}: expected a number in [0, 1], received {value!r}")
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name}: expected an int >= 0, received {value!r}")
+"""``evaluate_fn(server_round, ndarrays, config) -> (loss, metrics) | None``."""
 
 
 class FedAvg(Strategy):
-    """Federated Averaging: the weighted mean of client models.
+    """Federated Averaging: the mean of the client models, weighted by their examples.
 
-    ``w_{t+1} = sum_k n_k w_k / sum_k n_k`` over the clients k of round t, where ``n_k`` is
-    the number of examples client k trained on. McMahan et al., "Communication-Efficient
-    Learning of Deep Networks from Decentralized Data", AISTATS 2017.
+    ``w_{t+1} = sum_k n_k w_k / sum_k n_k`` over the clients ``k`` of round ``t``, where
+    ``n_k`` is the number of examples client ``k`` trained on.
+
+    Paper: McMahan et al., "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data", AISTATS 2017 (arXiv:1602.05629).
 
     Keywords and defaults are Flower 1.12's. Each round samples
     ``max(int(available * fraction), min_clients)`` clients.
+
+    Beyond Flower:
+
+    * Results are checked before aggregation (:mod:`~stamen.server.strategy.validate`): a
+      result whose arrays do not match the global model, hold NaN/Inf, or that reports
+      ``num_examples <= 0`` is refused and logged, and counts as a failure.
+    * Memory: the mean is a running float64 sum, one accumulator whatever the number of
+      results; each layer keeps its dtype.
+    * If no result can be aggregated (all refused, e.g. all report 0 examples), the round
+      logs why and keeps the old model instead of dividing by zero.
 
     Args:
         fraction_fit: Fraction of available clients sampled for training.
@@ -51,9 +56,11 @@ class FedAvg(Strategy):
             centralized evaluation.
         on_fit_config_fn: ``fn(server_round) -> config`` sent with each FitIns.
         on_evaluate_config_fn: ``fn(server_round) -> config`` sent with each EvaluateIns.
-        accept_failures: If False, a round with any failure is not aggregated.
-        initial_parameters: Initial global model (None: ask one client).
-        fit_metrics_aggregation_fn: Aggregates ``[(num_examples, metrics)]`` of fits.
+        accept_failures: If False, a round with any failure — including a result refused
+            by the checks — is not aggregated.
+        initial_parameters: Initial global model (None: the server asks one client).
+        fit_metrics_aggregation_fn: Aggregates ``[(num_examples, metrics)]`` of the
+            accepted fit results (see :func:`~stamen.server.strategy.weighted_average`).
         evaluate_metrics_aggregation_fn: The same for evaluations.
         inplace: Accepted for compatibility; aggregation always uses one running sum.
     """
@@ -75,11 +82,11 @@ class FedAvg(Strategy):
         evaluate_metrics_aggregation_fn: MetricsAggregationFn | None = None,
         inplace: bool = True,
     ) -> None:
-        _check_fraction("fraction_fit", fraction_fit)
-        _check_fraction("fraction_evaluate", fraction_evaluate)
-        _check_count("min_fit_clients", min_fit_clients)
-        _check_count("min_evaluate_clients", min_evaluate_clients)
-        _check_count("min_available_clients", min_available_clients)
+        check_fraction("fraction_fit", fraction_fit)
+        check_fraction("fraction_evaluate", fraction_evaluate)
+        check_count("min_fit_clients", min_fit_clients)
+        check_count("min_evaluate_clients", min_evaluate_clients)
+        check_count("min_available_clients", min_available_clients)
         if initial_parameters is not None and not isinstance(initial_parameters, Parameters):
             raise ConfigError(
                 "initial_parameters: expected Parameters (see ndarrays_to_parameters), "
@@ -106,9 +113,14 @@ class FedAvg(Strategy):
         self.fit_metrics_aggregation_fn = fit_metrics_aggregation_fn
         self.evaluate_metrics_aggregation_fn = evaluate_metrics_aggregation_fn
         self.inplace = inplace
+        # The global model of the current round (until its layout is taken), and its layout.
+        self._global: Parameters | None = initial_parameters
+        self._layout: ModelLayout | None = None
 
     def __repr__(self) -> str:
-        return f"FedAvg(accept_failures={self.accept_failures})"
+        return f"{type(self).__name__}(accept_failures={self.accept_failures})"
+
+    # --- sampling and instructions --------------------------------------------------------
 
     def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
         """Return (sample size, minimum number of available clients) for training."""
@@ -137,7 +149,12 @@ class FedAvg(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample clients; every one gets the same FitIns (encoded once)."""
+        """Sample clients; every one gets the same FitIns (encoded once).
+
+        The global model is remembered: the results of the round are checked against its
+        layout.
+        """
+        self.observe_global_model(parameters)
         config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {}
         fit_ins = FitIns(parameters, config)
         sample_size, min_num = self.num_fit_clients(client_manager.num_available())
@@ -156,10 +173,35 @@ class FedAvg(Strategy):
         clients = client_manager.sample(num_clients=sample_size, min_num_clients=min_num)
         return [(client, evaluate_ins) for client in clients]
 
+    # --- the global model's layout ---------------------------------------------------------
+
+    def observe_global_model(self, parameters: Parameters) -> None:
+        """Remember the global model sent this round; results are checked against it.
+
+        Only a reference is kept; its layout is taken (one decoding) when the round's
+        results are checked, and the reference is dropped then.
+        """
+        self._global = parameters
+        self._layout = None
+
+    def reference_layout(self) -> ModelLayout | None:
+        """The layout of the current global model; None if unknown, empty or not NumPy."""
+        if self._global is not None:
+            self._layout = ModelLayout.of_parameters(self._global)
+            self._global = None
+        return self._layout
+
+    # --- aggregation -----------------------------------------------------------------------
+
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Weighted mean of the results' parameters; fit metrics through the hook."""
+        """Check the results, aggregate the valid ones, aggregate their metrics.
+
+        Returns ``(None, {})`` — keep the current model — when there are no results, when
+        ``accept_failures=False`` and there is a failure (or a refused result), or when no
+        result is valid (the reason is logged).
+        """
         if not results:
             return None, {}
         if not self.accept_failures and failures:
@@ -169,44 +211,135 @@ class FedAvg(Strategy):
                 len(failures),
             )
             return None, {}
-        decoded: list[tuple[NDArrays, int]] = []
-        for proxy, fit_res in results:
-            if fit_res.status.code != Code.OK:
-                continue
-            try:
-                decoded.append((parameters_to_ndarrays(fit_res.parameters), fit_res.num_examples))
-            except DecodeError as exc:
-                logger.warning("round %s: dropping result of %s: %s", server_round, proxy.cid, exc)
-        if not decoded:
+        checked = CheckedFitResults(
+            server_round,
+            results,
+            failures,
+            self.reference_layout(),
+            stop_on_refusal=not self.accept_failures,
+        )
+        try:
+            aggregated = self.aggregate_checked(server_round, checked)
+        except RunError as exc:
+            error: RunError | None = exc
+        else:
+            error = None
+        refusal = self.refuse_round(checked)
+        if refusal is not None:
+            logger.warning("round %s: not aggregating: %s", server_round, refusal)
+            return None, {}
+        if error is not None:
+            logger.error("round %s: not aggregating: %s", server_round, error)
+            return None, {}
+        if aggregated is None:
             return None, {}
         try:
-            parameters = ndarrays_to_parameters(aggregate(decoded))
+            updated = self.server_update(server_round, aggregated)
         except RunError as exc:
-            logger.error("round %s: cannot aggregate: %s", server_round, exc)
+            logger.error("round %s: not aggregating: %s", server_round, exc)
             return None, {}
-        metrics: dict[str, Scalar] = {}
-        if self.fit_metrics_aggregation_fn is not None:
-            metrics = self.fit_metrics_aggregation_fn(
-                [(r.num_examples, r.metrics) for _, r in results]
-            )
-        return parameters, metrics
+        return ndarrays_to_parameters(updated), self.aggregate_fit_metrics(checked.accepted)
+
+    def refuse_round(self, checked: CheckedFitResults) -> str | None:
+        """Why the round must not be aggregated after the checks, or None."""
+        if checked.stopped:
+            return "a result was refused and accept_failures=False"
+        return None
+
+    def aggregate_checked(self, server_round: int, checked: CheckedFitResults) -> NDArrays | None:
+        """The aggregation rule: here the weighted mean, as a running sum.
+
+        Subclasses change the rule here; ``checked`` yields the valid results, decoded. It
+        must not change the strategy's state: the round may still be refused after it
+        (see :meth:`refuse_round`); state changes belong in :meth:`server_update`.
+
+        Raises:
+            RunError: nothing can be aggregated (the reason is logged).
+        """
+        acc = WeightedSum()
+        for _, fit_res, arrays in checked:
+            acc.add(arrays, fit_res.num_examples)
+        if acc.count == 0:
+            raise RunError(no_valid_result(checked))
+        return acc.mean()
+
+    def server_update(self, server_round: int, aggregated: NDArrays) -> NDArrays:
+        """The server-side step from the aggregate to the new global model (here: none).
+
+        Called only for a round that is aggregated, so the state it updates (momentum,
+        optimizer moments) never sees a refused round. FedAvgM and FedOpt override it.
+
+        Raises:
+            RunError: the step cannot be taken (the reason is logged).
+        """
+        return aggregated
+
+    def aggregate_fit_metrics(self, accepted: FitResults) -> Metrics:
+        """``fit_metrics_aggregation_fn`` over the accepted results, or ``{}``."""
+        if self.fit_metrics_aggregation_fn is None:
+            return {}
+        return self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for _, r in accepted])
 
     def aggregate_evaluate(
         self, server_round: int, results: EvaluateResults, failures: EvaluateFailures
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Loss averaged by examples; evaluation metrics through the hook."""
+        """Loss averaged by examples over the valid results; metrics through the hook."""
         if not results:
             return None, {}
         if not self.accept_failures and failures:
             return None, {}
+        valid, all_failures = validate_evaluate_results(server_round, results, failures)
+        if not self.accept_failures and len(all_failures) > len(failures):
+            logger.warning(
+                "round %s: an evaluate result was refused and accept_failures=False: "
+                "not aggregating",
+                server_round,
+            )
+            return None, {}
+        refusal = self.refuse_evaluate_round(len(valid), len(all_failures))
+        if refusal is not None:
+            logger.warning("round %s: not aggregating the evaluation: %s", server_round, refusal)
+            return None, {}
         try:
-            loss = weighted_loss_avg([(r.num_examples, r.loss) for _, r in results])
+            loss = weighted_loss_avg([(r.num_examples, r.loss) for _, r in valid])
         except RunError as exc:
             logger.error("round %s: cannot average losses: %s", server_round, exc)
             return None, {}
         metrics: dict[str, Scalar] = {}
         if self.evaluate_metrics_aggregation_fn is not None:
             metrics = self.evaluate_metrics_aggregation_fn(
-                [(r.num_examples, r.metrics) for _, r in results]
+                [(r.num_examples, r.metrics) for _, r in valid]
             )
         return loss, metrics
+
+    def refuse_evaluate_round(self, num_valid: int, num_failures: int) -> str | None:
+        """Why the evaluation round must not be aggregated, or None."""
+        return None
+
+
+def no_valid_result(checked: CheckedFitResults) -> str:
+    """The error message of a round in which no result can be aggregated."""
+    total = len(checked.accepted) + len(checked.refused)
+    message = (
+        f"no valid result to aggregate: {len(checked.refused)} of {total} result(s) "
+        "were refused (the reasons are logged above)"
+    )
+    if checked.refused and checked.dtype_refusals == len(checked.refused):
+        message += (
+            "; every result differs from the global model only in dtype: build "
+            "initial_parameters with the dtypes the clients train in (e.g. "
+            "np.zeros(shape, dtype=np.float32)), or leave them out to take a client's"
+        )
+    return message
+
+
+def fit_results_of(checked: CheckedFitResults) -> list[tuple[NDArrays, int]]:
+    """All valid results as ``(ndarrays, num_examples)``, for rules that need them all.
+
+    Raises:
+        RunError: there is no valid result.
+    """
+    models = [(arrays, fit_res.num_examples) for _, fit_res, arrays in checked]
+    if not models:
+        raise RunError(no_valid_result(checked))
+    return models

@@ -8,6 +8,7 @@ from ...messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters
 from ...typing import Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
+from .state import StrategyState
 
 __all__ = ["Strategy"]
 
@@ -18,7 +19,28 @@ EvaluateFailures = list[tuple[ClientProxy, EvaluateRes] | BaseException]
 
 
 class Strategy(ABC):
-    """Decides which clients do what in each round, and how results are combined."""
+    """Decides which clients do what in each round, and how results are combined.
+
+    Besides Flower's six abstract methods, every strategy has :meth:`state_dict` and
+    :meth:`load_state_dict`: what it must remember across rounds (momentum, optimizer
+    moments, a clipping norm, ...) as a :class:`StrategyState`, so that a checkpoint can
+    save it and a restarted server resume exactly. A strategy that keeps no state between
+    rounds keeps the defaults (an empty state).
+    """
+
+    def state_dict(self) -> StrategyState:
+        """The state to save: arrays (saved as ``.npy``) and JSON values. Empty by default."""
+        return StrategyState()
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        The default accepts only an empty state.
+
+        Raises:
+            ConfigError: the state holds entries this strategy does not know.
+        """
+        state.check_keys(type(self).__name__, arrays=set(), values=set())
 
     @abstractmethod
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:

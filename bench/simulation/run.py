@@ -1,0 +1,255 @@
+"""Simulation benchmark: Stamen (threads, ray) against Flower 1.12's start_simulation.
+
+Runs each case in a fresh process, samples the memory of its whole process tree (the
+driver plus, on Ray, the raylet, GCS and worker processes) every 50 ms, and reports
+client-rounds per second and peak memory, with Stamen's figures as ratios to Flower's.
+
+Usage::
+
+    STAMEN_FLWR_SIM_PYTHON=/path/to/venv-with-flwr[simulation]==1.12.0/bin/python \\
+        .venv/bin/python bench/simulation/run.py [--clients 1000] [--rounds 10] \\
+        [--fraction 0.1] [--repeat 1] [--out bench/results/simulation.json]
+
+Without ``$STAMEN_FLWR_SIM_PYTHON`` only the Stamen cases run (no ratios). Stamen's cases
+run with this interpreter, which needs Stamen, Ray (``stamen[ray]``) and scikit-learn.
+Before timing, the Flower-style script of ``tests/integration/sim`` is run by both
+frameworks, and its output must match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SCRIPT = REPO / "tests" / "integration" / "sim" / "sim_flower_script.py"
+CASES = [("stamen", "threads"), ("stamen", "ray"), ("flwr", "ray")]
+TIMEOUT = 1800.0
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size of one process (shared pages split between their users)."""
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class _TreeSampler:
+    """Samples the total PSS of a process tree until stopped; keeps the peak."""
+
+    def __init__(self, root: int, period: float = 0.05) -> None:
+        self.root, self.period = root, period
+        self.peak_kb = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = _tree(self.root)
+            self.peak_kb = max(self.peak_kb, sum(_pss_kb(p) for p in pids))
+            self.peak_processes = max(self.peak_processes, len(pids))
+            self._stop.wait(self.period)
+
+
+def _env(data: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    env["STAMEN_BENCH_DIGITS"] = str(data)
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+def run_case(
+    python: str, framework: str, backend: str, args: argparse.Namespace, data: Path
+) -> dict[str, Any]:
+    """One case in a fresh process; its JSON line plus the tree's peak memory."""
+    command = [python, str(HERE / "case.py"), framework, backend]
+    command += [str(args.clients), str(args.rounds), str(args.fraction)]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=log, text=True, env=_env(data)
+        )
+        with _TreeSampler(proc.pid) as sampler:
+            out, _ = proc.communicate(timeout=TIMEOUT)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{framework}/{backend} failed:\n{log.read()[-4000:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["tree_peak_pss_kb"] = sampler.peak_kb
+    result["tree_peak_processes"] = sampler.peak_processes
+    result["client_rounds_per_s"] = result["client_rounds"] / result["round_seconds"]
+    result["client_rounds_per_s_with_startup"] = result["client_rounds"] / result["total_seconds"]
+    return result
+
+
+def check_same_output(flwr_python: str) -> str:
+    """The Flower-style script prints the same with Stamen and with Flower 1.12."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flower_copy = Path(tmp) / "flower_script.py"
+        flower_copy.write_text(
+            SCRIPT.read_text().replace("import stamen as fl", "import flwr as fl")
+        )
+        outputs = {}
+        for name, python, script in (
+            ("stamen", sys.executable, SCRIPT),
+            ("flwr", flwr_python, flower_copy),
+        ):
+            done = subprocess.run(
+                [python, str(script)], capture_output=True, text=True, timeout=600, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} could not run {SCRIPT.name}:\n{done.stderr[-4000:]}")
+            outputs[name] = done.stdout
+    if outputs["stamen"] != outputs["flwr"]:
+        raise RuntimeError(f"the script's output differs: {outputs}")
+    return outputs["stamen"]
+
+
+def _write_digits(path: Path) -> None:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    np.savez(path, x=np.asarray(x, dtype=np.float64) / 16.0, y=np.asarray(y, dtype=np.intp))
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repetition with the median throughput (all repetitions are kept in the JSON)."""
+    ordered = sorted(results, key=lambda r: r["client_rounds_per_s"])
+    return ordered[len(ordered) // 2]
+
+
+def main() -> None:
+    """Run every case, print a table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "simulation.json")
+    args = parser.parse_args()
+    flwr_python = os.environ.get("STAMEN_FLWR_SIM_PYTHON")
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "workload": {
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "fraction": args.fraction,
+            "client_resources": {"num_cpus": 1},
+        },
+        "cases": {},
+    }
+    if flwr_python:
+        report["same_output_as_flower"] = check_same_output(flwr_python)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "digits.npz"
+        _write_digits(data)
+        for framework, backend in CASES:
+            if framework == "flwr" and not flwr_python:
+                continue
+            python = flwr_python if framework == "flwr" else sys.executable
+            runs = [run_case(python, framework, backend, args, data) for _ in range(args.repeat)]
+            report["cases"][f"{framework}/{backend}"] = {"median": _median(runs), "runs": runs}
+            print(f"done: {framework}/{backend}", file=sys.stderr, flush=True)
+    _ratios(report)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(_table(report))
+
+
+def _ratios(report: dict[str, Any]) -> None:
+    flower = report["cases"].get("flwr/ray", {}).get("median")
+    if flower is None:
+        return
+    for name, case in report["cases"].items():
+        if name.startswith("stamen/"):
+            median = case["median"]
+            case["vs_flower"] = {
+                "client_rounds_per_s": median["client_rounds_per_s"]
+                / flower["client_rounds_per_s"],
+                "client_rounds_per_s_with_startup": median["client_rounds_per_s_with_startup"]
+                / flower["client_rounds_per_s_with_startup"],
+                "tree_peak_pss": median["tree_peak_pss_kb"] / flower["tree_peak_pss_kb"],
+                "driver_peak": median["driver_peak_kb"] / flower["driver_peak_kb"],
+            }
+
+
+_COLUMNS = (
+    "case",
+    "client-rounds/s (rounds only)",
+    "client-rounds/s (with start-up)",
+    "total s",
+    "peak PSS, all processes (MiB)",
+    "driver peak RSS (MiB)",
+    "final accuracy",
+)
+
+
+def _cell(value: float, ratio: dict[str, float] | None, key: str, digits: int = 1) -> str:
+    text = f"{value:.{digits}f}"
+    return f"{text} ({ratio[key]:.2f}x)" if ratio else text
+
+
+def _table(report: dict[str, Any]) -> str:
+    rows = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for name, case in report["cases"].items():
+        m, ratio = case["median"], case.get("vs_flower")
+        cells = [
+            name,
+            _cell(m["client_rounds_per_s"], ratio, "client_rounds_per_s"),
+            _cell(m["client_rounds_per_s_with_startup"], ratio, "client_rounds_per_s_with_startup"),
+            f"{m['total_seconds']:.1f}",
+            _cell(m["tree_peak_pss_kb"] / 1024, ratio, "tree_peak_pss", 0),
+            _cell(m["driver_peak_kb"] / 1024, ratio, "driver_peak", 0),
+            f"{m['final_accuracy']:.3f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Helpers for strategies that keep models as state (float64 copies, layout checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import ConfigError, DecodeError, RunError
+from ...messages import Parameters
+from ...ndarrays import parameters_to_ndarrays
+from ...typing import NDArrays
+from .aggregate import cast_like
+from .state import StrategyState
+
+__all__ = ["as_work", "cast_all", "check_same_layout", "decode_model", "load_arrays"]
+
+
+def as_work(ndarrays: NDArrays) -> NDArrays:
+    """Copies of ``ndarrays`` in float64 (complex128 for complex layers)."""
+    return [np.array(a, dtype=np.result_type(a.dtype, np.float64)) for a in ndarrays]
+
+
+def cast_all(ndarrays: NDArrays, like: NDArrays) -> NDArrays:
+    """``ndarrays`` cast to the dtypes of ``like``, layer by layer."""
+    return [cast_like(a, b.dtype) for a, b in zip(ndarrays, like, strict=True)]
+
+
+def check_same_layout(what: str, got: NDArrays, expected: NDArrays) -> None:
+    """Raise RunError unless ``got`` has the shapes of ``expected``."""
+    if [a.shape for a in got] != [a.shape for a in expected]:
+        raise RunError(
+            f"{what}: the aggregate has layers {[a.shape for a in got]}, but the strategy's "
+            f"model has {[a.shape for a in expected]}"
+        )
+
+
+def decode_model(name: str, parameters: Parameters) -> NDArrays:
+    """Decode a model given as an argument; ConfigError if it is not NumPy ``.npy``."""
+    try:
+        return parameters_to_ndarrays(parameters)
+    except DecodeError as exc:
+        raise ConfigError(f"{name}: expected NumPy parameters: {exc}") from exc
+
+
+def load_arrays(owner: str, state: StrategyState, name: str) -> NDArrays | None:
+    """A float64 copy of ``state.arrays[name]``, or None if absent."""
+    arrays = state.arrays.get(name)
+    if arrays is None:
+        return None
+    for array in arrays:
+        if not np.issubdtype(array.dtype, np.number):
+            raise ConfigError(
+                f"{owner}.load_state_dict: {name} must hold numeric arrays, received {array.dtype}"
+            )
+    return as_work(arrays)

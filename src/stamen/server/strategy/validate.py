@@ -1,0 +1,286 @@
+"""Checking client results before aggregation: the one place where bad results are refused.
+
+Every strategy passes its results through here, so a bad result is handled the same way
+everywhere: it is **refused** — moved from the results to the failures as an
+:class:`InvalidResult` naming the client and the reason, and logged — never averaged in,
+and never a crash. A fit result is refused when:
+
+* its status is not OK;
+* it reports ``num_examples <= 0``;
+* its tensors do not decode as ``.npy`` arrays;
+* its arrays do not match the reference layout (the global model's number of arrays,
+  shapes and dtypes);
+* a floating-point array holds NaN or Inf.
+
+**The reference layout** is the layout of the global model the strategy sent to the
+clients (FedAvg records it in ``configure_fit``, and from ``initial_parameters``). When
+there is none — ``aggregate_fit`` called without ``configure_fit``, or an empty global
+model — the results are checked against each other instead: the layout shared by the most
+results (the earliest on a tie) is the reference, and the results of other layouts are
+refused. That costs one more decoding pass over the results.
+
+An evaluate result is refused when its status is not OK, it reports ``num_examples < 0``,
+or its loss is NaN or Inf. (A client with no test data may report 0 examples: its loss then
+weighs nothing.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...errors import DecodeError, ProtocolError
+from ...messages import Code, EvaluateRes, FitRes, Parameters
+from ...ndarrays import parameters_to_ndarrays
+from ...typing import NDArrays
+from ..client_proxy import ClientProxy
+from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults
+
+__all__ = [
+    "CheckedFitResults",
+    "InvalidResult",
+    "ModelLayout",
+    "refuse_result",
+    "validate_evaluate_results",
+    "validate_fit_results",
+]
+
+logger = logging.getLogger("stamen.server")
+
+
+class InvalidResult(ProtocolError):
+    """A client's result that a strategy refused; it counts as a failure of the round.
+
+    Attributes:
+        proxy: The client that sent it.
+        result: The refused ``FitRes`` or ``EvaluateRes``.
+        reason: Why it was refused.
+    """
+
+    def __init__(self, proxy: ClientProxy, result: FitRes | EvaluateRes, reason: str) -> None:
+        super().__init__(f"result of client {proxy.cid} refused: {reason}")
+        self.proxy = proxy
+        self.result = result
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The number, shapes and dtypes of a model's arrays."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype[Any], ...]
+
+    @classmethod
+    def of(cls, ndarrays: NDArrays) -> ModelLayout:
+        """The layout of ``ndarrays``."""
+        return cls(tuple(a.shape for a in ndarrays), tuple(a.dtype for a in ndarrays))
+
+    @classmethod
+    def of_parameters(cls, parameters: Parameters) -> ModelLayout | None:
+        """The layout of NumPy ``parameters``; None if empty or not NumPy ``.npy`` tensors."""
+        try:
+            ndarrays = parameters_to_ndarrays(parameters)
+        except DecodeError:
+            return None
+        return cls.of(ndarrays) if ndarrays else None
+
+    def differs_only_in_dtype(self, ndarrays: NDArrays) -> bool:
+        """True if ``ndarrays`` has this layout's shapes but not all of its dtypes."""
+        return [a.shape for a in ndarrays] == list(self.shapes) and any(
+            a.dtype != dtype for a, dtype in zip(ndarrays, self.dtypes, strict=True)
+        )
+
+    def mismatch(self, ndarrays: NDArrays) -> str | None:
+        """None if ``ndarrays`` has this layout, else what differs (first difference)."""
+        if len(ndarrays) != len(self.shapes):
+            return f"{len(ndarrays)} arrays, expected {len(self.shapes)} (the global model's)"
+        for index, (array, shape, dtype) in enumerate(
+            zip(ndarrays, self.shapes, self.dtypes, strict=True)
+        ):
+            if array.shape != shape or array.dtype != dtype:
+                return (
+                    f"array {index} is {array.dtype}{list(array.shape)}, expected "
+                    f"{dtype}{list(shape)} (the global model's)"
+                )
+        return None
+
+
+def _non_finite(ndarrays: NDArrays) -> str | None:
+    for index, array in enumerate(ndarrays):
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            nans = int(np.isnan(array).sum())
+            infs = int(np.isinf(array).sum())
+            return f"array {index} holds {nans} NaN and {infs} Inf values"
+    return None
+
+
+def refuse_result(
+    server_round: int, proxy: ClientProxy, result: FitRes | EvaluateRes, reason: str
+) -> InvalidResult:
+    """Log that ``result`` is refused and why; return the failure that stands for it."""
+    kind = "fit" if isinstance(result, FitRes) else "evaluate"
+    logger.warning(
+        "round %s: refusing the %s result of client %s: %s", server_round, kind, proxy.cid, reason
+    )
+    return InvalidResult(proxy, result, reason)
+
+
+def _decode(fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
+    """(arrays, None) or (None, why not), for the checks that need no reference."""
+    if fit_res.status.code != Code.OK:
+        return None, f"status {fit_res.status.code.name}: {fit_res.status.message}"
+    if fit_res.num_examples <= 0:
+        return None, f"num_examples={fit_res.num_examples}; a fit result needs at least 1 example"
+    try:
+        return parameters_to_ndarrays(fit_res.parameters), None
+    except DecodeError as exc:
+        return None, f"parameters do not decode: {exc}"
+
+
+class CheckedFitResults:
+    """The valid results of a fit round, decoded one at a time as they are iterated.
+
+    Iterating yields ``(proxy, fit_res, ndarrays)`` for each valid result, in order; each
+    refused result is logged and appended to :attr:`failures` as an :class:`InvalidResult`.
+    Only one decoded model is alive at a time unless the caller keeps them. Iterate once.
+
+    Args:
+        server_round: The round, for the log.
+        results: The round's results.
+        failures: The round's failures; :attr:`failures` starts as a copy.
+        reference: The global model's layout; None: the most common layout of ``results``.
+        stop_on_refusal: Stop at the first refused result (for ``accept_failures=False``);
+            :attr:`stopped` then tells that the round must not be aggregated.
+
+    Attributes:
+        failures: The incoming failures, then the refused results.
+        accepted: The results yielded so far.
+        refused: The refused results.
+        stopped: True if iteration stopped at a refused result.
+        dtype_refusals: How many results were refused only for their dtypes.
+        reference: The layout the results are checked against.
+    """
+
+    def __init__(
+        self,
+        server_round: int,
+        results: Sequence[tuple[ClientProxy, FitRes]],
+        failures: FitFailures,
+        reference: ModelLayout | None,
+        *,
+        stop_on_refusal: bool = False,
+    ) -> None:
+        self.server_round = server_round
+        self._results = results
+        self.failures: FitFailures = list(failures)
+        self.accepted: FitResults = []
+        self.refused: list[InvalidResult] = []
+        self.stopped = False
+        self.dtype_refusals = 0
+        self._stop_on_refusal = stop_on_refusal
+        self._iterated = False
+        self.reference = reference if reference is not None else self._majority_layout()
+
+    def _majority_layout(self) -> ModelLayout | None:
+        counts: Counter[ModelLayout] = Counter()
+        for _, fit_res in self._results:
+            arrays, _ = _decode(fit_res)
+            if arrays is not None:
+                counts[ModelLayout.of(arrays)] += 1
+        if not counts:
+            return None
+        layout, count = counts.most_common(1)[0]  # most_common keeps first-seen order on ties
+        if len(counts) > 1:
+            logger.warning(
+                "round %s: no global model to check results against; %d of %d results "
+                "share a layout, which is taken as the reference",
+                self.server_round,
+                count,
+                len(self._results),
+            )
+        return layout
+
+    def _check(self, fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
+        arrays, reason = _decode(fit_res)
+        if arrays is None:
+            return None, reason
+        if self.reference is not None:
+            reason = self.reference.mismatch(arrays)
+            if reason is not None:
+                if self.reference.differs_only_in_dtype(arrays):
+                    self.dtype_refusals += 1
+                return None, reason
+        reason = _non_finite(arrays)
+        return (None, reason) if reason is not None else (arrays, None)
+
+    def __iter__(self) -> Iterator[tuple[ClientProxy, FitRes, NDArrays]]:
+        if self._iterated:
+            raise RuntimeError("CheckedFitResults can be iterated only once")
+        self._iterated = True
+        for proxy, fit_res in self._results:
+            arrays, reason = self._check(fit_res)
+            if arrays is None:
+                refusal = refuse_result(self.server_round, proxy, fit_res, reason or "invalid")
+                self.refused.append(refusal)
+                self.failures.append(refusal)
+                if self._stop_on_refusal:
+                    self.stopped = True
+                    return
+                continue
+            self.accepted.append((proxy, fit_res))
+            yield proxy, fit_res, arrays
+
+
+def validate_fit_results(
+    server_round: int,
+    results: Sequence[tuple[ClientProxy, FitRes]],
+    failures: FitFailures,
+    reference: ModelLayout | NDArrays | None,
+) -> tuple[list[tuple[ClientProxy, FitRes, NDArrays]], FitFailures]:
+    """Decode and check every fit result at once (see the module docstring).
+
+    For rules that need all models anyway; streaming rules iterate
+    :class:`CheckedFitResults` instead.
+
+    Returns:
+        ``(valid, failures)``: the valid results with their decoded arrays, and the
+        incoming failures followed by an :class:`InvalidResult` per refused result.
+    """
+    layout = ModelLayout.of(reference) if isinstance(reference, list) else reference
+    checked = CheckedFitResults(server_round, results, failures, layout)
+    valid = list(checked)
+    return valid, checked.failures
+
+
+def validate_evaluate_results(
+    server_round: int,
+    results: Sequence[tuple[ClientProxy, EvaluateRes]],
+    failures: EvaluateFailures,
+) -> tuple[EvaluateResults, EvaluateFailures]:
+    """Refuse evaluate results with a non-OK status, ``num_examples < 0`` or a NaN/Inf loss.
+
+    Returns:
+        ``(valid, failures)`` as :func:`validate_fit_results`.
+    """
+    valid: EvaluateResults = []
+    out_failures: EvaluateFailures = list(failures)
+    for proxy, res in results:
+        reason = None
+        if res.status.code != Code.OK:
+            reason = f"status {res.status.code.name}: {res.status.message}"
+        elif res.num_examples < 0:
+            reason = f"num_examples={res.num_examples} is negative"
+        elif not math.isfinite(res.loss):
+            reason = f"loss is {res.loss}"
+        if reason is None:
+            valid.append((proxy, res))
+        else:
+            out_failures.append(refuse_result(server_round, proxy, res, reason))
+    return valid, out_failures

@@ -1,0 +1,267 @@
+"""``start_simulation``: run a strategy over many virtual client nodes on one machine or more.
+
+The run is the one a real deployment has: :func:`~stamen.server.app.init_defaults` builds
+the same :class:`~stamen.server.Server`, strategy and client manager, and
+:func:`~stamen.server.app.run_server` runs the same rounds. Only the client proxies differ:
+each registered node is a :class:`~stamen.simulation.VirtualClientProxy` whose calls run
+on a backend (see :mod:`stamen.simulation.backends`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..client.dispatch import normalize_client_fn
+from ..errors import ConfigError
+from ..server.app import init_defaults, run_server
+from ..server.client_manager import ClientManager, SimpleClientManager
+from ..server.history import History
+from ..server.server import Server, ServerConfig
+from ..server.strategy import Strategy
+from ._ray import RayBackend
+from .backends import Backend, SequentialBackend, ThreadsBackend
+from .proxy import EncodeCache, VirtualClientProxy
+
+__all__ = ["BACKENDS", "NUM_PARTITIONS_KEY", "PARTITION_ID_KEY", "start_simulation", "threads_for"]
+
+logger = logging.getLogger("stamen.simulation")
+
+BACKENDS = ("threads", "sequential", "ray")
+"""Names accepted by ``start_simulation(backend=...)``."""
+
+PARTITION_ID_KEY = "partition-id"
+"""Key of the node's partition index in ``Context.node_config`` (as in Flower)."""
+
+NUM_PARTITIONS_KEY = "num-partitions"
+"""Key of the number of partitions (virtual nodes) in ``Context.node_config``."""
+
+_SCHEDULING = ("DEFAULT", "SPREAD")
+_WAIT_FOR_CLIENTS = 1.0
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_for(client_resources: dict[str, float], total_cpus: float | None = None) -> int:
+    """Threads of the threads backend: how many clients of ``num_cpus`` fit the CPUs.
+
+    Args:
+        client_resources: Resources of one client; only ``num_cpus`` counts here.
+        total_cpus: CPUs to share (default: those this process may run on).
+    """
+    cpus = float(_cpu_count() if total_cpus is None else total_cpus)
+    per_client = float(client_resources.get("num_cpus", 1))
+    if per_client <= 0:
+        return max(1, math.floor(cpus))
+    return max(1, math.floor(cpus / per_client + 1e-9))
+
+
+def _check_resources(client_resources: object) -> dict[str, float]:
+    if client_resources is None:
+        return {"num_cpus": 1, "num_gpus": 0.0}
+    if not isinstance(client_resources, dict):
+        raise ConfigError(
+            "client_resources: expected a dict such as {'num_cpus': 1, 'num_gpus': 0.0}, "
+            f"received {type(client_resources).__name__}"
+        )
+    for key, value in client_resources.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"client_resources: expected str keys, received {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(
+                f"client_resources[{key!r}]: expected a number >= 0, received {value!r}"
+            )
+    resources = dict(client_resources)
+    resources.setdefault("num_cpus", 1)  # Flower warns and uses 1
+    return resources
+
+
+def _check_arguments(
+    num_clients: object,
+    clients_ids: object,
+    actor_type: object,
+    actor_kwargs: object,
+    actor_scheduling: object,
+    serialize: object,
+) -> int:
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ConfigError(f"num_clients: expected an int >= 1, received {num_clients!r}")
+    if clients_ids is not None:
+        raise ConfigError(
+            "clients_ids: not supported (as in Flower 1.12, where it ends the program): pass "
+            "num_clients; client_fn reads context.node_config['partition-id']"
+        )
+    for name, value in (("actor_type", actor_type), ("actor_kwargs", actor_kwargs)):
+        if value is not None:
+            raise ConfigError(
+                f"{name}: not supported: Stamen runs virtual client calls on actors of its own, "
+                "not in a Flower actor; pass client_resources for what one call needs"
+            )
+    if isinstance(actor_scheduling, str) and actor_scheduling not in _SCHEDULING:
+        raise ConfigError(
+            f"actor_scheduling: expected one of {list(_SCHEDULING)} or a Ray scheduling "
+            f"strategy, received {actor_scheduling!r}"
+        )
+    if not isinstance(serialize, bool):
+        raise ConfigError(f"serialize: expected a bool, received {serialize!r}")
+    return num_clients
+
+
+def _make_backend(
+    backend: str | Backend,
+    resources: dict[str, float],
+    ray_init_args: dict[str, Any] | None,
+    keep_initialised: bool,
+    actor_scheduling: Any,
+) -> Backend:
+    if isinstance(backend, Backend):
+        return backend
+    if backend == "ray":
+        return RayBackend(
+            resources,
+            ray_init_args=ray_init_args,
+            keep_initialised=keep_initialised,
+            scheduling_strategy=actor_scheduling,
+        )
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"backend: expected one of {list(BACKENDS)} or a Backend, received {backend!r}"
+        )
+    if ray_init_args and "address" in ray_init_args:
+        logger.warning(
+            "ray_init_args=%r asks for a Ray cluster, but backend=%r runs every client in "
+            "this process; pass backend='ray' to use the cluster",
+            ray_init_args,
+            backend,
+        )
+    if backend == "sequential":
+        return SequentialBackend()
+    total = ray_init_args.get("num_cpus") if ray_init_args else None
+    if isinstance(total, bool) or not isinstance(total, int | float) or total <= 0:
+        total = None
+    return ThreadsBackend(threads_for(resources, total))
+
+
+def start_simulation(
+    *,
+    client_fn: Callable[..., Any],
+    num_clients: int,
+    clients_ids: list[str] | None = None,
+    client_resources: dict[str, float] | None = None,
+    server: Server | None = None,
+    config: ServerConfig | None = None,
+    strategy: Strategy | None = None,
+    client_manager: ClientManager | None = None,
+    ray_init_args: dict[str, Any] | None = None,
+    keep_initialised: bool = False,
+    actor_type: Any = None,
+    actor_kwargs: dict[str, Any] | None = None,
+    actor_scheduling: Any = "DEFAULT",
+    backend: str | Backend = "threads",
+    serialize: bool = False,
+) -> History:
+    """Run a strategy over ``num_clients`` virtual client nodes.
+
+    Keywords and defaults are Flower 1.12's, plus ``backend`` and ``serialize``. Each
+    virtual node ``i`` is registered before the run with cid ``str(i)``; its client is
+    built by ``client_fn(context)`` for every instruction and dropped afterwards, so memory
+    does not grow with ``num_clients``. ``context.node_config`` holds ``"partition-id"``
+    (``str(i)``) and ``"num-partitions"`` (``str(num_clients)``) -- strings, exactly as in
+    Flower 1.12's ``start_simulation``; ``context.node_id`` is ``i``; ``context.state``
+    persists per node across rounds. A legacy ``client_fn(cid: str)`` receives
+    ``"i"`` with a DeprecationWarning.
+
+    An exception in the client, or a call that runs longer than
+    ``config.round_timeout``, is a failure of the round exactly as over the network.
+
+    Args:
+        client_fn: ``client_fn(context: Context) -> Client`` (or the legacy
+            ``client_fn(cid: str)``).
+        num_clients: Number of virtual client nodes (>= 1).
+        clients_ids: Unsupported, as in Flower 1.12 (raises ConfigError; Flower exits).
+        client_resources: What one client call needs (default
+            ``{"num_cpus": 1, "num_gpus": 0.0}``). Ray honours every key; the threads
+            backend runs ``total CPUs // num_cpus`` calls at once.
+        server: A Server (default: one with ``strategy`` and ``client_manager``).
+        config: Rounds and round timeout (default ``ServerConfig()``, 1 round).
+        strategy: The strategy (default FedAvg).
+        client_manager: Default ``SimpleClientManager(wait_timeout=1.0)``: the virtual
+            clients are all registered before the first round, so a strategy that needs
+            more than ``num_clients`` fails at once with NotEnoughClients (Flower waits
+            24 hours).
+        ray_init_args: Arguments of ``ray.init`` (ray backend); None or ``{}``:
+            ``{"ignore_reinit_error": True, "include_dashboard": False}``.
+            ``{"address": "auto"}`` joins an existing Ray cluster. With the threads
+            backend only ``num_cpus`` is used (the CPUs to share).
+        keep_initialised: Ray backend: reuse a Ray already initialised in this process and
+            leave it running (otherwise Ray is re-initialised, and shut down at the end).
+        actor_type: Flower's actor class: unsupported (raises ConfigError if given).
+        actor_kwargs: Unsupported, as ``actor_type``.
+        actor_scheduling: Ray backend: ``"DEFAULT"``, ``"SPREAD"`` or a Ray scheduling
+            strategy for the tasks.
+        backend: ``"threads"`` (default: a bounded pool in this process),
+            ``"sequential"`` (one call at a time in this thread, for debugging), ``"ray"``
+            (``pip install 'stamen[ray]'``), or a :class:`Backend` instance.
+        serialize: Round-trip every instruction and reply through the wire codec, to
+            catch what would not survive the network.
+
+    Returns:
+        The run's :class:`~stamen.server.History`.
+
+    Raises:
+        ConfigError: an invalid argument.
+        ImportError: ``backend="ray"`` without Ray installed (names the extra to install).
+        NotEnoughClients: the strategy needs more clients than ``num_clients``.
+    """
+    fn = normalize_client_fn(client_fn)
+    count = _check_arguments(
+        num_clients, clients_ids, actor_type, actor_kwargs, actor_scheduling, serialize
+    )
+    resources = _check_resources(client_resources)
+    if server is None and client_manager is None:
+        # Every virtual client is registered before round 1: waiting for more is pointless.
+        client_manager = SimpleClientManager(wait_timeout=_WAIT_FOR_CLIENTS)
+    server, config = init_defaults(server, config, strategy, client_manager)
+    engine = _make_backend(backend, resources, ray_init_args, keep_initialised, actor_scheduling)
+    engine.start()
+    manager = server.client_manager()
+    cache = EncodeCache() if serialize else None
+    proxies: list[VirtualClientProxy] = []
+    try:
+        for i in range(count):
+            proxy = VirtualClientProxy(
+                str(i),
+                client_fn=fn,
+                backend=engine,
+                node_id=i,
+                node_config={PARTITION_ID_KEY: str(i), NUM_PARTITIONS_KEY: str(count)},
+                serialize=serialize,
+                encode_cache=cache,
+            )
+            if not manager.register(proxy):
+                raise ConfigError(
+                    f"client_manager: a client with cid {proxy.cid!r} is already registered"
+                )
+            proxies.append(proxy)
+        logger.info(
+            "simulation: %d virtual client(s) on the %s backend, %d call(s) at a time, %s",
+            count,
+            engine.name or type(engine).__name__,
+            engine.concurrency,
+            config,
+        )
+        return run_server(server, config)
+    finally:
+        for proxy in proxies:
+            manager.unregister(proxy)
+        engine.close()
+        if cache is not None:
+            cache.clear()

@@ -1,0 +1,284 @@
+"""``VirtualClientProxy``: the server's handle on a client node that lives in a simulation.
+
+A virtual node is a :class:`~stamen.context.Context` (node id, ``partition-id`` and
+``num-partitions`` in ``node_config``, the ``state`` that persists across rounds), nothing
+more. For each instruction the proxy hands a :class:`VirtualCall` to a backend, which runs
+:func:`run_virtual_call` -- :func:`stamen.client.dispatch.handle`, the one function through
+which every transport reaches user code -- so ``client_fn`` builds a fresh client for the
+call and drops it afterwards: memory does not grow with the number of virtual nodes.
+
+With ``serialize=True`` the instruction is encoded by the proxy and decoded by the
+backend, and the reply the other way round, with the wire codec of the network
+transports: whatever could not travel over the network fails here too.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+from ..client.dispatch import ClientFn, handle
+from ..context import Context, RecordSet
+from ..errors import ClientAppError, ConnectionLost, DecodeError, ProtocolError, StamenError
+from ..messages import (
+    DisconnectRes,
+    EvaluateIns,
+    FitIns,
+    GetParametersIns,
+    GetPropertiesIns,
+    Instruction,
+    ReconnectIns,
+    Reply,
+)
+from ..server.client_proxy import ClientProxy, expected_reply_type
+from ..typing import UserConfig
+from ..wire import decode_instruction, decode_reply, encode_instruction, encode_reply
+
+if TYPE_CHECKING:
+    from .backends import Backend
+
+__all__ = [
+    "CallResult",
+    "EncodeCache",
+    "VirtualCall",
+    "VirtualClientProxy",
+    "named_error",
+    "run_virtual_call",
+    "stage_of",
+]
+
+CallResult: TypeAlias = tuple[Reply | bytes, RecordSet]
+"""What a backend returns for a call: the reply (encoded if serialized) and the state."""
+
+_STAGES: dict[type, str] = {
+    FitIns: "fit",
+    EvaluateIns: "evaluate",
+    GetParametersIns: "get_parameters",
+    GetPropertiesIns: "get_properties",
+}
+
+
+def stage_of(instruction: Instruction) -> str:
+    """The client method that handles ``instruction`` (``"fit"``, ``"evaluate"``, ...)."""
+    return _STAGES.get(type(instruction), type(instruction).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualCall:
+    """One instruction for one virtual node: the unit of work of a backend.
+
+    Attributes:
+        cid: The node's cid, for error messages.
+        stage: The client method that will handle the instruction, for error messages.
+        client_fn: Builds the node's client (``client_fn(context)``).
+        context: The node's context; its ``state`` is what persists between calls.
+        instruction: The instruction, or its wire encoding when serializing.
+    """
+
+    cid: str
+    stage: str
+    client_fn: ClientFn
+    context: Context
+    instruction: Instruction | bytes
+
+
+def run_virtual_call(
+    client_fn: ClientFn, context: Context, instruction: Instruction | bytes
+) -> CallResult:
+    """Run one instruction on a freshly built client: what a backend executes.
+
+    An encoded instruction is decoded first and the reply encoded, as a network node does.
+    Errors of user code never escape: :func:`~stamen.client.dispatch.handle` turns them
+    into a ``CLIENT_ERROR`` reply.
+
+    Returns:
+        The reply (encoded if the instruction was) and ``context.state``, which a backend
+        running in another process sends back to the proxy.
+
+    Raises:
+        DecodeError: ``instruction`` is bytes that are not a valid instruction.
+    """
+    if isinstance(instruction, bytes):
+        reply = handle(client_fn, context, decode_instruction(instruction))
+        return encode_reply(reply), context.state
+    return handle(client_fn, context, instruction), context.state
+
+
+class EncodeCache:
+    """Encodes an instruction once when the same object goes to many virtual nodes.
+
+    The strategy sends one ``FitIns`` object to every node it samples in a round; the
+    cache keeps the bytes of the last few instruction objects, by identity.
+
+    Args:
+        size: Number of instructions remembered.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[tuple[Instruction, bytes]] = []
+        self._size = size
+
+    def encode(self, instruction: Instruction) -> bytes:
+        """The wire encoding of ``instruction``."""
+        with self._lock:
+            for cached, payload in self._entries:
+                if cached is instruction:
+                    return payload
+        payload = encode_instruction(instruction)
+        with self._lock:
+            self._entries.insert(0, (instruction, payload))
+            del self._entries[self._size :]
+        return payload
+
+    def clear(self) -> None:
+        """Forget every entry (and the models they hold)."""
+        with self._lock:
+            self._entries.clear()
+
+
+class VirtualClientProxy(ClientProxy):
+    """A simulated client node, run by a backend in this process or on a Ray cluster.
+
+    The :class:`~stamen.context.Context` is created at the node's first instruction and
+    kept; the client object is not. ``ReconnectIns`` (the end of the run) is answered with
+    ``DisconnectRes(reason="ACK")`` without calling user code.
+
+    Args:
+        cid: The node's id within the server.
+        client_fn: ``client_fn(context) -> Client``, already normalized
+            (:func:`stamen.client.dispatch.normalize_client_fn`).
+        backend: Runs the calls (a :class:`~stamen.simulation.Backend`).
+        node_id: ``Context.node_id``.
+        node_config: ``Context.node_config`` (``partition-id``, ``num-partitions``).
+        run_config: ``Context.run_config``.
+        serialize: Round-trip every instruction and reply through the wire codec.
+        encode_cache: Shared by the proxies of one run, so that an instruction sent to
+            many nodes is encoded once (only with ``serialize``).
+    """
+
+    def __init__(
+        self,
+        cid: str,
+        *,
+        client_fn: ClientFn,
+        backend: Backend,
+        node_id: int,
+        node_config: UserConfig,
+        run_config: UserConfig | None = None,
+        serialize: bool = False,
+        encode_cache: EncodeCache | None = None,
+    ) -> None:
+        super().__init__(cid)
+        self.node_id = node_id
+        self.node_config = node_config
+        self.serialize = serialize
+        self._client_fn = client_fn
+        self._backend = backend
+        self._run_config: UserConfig = {} if run_config is None else run_config
+        self._encode_cache = encode_cache
+        self._context: Context | None = None
+
+    @property
+    def context(self) -> Context:
+        """The node's context (created on first use; its ``state`` persists)."""
+        if self._context is None:
+            self._context = Context(
+                node_id=self.node_id,
+                node_config=dict(self.node_config),
+                state=RecordSet(),
+                run_config=dict(self._run_config),
+            )
+        return self._context
+
+    def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
+        """Run ``ins`` on the backend; the future resolves to the reply.
+
+        The future fails with :class:`~stamen.errors.Timeout` when the call runs longer
+        than ``timeout`` seconds (counted from when the backend starts it), with
+        :class:`~stamen.errors.ConnectionLost` when the backend loses the call (a Ray
+        worker died, the simulation is shutting down), and with
+        :class:`~stamen.errors.ProtocolError` when a serialized message does not decode.
+        """
+        if isinstance(ins, ReconnectIns):
+            return _ACKNOWLEDGED  # the end of the run: nothing to do for a virtual node
+        future: Future[Reply] = Future()
+        future.set_running_or_notify_cancel()
+        stage = stage_of(ins)
+        try:
+            expected = expected_reply_type(ins)
+            payload: Instruction | bytes = ins
+            if self.serialize:
+                cache = self._encode_cache
+                payload = cache.encode(ins) if cache is not None else encode_instruction(ins)
+            call = VirtualCall(self.cid, stage, self._client_fn, self.context, payload)
+            inner = self._backend.submit(call, timeout)
+        except RuntimeError as exc:  # the backend is closed
+            future.set_exception(ConnectionLost(f"virtual client {self.cid}, {stage}: {exc}"))
+            return future
+        except StamenError as exc:
+            future.set_exception(named_error(self.cid, stage, exc))
+            return future
+
+        def complete(done: Future[CallResult]) -> None:
+            try:
+                out, state = done.result()
+                reply = decode_reply(out) if isinstance(out, bytes) else out
+            except CancelledError:
+                future.set_exception(
+                    ConnectionLost(f"virtual client {self.cid}: {stage} was cancelled")
+                )
+                return
+            except DecodeError as exc:
+                future.set_exception(named_error(self.cid, stage, exc))
+                return
+            except BaseException as exc:  # the backend's verdict, already named
+                future.set_exception(exc)
+                return
+            if not isinstance(reply, expected):
+                future.set_exception(
+                    ProtocolError(
+                        f"virtual client {self.cid}: expected {expected.__name__} in reply to "
+                        f"{type(ins).__name__}, received {type(reply).__name__}"
+                    )
+                )
+                return
+            self.context.state = state  # a copy when the call ran in another process
+            future.set_result(reply)
+
+        inner.add_done_callback(complete)
+        return future
+
+
+def _acknowledged() -> Future[Reply]:
+    future: Future[Reply] = Future()
+    future.set_running_or_notify_cancel()
+    future.set_result(DisconnectRes(reason="ACK"))
+    return future
+
+
+# One completed, immutable future answers every ReconnectIns: ending a run of 10,000
+# virtual nodes then costs no future per node.
+_ACKNOWLEDGED = _acknowledged()
+
+
+def named_error(cid: str, stage: str, exc: BaseException) -> BaseException:
+    """``exc`` as an error whose message names the virtual client and the stage.
+
+    A Stamen error keeps its type; anything else (what escapes
+    :func:`~stamen.client.dispatch.handle`, such as a ``SystemExit`` raised by user code)
+    becomes a :class:`~stamen.errors.ClientAppError`. The original is the ``__cause__``.
+    """
+    message = f"virtual client {cid}, {stage}: {exc}"
+    named: BaseException
+    if isinstance(exc, StamenError):
+        try:
+            named = type(exc)(message)
+        except TypeError:  # an exception type with another constructor
+            return exc
+    else:
+        named = ClientAppError(f"virtual client {cid}, {stage}: {type(exc).__name__}: {exc}")
+    named.__cause__ = exc
+    return named
