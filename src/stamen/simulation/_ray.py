@@ -47,7 +47,11 @@ RAY_MISSING = (
     "(or use the default backend='threads')"
 )
 
-_DEFAULT_INIT_ARGS: dict[str, Any] = {"ignore_reinit_error": True, "include_dashboard": False}
+_DEFAULT_INIT_ARGS: dict[str, Any] = {
+    "ignore_reinit_error": True,
+    "include_dashboard": False,
+    "_node_ip_address": "127.0.0.1",  # a local instance listens on loopback only
+}
 _RECOUNT_SECONDS = 10.0
 _READY_SECONDS = 60.0
 _PUT_CACHE_SIZE = 4
@@ -126,7 +130,8 @@ class RayBackend(Backend):
         client_resources: Resources of one call: ``num_cpus`` (default 1), ``num_gpus``
             (default 0) and any custom Ray resource.
         ray_init_args: Arguments of ``ray.init``; None or ``{}`` means
-            ``{"ignore_reinit_error": True, "include_dashboard": False}`` (as in Flower).
+            ``{"ignore_reinit_error": True, "include_dashboard": False}`` (as in Flower), on
+            127.0.0.1 only.
             ``{"address": "auto"}`` joins the Ray cluster this machine belongs to.
         keep_initialised: If Ray is already initialised in this process, use it as it is
             (``ray_init_args`` are then ignored) and leave it running at the end.

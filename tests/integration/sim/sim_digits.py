@@ -205,5 +205,6 @@ def ray_init_args() -> dict[str, Any]:
     """Local Ray whose workers can import this module."""
     return {
         "include_dashboard": False,
+        "_node_ip_address": "127.0.0.1",
         "runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}},
     }

@@ -15,6 +15,9 @@ import stamen as fl
 from stamen.errors import ConnectionLost, Timeout
 from stamen.simulation import start_simulation
 
+# Ray starts a local cluster (about 15 s on a new 2-core machine) before any work.
+pytestmark = pytest.mark.timeout(400)
+
 RAY_ARGS = {"ray_init_args": sim_digits.ray_init_args(), "keep_initialised": True}
 
 
