@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FLWR_VENV := .venv-flwr
 FLWR_VERSION := 1.12.0
 
-.PHONY: demo test lint typecheck pytest proto interop-venv bench-simulation clean
+.PHONY: demo test lint typecheck pytest proto interop-venv bench bench-simulation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(FLWR_VENV)/.installed:
 	touch $@
 
 interop-venv: $(FLWR_VENV)/.installed
+
+# Stamen against Flower 1.12 on the same workloads (bench/README.md): results in
+# bench/results/flower_vs_stamen.json and the tables in bench/README.md. ~10-20 minutes.
+bench: $(VENV)/.dev-installed $(FLWR_VENV)/.installed
+	$(BIN)/python bench/flower_vs_stamen/run.py --flower-python $(CURDIR)/$(FLWR_VENV)/bin/python --readme
 
 # Flower with its Ray simulation extra, for bench/simulation only.
 FLWR_SIM_VENV := .venv-flwr-sim

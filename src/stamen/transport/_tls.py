@@ -142,6 +142,17 @@ def diagnose_tls(
         return _probe_plaintext(sock, address)
 
 
+def _still_connected(sock: socket.socket) -> bool:
+    """False if the peer has already reset ``sock``: that says nothing about TLS, and
+    Python's ssl would skip the handshake on it without an error (or raise, and leak the
+    socket it made)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 def _probe_secure(
     sock: socket.socket,
     host: str,
@@ -149,10 +160,14 @@ def _probe_secure(
     roots: bytes | None,
     client_certificate: tuple[bytes, bytes] | None,
 ) -> TLSError | None:
+    if not _still_connected(sock):
+        return None
     context = client_ssl_context(roots, client_certificate)
     context.set_alpn_protocols(["h2", "http/1.1"])
     try:
         with context.wrap_socket(sock, server_hostname=host) as tls:
+            if tls.version() is None:
+                return None  # reset before the handshake began: not a TLS problem
             tls.settimeout(0.5)
             try:
                 # TLS 1.3 servers refuse a client certificate after the handshake: with an
@@ -194,13 +209,18 @@ def _probe_secure(
 
 
 def _probe_plaintext(sock: socket.socket, address: str) -> TLSError | None:
+    if not _still_connected(sock):
+        return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2", "http/1.1"])
     try:
-        with context.wrap_socket(sock):
-            pass
+        with context.wrap_socket(sock) as tls:
+            # Only a handshake that happened proves the server speaks TLS: ssl skips it,
+            # without an error, on a socket the peer reset in the meantime.
+            if tls.version() is None:
+                return None
     except (ssl.SSLError, OSError):
         return None
     return TLSError(

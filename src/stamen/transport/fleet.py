@@ -9,6 +9,7 @@ two adapters only move bytes and map their library's errors.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Protocol
 
@@ -30,6 +31,28 @@ logger = logging.getLogger("stamen.client")
 
 _SLACK = 15.0
 """Seconds a request may take beyond the server's long-poll timeout before we give up."""
+
+_SERVER_SECONDS = (0.01, 3600.0)
+"""The heartbeat intervals and long-poll timeouts a node accepts from a server."""
+
+
+def _seconds(name: str, value: float, default: float) -> float:
+    """A timing value of a CreateNodeResponse: 0 (unset) means ``default``.
+
+    Raises:
+        ProtocolError: not a number of seconds in [0.01, 3600]. A NaN, infinite, negative,
+            tiny or huge value would otherwise crash the node's HTTP or gRPC library, make
+            it send heartbeats in a busy loop, or let a silent server hold a pull open for
+            ever.
+    """
+    if value == 0:
+        return default
+    low, high = _SERVER_SECONDS
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ProtocolError(
+            f"CreateNode: {name}: expected seconds in [{low:g}, {high:g}], received {value!r}"
+        )
+    return value
 
 
 class Requester(Protocol):
@@ -80,9 +103,11 @@ class FleetClientTransport:
         )
         if response.node_id == 0:
             raise ProtocolError("CreateNode: expected a node id, received 0")
-        self._node_id = response.node_id
-        self._poll_timeout = response.poll_timeout or self._poll_timeout
-        self._heartbeat_interval = response.heartbeat_interval or self._heartbeat_interval
+        self._node_id = response.node_id  # set first, so that close() unregisters it
+        self._poll_timeout = _seconds("poll_timeout", response.poll_timeout, self._poll_timeout)
+        self._heartbeat_interval = _seconds(
+            "heartbeat_interval", response.heartbeat_interval, self._heartbeat_interval
+        )
         self._stop.clear()
         self._heartbeat = threading.Thread(
             target=self._beat, name=f"stamen-heartbeat-{self._node_id}", daemon=True

@@ -65,20 +65,30 @@ class RestRequester:
         return error if diagnosis is None else diagnosis
 
     def call(self, verb: Verb, body: bytes, timeout: float) -> bytes:
-        """One POST; HTTP statuses and httpx errors map to Stamen errors."""
+        """One POST; HTTP statuses and httpx errors map to Stamen errors.
+
+        The response is read in chunks and refused as soon as it passes
+        ``grpc_max_message_length`` (MessageTooLarge) or ``timeout`` seconds after the
+        request was sent (Timeout): httpx bounds each read, not the whole response, so a
+        server that trickles its body, or never ends it, would otherwise hold the node and
+        fill its memory for ever.
+        """
         if self._client is None:
             raise ConnectionLost(f"rest: {verb.name} on a closed client")
         where = f"rest {verb.rest_path} at {self._base_url}"
         headers = None
         if self._settings.signer is not None:
             headers = self._settings.signer.headers(f"POST {verb.rest_path}", body, time.time())
+        deadline = time.monotonic() + timeout
         try:
-            response = self._client.post(
+            with self._client.stream(
+                "POST",
                 verb.rest_path,
                 content=body,
                 headers=headers,
                 timeout=httpx.Timeout(timeout, connect=self._settings.connect_timeout),
-            )
+            ) as response:
+                content = self._read(response, where, timeout, deadline)
         except httpx.ConnectError as exc:
             raise self._tls_or(ConnectError(f"{where}: cannot connect: {exc}"), exc) from exc
         except httpx.TimeoutException as exc:
@@ -87,19 +97,37 @@ class RestRequester:
             lost = ConnectionLost(f"{where}: {type(exc).__name__}: {exc}")
             raise self._tls_or(lost, exc) from exc
         if response.status_code == 200:
-            if len(response.content) > self._max_message_length:
-                raise MessageTooLarge(
-                    f"{where}: response of {len(response.content)} bytes is over "
-                    f"grpc_max_message_length={self._max_message_length}"
-                )
-            return response.content
+            return content
         mapped = _BY_HTTP_STATUS.get(response.status_code)
-        text = f"{where}: HTTP {response.status_code}: {response.text[:300]}"
+        reason = content[:300].decode("utf-8", errors="replace")
+        text = f"{where}: HTTP {response.status_code}: {reason}"
         if mapped is not None:
             raise mapped(text)
         if response.status_code >= 500:
             raise ConnectionLost(text)
         raise ProtocolError(text)
+
+    def _read(self, response: httpx.Response, where: str, timeout: float, deadline: float) -> bytes:
+        """The response body, bounded in size and in time."""
+        limit = self._max_message_length
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MessageTooLarge(
+                f"{where}: response of {declared} bytes is over grpc_max_message_length={limit}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise MessageTooLarge(
+                    f"{where}: response of more than {limit} bytes is over "
+                    f"grpc_max_message_length={limit}"
+                )
+            if time.monotonic() > deadline:
+                raise Timeout(f"{where}: response not complete within {timeout:g} s")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def close(self) -> None:
         """Close the HTTP client."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -41,11 +41,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise FleetError(ErrorKind.TOO_LARGE, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise FleetError(ErrorKind.TOO_LARGE, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        # Not an application error: without this, every node (or anyone) that hangs up
+        # mid-body makes uvicorn log "Exception in ASGI application" with a traceback.
+        raise FleetError(
+            ErrorKind.INVALID_ARGUMENT, f"the client hung up after {size} bytes of the body"
+        ) from exc
     return b"".join(chunks)
 
 
@@ -95,7 +102,9 @@ class RestListener:
     ) -> None:
         host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+        # and without it every response waits ~40 ms for a delayed ACK (Nagle).
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((host, port))

@@ -1,0 +1,268 @@
+"""Medians, Stamen/Flower ratios, the issue's targets and the markdown tables of a bench run."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from workload import Workload, human_bytes
+
+BEGIN = "<!-- BEGIN flower_vs_stamen (written by bench/flower_vs_stamen/run.py --readme) -->"
+END = "<!-- END flower_vs_stamen -->"
+METRICS = ("round_seconds", "server_peak_rss_bytes", "client_peak_rss_bytes", "wire_bytes")
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the successful runs of one framework on one workload.
+
+    Round time and wire bytes: the median over every round of every run. Server peak RSS:
+    the median over runs. Client peak RSS: the median over runs of the largest client
+    process.
+    """
+    good = [r for r in runs if r["ok"]]
+    errors = [r.get("error") or "failed" for r in runs if not r["ok"]]
+    return {
+        "runs": len(runs),
+        "runs_ok": len(good),
+        "errors": errors,
+        "round_seconds": _median([t for r in good for t in r["round_seconds"]]),
+        "server_peak_rss_bytes": _median([r["server_peak_rss_bytes"] for r in good]),
+        "client_peak_rss_bytes": _median([max(r["client_peak_rss_bytes"]) for r in good]),
+        "wire_bytes": _median([b for r in good if r["wire_bytes"] for b in r["wire_bytes"]]),
+    }
+
+
+def summarize(results: dict[str, Any]) -> None:
+    """Add ``summary`` (per framework, and Stamen/Flower ratios) and ``targets``."""
+    for entry in results["workloads"].values():
+        summary = {f: summarize_runs(runs) for f, runs in entry["runs"].items()}
+        stamen, flower = summary.get("stamen"), summary.get("flower")
+        if stamen and flower:
+            summary["ratio"] = {
+                m: stamen[m] / flower[m] if stamen[m] and flower[m] else None for m in METRICS
+            }
+        entry["summary"] = summary
+    results["targets"] = targets(results)
+
+
+def _stamen(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    entry = results["workloads"].get(name)
+    return None if entry is None else entry["summary"].get("stamen")
+
+
+def _ratio_target(results: dict[str, Any], name: str, bound: float) -> dict[str, Any]:
+    text = f"{name} round time <= {bound:g} x Flower"
+    entry = results["workloads"].get(name)
+    if entry is None:
+        return {"target": text, "measured": "not run", "met": None}
+    ratio = entry["summary"].get("ratio", {}).get("round_seconds")
+    if ratio is None:
+        why = "; ".join(
+            f"{f}: {reason(s['errors'][0]) if s['errors'] else 'no result'}"
+            for f, s in entry["summary"].items()
+            if f != "ratio" and not s["runs_ok"]
+        )
+        return {"target": text, "measured": f"no ratio ({why or 'not run'})", "met": None}
+    return {"target": text, "measured": f"{ratio:.3f} x", "met": ratio <= bound}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of issue #7, each with what was measured and whether it is met."""
+    found = [_ratio_target(results, "B", 0.15)]
+    b = _stamen(results, "B")
+    entry = results["workloads"].get("B")
+    text = "B server peak RSS <= 5 x model size"
+    if b and b["server_peak_rss_bytes"] and entry:
+        times = b["server_peak_rss_bytes"] / entry["spec"]["model_bytes"]
+        found.append({"target": text, "measured": f"{times:.2f} x", "met": times <= 5})
+    else:
+        found.append({"target": text, "measured": "not measured", "met": None})
+    found.append(_ratio_target(results, "E", 0.05))
+    scale = _stamen(results, "E10k")
+    spec = results["workloads"].get("E10k", {}).get("spec", {})
+    text = "a round with 10,000 grpc-bidi clients completes"
+    if scale is None:
+        found.append({"target": text, "measured": "not run", "met": None})
+    elif scale["runs_ok"]:
+        measured = (
+            f"{spec.get('clients', 0):,} clients: {scale['round_seconds']:.2f} s, server "
+            f"{scale['server_peak_rss_bytes'] / 1e6:.0f} MB peak RSS"
+        )
+        found.append({"target": text, "measured": measured, "met": spec.get("clients") == 10_000})
+    else:
+        found.append({"target": text, "measured": reason(scale["errors"][0]), "met": False})
+    micro = results.get("micro", {}).get("stamen")
+    for key, bound, text in (
+        ("codec_fraction_of_memcpy", 1 / 3, "encode + decode 100 MB FitIns >= 1/3 memcpy speed"),
+        ("fedavg_fraction_of_memcpy_bound", 1 / 2, "FedAvg 10 x 100 MB >= 1/2 memcpy bound"),
+    ):
+        if micro and micro["ok"]:
+            found.append(
+                {"target": text, "measured": f"{micro[key]:.3f}", "met": micro[key] >= bound}
+            )
+        else:
+            found.append({"target": text, "measured": "not measured", "met": None})
+    found.append(_ratio_target(results, "A", 0.5))
+    found.append(_ratio_target(results, "C", 0.5))
+    return found
+
+
+# --- text ---------------------------------------------------------------------------------
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+
+
+def _mb(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1e6:,.0f} MB"
+
+
+def _wire(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1e6:,.1f} MB"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"**{value:.2f}**" if value < 1 else f"{value:.2f}"
+
+
+def run_line(load: Workload, run: dict[str, Any]) -> str:
+    """One line of progress for one run."""
+    head = f"{load.title:22} {run['framework']:6} run {run.get('run', 0)}:"
+    if not run["ok"]:
+        return f"{head} FAILED ({run['wall_seconds']:.0f} s): {run.get('error')}"
+    wire = run["wire_bytes"] and statistics.median(run["wire_bytes"])
+    return (
+        f"{head} round {_seconds(statistics.median(run['round_seconds']))} "
+        f"(aggregate_fit {_seconds(statistics.median(run['aggregate_seconds']))})  "
+        f"server {_mb(run['server_peak_rss_bytes'])}  "
+        f"clients {_mb(max(run['client_peak_rss_bytes']))}/process  "
+        f"wire {_wire(wire or None)}/round  ({run['wall_seconds']:.0f} s)"
+    )
+
+
+def micro_line(micro: dict[str, Any]) -> str:
+    """One line of progress for the micro-benchmarks."""
+    parts = []
+    for framework, m in micro.items():
+        if not m["ok"]:
+            parts.append(f"{framework} FAILED: {m['error']}")
+            continue
+        parts.append(
+            f"{framework}: codec {_seconds(m['codec_seconds'])}, fedavg "
+            f"{_seconds(m['fedavg_seconds'])}, memcpy {m['memcpy_gb_per_s']:.1f} GB/s"
+        )
+    return "; ".join(parts)
+
+
+def reason(error: str) -> str:
+    """The gist of an error text: its last non-empty line (a traceback's exception)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return (lines[-1] if lines else "failed")[:100].replace("|", "/")
+
+
+def _cells(summary: dict[str, Any], metric: str, fmt: Any) -> list[str]:
+    cells = []
+    for framework in ("stamen", "flower"):
+        s = summary.get(framework)
+        if s is None:
+            cells.append("not run")
+        elif not s["runs_ok"]:
+            why = reason(s["errors"][0]) if s["errors"] else "?"
+            cells.append(f"failed: {why}" if metric == "round_seconds" else "failed")
+        else:
+            cells.append(fmt(s[metric]))
+    cells.append(_ratio(summary.get("ratio", {}).get(metric)))
+    return cells
+
+
+def workload_table(results: dict[str, Any]) -> list[str]:
+    """One row per workload: Stamen, Flower and the ratio for each metric."""
+    head = ["workload (client processes)"]
+    for metric in ("round time", "server peak RSS", "client process peak RSS", "wire / round"):
+        head += [f"{metric}: Stamen", "Flower", "S/F"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in results["workloads"].values():
+        spec, summary = entry["spec"], entry["summary"]
+        cells = [f"{entry['title']} ({spec['processes']} procs)"]
+        cells += _cells(summary, "round_seconds", _seconds)
+        cells += _cells(summary, "server_peak_rss_bytes", _mb)
+        cells += _cells(summary, "client_peak_rss_bytes", _mb)
+        cells += _cells(summary, "wire_bytes", _wire)
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def micro_table(micro: dict[str, Any]) -> list[str]:
+    """The micro-benchmarks, with Stamen's speed as a fraction of memcpy."""
+    s, f = micro.get("stamen", {}), micro.get("flower", {})
+    size = s.get("model_bytes") or f.get("model_bytes") or 0
+    models = s.get("models") or f.get("models") or 0
+    rows = [
+        f"| micro-benchmark ({human_bytes(size)} float32 model) | Stamen | Flower 1.12 | S/F "
+        "| Stamen vs memcpy | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    specs = (
+        ("encode + decode FitIns", "codec_seconds", "codec_fraction_of_memcpy", ">= 0.33"),
+        (f"FedAvg `aggregate`, {models} models", "fedavg_seconds",
+         "fedavg_fraction_of_memcpy_bound", ">= 0.5"),
+        (f"`FedAvg.aggregate_fit`, {models} FitRes (decode + mean + encode)",
+         "aggregate_fit_seconds", "aggregate_fit_fraction_of_memcpy_bound", "—"),
+    )  # fmt: skip
+    for label, key, fraction, target in specs:
+        cells = [label]
+        for m in (s, f):
+            cells.append(_seconds(m[key]) if m.get("ok") else "failed" if m else "not run")
+        ratio = s[key] / f[key] if s.get("ok") and f.get("ok") else None
+        cells.append(_ratio(ratio))
+        cells.append(f"{s[fraction]:.3f}" if s.get("ok") else "—")
+        cells.append(target)
+        rows.append("| " + " | ".join(cells) + " |")
+    copy = [
+        f"{_seconds(m['memcpy_seconds'])} ({m['memcpy_gb_per_s']:.1f} GB/s)" if m.get("ok") else "—"
+        for m in (s, f)
+    ]
+    rows.append(f"| `np.copyto` of the model (reference) | {copy[0]} | {copy[1]} | | 1 | |")
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """All tables of a run."""
+    machine = results["machine"]
+    lines = [
+        f"Measured on {machine['cpus']} cores, Python {machine['python']}, "
+        f"{machine['platform']}; Stamen transport {results['transport']}"
+        + (" (quick sizes: not a measurement)" if results["quick"] else "")
+        + ". Medians; S/F = Stamen / Flower, bold when Stamen is lower.",
+        "",
+    ]
+    if results["workloads"]:
+        lines += [*workload_table(results), ""]
+    if "micro" in results:
+        lines += [*micro_table(results["micro"]), ""]
+    lines += ["| target (issue #7) | measured | met |", "|---|---|---|"]
+    for t in results["targets"]:
+        met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, text: str) -> None:
+    """Replace the text between the markers in ``path`` (append the markers if absent)."""
+    readme = path.read_text(encoding="utf-8")
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in readme and END in readme:
+        before = readme.split(BEGIN)[0]
+        after = readme.split(END, 1)[1]
+        readme = before + block + after
+    else:
+        readme = readme.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(readme, encoding="utf-8")

@@ -1,0 +1,111 @@
+"""The Stamen server of a benchmark run (run with the Stamen venv's python).
+
+Usage: ``server_stamen.py --clients N --model-bytes M --rounds R --out REPORT.json
+[--counter FILE] [--rest]``
+
+Serves grpc-bidi and grpc-rere (and, with ``--rest``, rest) on 127.0.0.1, ports chosen by
+the OS, prints ``PORT <n>`` (and ``REST_PORT <n>``) once listening, runs ``R`` FedAvg rounds
+over ``N`` clients starting from a zero model of ``M`` bytes, and writes the report of
+``workload.server_report`` (round times, bytes on the wire per round, the check of the
+final model, peak RSS) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any
+
+import workload
+
+import stamen as fl
+from stamen.client.app import GRPC_MAX_MESSAGE_LENGTH
+from stamen.server.app import init_defaults, run_server
+from stamen.server.client_manager import SimpleClientManager
+from stamen.server.fleet.service import FleetService
+
+WAIT_FOR_CLIENTS = 900.0
+
+
+class TimedFedAvg(fl.server.strategy.FedAvg):
+    """Stamen's FedAvg, timing each round and keeping the last aggregated model."""
+
+    def __init__(self, clock: workload.RoundClock, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.clock = clock
+        self.final: list[bytes] | None = None
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        """Sample (waits until every client is connected), then start the round's clock."""
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.clock.start()
+        return instructions
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        """Aggregate, then stop the round's clock."""
+        self.clock.aggregating()
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        self.clock.stop(len(results), len(failures))
+        if parameters is not None:
+            self.final = parameters.tensors
+        return parameters, metrics
+
+
+def report_connections(manager: SimpleClientManager, clock: workload.RoundClock) -> None:
+    """Log how many clients are connected, every 5 s until the first round starts."""
+
+    def watch() -> None:
+        while not clock.marks:
+            print(f"connected: {manager.num_available()}", file=sys.stderr, flush=True)
+            time.sleep(5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> int:
+    """Serve, run the rounds, write the report."""
+    parser = workload.server_parser(__doc__.splitlines()[0])
+    parser.add_argument("--rest", action="store_true", help="serve the rest transport too")
+    args = parser.parse_args()
+
+    clock = workload.RoundClock(workload.WireCounter(args.counter), args.trace_rss)
+    initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
+    strategy = TimedFedAvg(
+        clock,
+        min_fit_clients=args.clients,
+        min_available_clients=args.clients,
+        fraction_evaluate=0.0,
+        initial_parameters=initial,
+    )
+    del initial
+    server, config = init_defaults(
+        None,
+        fl.server.ServerConfig(num_rounds=args.rounds),
+        strategy,
+        SimpleClientManager(wait_timeout=WAIT_FOR_CLIENTS),
+    )
+    service = FleetService(
+        server.client_manager(),
+        address="127.0.0.1:0",
+        max_message_length=GRPC_MAX_MESSAGE_LENGTH,
+        rest_address="127.0.0.1:0" if args.rest else None,
+    )
+    port = service.start()
+    report_connections(server.client_manager(), clock)
+    started_rss = workload.current_rss_bytes()
+    print(f"PORT {port}", flush=True)
+    if service.rest_port is not None:
+        print(f"REST_PORT {service.rest_port}", flush=True)
+    try:
+        run_server(server, config)
+    finally:
+        service.stop()
+    report = workload.server_report("stamen", clock, strategy.final, args, started_rss)
+    workload.write_json(args.out, report)
+    print("DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

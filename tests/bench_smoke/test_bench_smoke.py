@@ -1,0 +1,68 @@
+"""Smoke test of the Stamen-vs-Flower benchmark harness (``bench/flower_vs_stamen``).
+
+Runs the driver in ``--quick`` mode (tiny sizes) on workload A, for Stamen and for real
+Flower 1.12 (its own virtualenv), and checks that both runs completed and were checked.
+It tests the harness, not performance: nothing here is timed against a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = REPO / "bench" / "flower_vs_stamen" / "run.py"
+
+pytestmark = pytest.mark.interop
+
+
+def flower_python() -> Path:
+    """Flower's interpreter: ``$STAMEN_FLWR_PYTHON``, else ``.venv-flwr`` (fail if absent)."""
+    configured = os.environ.get("STAMEN_FLWR_PYTHON")
+    python = Path(configured) if configured else REPO / ".venv-flwr" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} does not exist: run `make interop-venv`", pytrace=False)
+    return python
+
+
+def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path) -> None:
+    """``run.py --quick --workloads A`` runs A on Stamen and on Flower, each run's final
+    model passes the check, and the JSON holds round times, RSS and wire bytes for both."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(DRIVER),
+            "--quick",
+            "--workloads",
+            "A",
+            "--flower-python",
+            str(flower_python()),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text(encoding="utf-8"))
+    runs = result["workloads"]["A"]["runs"]
+    assert sorted(runs) == ["flower", "stamen"]
+    for framework, framework_runs in runs.items():
+        [run] = framework_runs
+        assert run["ok"], (framework, run.get("error"))
+        assert run["check"]["ok"] and run["check"]["max_abs_error"] <= 1e-3, run["check"]
+        assert len(run["round_seconds"]) == result["workloads"]["A"]["spec"]["rounds"]
+        assert all(b > 0 for b in run["wire_bytes"]), run["wire_bytes"]
+        assert run["server_peak_rss_bytes"] > 0 and min(run["client_peak_rss_bytes"]) > 0
+    ratio = result["workloads"]["A"]["summary"]["ratio"]
+    assert ratio["round_seconds"] is not None and ratio["wire_bytes"] is not None
+    assert "| A: 4 x 40 KB" in done.stdout

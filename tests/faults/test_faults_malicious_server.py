@@ -1,0 +1,310 @@
+"""A malicious or broken server: ``start_client`` raises a clear error, it never hangs.
+
+Fake servers (a raw gRPC server for grpc-bidi and grpc-rere, a tiny HTTP server for rest)
+answer with garbage where an instruction or a Fleet response is due, with responses over
+the node's message limit or without end, with trickled responses, with timing values that
+make no sense, or with nothing at all. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import numpy as np
+import pytest
+from fault_tools import WAIT, FakeGrpcServer, FakeHttpServer, HttpBehaviour, http_reply
+
+from stamen.errors import (
+    ConnectError,
+    DecodeError,
+    MessageTooLarge,
+    ProtocolError,
+    Timeout,
+)
+from stamen.messages import FitIns, ReconnectIns
+from stamen.ndarrays import ndarrays_to_parameters
+from stamen.protocol.fleet import CreateNodeRequest, CreateNodeResponse, PullResponse
+from stamen.testing import NodeThread
+from stamen.testing.conformance import AddClient
+from stamen.transport.base import TransportSettings
+from stamen.transport.grpc_rere import GrpcRereRequester
+from stamen.transport.rest import RestRequester
+from stamen.wire import Verb, decode_instruction, encode_instruction
+from stamen.wire import fleet_codec as fc
+
+LIMIT = 64 * 1024
+"""The nodes' grpc_max_message_length here."""
+
+BOUND = 10.0
+"""start_client must have raised within this many seconds (it takes well under one)."""
+
+_FIT = encode_instruction(
+    FitIns(ndarrays_to_parameters([np.zeros(100, dtype=np.float32)]), {"lr": 0.1})
+)
+GARBAGE_INSTRUCTIONS = {
+    "corrupt": b"\xff\xff\xff\xff",
+    "truncated": _FIT[:-7],
+    "no-instruction": b"",
+    "unknown-field-only": b"\x78\x01",
+}
+"""ServerMessage bytes that are not an instruction."""
+
+
+def _registered(poll_timeout: float = 1.0, heartbeat_interval: float = 1.0) -> bytes:
+    return fc.encode_create_node_response(CreateNodeResponse(77, heartbeat_interval, poll_timeout))
+
+
+def _node(address: str, transport: str) -> NodeThread:
+    return NodeThread(
+        {
+            "server_address": address,
+            "transport": transport,
+            "client": AddClient(1).to_client(),
+            "grpc_max_message_length": LIMIT,
+            "max_retries": 0,
+        }
+    ).start()
+
+
+def _raises_within(node: NodeThread, error: type[BaseException], match: str = "") -> str:
+    started = time.monotonic()
+    outcome = node.join(WAIT)
+    assert isinstance(outcome, error), repr(outcome)
+    assert time.monotonic() - started < BOUND
+    assert match in str(outcome), outcome
+    return str(outcome)
+
+
+def _fleet(create: bytes, pull: bytes) -> dict[Verb, Callable[[bytes], bytes]]:
+    return {
+        Verb.CREATE_NODE: lambda _: create,
+        Verb.PULL: lambda _: pull,
+        Verb.PUSH: lambda _: b"",
+        Verb.HEARTBEAT: lambda _: b"",
+        Verb.DELETE_NODE: lambda _: b"",
+    }
+
+
+def _answer(body: bytes) -> HttpBehaviour:
+    return lambda handler, _request, _stop: http_reply(handler, body)
+
+
+def _http_fleet(create: bytes, pull: bytes) -> FakeHttpServer:
+    return FakeHttpServer({verb: _answer(out(b"")) for verb, out in _fleet(create, pull).items()})
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[[Any], Any]]:
+    """Register fake servers to close at teardown (after the node has ended)."""
+    servers: list[Any] = []
+    yield lambda server: servers.append(server) or server
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("case", list(GARBAGE_INSTRUCTIONS))
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_garbage_instruction_makes_start_client_raise(
+    closing: Callable[[Any], Any], transport: str, case: str
+) -> None:
+    """A server whose instruction is not a ServerMessage with one instruction (corrupt,
+    truncated, empty, unknown fields only) makes start_client raise DecodeError at once,
+    on every transport (not retried: the same server would send the same bytes)."""
+    garbage = GARBAGE_INSTRUCTIONS[case]
+    with pytest.raises(DecodeError):
+        decode_instruction(garbage)
+    if transport == "grpc-bidi":
+
+        def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+            yield garbage
+            stop.wait(WAIT)
+
+        address = closing(FakeGrpcServer(join=join)).address
+    else:
+        pull = fc.encode_pull_response(PullResponse(1, garbage))
+        if transport == "grpc-rere":
+            address = closing(FakeGrpcServer(fleet=_fleet(_registered(), pull))).address
+        else:
+            address = closing(_http_fleet(_registered(), pull)).url
+    _raises_within(_node(address, transport), DecodeError, "ServerMessage")
+
+
+@pytest.mark.parametrize("verb", [Verb.CREATE_NODE, Verb.PULL], ids=lambda v: v.name)
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_garbage_fleet_response_makes_start_client_raise(
+    closing: Callable[[Any], Any], transport: str, verb: Verb
+) -> None:
+    """A Fleet response that does not decode (to CreateNode or PullInstruction) makes
+    start_client raise DecodeError naming the message, at once."""
+    create = b"\xff\xff" if verb is Verb.CREATE_NODE else _registered()
+    pull = b"\xff\xff"
+    name = "CreateNodeResponse" if verb is Verb.CREATE_NODE else "PullInstructionResponse"
+    if transport == "grpc-rere":
+        address = closing(FakeGrpcServer(fleet=_fleet(create, pull))).address
+    else:
+        address = closing(_http_fleet(create, pull)).url
+    _raises_within(_node(address, transport), DecodeError, name)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("poll_timeout", math.nan),
+        ("poll_timeout", math.inf),
+        ("poll_timeout", -1.0),
+        ("poll_timeout", 1e9),
+        ("heartbeat_interval", -0.5),
+        ("heartbeat_interval", 1e-9),
+        ("heartbeat_interval", math.inf),
+    ],
+)
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_nonsense_timing_from_the_server_is_refused(
+    closing: Callable[[Any], Any], transport: str, field: str, value: float
+) -> None:
+    """A CreateNodeResponse whose poll_timeout or heartbeat_interval is not a number of
+    seconds in [0.01, 3600] makes start_client raise ProtocolError naming the field (before
+    the fix: a raw ValueError/OverflowError from httpx or grpc for NaN/inf, heartbeats in a
+    busy loop for a negative or tiny interval, a pull held open for 30 years for 1e9)."""
+    timing = {"poll_timeout": 1.0, "heartbeat_interval": 1.0, field: value}
+    create = _registered(**timing)
+    pull = fc.encode_pull_response(PullResponse(1, encode_instruction(ReconnectIns(0))))
+    if transport == "grpc-rere":
+        address = closing(FakeGrpcServer(fleet=_fleet(create, pull))).address
+    else:
+        address = closing(_http_fleet(create, pull)).url
+    _raises_within(_node(address, transport), ProtocolError, f"CreateNode: {field}")
+
+
+def _endless(handler: BaseHTTPRequestHandler, _body: bytes, stop: Any) -> None:
+    handler.send_response(200)
+    handler.send_header("content-type", "application/protobuf")
+    handler.send_header("transfer-encoding", "chunked")
+    handler.end_headers()
+    chunk = b"\x00" * 65536
+    for _ in range(16 * 1024):  # 1 GiB at most, unless the node hangs up first
+        if stop.is_set():
+            return
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_instruction_over_the_limit_makes_start_client_raise(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """An instruction over the node's grpc_max_message_length makes start_client raise
+    MessageTooLarge at once; on rest the server sends a body without end (chunked), and
+    the node stops reading at the limit (before the fix it read on, without bound, and
+    used gigabytes of memory)."""
+    big = b"\x00" * (2 * LIMIT)
+    if transport == "grpc-bidi":
+
+        def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+            yield big
+            stop.wait(WAIT)
+
+        address = closing(FakeGrpcServer(join=join)).address
+    elif transport == "grpc-rere":
+        address = closing(FakeGrpcServer(fleet=_fleet(_registered(), big))).address
+    else:
+        server = FakeHttpServer(
+            {
+                Verb.CREATE_NODE: _answer(_registered()),
+                Verb.PULL: _endless,
+                Verb.DELETE_NODE: _answer(b""),
+            }
+        )
+        address = closing(server).url
+    _raises_within(_node(address, transport), MessageTooLarge)
+
+
+def _trickle(handler: BaseHTTPRequestHandler, _body: bytes, stop: Any) -> None:
+    handler.send_response(200)
+    handler.send_header("content-length", "1000")
+    handler.end_headers()
+    for _ in range(1000):
+        handler.wfile.write(b"\x00")
+        handler.wfile.flush()
+        if stop.wait(0.05):  # the fault: one byte every 50 ms (50 s for the body)
+            return
+
+
+def test_trickled_rest_response_times_out_at_the_request_deadline(
+    closing: Callable[[Any], Any],
+) -> None:
+    """A REST server that trickles its response (a byte every 50 ms: each read is quick,
+    the whole takes 50 s) is cut off at the request's deadline with Timeout (retried like
+    a lost connection). Before the fix httpx waited for as long as bytes kept coming."""
+    server = closing(FakeHttpServer({Verb.CREATE_NODE: _trickle}))
+    requester = RestRequester(TransportSettings(server.url, max_message_length=LIMIT))
+    requester.open()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Timeout, match="not complete within 1 s"):
+            requester.call(Verb.CREATE_NODE, fc.encode_create_node_request(CreateNodeRequest()), 1)
+    finally:
+        requester.close()
+    assert time.monotonic() - started < 1.0 + BOUND
+
+
+def _silent(handler: BaseHTTPRequestHandler, _body: bytes, stop: Any) -> None:
+    stop.wait(WAIT)
+
+
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_silent_fleet_server_times_out_each_request(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """A Fleet server that accepts a request and never answers is given up on at the
+    request's timeout with Timeout (start_client uses 30 s for CreateNode, PushReply,
+    Heartbeat and DeleteNode, and poll_timeout + 15 s for a long-poll, then reconnects
+    under max_retries / max_wait_time)."""
+    body = fc.encode_create_node_request(CreateNodeRequest())
+    settings: TransportSettings
+    if transport == "grpc-rere":
+
+        def never(_request: bytes) -> bytes:
+            fake.stop.wait(WAIT)
+            return b""
+
+        fake = closing(FakeGrpcServer(fleet={Verb.CREATE_NODE: never}))
+        settings = TransportSettings(fake.address, max_message_length=LIMIT)
+        requester: Any = GrpcRereRequester(settings)
+    else:
+        fake = closing(FakeHttpServer({Verb.CREATE_NODE: _silent}))
+        requester = RestRequester(TransportSettings(fake.url, max_message_length=LIMIT))
+    requester.open()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Timeout):
+            requester.call(Verb.CREATE_NODE, body, 1)
+    finally:
+        requester.close()
+        fake.stop.set()
+    assert time.monotonic() - started < 1.0 + BOUND
+
+
+def test_silent_bidi_server_holds_the_node_until_it_goes_away(
+    closing: Callable[[Any], Any],
+) -> None:
+    """A grpc-bidi server that accepts the Join stream and never writes keeps the node
+    waiting for an instruction, like a server with no work for it (Flower's node does the
+    same; keepalive pings would notice a dead peer). As soon as that server goes away the
+    node notices and, with max_retries=0, start_client raises ConnectError."""
+
+    def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+        stop.wait(WAIT)
+        yield from ()
+
+    fake = FakeGrpcServer(join=join)
+    node = _node(fake.address, "grpc-bidi")
+    try:
+        assert fake.joined.wait(WAIT)
+        assert not node.done.is_set()
+    finally:
+        fake.close()
+    _raises_within(node, ConnectError, "gave up")

@@ -1,0 +1,270 @@
+"""Network faults: a TCP proxy between nodes and the server cuts or stalls the traffic.
+
+:class:`fault_tools.FaultProxy` resets every connection and refuses new ones (a cut), or
+keeps connections open but holds every byte (a stall) until it is healed. Faults are
+injected from the strategy's ``before_fit`` hook (between rounds) or while a node is held
+inside its fit, so each test is deterministic; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import statistics
+import struct
+import time
+
+import numpy as np
+import pytest
+from fault_tools import (
+    WAIT,
+    FaultFedAvg,
+    FaultProxy,
+    HoldingClient,
+    WatchedClientManager,
+    expected_parameters,
+    fault_proxy,
+)
+
+from stamen.errors import ConnectionLost, Timeout
+from stamen.ndarrays import parameters_to_ndarrays
+from stamen.protocol.fleet import CreateNodeRequest, SimpleRequest
+from stamen.server import ServerConfig
+from stamen.server.fleet.handler import FleetTiming
+from stamen.testing import NodeThread, RunningServer, node_threads, running_server
+from stamen.testing.conformance import TRANSPORTS, AddClient
+from stamen.transport import _tls
+from stamen.transport.base import TransportSettings
+from stamen.transport.rest import RestRequester
+from stamen.wire import Verb
+from stamen.wire import fleet_codec as fc
+
+# A node silent for 1 s is dropped; an idle long-poll lasts 1 s.
+TIMING = FleetTiming(heartbeat_interval=0.2, heartbeat_timeout=1.0, poll_timeout=1.0)
+
+
+def _through(proxy: FaultProxy, transport: str) -> str:
+    return proxy.url if transport == "rest" else proxy.address
+
+
+def _target(srv: RunningServer, transport: str) -> tuple[str, int]:
+    port = srv.rest_port if transport == "rest" else srv.port
+    assert port is not None
+    return srv.host, port
+
+
+def _node(address: str, transport: str, client: AddClient) -> NodeThread:
+    kwargs = {"server_address": address, "transport": transport, "client": client.to_client()}
+    return NodeThread(kwargs).start()
+
+
+def _assert_params(srv: RunningServer, rounds: list[list[int]]) -> None:
+    got = parameters_to_ndarrays(srv.server.parameters)
+    for a, b in zip(got, expected_parameters(rounds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.fixture
+def manager() -> WatchedClientManager:
+    """A client manager whose node count the test can wait on."""
+    return WatchedClientManager()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cut_between_rounds_nodes_reconnect_and_the_run_is_exact(
+    manager: WatchedClientManager, transport: str
+) -> None:
+    """All 3 nodes reach the server through the proxy. Before round 2 the proxy resets
+    every connection and refuses new ones until the server has forgotten every node
+    (grpc-bidi at once, grpc-rere/rest at the heartbeat timeout); then it heals. Every
+    node reconnects on its own (a new registration), rounds 2 and 3 run with all three,
+    the model is exactly that of an undisturbed run, and every node exits normally."""
+    cut_seen: list[set[str]] = []
+
+    def cut_before_round_2(server_round: int) -> None:
+        if server_round != 2:
+            return
+        before = set(manager.all())
+        proxy.cut()
+        manager.wait_count(lambda n: n == 0, WAIT, "the server forgets the cut nodes")
+        accepted = proxy.accepted
+        proxy.heal()
+        manager.wait_count(lambda n: n == 3, WAIT, "the nodes reconnect")
+        assert proxy.accepted > accepted, "the nodes came back through the proxy"
+        cut_seen.append(before & set(manager.all()))
+
+    strategy = FaultFedAvg(
+        start_with=3,
+        before_fit=cut_before_round_2,
+        min_fit_clients=3,
+        min_evaluate_clients=3,
+        min_available_clients=3,
+    )
+    config = ServerConfig(num_rounds=3)
+    with (
+        running_server(
+            config=config, strategy=strategy, client_manager=manager, rest=True, timing=TIMING
+        ) as srv,
+        fault_proxy(_target(srv, transport)) as proxy,
+        node_threads() as nodes,
+    ):
+        for k in (1, 2, 3):
+            nodes.append(_node(_through(proxy, transport), transport, AddClient(k)))
+        srv.result(WAIT * 2)
+        outcomes = [node.join(WAIT) for node in nodes]
+    assert cut_seen == [set()], "the nodes after the cut are new registrations"
+    assert [strategy.ks(r) for r in (1, 2, 3)] == [[1, 2, 3]] * 3
+    _assert_params(srv, [[1, 2, 3]] * 3)
+    assert outcomes == [None] * 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cut_during_a_fit_fails_that_instruction_and_the_node_comes_back(
+    manager: WatchedClientManager, transport: str
+) -> None:
+    """One node reaches the server through the proxy, two directly. The proxy cuts while
+    that node is inside its first fit: the server fails its instruction with
+    ConnectionLost (grpc-bidi at once, grpc-rere/rest at the heartbeat timeout) and round
+    1 completes with the other two. Healed, the node finishes its fit (the reply is for a
+    node the server has forgotten and changes nothing), reconnects, and serves round 2."""
+    victim = HoldingClient(3)
+    strategy = FaultFedAvg(
+        start_with=3, min_fit_clients=2, min_evaluate_clients=2, min_available_clients=3
+    )
+    with (
+        running_server(
+            config=ServerConfig(num_rounds=2),
+            strategy=strategy,
+            client_manager=manager,
+            rest=True,
+            timing=TIMING,
+        ) as srv,
+        fault_proxy(_target(srv, transport)) as proxy,
+        node_threads() as nodes,
+    ):
+        try:
+            for k in (1, 2):
+                nodes.append(_node(srv.address_for(transport), transport, AddClient(k)))
+            nodes.append(_node(_through(proxy, transport), transport, victim))
+            assert victim.entered.wait(WAIT)
+            proxy.cut()
+            strategy.wait_round(1)
+            proxy.heal()
+        finally:
+            victim.release.set()
+        srv.result(WAIT)
+        outcomes = [node.join(WAIT) for node in nodes]
+    assert strategy.ks(1) == [1, 2]
+    (failure,) = strategy.failures(1)
+    assert isinstance(failure, ConnectionLost), failure
+    assert strategy.ks(2) == [1, 2, 3] and not strategy.failures(2)
+    _assert_params(srv, [[1, 2], [1, 2, 3]])
+    assert outcomes == [None] * 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_stall_fails_the_instruction_and_the_node_recovers(
+    manager: WatchedClientManager, transport: str
+) -> None:
+    """One node reaches the server through the proxy, two directly. While that node is
+    inside its first fit the proxy stalls: connections stay open but no byte moves. Its
+    heartbeats and its reply are held, so the server fails the instruction — grpc-rere and
+    rest when the heartbeat timeout (1 s) drops the node (ConnectionLost), grpc-bidi at
+    round_timeout (Timeout) — and round 1 completes with the other two. Healed, the held
+    bytes arrive late and change nothing (a late reply is discarded; a forgotten node is
+    told to register again), and the node serves round 2."""
+    victim = HoldingClient(3)
+    strategy = FaultFedAvg(
+        start_with=3, min_fit_clients=2, min_evaluate_clients=2, min_available_clients=3
+    )
+    config = ServerConfig(num_rounds=2, round_timeout=3.0)
+    with (
+        running_server(
+            config=config, strategy=strategy, client_manager=manager, rest=True, timing=TIMING
+        ) as srv,
+        fault_proxy(_target(srv, transport)) as proxy,
+        node_threads() as nodes,
+    ):
+        try:
+            for k in (1, 2):
+                nodes.append(_node(srv.address_for(transport), transport, AddClient(k)))
+            nodes.append(_node(_through(proxy, transport), transport, victim))
+            assert victim.entered.wait(WAIT)
+            proxy.stall()
+            victim.release.set()  # its reply (and heartbeats) are now held by the proxy
+            strategy.wait_round(1)
+        finally:
+            proxy.heal()
+            victim.release.set()
+        srv.result(WAIT)
+        outcomes = [node.join(WAIT) for node in nodes]
+    assert strategy.ks(1) == [1, 2]
+    (failure,) = strategy.failures(1)
+    if transport == "grpc-bidi":
+        assert isinstance(failure, Timeout), failure
+    else:
+        assert isinstance(failure, ConnectionLost) and "no heartbeat" in str(failure), failure
+    assert strategy.ks(2) == [1, 2, 3] and not strategy.failures(2)
+    _assert_params(srv, [[1, 2], [1, 2, 3]])
+    assert outcomes == [None] * 3
+
+
+def test_rest_exchanges_are_not_held_back_by_delayed_acks() -> None:
+    """A rest node's request/response exchange takes a few milliseconds on 127.0.0.1.
+    Before the fix the REST listener's socket said proto 0, so asyncio did not set
+    TCP_NODELAY on its connections: every response with a body (headers, then body: two
+    writes) waited for the node's delayed ACK, ~40 ms per request."""
+    register = fc.encode_create_node_request(CreateNodeRequest())
+    with running_server(run=False, rest=True) as srv:
+        requester = RestRequester(TransportSettings(srv.rest_url, max_message_length=1 << 20))
+        requester.open()
+        try:
+            took = []
+            for _ in range(11):
+                started = time.monotonic()
+                created = requester.call(Verb.CREATE_NODE, register, WAIT)
+                took.append(time.monotonic() - started)
+                node_id = fc.decode_create_node_response(created).node_id
+                leave = fc.encode_simple_request(SimpleRequest(node_id))
+                requester.call(Verb.DELETE_NODE, leave, WAIT)
+        finally:
+            requester.close()
+    assert statistics.median(took[1:]) < 0.02, took  # ~0.044 s before the fix
+
+
+def _reset_connection(fin_first: bool) -> tuple[socket.socket, socket.socket]:
+    """A client socket whose peer has reset it (the RST has arrived), and the listener."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+    accepted, _ = listener.accept()
+    accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if fin_first:
+        accepted.shutdown(socket.SHUT_RDWR)
+    accepted.close()
+    readable, _, _ = select.select([client], [], [], WAIT)
+    assert readable, "the reset did not arrive"
+    return client, listener
+
+
+@pytest.mark.parametrize("fin_first", [True, False], ids=["fin-rst", "rst"])
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext-node", "tls-node"])
+def test_a_reset_connection_is_not_diagnosed_as_a_tls_problem(
+    secure: bool, fin_first: bool
+) -> None:
+    """When a connection fails, the node probes the server's TLS over a connection of its
+    own. A server (or a network) that resets that connection says nothing about TLS: the
+    probe must not conclude "the server speaks TLS" (or "requires a client certificate"),
+    an error that is final and stops the node for good, and it must not leak a socket.
+    Before the fix, after FIN+RST, Python's ssl skipped the handshake without an error and
+    the probe took that for a TLS server; after a bare RST ssl raised and leaked the socket
+    it had made (a ResourceWarning, an error under this suite's filterwarnings)."""
+    client, listener = _reset_connection(fin_first)
+    try:
+        if secure:
+            found = _tls._probe_secure(client, "127.0.0.1", "127.0.0.1:1", None, None)
+        else:
+            found = _tls._probe_plaintext(client, "127.0.0.1:1")
+    finally:
+        client.close()
+        listener.close()
+    assert found is None, found
