@@ -89,9 +89,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if scale is None:
         found.append({"target": text, "measured": "not run", "met": None})
     elif scale["runs_ok"]:
+        runs = results["workloads"]["E10k"]["runs"]["stamen"]
+        retries = sum(r.get("client_retries") or 0 for r in runs if r["ok"])
         measured = (
             f"{spec.get('clients', 0):,} clients: {scale['round_seconds']:.2f} s, server "
-            f"{scale['server_peak_rss_bytes'] / 1e6:.0f} MB peak RSS"
+            f"{scale['server_peak_rss_bytes'] / 1e6:.0f} MB peak RSS; {retries:,} streams "
+            "cancelled by the server while all connected at once, and reopened"
         )
         found.append({"target": text, "measured": measured, "met": spec.get("clients") == 10_000})
     else:
@@ -130,7 +133,9 @@ def _wire(value: float | None) -> str:
 
 
 def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"**{value:.2f}**" if value < 1 else f"{value:.2f}"
+    if value is None:
+        return "—"
+    return f"**{value:.2f}**" if value < 0.995 else f"{value:.2f}"
 
 
 def run_line(load: Workload, run: dict[str, Any]) -> str:
@@ -241,7 +246,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Measured on {machine['cpus']} cores, Python {machine['python']}, "
         f"{machine['platform']}; Stamen transport {results['transport']}"
         + (" (quick sizes: not a measurement)" if results["quick"] else "")
-        + ". Medians; S/F = Stamen / Flower, bold when Stamen is lower.",
+        + ". Medians; S/F = Stamen / Flower, bold when Stamen is lower. 1-minute load "
+        f"average when the runs began: {machine.get('load_average_at_start', float('nan')):.1f}"
+        " (anything else running on the machine shows up in these numbers).",
         "",
     ]
     if results["workloads"]:

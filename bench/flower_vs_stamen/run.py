@@ -1,52 +1,54 @@
 """Stamen against Flower 1.12 on the same workloads, in one invocation (``make bench``).
 
 For each workload and framework, a server process (``server_stamen.py`` with this python,
-``server_flower.py`` with Flower's venv) and a few client processes (``clients.py``, the
-nodes as threads calling the framework's ``start_client`` over grpc-bidi) run on 127.0.0.1,
+``server_flower.py`` with Flower's venv) and a few client processes run on 127.0.0.1,
 every byte between them passing through a counting relay (``relay.py``). Runs alternate
 between the frameworks (Stamen, Flower, Stamen, Flower, ...). The server times each FedAvg
 round from inside its strategy (``configure_fit`` after sampling -> end of
-``aggregate_fit``) and checks the final model; each process reports its peak RSS.
+``aggregate_fit``) and checks the final model; each process reports its peak RSS and CPU.
 
-Workloads A-E as in issue #7; "E10k" is one Stamen round with 10,000 grpc-bidi nodes
-(``swarm.py``: raw grpc.aio streams, Flower's server caps near 1,000); "micro" runs
-``micro.py`` (encode/decode of a FitIns, FedAvg) for both frameworks.
+Workloads A-D run their nodes as threads calling the framework's own ``start_client``
+(``clients.py``); E (1,000 nodes) and E10k (10,000, Stamen only: Flower's server caps near
+1,000) run them as grpc.aio streams (``swarm.py``), which drive either server with the
+same bytes; ``Ethreads`` (not in the default set) is E with ``start_client`` threads;
+"micro" runs ``micro.py`` (encode/decode of a FitIns, FedAvg) for both frameworks.
 
 Usage::
 
-    .venv/bin/python bench/flower_vs_stamen/run.py [--quick] [--workloads A,B,C,D,E,E10k,micro]
+    .venv/bin/python bench/flower_vs_stamen/run.py [--quick] [--workloads A,B,...,micro]
         [--frameworks stamen,flower] [--repeat N] [--rounds N] [--transport grpc-bidi]
         [--flower-python PATH] [--out bench/results/flower_vs_stamen.json] [--readme]
+        [--no-relay] [--trace-rss] [--logs DIR] [--stamen-server-prefix CMD]
+    .venv/bin/python bench/flower_vs_stamen/run.py --render RESULTS.json [--readme]
 
 ``--quick`` shrinks every size (a smoke test of the harness, not a measurement).
-``--readme`` writes the tables into bench/README.md. Flower's python is
-``--flower-python``, else ``$STAMEN_FLWR_PYTHON``, else ``.venv-flwr/bin/python``.
+``--readme`` writes the tables into bench/README.md; ``--render`` redoes them from an
+earlier JSON. Flower's python is ``--flower-python``, else ``$STAMEN_FLWR_PYTHON``, else
+``.venv-flwr/bin/python``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import platform
-import queue
 import resource
 import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
+from procs import Proc, environment, split, wait_for_run  # noqa: E402
 from relay import SpliceRelay  # noqa: E402
 from workload import SharedCounter, Workload  # noqa: E402
 
@@ -76,166 +78,100 @@ ORDER = ("A", "B", "C", "D", "E", "E10k", "Ethreads", "micro")
 DEFAULT = ("A", "B", "C", "D", "E", "E10k", "micro")
 PORT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
-KILL_TIMEOUT = 10.0
 
 
-class Proc:
-    """A subprocess whose stdout lines are read by a thread; stderr goes to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.lines: list[str] = []
-        self._log_path = log_dir / f"{name}.log"
-        self._log: IO[bytes] = self._log_path.open("wb")
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-            text=True,
-            cwd=HERE,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for_line(self, prefix: str, timeout: float) -> str:
-        """The first stdout line starting with ``prefix``.
-
-        Raises:
-            RuntimeError: the process ended, or printed no such line in ``timeout`` s.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"{self.name}: no {prefix!r} within {timeout:g} s") from None
-            if line is None:
-                self.proc.wait(KILL_TIMEOUT)
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.tail()}")
-            self.lines.append(line)
-            if line.startswith(prefix):
-                return line
-
-    def value(self, prefix: str) -> str | None:
-        """After exit: the rest of the first stdout line starting with ``prefix``."""
-        self._reader.join(KILL_TIMEOUT)
-        while not self._queue.empty():
-            line = self._queue.get_nowait()
-            if line is not None:
-                self.lines.append(line)
-        found = [line for line in self.lines if line.startswith(prefix)]
-        return found[0][len(prefix) :].strip() if found else None
-
-    def tail(self, chars: int = 1500) -> str:
-        """The end of the process's stderr."""
-        self._log.flush()
-        text = self._log_path.read_text(encoding="utf-8", errors="replace")
-        return text[-chars:].strip()
-
-    def stop(self) -> None:
-        """Kill the process if it still runs; release its pipe and log."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(KILL_TIMEOUT)
-        self._log.close()
-
-
-def environment(framework: str) -> dict[str, str]:
-    """Stamen processes inherit ours; Flower's get no PYTHONPATH and no telemetry."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    if framework == "flower":
-        env.pop("PYTHONPATH", None)
-        env["FLWR_TELEMETRY_ENABLED"] = "0"
-    return env
-
-
-def split(total: int, parts: int) -> list[tuple[int, int]]:
-    """``(first, count)`` of ``parts`` near-equal slices of ``range(total)``."""
-    parts = max(1, min(parts, total))
-    base, extra = divmod(total, parts)
-    slices, first = [], 0
-    for index in range(parts):
-        count = base + (1 if index < extra else 0)
-        slices.append((first, count))
-        first += count
-    return slices
-
-
-def wait_for_run(server: Proc, clients: list[Proc], deadline: float) -> None:
-    """Until the server exits; fail early when a client process fails or time runs out."""
-    while server.proc.poll() is None:
-        for client in clients:
-            if client.proc.poll() not in (None, 0):
-                raise RuntimeError(
-                    f"{client.name} failed (exit {client.proc.returncode}): {client.tail()}"
-                )
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out; server: {server.tail(600)}")
-        time.sleep(0.1)
-    if server.proc.returncode != 0:
-        raise RuntimeError(f"server failed (exit {server.proc.returncode}): {server.tail()}")
-
-
-def run_federation(
-    framework: str, load: Workload, options: argparse.Namespace, log_dir: Path
-) -> dict[str, Any]:
-    """One run of ``load`` on ``framework``; the measurements, or what went wrong."""
+def server_argv(
+    framework: str, load: Workload, options: argparse.Namespace, out: Path, counter: Path
+) -> list[str]:
+    """The command line of the server process of one run."""
     stamen = framework == "stamen"
     python = sys.executable if stamen else options.flower_python
-    env = environment(framework)
-    out = log_dir / f"{framework}-{load.name}-server.json"
-    counter = log_dir / f"{framework}-{load.name}-counter"
-    rest = stamen and options.transport == "rest"
     argv = [python, str(HERE / ("server_stamen.py" if stamen else "server_flower.py"))]
     argv += ["--clients", str(load.clients), "--model-bytes", str(load.model_bytes)]
     argv += ["--rounds", str(load.rounds), "--out", str(out)]
     if options.relay:
         argv += ["--counter", str(counter)]
-    if rest:
+    if stamen and options.transport == "rest":
         argv.append("--rest")
     if options.trace_rss:
         argv.append("--trace-rss")
     if stamen and options.stamen_server_prefix:
         argv = shlex.split(options.stamen_server_prefix) + argv
+    return argv
+
+
+def start_clients(
+    framework: str, load: Workload, options: argparse.Namespace, address: str, log_dir: Path
+) -> list[Proc]:
+    """Start the client processes of one run (``load.processes`` of them)."""
+    swarm = load.harness == "asyncio"
+    clients = []
+    for index, (first, count) in enumerate(split(load.clients, load.processes)):
+        if swarm:  # a neutral load generator, so Stamen's python for either server
+            argv = [sys.executable, str(HERE / "swarm.py")]
+        else:
+            python = sys.executable if framework == "stamen" else options.flower_python
+            transport = options.transport if framework == "stamen" else "grpc-bidi"
+            argv = [python, str(HERE / "clients.py"), "--framework", framework]
+            argv += ["--transport", transport]
+        argv += ["--address", address, "--first", str(first), "--count", str(count)]
+        argv += ["--timeout", str(load.timeout)]
+        env = environment("stamen" if swarm else framework)
+        clients.append(Proc(f"{framework}-{load.name}-clients{index}", argv, log_dir, env))
+    return clients
+
+
+def measurements(
+    server: dict[str, Any], clients: list[Proc], load: Workload, relayed: bool
+) -> dict[str, Any]:
+    """What one successful run measured: the server's report and the clients' lines."""
+    rounds = server["rounds"]
+    return {
+        "ok": bool(server["check"]["ok"]),
+        "error": None if server["check"]["ok"] else "result check failed",
+        "round_seconds": [r["seconds"] for r in rounds],
+        "aggregate_seconds": [r["aggregate_seconds"] for r in rounds],
+        "wire_bytes": [r["wire_bytes"] for r in rounds] if relayed else None,
+        "server_peak_rss_bytes": server["peak_rss_bytes"],
+        "server_rss_after_setup_bytes": server["rss_after_setup_bytes"],
+        "client_peak_rss_bytes": [int(c.value("PEAK_RSS") or 0) for c in clients],
+        "clients_per_process": [count for _, count in split(load.clients, load.processes)],
+        "server_cpu_seconds": server["cpu_seconds"],
+        "client_cpu_seconds": [json.loads(c.value("CPU") or "null") for c in clients],
+        "client_retries": sum(int(c.value("RETRIES") or 0) for c in clients),
+        "check": server["check"],
+        "marks": server["marks"],
+        "rss_trace": server["rss_trace"] or None,
+    }
+
+
+def run_federation(
+    framework: str, load: Workload, options: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
+    """One run of ``load`` on ``framework``; the measurements, or what went wrong.
+
+    Every process started is killed (if still running) and the relay stopped on the way
+    out, whatever happened.
+    """
+    out = log_dir / f"{framework}-{load.name}-server.json"
+    counter = log_dir / f"{framework}-{load.name}-counter"
+    rest = framework == "stamen" and options.transport == "rest"
     started = time.monotonic()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     procs: list[Proc] = []
     relay: SpliceRelay | None = None
     shared = SharedCounter(str(counter)) if options.relay else None
-    result: dict[str, Any] = {"framework": framework, "ok": False}
+    result: dict[str, Any] = {"framework": framework, "ok": False, "load": os.getloadavg()[0]}
     try:
-        server = Proc(f"{framework}-{load.name}-server", argv, log_dir, env)
+        argv = server_argv(framework, load, options, out, counter)
+        server = Proc(f"{framework}-{load.name}-server", argv, log_dir, environment(framework))
         procs.append(server)
         port = int(server.wait_for_line("REST_PORT" if rest else "PORT", PORT_TIMEOUT).split()[1])
         if shared is not None:
             relay = SpliceRelay(port, shared).start()
             port = relay.port
         address = f"{'http://' if rest else ''}127.0.0.1:{port}"
-        swarm = load.harness == "asyncio"
-        clients = []
-        for index, (first, count) in enumerate(split(load.clients, load.processes)):
-            if swarm:  # a neutral load generator: Stamen's python for either server
-                cargv = [sys.executable, str(HERE / "swarm.py")]
-            else:
-                cargv = [python, str(HERE / "clients.py"), "--framework", framework]
-                cargv += ["--transport", options.transport if stamen else "grpc-bidi"]
-            cargv += ["--address", address, "--first", str(first), "--count", str(count)]
-            cargv += ["--timeout", str(load.timeout)]
-            cenv = environment("stamen") if swarm else env
-            clients.append(Proc(f"{framework}-{load.name}-clients{index}", cargv, log_dir, cenv))
+        clients = start_clients(framework, load, options, address, log_dir)
         procs.extend(clients)
         wait_for_run(server, clients, started + load.timeout)
         for client in clients:
@@ -246,23 +182,7 @@ def run_federation(
             if client.proc.returncode != 0:
                 raise RuntimeError(f"{client.name} exit {client.proc.returncode}: {client.tail()}")
         server_report = json.loads(out.read_text(encoding="utf-8"))
-        result.update(
-            ok=bool(server_report["check"]["ok"]),
-            error=None if server_report["check"]["ok"] else "result check failed",
-            round_seconds=[r["seconds"] for r in server_report["rounds"]],
-            aggregate_seconds=[r["aggregate_seconds"] for r in server_report["rounds"]],
-            wire_bytes=[r["wire_bytes"] for r in server_report["rounds"]] if relay else None,
-            server_peak_rss_bytes=server_report["peak_rss_bytes"],
-            server_rss_after_setup_bytes=server_report["rss_after_setup_bytes"],
-            client_peak_rss_bytes=[int(c.value("PEAK_RSS") or 0) for c in clients],
-            clients_per_process=[count for _, count in split(load.clients, load.processes)],
-            server_cpu_seconds=server_report["cpu_seconds"],
-            client_cpu_seconds=[json.loads(c.value("CPU") or "null") for c in clients],
-            client_retries=sum(int(c.value("RETRIES") or 0) for c in clients),
-            check=server_report["check"],
-            marks=server_report["marks"],
-            rss_trace=server_report["rss_trace"] or None,
-        )
+        result.update(measurements(server_report, clients, load, relay is not None))
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         result["error"] = str(exc)[-2000:]
     finally:
@@ -272,8 +192,8 @@ def run_federation(
             relay.stop()
         elif shared is not None:
             shared.close()
-    result["wall_seconds"] = time.monotonic() - started
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    result["wall_seconds"] = time.monotonic() - started
     result["relay_cpu_seconds"] = {  # the driver's own CPU: the relay thread, mostly
         "user": cpu_after.ru_utime - cpu_before.ru_utime,
         "system": cpu_after.ru_stime - cpu_before.ru_stime,
@@ -318,9 +238,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/flower_vs_stamen.json")
     parser.add_argument("--readme", action="store_true", help="write the tables into README")
     parser.add_argument("--trace-rss", action="store_true", help="servers sample their RSS")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="only print (and with --readme write) the tables of an earlier results JSON",
+    )
     parser.add_argument("--logs", type=Path, default=None, help="keep every process's log here")
     options = parser.parse_args(argv)
     options.flower_python = flower_python(options.flower_python)
+    if "flower" in options.frameworks.split(",") and not Path(options.flower_python).exists():
+        parser.error(
+            f"no Flower interpreter at {options.flower_python}: run `make interop-venv`, "
+            "pass --flower-python, or --frameworks stamen"
+        )
     unknown = set(options.workloads.split(",")) - set(ORDER)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(ORDER)}")
@@ -330,6 +261,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected workloads, alternating frameworks; write JSON, print the tables."""
     options = parse_args(argv)
+    if options.render is not None:
+        earlier = json.loads(options.render.read_text(encoding="utf-8"))
+        report.summarize(earlier)  # with this version's summary and targets, saved back
+        options.render.write_text(json.dumps(earlier, indent=1) + "\n", encoding="utf-8")
+        return publish(earlier, options)
     frameworks = [f for f in ("stamen", "flower") if f in options.frameworks.split(",")]
     table = QUICK if options.quick else FULL
     selected = [w for w in ORDER if w in options.workloads.split(",")]
@@ -338,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg()[0],
         },
         "quick": options.quick,
         "transport": options.transport,
@@ -373,10 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     report.summarize(results)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return publish(results, options)
+
+
+def publish(results: dict[str, Any], options: argparse.Namespace) -> int:
+    """Print the tables; with ``--readme``, write them into bench/README.md."""
     text = report.markdown(results)
-    print(text)
     if options.readme:
         report.write_readme(REPO / "bench" / "README.md", text)
+    print(text)
     return 0
 
 
