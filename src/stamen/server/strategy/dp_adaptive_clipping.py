@@ -40,12 +40,13 @@ class _AdaptiveClipping(DPWrapperBase):
         strategy: Strategy,
         noise_multiplier: float,
         num_sampled_clients: int,
-        initial_clipping_norm: float,
-        target_clipped_quantile: float,
-        clip_norm_lr: float,
-        clipped_count_stddev: float | None,
-        seed: int | None,
-        flower_compatible_update: bool,
+        initial_clipping_norm: float = 0.1,
+        target_clipped_quantile: float = 0.5,
+        clip_norm_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
+        *,
+        seed: int | None = None,
+        flower_compatible_update: bool = True,
     ) -> None:
         super().__init__(strategy, noise_multiplier, num_sampled_clients, seed)
         check_number(
@@ -151,31 +152,6 @@ class DifferentialPrivacyServerSideAdaptiveClipping(_AdaptiveClipping):
         flower_compatible_update: Flower 1.12's update direction (see above).
     """
 
-    def __init__(
-        self,
-        strategy: Strategy,
-        noise_multiplier: float,
-        num_sampled_clients: int,
-        initial_clipping_norm: float = 0.1,
-        target_clipped_quantile: float = 0.5,
-        clip_norm_lr: float = 0.2,
-        clipped_count_stddev: float | None = None,
-        *,
-        seed: int | None = None,
-        flower_compatible_update: bool = True,
-    ) -> None:
-        super().__init__(
-            strategy,
-            noise_multiplier,
-            num_sampled_clients,
-            initial_clipping_norm,
-            target_clipped_quantile,
-            clip_norm_lr,
-            clipped_count_stddev,
-            seed,
-            flower_compatible_update,
-        )
-
     def __repr__(self) -> str:
         return "Differential Privacy Strategy Wrapper (Server-Side Adaptive Clipping)"
 
@@ -245,31 +221,6 @@ class DifferentialPrivacyClientSideAdaptiveClipping(_AdaptiveClipping):
         seed: Seed of the noise generator (None: OS entropy, never saved).
         flower_compatible_update: Flower 1.12's update direction.
     """
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        noise_multiplier: float,
-        num_sampled_clients: int,
-        initial_clipping_norm: float = 0.1,
-        target_clipped_quantile: float = 0.5,
-        clip_norm_lr: float = 0.2,
-        clipped_count_stddev: float | None = None,
-        *,
-        seed: int | None = None,
-        flower_compatible_update: bool = True,
-    ) -> None:
-        super().__init__(
-            strategy,
-            noise_multiplier,
-            num_sampled_clients,
-            initial_clipping_norm,
-            target_clipped_quantile,
-            clip_norm_lr,
-            clipped_count_stddev,
-            seed,
-            flower_compatible_update,
-        )
 
     def __repr__(self) -> str:
         return "Differential Privacy Strategy Wrapper (Client-Side Adaptive Clipping)"
