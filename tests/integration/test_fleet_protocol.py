@@ -8,7 +8,13 @@ import httpx
 import pytest
 
 from stamen.errors import ProtocolError, VersionMismatch
-from stamen.protocol.fleet import CreateNodeRequest, NodeUnknown, PullRequest, SimpleRequest
+from stamen.protocol.fleet import (
+    PROTOCOL_VERSION,
+    CreateNodeRequest,
+    NodeUnknown,
+    PullRequest,
+    SimpleRequest,
+)
 from stamen.testing import RunningServer, running_server
 from stamen.transport.base import TransportSettings
 from stamen.transport.fleet import Requester
@@ -36,7 +42,7 @@ def requester(request: pytest.FixtureRequest, server: RunningServer) -> Iterator
 def test_other_protocol_version_is_refused_clearly(requester: Requester) -> None:
     """A request of another protocol version gets VersionMismatch naming both versions."""
     body = fleet_codec.encode_create_node_request(CreateNodeRequest(protocol_version=99))
-    with pytest.raises(VersionMismatch, match="expected 1, received 99"):
+    with pytest.raises(VersionMismatch, match=f"expected {PROTOCOL_VERSION}, received 99"):
         requester.call(Verb.CREATE_NODE, body, 10)
 
 

@@ -145,26 +145,30 @@ def _numbers(message: Any) -> dict[str, int]:
 
 
 def test_server_message_field_numbers_match_flower() -> None:
-    """ServerMessage: reconnect_ins=1 ... evaluate_ins=5, all in the oneof 'msg'."""
+    """ServerMessage: reconnect_ins=1 ... evaluate_ins=5, all in the oneof 'msg', plus
+    Stamen's frame=16 (outside Flower's numbers; sent only to Stamen peers)."""
     assert _numbers(pb.ServerMessage) == {
         "reconnect_ins": 1,
         "get_properties_ins": 2,
         "get_parameters_ins": 3,
         "fit_ins": 4,
         "evaluate_ins": 5,
+        "frame": 16,
     }
     oneof = pb.ServerMessage.DESCRIPTOR.oneofs_by_name["msg"]
     assert {f.name for f in oneof.fields} == set(_numbers(pb.ServerMessage))
 
 
 def test_client_message_field_numbers_match_flower() -> None:
-    """ClientMessage: disconnect_res=1 ... evaluate_res=5, all in the oneof 'msg'."""
+    """ClientMessage: disconnect_res=1 ... evaluate_res=5, all in the oneof 'msg', plus
+    Stamen's frame=16."""
     assert _numbers(pb.ClientMessage) == {
         "disconnect_res": 1,
         "get_properties_res": 2,
         "get_parameters_res": 3,
         "fit_res": 4,
         "evaluate_res": 5,
+        "frame": 16,
     }
     oneof = pb.ClientMessage.DESCRIPTOR.oneofs_by_name["msg"]
     assert {f.name for f in oneof.fields} == set(_numbers(pb.ClientMessage))

@@ -36,8 +36,8 @@ __all__ = [
     "SimpleRequest",
 ]
 
-PROTOCOL_VERSION = 1
-"""Version of the Fleet protocol spoken by this release."""
+PROTOCOL_VERSION = 2
+"""Version of the Fleet protocol spoken by this release (2: instructions and replies in frames)."""
 
 
 class NodeUnknown(ConnectionLost):
@@ -90,9 +90,11 @@ class FleetError(StamenError):
 
 @dataclass(frozen=True, slots=True)
 class CreateNodeRequest:
-    """Register a new node."""
+    """Register a new node, whose messages are bounded by ``max_message_length`` bytes
+    (0: no bound of its own)."""
 
     protocol_version: int = PROTOCOL_VERSION
+    max_message_length: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class CreateNodeResponse:
     node_id: int
     heartbeat_interval: float
     poll_timeout: float
+    max_message_length: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +117,12 @@ class SimpleRequest:
 
 @dataclass(frozen=True, slots=True)
 class PullRequest:
-    """Ask for the next instruction (held open up to ``poll_timeout``)."""
+    """Ask for the next instruction (held open up to ``poll_timeout``), or, with a
+    ``task_id``, for the frame of that instruction that starts at ``offset``."""
 
     node_id: int
+    task_id: int = 0
+    offset: int = 0
     protocol_version: int = PROTOCOL_VERSION
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ConnectionLost
 from ..messages import Instruction, Reply
+
+if TYPE_CHECKING:
+    from ..wire.frames import Payload
 
 __all__ = ["Mailbox", "Task"]
 
@@ -26,7 +30,7 @@ class Task:
 
     task_id: int
     instruction: Instruction
-    payload: bytes
+    payload: Payload
     on_done: DoneCallback
 
 
@@ -50,7 +54,7 @@ class Mailbox:
         """Call ``callback`` whenever a task is posted (the transport's waiter)."""
         self._wakeup = callback
 
-    def post(self, instruction: Instruction, payload: bytes, on_done: DoneCallback) -> int:
+    def post(self, instruction: Instruction, payload: Payload, on_done: DoneCallback) -> int:
         """Queue an instruction (``payload`` is its encoded form); return the task id."""
         task_id = self._next_id
         self._next_id += 1
@@ -76,6 +80,10 @@ class Mailbox:
         task = self._pending.popleft()
         self._in_flight[task.task_id] = task
         return task
+
+    def in_flight(self, task_id: int) -> Task | None:
+        """The in-flight task ``task_id``, or None if it is not (or no longer) in flight."""
+        return self._in_flight.get(task_id)
 
     def deliver(self, task_id: int, reply: Reply) -> bool:
         """End an in-flight task with its reply; False if it had already ended (late reply)."""

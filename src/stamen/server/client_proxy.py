@@ -32,7 +32,7 @@ from ..messages import (
 )
 from ..protocol.mailbox import Mailbox
 from ..typing import Properties
-from ..wire import encode_instruction
+from ..wire import Payload, encode_instruction_payload
 
 __all__ = ["ClientProxy", "RemoteClientProxy", "expected_reply_type"]
 
@@ -112,19 +112,23 @@ class ClientProxy(ABC):
 
 
 class _EncodeCache:
-    """Encodes an instruction once when the same object goes to many nodes in a round."""
+    """Encodes an instruction once when the same object goes to many nodes in a round.
 
-    def __init__(self, size: int = 4) -> None:
+    It holds only the newest instruction: an entry keeps its parameters alive, and the
+    round's instruction is the one that matters.
+    """
+
+    def __init__(self, size: int = 1) -> None:
         self._lock = threading.Lock()
-        self._entries: list[tuple[Instruction, bytes]] = []
+        self._entries: list[tuple[Instruction, Payload]] = []
         self._size = size
 
-    def encode(self, ins: Instruction) -> bytes:
+    def encode(self, ins: Instruction) -> Payload:
         with self._lock:
             for cached, payload in self._entries:
                 if cached is ins:
                     return payload
-        payload = encode_instruction(ins)
+        payload = encode_instruction_payload(ins)
         with self._lock:
             self._entries.insert(0, (ins, payload))
             del self._entries[self._size :]
@@ -144,11 +148,13 @@ class RemoteClientProxy(ClientProxy):
         loop: asyncio.AbstractEventLoop,
         *,
         max_message_length: int,
+        frames: bool = True,
     ) -> None:
         super().__init__(cid)
         self.mailbox = mailbox
         self._loop = loop
         self._max_message_length = max_message_length
+        self._frames = frames
 
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Encode ``ins`` here, post it on the fleet loop, return the reply's future."""
@@ -156,11 +162,12 @@ class RemoteClientProxy(ClientProxy):
         future.set_running_or_notify_cancel()
         expected = expected_reply_type(ins)
         payload = _encode_cache.encode(ins)
-        if len(payload) > self._max_message_length:
+        if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
                 MessageTooLarge(
                     f"{type(ins).__name__} for node {self.cid} is {len(payload)} bytes, over "
-                    f"grpc_max_message_length={self._max_message_length}"
+                    f"grpc_max_message_length={self._max_message_length}, and the node "
+                    "cannot receive it in frames (a Flower node)"
                 )
             )
             return future

@@ -20,7 +20,7 @@ import numpy as np
 from ..client.app import make_node_config, make_transport, run_node
 from ..client.client import Client
 from ..client.numpy_client import NumPyClient
-from ..errors import ConnectError, ConnectionLost, MessageTooLarge, Timeout
+from ..errors import ConnectError, ConnectionLost, Timeout
 from ..messages import Code, FitIns, FitRes, Parameters, ReconnectIns
 from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
 from ..protocol.fleet import CreateNodeRequest, PullRequest
@@ -214,50 +214,42 @@ def _wait_for_node(manager: SimpleClientManager) -> Any:
 
 
 def check_message_limits(transport: str) -> None:
-    """grpc_max_message_length holds on both sides: the server refuses to send a larger
-    instruction (MessageTooLarge, node still connected); a node refuses to send a larger
-    reply (the server gets a CLIENT_ERROR failure naming the size); a node that receives a
-    larger instruction stops with MessageTooLarge and the server fails that instruction."""
-    small = ndarrays_to_parameters([np.zeros(4, dtype=np.float32)])
-    big = ndarrays_to_parameters([np.zeros(10_000, dtype=np.float32)])
-    manager = SimpleClientManager(wait_timeout=_WAIT)
-    with (
-        running_server(
-            client_manager=manager, run=False, rest=True, grpc_max_message_length=8192
-        ) as srv,
-        node_threads() as nodes,
-    ):
+    """grpc_max_message_length bounds every message, and nothing larger is refused: an
+    instruction and a reply many times the bound travel in frames and arrive intact, when
+    the server's bound is the smaller one and when the node's is."""
+    rng = np.random.default_rng(7)
+    model = [rng.standard_normal(10_000).astype(np.float32), np.arange(3, dtype=np.int64)]
 
-        class Inflating(AddClient):
-            def fit(
-                self, parameters: NDArrays, config: Config
-            ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-                size = int(config.get("reply_floats", 4))
-                return [np.zeros(size, dtype=np.float32)], 1, {}
+    class Echo(NumPyClient):
+        """Answers the model it received plus 1, scaled up to ``config["repeat"]`` times."""
 
-        node = _start(srv, transport, Inflating(1).to_client(), nodes, grpc_max_message_length=8192)
-        proxy = _wait_for_node(manager)
-        try:
-            proxy.fit(FitIns(big, {}), timeout=_WAIT)
-            raise AssertionError("an instruction over the server's limit was sent")
-        except MessageTooLarge as exc:
-            assert "over grpc_max_message_length=8192" in str(exc)
-        reply = proxy.fit(FitIns(small, {"reply_floats": 10_000}), timeout=_WAIT)
-        assert reply.status.code == Code.CLIENT_ERROR
-        assert "over grpc_max_message_length=8192" in reply.status.message
-        assert proxy.fit(FitIns(small, {}), timeout=_WAIT).status.code == Code.OK
-        proxy.reconnect(ReconnectIns(seconds=0), timeout=_WAIT)
-        assert node.join(_WAIT) is None
-    manager = SimpleClientManager(wait_timeout=_WAIT)
-    with (
-        running_server(client_manager=manager, run=False, rest=True) as srv,
-        node_threads() as nodes,
-    ):
-        node = _start(srv, transport, AddClient(1).to_client(), nodes, grpc_max_message_length=8192)
-        proxy = _wait_for_node(manager)
-        future = proxy.submit(FitIns(big, {}), timeout=_WAIT)
-        assert isinstance(node.join(_WAIT), MessageTooLarge)
-        assert isinstance(future.exception(timeout=_WAIT), ConnectionLost)
+        def fit(
+            self, parameters: NDArrays, config: Config
+        ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+            repeat = int(config.get("repeat", 1))
+            return [np.tile(a + 1, repeat) for a in parameters], 1, {}
+
+    limits = [({"grpc_max_message_length": 8192}, {}), ({}, {"grpc_max_message_length": 8192})]
+    for server_limit, node_limit in limits:
+        manager = SimpleClientManager(wait_timeout=_WAIT)
+        with (
+            running_server(client_manager=manager, run=False, rest=True, **server_limit) as srv,
+            node_threads() as nodes,
+        ):
+            node = _start(srv, transport, Echo().to_client(), nodes, **node_limit)
+            proxy = _wait_for_node(manager)
+            for repeat in (1, 5):
+                reply = proxy.fit(FitIns(ndarrays_to_parameters(model), {"repeat": repeat}), _WAIT)
+                assert reply.status.code == Code.OK, reply.status
+                got = parameters_to_ndarrays(reply.parameters)
+                assert len(got) == 2
+                for received, sent in zip(got, model, strict=True):
+                    assert received.dtype == sent.dtype
+                    np.testing.assert_array_equal(received, np.tile(sent + 1, repeat))
+            small = proxy.fit(FitIns(ndarrays_to_parameters([np.zeros(4)]), {}), _WAIT)
+            assert small.status.code == Code.OK
+            proxy.reconnect(ReconnectIns(seconds=0), timeout=_WAIT)
+            assert node.join(_WAIT) is None
 
 
 def check_reconnect_later(transport: str) -> None:

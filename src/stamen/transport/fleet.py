@@ -13,7 +13,7 @@ import math
 import threading
 from typing import Protocol
 
-from ..errors import ConnectionLost, MessageTooLarge, ProtocolError, StamenError
+from ..errors import ConnectionLost, ProtocolError, StamenError
 from ..messages import Instruction, Reply
 from ..protocol.fleet import (
     CreateNodeRequest,
@@ -22,7 +22,7 @@ from ..protocol.fleet import (
     PushRequest,
     SimpleRequest,
 )
-from ..wire import Verb, decode_instruction, encode_reply
+from ..wire import FrameReader, Verb, decode_instruction, encode_reply_payload, frame_size
 from ..wire import fleet_codec as codec
 
 __all__ = ["FleetClientTransport", "Requester"]
@@ -79,6 +79,9 @@ class FleetClientTransport:
     ) -> None:
         self._requester = requester
         self._max_message_length = max_message_length
+        self._frame_size = frame_size(max_message_length)
+        self._reply_frame_size = self._frame_size
+        self._reader = FrameReader()
         self._request_timeout = request_timeout
         self._node_id = 0
         self._poll_timeout = 10.0
@@ -97,7 +100,9 @@ class FleetClientTransport:
     def connect(self) -> None:
         """Reach the server and register this node."""
         self._requester.open()
-        body = codec.encode_create_node_request(CreateNodeRequest())
+        body = codec.encode_create_node_request(
+            CreateNodeRequest(max_message_length=self._max_message_length)
+        )
         response = codec.decode_create_node_response(
             self._requester.call(Verb.CREATE_NODE, body, self._request_timeout)
         )
@@ -108,6 +113,9 @@ class FleetClientTransport:
         self._heartbeat_interval = _seconds(
             "heartbeat_interval", response.heartbeat_interval, self._heartbeat_interval
         )
+        self._reply_frame_size = self._frame_size
+        if response.max_message_length > 0:
+            self._reply_frame_size = min(self._frame_size, frame_size(response.max_message_length))
         self._stop.clear()
         self._heartbeat = threading.Thread(
             target=self._beat, name=f"stamen-heartbeat-{self._node_id}", daemon=True
@@ -134,26 +142,38 @@ class FleetClientTransport:
         if isinstance(self._heartbeat_error, NodeUnknown):
             raise self._heartbeat_error
         body = codec.encode_pull_request(PullRequest(self._node_id))
+        self._reader.reset()
+        task_id = 0
         while True:
             data = self._requester.call(Verb.PULL, body, self._poll_timeout + _SLACK)
             response = codec.decode_pull_response(data)
-            if response.task_id:
-                self._task_id = response.task_id
+            if not response.task_id:
+                body = codec.encode_pull_request(PullRequest(self._node_id))
+                self._reader.reset()
+                continue
+            if response.task_id != task_id:  # a new instruction (or the server started over)
+                self._reader.reset()
+                task_id = response.task_id
+            whole = self._reader.feed(response.server_message)
+            if whole is not None:
+                self._task_id = task_id
                 self._busy.set()
-                return decode_instruction(response.server_message)
+                return decode_instruction(whole)
+            # An instruction in frames: ask for the rest, frame by frame.
+            self._busy.set()
+            body = codec.encode_pull_request(
+                PullRequest(self._node_id, task_id, self._reader.received)
+            )
 
     def send(self, reply: Reply) -> None:
         """Push the reply to the last instruction."""
         if not self._task_id:
             raise ConnectionLost("send() without an instruction to answer")
-        data = encode_reply(reply)
-        if len(data) > self._max_message_length:
-            raise MessageTooLarge(
-                f"reply {type(reply).__name__} is {len(data)} bytes, over "
-                f"grpc_max_message_length={self._max_message_length}"
-            )
-        request = PushRequest(self._node_id, self._task_id, data)
-        self._requester.call(Verb.PUSH, codec.encode_push_request(request), self._request_timeout)
+        payload = encode_reply_payload(reply)
+        for message in payload.messages(self._reply_frame_size):  # frames if it is large
+            request = PushRequest(self._node_id, self._task_id, message)
+            body = codec.encode_push_request(request)
+            self._requester.call(Verb.PUSH, body, self._request_timeout)
         self._task_id = 0
         self._busy.clear()
 

@@ -17,7 +17,15 @@ import grpc
 
 from ..errors import ConnectError, ConnectionLost, MessageTooLarge
 from ..messages import Instruction, Reply
-from ..wire import BIDI_JOIN_METHOD, decode_instruction, encode_reply
+from ..wire import (
+    BIDI_JOIN_METHOD,
+    FRAMES_METADATA,
+    FrameReader,
+    Payload,
+    decode_instruction,
+    encode_reply_payload,
+    frame_size,
+)
 from ._errors import map_rpc_error
 from ._tls import channel_credentials, diagnose_tls
 from .base import TransportSettings
@@ -116,7 +124,11 @@ class GrpcBidiTransport:
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._responses: Iterator[bytes] | None = None
-        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._outbox: queue.Queue[Payload | None] = queue.Queue()
+        self._reader = FrameReader()
+        self._frame_size = frame_size(settings.max_message_length)
+        self._server_frames: bool | None = None
+        self._reply_frame_size = self._frame_size
 
     @property
     def node_id(self) -> int:
@@ -128,39 +140,68 @@ class GrpcBidiTransport:
         the node authenticates)."""
         self._channel = open_channel(self._settings)
         join = self._channel.stream_stream(BIDI_JOIN_METHOD)
-        metadata = None
+        metadata = [(FRAMES_METADATA, str(self._max_message_length))]
         if self._settings.signer is not None:
             headers = self._settings.signer.headers(BIDI_JOIN_METHOD, b"", time.time())
-            metadata = tuple(headers.items())
+            metadata += headers.items()
         self._outbox = queue.Queue()
-        self._call = join(iter(self._outbox.get, None), metadata=metadata)
+        self._reader = FrameReader()
+        self._server_frames = None
+        self._reply_frame_size = self._frame_size
+        self._call = join(self._requests(self._outbox), metadata=tuple(metadata))
         self._responses = self._call
+
+    def _requests(self, outbox: queue.Queue[Payload | None]) -> Iterator[bytes]:
+        """The request stream: each queued reply, whole or in frames, produced only as
+        gRPC takes them (a large reply is never copied whole)."""
+        for payload in iter(outbox.get, None):
+            if self._server_frames:
+                yield from payload.messages(self._reply_frame_size)
+            else:
+                yield payload.tobytes()
 
     def receive(self) -> Instruction:
         """Wait for the server's next instruction."""
         if self._responses is None:
             raise ConnectionLost("grpc-bidi: receive() before connect()")
-        try:
-            data = next(self._responses)
-        except StopIteration:
-            raise ConnectionLost(f"grpc-bidi: {self._address} closed the stream") from None
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, f"grpc-bidi stream to {self._address}") from exc
-        return decode_instruction(data)
+        whole = None
+        while whole is None:
+            try:
+                data = next(self._responses)
+            except StopIteration:
+                raise ConnectionLost(f"grpc-bidi: {self._address} closed the stream") from None
+            except grpc.RpcError as exc:
+                raise map_rpc_error(exc, f"grpc-bidi stream to {self._address}") from exc
+            whole = self._reader.feed(data)
+        return decode_instruction(whole)
+
+    def _peer_takes_frames(self) -> bool:
+        """Whether the server said it understands frames (a Stamen server does, in its
+        response metadata, which has arrived with the first instruction)."""
+        if self._server_frames is None:
+            metadata = self._call.initial_metadata() if self._call is not None else ()
+            announced = dict(metadata or ()).get(FRAMES_METADATA)
+            self._server_frames = isinstance(announced, str)
+            if isinstance(announced, str) and announced.isdigit() and int(announced) > 0:
+                self._reply_frame_size = min(self._frame_size, frame_size(int(announced)))
+        return self._server_frames
 
     def send(self, reply: Reply) -> None:
-        """Queue the reply on the request stream.
+        """Queue the reply on the request stream (in frames if it is large and the server
+        takes frames).
 
         Raises:
-            MessageTooLarge: the encoded reply exceeds ``grpc_max_message_length``.
+            MessageTooLarge: the encoded reply exceeds ``grpc_max_message_length`` and the
+                server does not take frames (a Flower server).
         """
-        data = encode_reply(reply)
-        if len(data) > self._max_message_length:
+        payload = encode_reply_payload(reply)
+        if not self._peer_takes_frames() and len(payload) > self._max_message_length:
             raise MessageTooLarge(
-                f"reply {type(reply).__name__} is {len(data)} bytes, over "
-                f"grpc_max_message_length={self._max_message_length}"
+                f"reply {type(reply).__name__} is {len(payload)} bytes, over "
+                f"grpc_max_message_length={self._max_message_length}, and the server "
+                "does not take messages in frames (a Flower server?)"
             )
-        self._outbox.put(data)
+        self._outbox.put(payload)
 
     def close(self, *, graceful: bool) -> None:
         """End the stream (after the queued reply, if ``graceful``) and close the channel."""

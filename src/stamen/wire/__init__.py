@@ -7,7 +7,15 @@ but valid bytes raises :class:`~stamen.errors.DecodeError`.
 from __future__ import annotations
 
 from . import fleet_codec
-from .codec import decode_instruction, decode_reply, encode_instruction, encode_reply
+from .codec import (
+    decode_instruction,
+    decode_reply,
+    encode_instruction,
+    encode_instruction_payload,
+    encode_reply,
+    encode_reply_payload,
+)
+from .frames import FRAMES_METADATA, FrameReader, Payload, frame_size
 from .routes import (
     BIDI_JOIN_METHOD,
     BIDI_METHOD_NAME,
@@ -23,12 +31,18 @@ __all__ = [
     "BIDI_METHOD_NAME",
     "BIDI_SERVICE_NAME",
     "FLEET_SERVICE_NAME",
+    "FRAMES_METADATA",
     "REST_CONTENT_TYPE",
     "REST_PREFIX",
+    "FrameReader",
+    "Payload",
     "Verb",
     "decode_instruction",
     "decode_reply",
     "encode_instruction",
+    "encode_instruction_payload",
     "encode_reply",
+    "encode_reply_payload",
     "fleet_codec",
+    "frame_size",
 ]

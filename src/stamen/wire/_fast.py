@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from ..errors import DecodeError
 from ..messages import Parameters
 
-__all__ = ["length_delimited", "parameters_chunks", "read_parameters", "split_fields", "varint"]
+__all__ = [
+    "length_delimited",
+    "parameters_chunks",
+    "read_parameters",
+    "read_varint",
+    "split_fields",
+    "varint",
+]
 
 _LEN = 2
 
@@ -55,7 +62,8 @@ def parameters_chunks(parameters: Parameters) -> tuple[list[bytes], int]:
     return chunks, size
 
 
-def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
+def read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """The varint at ``data[pos:end]`` and the position after it."""
     result = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -79,16 +87,16 @@ def split_fields(
     pos = start
     while pos < end:
         tag_start = pos
-        tag, pos = _read_varint(data, pos, end)
+        tag, pos = read_varint(data, pos, end)
         field, wire = tag >> 3, tag & 7
         if field == 0:
             raise DecodeError("field number 0")
         if wire == 0:
-            _, value_end = _read_varint(data, pos, end)
+            _, value_end = read_varint(data, pos, end)
         elif wire == 1:
             value_end = pos + 8
         elif wire == _LEN:
-            length, pos = _read_varint(data, pos, end)
+            length, pos = read_varint(data, pos, end)
             value_end = pos + length
         elif wire == 5:
             value_end = pos + 4

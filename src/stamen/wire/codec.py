@@ -31,8 +31,18 @@ from ..messages import (
 from ..typing import Scalar
 from . import _fast
 from ._pb import stamen_transport_pb2 as pb
+from .frames import Payload
 
-__all__ = ["decode_instruction", "decode_reply", "encode_instruction", "encode_reply"]
+__all__ = [
+    "decode_instruction",
+    "decode_reply",
+    "encode_instruction",
+    "encode_instruction_payload",
+    "encode_reply",
+    "encode_reply_payload",
+]
+
+Data = bytes | memoryview
 
 _INT64_MAX = 2**63 - 1
 
@@ -98,17 +108,27 @@ def _get_status(source: Any) -> Status:
 # --- server -> client --------------------------------------------------------------------
 
 
-def _with_parameters(outer: int, small: bytes, field: int, parameters: Parameters) -> bytes:
+def _with_parameters(outer: int, small: bytes, field: int, parameters: Parameters) -> Payload:
     """``outer`` field holding a message made of ``small`` plus ``parameters`` at ``field``,
-    joined with one copy of the tensors."""
+    the tensors not copied."""
     chunks, size = _fast.parameters_chunks(parameters)
     head = _fast.length_delimited(field, size)
     inner = len(small) + len(head) + size
-    return b"".join([_fast.length_delimited(outer, inner), small, head, *chunks])
+    return Payload([_fast.length_delimited(outer, inner), small, head, *chunks])
 
 
 def encode_instruction(instruction: Instruction) -> bytes:
-    """Serialize an instruction as a ``ServerMessage``."""
+    """Serialize an instruction as ``ServerMessage`` bytes."""
+    return encode_instruction_payload(instruction).tobytes()
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """Serialize a reply as ``ClientMessage`` bytes."""
+    return encode_reply_payload(reply).tobytes()
+
+
+def encode_instruction_payload(instruction: Instruction) -> Payload:
+    """Serialize an instruction as a ``ServerMessage``, its tensors not copied."""
     if isinstance(instruction, FitIns | EvaluateIns):
         small: Any = pb.FitIns() if isinstance(instruction, FitIns) else pb.EvaluateIns()
         _put_scalars(small.config, instruction.config)
@@ -131,11 +151,11 @@ def encode_instruction(instruction: Instruction) -> bytes:
         msg.reconnect_ins.seconds = instruction.seconds or 0
     else:
         raise ConfigError(f"expected an instruction message, received {type(instruction).__name__}")
-    return msg.SerializeToString()
+    return Payload.of(msg.SerializeToString())
 
 
 def _split_parameters(
-    data: bytes, carriers: dict[int, Any], field: int
+    data: Data, carriers: dict[int, Any], field: int
 ) -> tuple[int, Parameters, Any] | None:
     """Fast path: ``data`` is one top-level field in ``carriers`` holding one Parameters at
     ``field``. Returns (top-level field, Parameters, the carrier parsed without it)."""
@@ -165,7 +185,7 @@ def _split_parameters(
     return outer, parameters, carrier
 
 
-def decode_instruction(data: bytes) -> Instruction:
+def decode_instruction(data: Data) -> Instruction:
     """Parse ``ServerMessage`` bytes.
 
     Raises:
@@ -185,7 +205,7 @@ def decode_instruction(data: bytes) -> Instruction:
             raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
     msg = pb.ServerMessage()
     try:
-        msg.ParseFromString(data)
+        msg.ParseFromString(bytes(data))
         kind = msg.WhichOneof("msg")
         if kind == "fit_ins":
             return FitIns(_get_parameters(msg.fit_ins.parameters), _get_scalars(msg.fit_ins.config))
@@ -210,8 +230,8 @@ def decode_instruction(data: bytes) -> Instruction:
 # --- client -> server --------------------------------------------------------------------
 
 
-def encode_reply(reply: Reply) -> bytes:
-    """Serialize a reply as a ``ClientMessage``."""
+def encode_reply_payload(reply: Reply) -> Payload:
+    """Serialize a reply as a ``ClientMessage``, its tensors not copied."""
     if isinstance(reply, FitRes):
         fit = pb.FitRes(num_examples=reply.num_examples)
         _put_status(fit.status, reply.status)
@@ -246,10 +266,10 @@ def encode_reply(reply: Reply) -> bytes:
         msg.disconnect_res.reason = pb.Reason.Value(reply.reason)
     else:
         raise ConfigError(f"expected a reply message, received {type(reply).__name__}")
-    return msg.SerializeToString()
+    return Payload.of(msg.SerializeToString())
 
 
-def decode_reply(data: bytes) -> Reply:
+def decode_reply(data: Data) -> Reply:
     """Parse ``ClientMessage`` bytes.
 
     Raises:
@@ -271,7 +291,7 @@ def decode_reply(data: bytes) -> Reply:
             raise DecodeError(f"invalid ClientMessage ({len(data)} bytes): {exc}") from exc
     msg = pb.ClientMessage()
     try:
-        msg.ParseFromString(data)
+        msg.ParseFromString(bytes(data))
         kind = msg.WhichOneof("msg")
         if kind == "fit_res":
             fr = msg.fit_res

@@ -48,7 +48,7 @@ def _parse(message: Any, data: bytes, build: Callable[[Any], _T]) -> _T:
 
 def encode_create_node_request(request: CreateNodeRequest) -> bytes:
     """Serialize a CreateNodeRequest."""
-    msg = pb.CreateNodeRequest()
+    msg = pb.CreateNodeRequest(max_message_length=request.max_message_length)
     msg.header.protocol_version = request.protocol_version
     return msg.SerializeToString()
 
@@ -56,7 +56,9 @@ def encode_create_node_request(request: CreateNodeRequest) -> bytes:
 def decode_create_node_request(data: bytes) -> CreateNodeRequest:
     """Parse a CreateNodeRequest."""
     return _parse(
-        pb.CreateNodeRequest(), data, lambda m: CreateNodeRequest(m.header.protocol_version)
+        pb.CreateNodeRequest(),
+        data,
+        lambda m: CreateNodeRequest(m.header.protocol_version, m.max_message_length),
     )
 
 
@@ -66,6 +68,7 @@ def encode_create_node_response(response: CreateNodeResponse) -> bytes:
         node_id=response.node_id,
         heartbeat_interval=response.heartbeat_interval,
         poll_timeout=response.poll_timeout,
+        max_message_length=response.max_message_length,
     )
     return msg.SerializeToString()
 
@@ -75,7 +78,9 @@ def decode_create_node_response(data: bytes) -> CreateNodeResponse:
     return _parse(
         pb.CreateNodeResponse(),
         data,
-        lambda m: CreateNodeResponse(m.node_id, m.heartbeat_interval, m.poll_timeout),
+        lambda m: CreateNodeResponse(
+            m.node_id, m.heartbeat_interval, m.poll_timeout, m.max_message_length
+        ),
     )
 
 
@@ -98,7 +103,7 @@ def decode_simple_request(data: bytes) -> SimpleRequest:
 
 def encode_pull_request(request: PullRequest) -> bytes:
     """Serialize a PullInstructionRequest."""
-    msg = pb.PullInstructionRequest()
+    msg = pb.PullInstructionRequest(task_id=request.task_id, offset=request.offset)
     msg.header.protocol_version = request.protocol_version
     msg.header.node_id = request.node_id
     return msg.SerializeToString()
@@ -109,7 +114,9 @@ def decode_pull_request(data: bytes) -> PullRequest:
     return _parse(
         pb.PullInstructionRequest(),
         data,
-        lambda m: PullRequest(m.header.node_id, m.header.protocol_version),
+        lambda m: PullRequest(
+            m.header.node_id, m.task_id, m.offset, protocol_version=m.header.protocol_version
+        ),
     )
 
 

@@ -16,7 +16,7 @@ import grpc
 from ...errors import ConnectionLost, DecodeError
 from ...messages import ReconnectIns
 from ...protocol.fleet import FleetError
-from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME
+from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME, FRAMES_METADATA
 from .grpc_rere import metadata_dict
 from .handler import Fleet
 
@@ -32,23 +32,46 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         _ = request_iterator  # we use the reader/writer API (context.read/context.write)
         if fleet.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        metadata = metadata_dict(context)
         try:
-            key = fleet.authenticate(BIDI_JOIN_METHOD, b"", metadata_dict(context))
+            key = fleet.authenticate(BIDI_JOIN_METHOD, b"", metadata)
         except FleetError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
             raise
-        node = fleet.open_node("grpc-bidi", context.peer(), key=key)
+        # A Stamen node asks for frames, saying its message bound; a Flower node does not,
+        # and gets whole messages.
+        announced = metadata.get(FRAMES_METADATA)
+        frames = announced is not None
+        limit = int(announced) if announced is not None and announced.isdigit() else 0
+        if frames:
+            await context.send_initial_metadata(((FRAMES_METADATA, str(fleet.max_message_length)),))
+        node = fleet.open_node(
+            "grpc-bidi", context.peer(), frames=frames, max_message_length=limit, key=key
+        )
         error: BaseException | None = None
         try:
             while True:
                 task = await fleet.next_task(node)
-                await context.write(task.payload)
-                data = await context.read()
-                if data is grpc.aio.EOF:
-                    error = ConnectionLost(f"node {node.cid} closed its stream")
-                    return
+                if frames:
+                    for message in task.payload.messages(node.frame_size):
+                        await context.write(message)
+                else:
+                    await context.write(task.payload.tobytes())
+                whole = None
+                while whole is None:
+                    data = await context.read()
+                    if data is grpc.aio.EOF:
+                        error = ConnectionLost(f"node {node.cid} closed its stream")
+                        return
+                    try:
+                        whole = node.reader.feed(data)
+                    except DecodeError as exc:
+                        node.mailbox.fail(task.task_id, exc)
+                        error = exc
+                        logger.warning("node %s sent an invalid reply: %s", node.cid, exc)
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 try:
-                    fleet.deliver(node, task.task_id, data)
+                    fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:
                     error = exc
                     logger.warning("node %s sent an invalid reply: %s", node.cid, exc)

@@ -25,8 +25,9 @@ from ...protocol.fleet import (
     PullResponse,
 )
 from ...protocol.mailbox import Mailbox, Task
-from ...wire import Verb, decode_reply
+from ...wire import FrameReader, Verb, decode_reply, frame_size
 from ...wire import fleet_codec as codec
+from ...wire.frames import read_frame
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from .auth import NodeAuthenticator
@@ -68,10 +69,14 @@ class Node:
     mailbox: Mailbox
     proxy: RemoteClientProxy
     pull_based: bool = False
+    frames: bool = False
     key: str | None = None
     last_seen: float = 0.0
     polls: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: FrameReader = field(default_factory=FrameReader)
+    reading_task: int = 0
+    frame_size: int = 0
 
 
 class Fleet:
@@ -89,7 +94,7 @@ class Fleet:
         self.authenticator = authenticator
         self._client_manager = client_manager
         self._loop = loop
-        self._max_message_length = max_message_length
+        self.max_message_length = max_message_length
         self.timing = timing or FleetTiming()
         self._nodes: dict[str, Node] = {}
         self.closing = False
@@ -114,9 +119,25 @@ class Fleet:
             raise FleetError(ErrorKind.UNAUTHENTICATED, str(exc)) from exc
 
     def open_node(
-        self, transport: str, peer: str, *, pull_based: bool = False, key: str | None = None
+        self,
+        transport: str,
+        peer: str,
+        *,
+        pull_based: bool = False,
+        frames: bool = False,
+        max_message_length: int = 0,
+        key: str | None = None,
     ) -> Node:
-        """Register a new node and make it available to the server's rounds."""
+        """Register a new node and make it available to the server's rounds.
+
+        ``frames``: the node takes messages in frames (every Stamen node; pull-based nodes
+        always do). Instructions too large for one message can only go to such nodes.
+        ``max_message_length``: the node's own bound (0: unknown), which frames respect.
+        """
+        frames = frames or pull_based
+        limit = self.max_message_length
+        if max_message_length > 0:
+            limit = min(limit, max_message_length)
         if pull_based:
             node_id = secrets.randbits(63) or 1
             while str(node_id) in self._nodes:
@@ -125,9 +146,7 @@ class Fleet:
         else:
             node_id, cid = -1, uuid.uuid4().hex
         mailbox = Mailbox(cid)
-        proxy = RemoteClientProxy(
-            cid, mailbox, self._loop, max_message_length=self._max_message_length
-        )
+        proxy = RemoteClientProxy(cid, mailbox, self._loop, max_message_length=limit, frames=frames)
         node = Node(
             cid=cid,
             node_id=node_id,
@@ -136,6 +155,8 @@ class Fleet:
             mailbox=mailbox,
             proxy=proxy,
             pull_based=pull_based,
+            frames=frames,
+            frame_size=frame_size(limit),
             key=key,
             last_seen=self._loop.time(),
         )
@@ -156,7 +177,32 @@ class Fleet:
             node.wake.clear()
             await node.wake.wait()
 
-    def deliver(self, node: Node, task_id: int, data: bytes) -> Reply:
+    def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
+        """Take one message of the reply to task ``task_id``: a whole reply or a frame of
+        one. Returns the reply once it is whole (and delivers it), else None.
+
+        A frame for a task that already ended (sent again after a lost response) is
+        ignored; frames of a task the node gave up are dropped with the partial reply.
+
+        Raises:
+            DecodeError: the bytes are not a valid reply or frame (the task fails with it).
+        """
+        if node.reading_task != task_id:
+            node.reader.reset()
+            node.reading_task = task_id
+        if not node.reader.in_progress and node.mailbox.in_flight(task_id) is None:
+            if read_frame(data) is not None:
+                logger.info("node %s: frame of ended task %d ignored", node.cid, task_id)
+                return None
+            return self.deliver(node, task_id, data)  # late: decoded, checked, discarded
+        try:
+            whole = node.reader.feed(data)
+        except DecodeError as exc:
+            node.mailbox.fail(task_id, exc)
+            raise
+        return None if whole is None else self.deliver(node, task_id, whole)
+
+    def deliver(self, node: Node, task_id: int, data: bytes | memoryview) -> Reply:
         """Decode reply bytes for task ``task_id`` and resolve it.
 
         Raises:
@@ -249,11 +295,11 @@ class Fleet:
         """
         if self.closing:
             raise FleetError(ErrorKind.UNAVAILABLE, "server is shutting down")
-        if len(body) > self._max_message_length:
+        if len(body) > self.max_message_length:
             raise FleetError(
                 ErrorKind.TOO_LARGE,
                 f"request of {len(body)} bytes is over the server's max message length "
-                f"{self._max_message_length}",
+                f"{self.max_message_length}",
             )
         key = self.authenticate(method, body, headers)
         try:
@@ -265,19 +311,37 @@ class Fleet:
         self, verb: Verb, body: bytes, transport: str, peer: str, key: str | None
     ) -> bytes:
         if verb is Verb.CREATE_NODE:
-            self._check_version(codec.decode_create_node_request(body).protocol_version)
-            node = self.open_node(transport, peer, pull_based=True, key=key)
+            create = codec.decode_create_node_request(body)
+            self._check_version(create.protocol_version)
+            node = self.open_node(
+                transport,
+                peer,
+                pull_based=True,
+                max_message_length=create.max_message_length,
+                key=key,
+            )
             timing = self.timing
             return codec.encode_create_node_response(
-                CreateNodeResponse(node.node_id, timing.heartbeat_interval, timing.poll_timeout)
+                CreateNodeResponse(
+                    node.node_id,
+                    timing.heartbeat_interval,
+                    timing.poll_timeout,
+                    self.max_message_length,
+                )
             )
         if verb is Verb.PULL:
             pull = codec.decode_pull_request(body)
-            return await self._pull(self._lookup(pull.node_id, pull.protocol_version, key))
+            node = self._lookup(pull.node_id, pull.protocol_version, key)
+            if pull.task_id:
+                task = node.mailbox.in_flight(pull.task_id)
+                if task is not None and 0 < pull.offset < len(task.payload):
+                    frame = task.payload.frame(pull.offset, node.frame_size)
+                    return codec.encode_pull_response(PullResponse(task.task_id, frame))
+            return await self._pull(node)
         if verb is Verb.PUSH:
             push = codec.decode_push_request(body)
             node = self._lookup(push.node_id, push.protocol_version, key)
-            reply = self.deliver(node, push.task_id, push.client_message)
+            reply = self.receive(node, push.task_id, push.client_message)
             if isinstance(reply, DisconnectRes):
                 self.close_node(node, None)  # it acknowledged the end of its session
             return codec.encode_empty()
@@ -305,4 +369,9 @@ class Fleet:
         finally:
             node.polls -= 1
             node.last_seen = self._loop.time()
-        return codec.encode_pull_response(PullResponse(task.task_id, task.payload))
+        payload = task.payload
+        if len(payload) <= node.frame_size:
+            message = payload.tobytes()
+        else:
+            message = payload.frame(0, node.frame_size)
+        return codec.encode_pull_response(PullResponse(task.task_id, message))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12stamen_fleet.proto\x12\tstamen.v1\":\n\rRequestHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\x12\"=\n\x11\x43reateNodeRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\"W\n\x12\x43reateNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x12\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x14\n\x0cpoll_timeout\x18\x03 \x01(\x01\"=\n\x11\x44\x65leteNodeRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\"\x14\n\x12\x44\x65leteNodeResponse\"B\n\x16PullInstructionRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\"B\n\x17PullInstructionResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x16\n\x0eserver_message\x18\x02 \x01(\x0c\"e\n\x10PushReplyRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\x12\x0f\n\x07task_id\x18\x02 \x01(\x04\x12\x16\n\x0e\x63lient_message\x18\x03 \x01(\x0c\"\x13\n\x11PushReplyResponse\"<\n\x10HeartbeatRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\"\x13\n\x11HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12stamen_fleet.proto\x12\tstamen.v1\":\n\rRequestHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\x12\"Y\n\x11\x43reateNodeRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\x12\x1a\n\x12max_message_length\x18\x02 \x01(\x04\"s\n\x12\x43reateNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x12\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x14\n\x0cpoll_timeout\x18\x03 \x01(\x01\x12\x1a\n\x12max_message_length\x18\x04 \x01(\x04\"=\n\x11\x44\x65leteNodeRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\"\x14\n\x12\x44\x65leteNodeResponse\"c\n\x16PullInstructionRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\x12\x0f\n\x07task_id\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"B\n\x17PullInstructionResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x16\n\x0eserver_message\x18\x02 \x01(\x0c\"e\n\x10PushReplyRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\x12\x0f\n\x07task_id\x18\x02 \x01(\x04\x12\x16\n\x0e\x63lient_message\x18\x03 \x01(\x0c\"\x13\n\x11PushReplyResponse\"<\n\x10HeartbeatRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.stamen.v1.RequestHeader\"\x13\n\x11HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTHEADER']._serialized_start=33
   _globals['_REQUESTHEADER']._serialized_end=91
   _globals['_CREATENODEREQUEST']._serialized_start=93
-  _globals['_CREATENODEREQUEST']._serialized_end=154
-  _globals['_CREATENODERESPONSE']._serialized_start=156
-  _globals['_CREATENODERESPONSE']._serialized_end=243
-  _globals['_DELETENODEREQUEST']._serialized_start=245
-  _globals['_DELETENODEREQUEST']._serialized_end=306
-  _globals['_DELETENODERESPONSE']._serialized_start=308
-  _globals['_DELETENODERESPONSE']._serialized_end=328
-  _globals['_PULLINSTRUCTIONREQUEST']._serialized_start=330
-  _globals['_PULLINSTRUCTIONREQUEST']._serialized_end=396
-  _globals['_PULLINSTRUCTIONRESPONSE']._serialized_start=398
-  _globals['_PULLINSTRUCTIONRESPONSE']._serialized_end=464
-  _globals['_PUSHREPLYREQUEST']._serialized_start=466
-  _globals['_PUSHREPLYREQUEST']._serialized_end=567
-  _globals['_PUSHREPLYRESPONSE']._serialized_start=569
-  _globals['_PUSHREPLYRESPONSE']._serialized_end=588
-  _globals['_HEARTBEATREQUEST']._serialized_start=590
-  _globals['_HEARTBEATREQUEST']._serialized_end=650
-  _globals['_HEARTBEATRESPONSE']._serialized_start=652
-  _globals['_HEARTBEATRESPONSE']._serialized_end=671
+  _globals['_CREATENODEREQUEST']._serialized_end=182
+  _globals['_CREATENODERESPONSE']._serialized_start=184
+  _globals['_CREATENODERESPONSE']._serialized_end=299
+  _globals['_DELETENODEREQUEST']._serialized_start=301
+  _globals['_DELETENODEREQUEST']._serialized_end=362
+  _globals['_DELETENODERESPONSE']._serialized_start=364
+  _globals['_DELETENODERESPONSE']._serialized_end=384
+  _globals['_PULLINSTRUCTIONREQUEST']._serialized_start=386
+  _globals['_PULLINSTRUCTIONREQUEST']._serialized_end=485
+  _globals['_PULLINSTRUCTIONRESPONSE']._serialized_start=487
+  _globals['_PULLINSTRUCTIONRESPONSE']._serialized_end=553
+  _globals['_PUSHREPLYREQUEST']._serialized_start=555
+  _globals['_PUSHREPLYREQUEST']._serialized_end=656
+  _globals['_PUSHREPLYRESPONSE']._serialized_start=658
+  _globals['_PUSHREPLYRESPONSE']._serialized_end=677
+  _globals['_HEARTBEATREQUEST']._serialized_start=679
+  _globals['_HEARTBEATREQUEST']._serialized_end=739
+  _globals['_HEARTBEATRESPONSE']._serialized_start=741
+  _globals['_HEARTBEATRESPONSE']._serialized_end=760
 # @@protoc_insertion_point(module_scope)

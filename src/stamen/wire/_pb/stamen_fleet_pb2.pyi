@@ -54,16 +54,22 @@ class CreateNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_LENGTH_FIELD_NUMBER: _builtins.int
+    max_message_length: _builtins.int
+    """The node's grpc_max_message_length: the server sends it no larger message and frames
+    anything larger (0: the server's own limit).
+    """
     @_builtins.property
     def header(self) -> Global___RequestHeader: ...
     def __init__(
         self,
         *,
         header: Global___RequestHeader | None = ...,
+        max_message_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "max_message_length", b"max_message_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -76,21 +82,25 @@ class CreateNodeResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     POLL_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_LENGTH_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     heartbeat_interval: _builtins.float
     """seconds between heartbeats while busy"""
     poll_timeout: _builtins.float
     """seconds a PullInstruction may be held open"""
+    max_message_length: _builtins.int
+    """the server's bound: the node frames larger replies"""
     def __init__(
         self,
         *,
         node_id: _builtins.int = ...,
         heartbeat_interval: _builtins.float = ...,
         poll_timeout: _builtins.float = ...,
+        max_message_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "node_id", b"node_id", "poll_timeout", b"poll_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "max_message_length", b"max_message_length", "node_id", b"node_id", "poll_timeout", b"poll_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,16 +146,25 @@ class PullInstructionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.int
+    """Both 0: the next instruction. Otherwise the next frame of task task_id, whose first
+    `offset` bytes the node holds (an instruction larger than a frame is pulled in frames).
+    """
+    offset: _builtins.int
     @_builtins.property
     def header(self) -> Global___RequestHeader: ...
     def __init__(
         self,
         *,
         header: Global___RequestHeader | None = ...,
+        task_id: _builtins.int = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "offset", b"offset", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,7 +179,7 @@ class PullInstructionResponse(_message.Message):
     task_id: _builtins.int
     """0: nothing within poll_timeout; pull again"""
     server_message: _builtins.bytes
-    """an encoded ServerMessage"""
+    """an encoded ServerMessage (possibly one Frame of it)"""
     def __init__(
         self,
         *,
@@ -184,7 +203,7 @@ class PushReplyRequest(_message.Message):
     CLIENT_MESSAGE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.int
     client_message: _builtins.bytes
-    """an encoded ClientMessage"""
+    """an encoded ClientMessage (possibly one Frame of it)"""
     @_builtins.property
     def header(self) -> Global___RequestHeader: ...
     def __init__(

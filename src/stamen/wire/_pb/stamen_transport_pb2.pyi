@@ -542,6 +542,38 @@ class EvaluateRes(_message.Message):
 Global___EvaluateRes: _TypeAlias = EvaluateRes  # noqa: Y015
 
 @_typing.final
+class Frame(_message.Message):
+    """Stamen: one piece of a message sent in pieces. A message larger than a frame (at most
+    grpc_max_message_length) travels as consecutive frames, each carrying the total size of
+    the encoded message and the offset of its data; the receiver puts them back together
+    and decodes the whole. Frames are sent only to peers that announced they understand
+    them (see docs/protocol.md), so a Flower peer never receives one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    total_size: _builtins.int
+    offset: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        total_size: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
 class ServerMessage(_message.Message):
     """Server -> client: exactly one instruction."""
 
@@ -552,6 +584,7 @@ class ServerMessage(_message.Message):
     GET_PARAMETERS_INS_FIELD_NUMBER: _builtins.int
     FIT_INS_FIELD_NUMBER: _builtins.int
     EVALUATE_INS_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def reconnect_ins(self) -> Global___ReconnectIns: ...
     @_builtins.property
@@ -562,6 +595,10 @@ class ServerMessage(_message.Message):
     def fit_ins(self) -> Global___FitIns: ...
     @_builtins.property
     def evaluate_ins(self) -> Global___EvaluateIns: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame:
+        """Stamen"""
+
     def __init__(
         self,
         *,
@@ -570,12 +607,13 @@ class ServerMessage(_message.Message):
         get_parameters_ins: Global___GetParametersIns | None = ...,
         fit_ins: Global___FitIns | None = ...,
         evaluate_ins: Global___EvaluateIns | None = ...,
+        frame: Global___Frame | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_ins", b"evaluate_ins", "fit_ins", b"fit_ins", "get_parameters_ins", b"get_parameters_ins", "get_properties_ins", b"get_properties_ins", "msg", b"msg", "reconnect_ins", b"reconnect_ins"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate_ins", b"evaluate_ins", "fit_ins", b"fit_ins", "frame", b"frame", "get_parameters_ins", b"get_parameters_ins", "get_properties_ins", b"get_properties_ins", "msg", b"msg", "reconnect_ins", b"reconnect_ins"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate_ins", b"evaluate_ins", "fit_ins", b"fit_ins", "get_parameters_ins", b"get_parameters_ins", "get_properties_ins", b"get_properties_ins", "msg", b"msg", "reconnect_ins", b"reconnect_ins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate_ins", b"evaluate_ins", "fit_ins", b"fit_ins", "frame", b"frame", "get_parameters_ins", b"get_parameters_ins", "get_properties_ins", b"get_properties_ins", "msg", b"msg", "reconnect_ins", b"reconnect_ins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["reconnect_ins", "get_properties_ins", "get_parameters_ins", "fit_ins", "evaluate_ins"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["reconnect_ins", "get_properties_ins", "get_parameters_ins", "fit_ins", "evaluate_ins", "frame"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -592,6 +630,7 @@ class ClientMessage(_message.Message):
     GET_PARAMETERS_RES_FIELD_NUMBER: _builtins.int
     FIT_RES_FIELD_NUMBER: _builtins.int
     EVALUATE_RES_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def disconnect_res(self) -> Global___DisconnectRes: ...
     @_builtins.property
@@ -602,6 +641,10 @@ class ClientMessage(_message.Message):
     def fit_res(self) -> Global___FitRes: ...
     @_builtins.property
     def evaluate_res(self) -> Global___EvaluateRes: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame:
+        """Stamen"""
+
     def __init__(
         self,
         *,
@@ -610,12 +653,13 @@ class ClientMessage(_message.Message):
         get_parameters_res: Global___GetParametersRes | None = ...,
         fit_res: Global___FitRes | None = ...,
         evaluate_res: Global___EvaluateRes | None = ...,
+        frame: Global___Frame | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["disconnect_res", b"disconnect_res", "evaluate_res", b"evaluate_res", "fit_res", b"fit_res", "get_parameters_res", b"get_parameters_res", "get_properties_res", b"get_properties_res", "msg", b"msg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["disconnect_res", b"disconnect_res", "evaluate_res", b"evaluate_res", "fit_res", b"fit_res", "frame", b"frame", "get_parameters_res", b"get_parameters_res", "get_properties_res", b"get_properties_res", "msg", b"msg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disconnect_res", b"disconnect_res", "evaluate_res", b"evaluate_res", "fit_res", b"fit_res", "get_parameters_res", b"get_parameters_res", "get_properties_res", b"get_properties_res", "msg", b"msg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disconnect_res", b"disconnect_res", "evaluate_res", b"evaluate_res", "fit_res", b"fit_res", "frame", b"frame", "get_parameters_res", b"get_parameters_res", "get_properties_res", b"get_properties_res", "msg", b"msg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["disconnect_res", "get_properties_res", "get_parameters_res", "fit_res", "evaluate_res"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["disconnect_res", "get_properties_res", "get_parameters_res", "fit_res", "evaluate_res", "frame"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

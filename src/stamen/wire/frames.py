@@ -1,0 +1,254 @@
+"""Messages in frames: how a message of any size crosses a link with a message-size limit.
+
+An encoded ``ServerMessage`` or ``ClientMessage`` is held as a :class:`Payload`: the list
+of buffers it is made of (small protobuf parts and the model's tensors, not joined). A
+payload larger than a frame travels as consecutive ``Frame`` messages (field 16 of
+``ServerMessage``/``ClientMessage``), each carrying the total size, the offset of its data
+and at most :func:`frame_size` bytes of it; each frame is one message of the transport, so
+no single message is ever larger than ``grpc_max_message_length``, whatever the model's
+size. The receiver writes the frames into one buffer (:class:`FrameReader`) and decodes
+the whole message once it is complete.
+
+Frames go only to peers that said they understand them (every Stamen peer; never a
+Flower peer, which receives whole messages as before). The same frames travel on every
+transport: as stream messages on grpc-bidi, as the message bytes of PullInstruction and
+PushReply on grpc-rere and rest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import DecodeError
+from . import _fast
+
+__all__ = [
+    "FRAMES_METADATA",
+    "FRAME_FIELD",
+    "FRAME_SIZE",
+    "FrameReader",
+    "Payload",
+    "frame_size",
+    "read_frame",
+]
+
+FRAME_FIELD = 16
+"""Field number of ``Frame`` in ``ServerMessage`` and ``ClientMessage``."""
+
+FRAME_SIZE = 4 << 20
+"""Bytes of message data per frame (smaller when ``grpc_max_message_length`` is)."""
+
+FRAMES_METADATA = "stamen-frames"
+"""grpc-bidi metadata key by which a Stamen node (request metadata) and server (initial
+response metadata) say they take frames; its value is the sender's own
+``grpc_max_message_length``, which the other side's frames respect."""
+
+_OVERHEAD = 256
+"""Bytes a frame's tags, sizes and the Fleet request around it add, at most."""
+
+_FRAME_TAG = _fast.varint(FRAME_FIELD << 3 | 2)
+
+
+def frame_size(max_message_length: int) -> int:
+    """Data bytes per frame on a link whose messages are bounded by ``max_message_length``."""
+    return max(1, min(FRAME_SIZE, max_message_length - _OVERHEAD))
+
+
+class Payload:
+    """An encoded message as the buffers it is made of (nothing copied until it is sent).
+
+    A payload is immutable and may go to many nodes at once (the same instruction for a
+    whole round): :meth:`frame` only reads it.
+    """
+
+    __slots__ = ("_ends", "_joined", "_parts", "size")
+
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") if not isinstance(p, bytes) else p for p in parts]
+        self._ends: list[int] = []
+        size = 0
+        for part in self._parts:
+            size += len(part)
+            self._ends.append(size)
+        self.size = size
+        self._joined: bytes | None = None
+
+    @classmethod
+    def of(cls, data: bytes) -> Payload:
+        """A payload of one buffer."""
+        payload = cls([data])
+        payload._joined = data
+        return payload
+
+    def __len__(self) -> int:
+        return self.size
+
+    def tobytes(self) -> bytes:
+        """The whole message as one ``bytes`` (one copy, kept for the next caller)."""
+        if self._joined is None:
+            self._joined = b"".join(self._parts)
+        return self._joined
+
+    def _slices(self, start: int, stop: int) -> list[bytes | memoryview]:
+        out: list[bytes | memoryview] = []
+        index = bisect.bisect_right(self._ends, start)
+        while start < stop:
+            part = self._parts[index]
+            part_start = self._ends[index] - len(part)
+            lo, hi = start - part_start, min(len(part), stop - part_start)
+            out.append(part if lo == 0 and hi == len(part) else memoryview(part)[lo:hi])
+            start += hi - lo
+            index += 1
+        return out
+
+    def frame(self, offset: int, size: int) -> bytes:
+        """The encoded ``Frame`` message holding ``size`` bytes from ``offset`` (one copy)."""
+        stop = min(self.size, offset + size)
+        if not 0 <= offset < stop:
+            raise ValueError(f"frame offset {offset} outside a payload of {self.size} bytes")
+        head = (
+            _fast.varint(1 << 3)
+            + _fast.varint(self.size)
+            + _fast.varint(2 << 3)
+            + _fast.varint(offset)
+            + _fast.length_delimited(3, stop - offset)
+        )
+        inner = len(head) + stop - offset
+        return b"".join([_FRAME_TAG, _fast.varint(inner), head, *self._slices(offset, stop)])
+
+    def messages(self, size: int) -> Iterator[bytes]:
+        """What to send: the whole message if it fits in ``size`` bytes, else its frames."""
+        if self.size <= size:
+            yield self.tobytes()
+            return
+        for offset in range(0, self.size, size):
+            yield self.frame(offset, size)
+
+
+def read_frame(data: bytes | memoryview) -> tuple[int, int, memoryview] | None:
+    """``(total_size, offset, data)`` if ``data`` is a ``Frame`` message, else None.
+
+    Raises:
+        DecodeError: a frame that is malformed or inconsistent.
+    """
+    view = memoryview(data)
+    if view[: len(_FRAME_TAG)] != _FRAME_TAG:
+        return None
+    top = list(_fast.split_fields(view, 0, len(view)))
+    if len(top) != 1:
+        raise DecodeError(f"a Frame must be the only field of its message, found {len(top)}")
+    _, wire, _, start, end = top[0]
+    if wire != 2:
+        raise DecodeError(f"Frame: expected a length-delimited field, received wire type {wire}")
+    total = offset = 0
+    chunk: memoryview | None = None
+    for field, wire, _, value_start, value_end in _fast.split_fields(view, start, end):
+        if field in (1, 2) and wire == 0:
+            value, _ = _fast.read_varint(view, value_start, value_end)
+            if field == 1:
+                total = value
+            else:
+                offset = value
+        elif field == 3 and wire == 2:
+            chunk = view[value_start:value_end]
+        else:
+            raise DecodeError(f"Frame: unexpected field {field} (wire type {wire})")
+    if chunk is None or not chunk:
+        raise DecodeError("Frame: no data")
+    if offset + len(chunk) > total:
+        raise DecodeError(
+            f"Frame: {len(chunk)} bytes at offset {offset} overrun the message's total size {total}"
+        )
+    return total, offset, chunk
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux and macOS has both
+        return 1 << 62
+
+
+class FrameReader:
+    """Puts the frames of one link's incoming messages back together, in order.
+
+    :meth:`feed` takes each received message and returns a whole message when there is
+    one: a message that is not a frame at once, a framed one with its last frame. A frame
+    sent again (a retried request) is ignored; a gap, an overrun or a size that changes
+    within a message is a :class:`~stamen.errors.DecodeError`.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: np.ndarray | None = None
+        self._view: memoryview | None = None
+        self._total = 0
+        self.received = 0
+        """Bytes received of the message being put together (0: none in progress)."""
+
+    @property
+    def in_progress(self) -> bool:
+        """True while a framed message is incomplete."""
+        return self._buffer is not None
+
+    def reset(self) -> None:
+        """Drop a partial message (its sender gave it up)."""
+        self._buffer = self._view = None
+        self._total = self.received = 0
+
+    def feed(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """Take one received message; return a whole message, or None for more frames.
+
+        Raises:
+            DecodeError: malformed or out-of-order frames (the partial message is dropped).
+        """
+        frame = read_frame(data)
+        if frame is None:
+            if self._buffer is not None:
+                self.reset()
+                raise DecodeError(
+                    f"expected the frame at offset {self.received} of a {self._total}-byte "
+                    "message, received a whole message"
+                )
+            return data
+        total, offset, chunk = frame
+        try:
+            return self._add(total, offset, chunk)
+        except DecodeError:
+            self.reset()
+            raise
+
+    def _add(self, total: int, offset: int, chunk: memoryview) -> memoryview | None:
+        if self._buffer is None:
+            if offset != 0:
+                raise DecodeError(f"expected the first frame (offset 0), received offset {offset}")
+            if total > _memory_bytes():
+                raise DecodeError(
+                    f"a message of {total} bytes announced: more than this machine's "
+                    f"{_memory_bytes()} bytes of memory"
+                )
+            # NumPy's allocation: large buffers get transparent huge pages where available.
+            self._buffer = np.empty(total, dtype=np.uint8)
+            self._view = self._buffer.data
+            self._total = total
+        if total != self._total:
+            raise DecodeError(
+                f"frame says the message has {total} bytes, earlier frames said {self._total}"
+            )
+        end = offset + len(chunk)
+        if end <= self.received:
+            return None  # sent again after a lost response: already have it
+        if offset != self.received:
+            raise DecodeError(f"expected the frame at offset {self.received}, received {offset}")
+        assert self._view is not None
+        self._view[offset:end] = chunk
+        self.received = end
+        if end < total:
+            return None
+        whole = self._view.toreadonly()
+        self._buffer = self._view = None
+        self._total = self.received = 0
+        return whole
