@@ -381,7 +381,9 @@ class _DemoFedAvg(FedAvg):
         self, server_round: int, results: FitResults, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """FedAvg's aggregation over the results sorted by content."""
-        ordered = sorted(results, key=lambda r: (r[1].num_examples, r[1].parameters.tensors))
+        ordered = sorted(
+            results, key=lambda r: (r[1].num_examples, [bytes(t) for t in r[1].parameters.tensors])
+        )
         parameters, metrics = super().aggregate_fit(server_round, ordered, failures)
         self._train_loss[server_round] = _number(metrics, "train_loss")
         return parameters, metrics

@@ -127,9 +127,14 @@ def _check_type(where: str, value: object, expected: type) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Parameters:
-    """Model parameters as opaque byte tensors plus the name of their serialization."""
+    """Model parameters as opaque byte tensors plus the name of their serialization.
 
-    tensors: list[bytes]
+    A tensor is ``bytes``, or a byte ``memoryview``: tensors decoded from the network are
+    read-only views into the received message, not copies (``bytes(tensor)`` gives a copy
+    where ``bytes`` is needed).
+    """
+
+    tensors: list[bytes | memoryview]
     tensor_type: str
 
     def __post_init__(self) -> None:
@@ -138,7 +143,14 @@ class Parameters:
                 f"Parameters.tensors: expected a list of bytes, received {_type_name(self.tensors)}"
             )
         for index, tensor in enumerate(self.tensors):
-            if not isinstance(tensor, bytes):
+            if isinstance(tensor, memoryview):
+                if tensor.format != "B" or not tensor.c_contiguous:
+                    raise ConfigError(
+                        f"Parameters.tensors[{index}]: expected a contiguous byte memoryview, "
+                        f"received format {tensor.format!r}"
+                        + ("" if tensor.c_contiguous else " (not contiguous)")
+                    )
+            elif not isinstance(tensor, bytes):
                 raise ConfigError(
                     f"Parameters.tensors[{index}]: expected bytes, received {_type_name(tensor)}"
                 )

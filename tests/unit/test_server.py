@@ -581,3 +581,69 @@ def test_disconnect_all_clients_sends_reconnect_zero() -> None:
 def test_server_defaults_to_fedavg() -> None:
     """Server(strategy=None) uses FedAvg."""
     assert isinstance(Server(client_manager=_manager()).strategy, FedAvg)
+
+
+# --- streaming aggregation ----------------------------------------------------------------
+
+
+class LateProxy(ClientProxy):
+    """A proxy whose futures the test completes by hand, in any order."""
+
+    def __init__(self, cid: str) -> None:
+        super().__init__(cid)
+        self.future: Future[Reply] = Future()
+
+    def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
+        return self.future
+
+
+def test_streamed_results_are_folded_in_instruction_order_and_dropped() -> None:
+    """Results reach on_result in the order of the instructions whatever their arrival
+    order (so aggregation is reproducible), failures take their turn too, and what
+    on_result returns replaces the reply."""
+    proxies = [LateProxy(str(i)) for i in range(4)]
+    seen: list[str] = []
+
+    def on_result(proxy: ClientProxy, reply: Reply) -> Reply:
+        seen.append(proxy.cid)
+        assert isinstance(reply, FitRes)
+        return FitRes(reply.status, Parameters([], ""), reply.num_examples, {})
+
+    def finish_in_reverse() -> None:
+        for proxy in reversed(proxies):
+            if proxy.cid == "1":
+                proxy.future.set_exception(ConnectionLost("gone"))
+            else:
+                params = ndarrays_to_parameters([np.full(3, float(proxy.cid))])
+                proxy.future.set_result(FitRes(OK, params, 1, {}))
+
+    import threading
+
+    worker = threading.Timer(0.01, finish_in_reverse)
+    worker.start()
+    ins = FitIns(Parameters([], ""), {})
+    results, failures = run_instructions([(p, ins) for p in proxies], None, on_result=on_result)
+    worker.join(10)
+    assert seen == ["0", "2", "3"]
+    assert [p.cid for p, _ in results] == ["0", "2", "3"]
+    assert all(isinstance(r, FitRes) and r.parameters.tensors == [] for _, r in results)
+    assert len(failures) == 1 and isinstance(failures[0], ConnectionLost)
+
+
+def test_fedavg_streams_and_gives_the_list_based_result() -> None:
+    """A FedAvg round through the streaming path equals aggregate_fit over the same
+    results, and the returned results no longer hold the clients' models."""
+    clients = [Shift(delta=d, n=n, loss=0.0) for d, n in ((1.0, 1), (2.0, 3), (-4.0, 2))]
+    proxies = [FakeProxy(str(i), c.to_client()) for i, c in enumerate(clients)]
+    start = ndarrays_to_parameters([np.full(2, 10.0)])
+    strategy = FedAvg(initial_parameters=start, min_available_clients=3, min_fit_clients=3)
+    assert strategy.fit_accumulator(1) is not None
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    server.parameters = start
+    fitted = server.fit_round(1, timeout=None)
+    assert fitted is not None
+    parameters, _, (results, failures) = fitted
+    assert parameters is not None and not failures
+    expected = (11.0 * 1 + 12.0 * 3 + 6.0 * 2) / 6
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], np.full(2, expected))
+    assert all(r.parameters.tensors == [] for _, r in results)  # type: ignore[union-attr]

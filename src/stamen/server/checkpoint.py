@@ -107,7 +107,7 @@ class Checkpointer:
         temp.mkdir()
         files: dict[str, dict[str, Any]] = {}
 
-        def write(name: str, data: bytes) -> None:
+        def write(name: str, data: bytes | memoryview) -> None:
             with open(temp / name, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -210,7 +210,9 @@ class Checkpointer:
                 if hashlib.sha256(data).hexdigest() != meta["sha256"]:
                     raise DecodeError(f"{name}: SHA-256 mismatch (the file was altered)")
                 contents[name] = data
-            tensors = [contents[f"tensor-{i}.bin"] for i in range(int(manifest["tensors"]))]
+            tensors: list[bytes | memoryview] = [
+                contents[f"tensor-{i}.bin"] for i in range(int(manifest["tensors"]))
+            ]
             parameters = Parameters(tensors=tensors, tensor_type=str(manifest["tensor_type"]))
             history = History.from_dict(json.loads(contents["history.json"]))
             arrays: dict[str, list[np.ndarray]] = {}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..errors import ConfigError, RunError
@@ -25,6 +28,7 @@ from .client_manager import ClientManager
 from .client_proxy import ClientProxy
 from .history import History
 from .strategy import FedAvg, Strategy
+from .strategy.strategy import FitAccumulator
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -70,39 +74,90 @@ Results = list[tuple[ClientProxy, Reply]]
 Failures = list[tuple[ClientProxy, Reply] | BaseException]
 
 
+_DONE: Future[Reply] = Future()
+
+
+def _outcome(
+    proxy: ClientProxy, future: Future[Reply], results: Results, failures: Failures, level: int
+) -> Reply | None:
+    """File one finished call under results or failures; the reply if it is a result."""
+    error = future.exception()
+    if error is not None:
+        logger.log(level, "client %s failed: %s", proxy.cid, error)
+        failures.append(error)
+        return None
+    reply = future.result()
+    status = getattr(reply, "status", None)
+    if status is not None and status.code != Code.OK:
+        logger.warning("client %s answered %s: %s", proxy.cid, status.code.name, status.message)
+        failures.append((proxy, reply))
+        return None
+    results.append((proxy, reply))
+    return reply
+
+
 def run_instructions(
     instructions: list[tuple[ClientProxy, Instruction]],
     timeout: float | None,
     *,
     log_level: int = logging.WARNING,
+    on_result: Callable[[ClientProxy, Reply], Reply] | None = None,
 ) -> tuple[Results, Failures]:
     """Send every instruction at once and wait for all replies.
 
-    Results keep the order of ``instructions``. A reply whose status is not OK is a failure
-    ``(proxy, reply)``; an error (timeout, disconnect, protocol) is a failure too.
+    A reply whose status is not OK is a failure ``(proxy, reply)``; an error (timeout,
+    disconnect, protocol) is a failure too. Without ``on_result``, results keep the order
+    of ``instructions``. With it, each result is handed to ``on_result`` on this thread as
+    soon as it and every result before it have arrived (so in the order of
+    ``instructions``: aggregation is reproducible whatever the arrival order), and what it
+    returns is kept in its place: a reply stripped of its parameters lets them be freed.
     """
     futures = [(proxy, proxy.submit(ins, timeout)) for proxy, ins in instructions]
-    concurrent.futures.wait([f for _, f in futures])
     results: Results = []
     failures: Failures = []
-    for proxy, future in futures:
-        error = future.exception()
-        if error is not None:
-            logger.log(log_level, "client %s failed: %s", proxy.cid, error)
-            failures.append(error)
-            continue
-        reply = future.result()
-        status = getattr(reply, "status", None)
-        if status is not None and status.code != Code.OK:
-            logger.warning("client %s answered %s: %s", proxy.cid, status.code.name, status.message)
-            failures.append((proxy, reply))
-        else:
-            results.append((proxy, reply))
+    if on_result is None:
+        concurrent.futures.wait([f for _, f in futures])
+        for proxy, future in futures:
+            _outcome(proxy, future, results, failures, log_level)
+        return results, failures
+    done: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index, (_, future) in enumerate(futures):
+        future.add_done_callback(lambda _f, i=index: done.put(i))  # type: ignore[misc]
+    arrived: set[int] = set()
+    for position in range(len(futures)):
+        while position not in arrived:
+            arrived.add(done.get())  # every future ends: replies, timeouts, disconnects
+        proxy, future = futures[position]
+        futures[position] = (proxy, _DONE)  # drop our reference to the reply
+        reply = _outcome(proxy, future, results, failures, log_level)
+        if reply is not None:
+            results[-1] = (proxy, on_result(proxy, reply))
+        del future, reply
     return results, failures
 
 
+def _folder(accumulator: FitAccumulator) -> Callable[[ClientProxy, Reply], Reply]:
+    """Streaming aggregation: fold each fit result as it arrives, keep it without its
+    parameters (so no client's model outlives its arrival)."""
+
+    def fold(proxy: ClientProxy, reply: Reply) -> Reply:
+        if not isinstance(reply, FitRes):
+            return reply
+        accumulator.add(proxy, reply)
+        empty = Parameters(tensors=[], tensor_type=reply.parameters.tensor_type)
+        return FitRes(reply.status, empty, reply.num_examples, reply.metrics)
+
+    return fold
+
+
 class Server:
-    """Runs a strategy's rounds over the clients of a client manager."""
+    """Runs a strategy's rounds over the clients of a client manager.
+
+    When the strategy offers a :class:`~stamen.server.strategy.FitAccumulator` (FedAvg
+    does), fit results are aggregated as they arrive and dropped, so the server holds
+    one model's worth of running sums instead of every client's model; the ``results``
+    that :meth:`fit_round` returns then carry no parameters.
+    """
 
     def __init__(
         self,
@@ -190,10 +245,15 @@ class Server:
         if not instructions:
             logger.info("round %d: no clients selected for fit", server_round)
             return None
-        results, failures = run_instructions(list(instructions), timeout)
+        accumulator = self.strategy.fit_accumulator(server_round)
+        fold = None if accumulator is None else _folder(accumulator)
+        results, failures = run_instructions(list(instructions), timeout, on_result=fold)
         logger.info(
             "round %d: fit %d result(s), %d failure(s)", server_round, len(results), len(failures)
         )
+        if accumulator is not None:
+            parameters, metrics = accumulator.finish(failures)  # type: ignore[arg-type]
+            return parameters, metrics, (results, failures)
         fit_results = [(p, r) for p, r in results if isinstance(r, FitRes)]
         parameters, metrics = self.strategy.aggregate_fit(server_round, fit_results, failures)  # type: ignore[arg-type]
         return parameters, metrics, (results, failures)

@@ -218,7 +218,7 @@ def check_message_limits(transport: str) -> None:
     instruction and a reply many times the bound travel in frames and arrive intact, when
     the server's bound is the smaller one and when the node's is."""
     rng = np.random.default_rng(7)
-    model = [rng.standard_normal(10_000).astype(np.float32), np.arange(3, dtype=np.int64)]
+    model: NDArrays = [rng.standard_normal(10_000).astype(np.float32), np.arange(3)]
 
     class Echo(NumPyClient):
         """Answers the model it received plus 1, scaled up to ``config["repeat"]`` times."""
@@ -229,14 +229,18 @@ def check_message_limits(transport: str) -> None:
             repeat = int(config.get("repeat", 1))
             return [np.tile(a + 1, repeat) for a in parameters], 1, {}
 
-    limits = [({"grpc_max_message_length": 8192}, {}), ({}, {"grpc_max_message_length": 8192})]
-    for server_limit, node_limit in limits:
+    default = 536_870_912
+    for server_limit, node_limit in ((8192, default), (default, 8192)):
         manager = SimpleClientManager(wait_timeout=_WAIT)
         with (
-            running_server(client_manager=manager, run=False, rest=True, **server_limit) as srv,
+            running_server(
+                client_manager=manager, run=False, rest=True, grpc_max_message_length=server_limit
+            ) as srv,
             node_threads() as nodes,
         ):
-            node = _start(srv, transport, Echo().to_client(), nodes, **node_limit)
+            node = _start(
+                srv, transport, Echo().to_client(), nodes, grpc_max_message_length=node_limit
+            )
             proxy = _wait_for_node(manager)
             for repeat in (1, 5):
                 reply = proxy.fit(FitIns(ndarrays_to_parameters(model), {"repeat": repeat}), _WAIT)

@@ -82,7 +82,7 @@ def _get_scalars(source: Any) -> dict[str, Scalar]:
 
 
 def _put_parameters(target: Any, parameters: Parameters) -> None:
-    target.tensors.extend(parameters.tensors)
+    target.tensors.extend(bytes(t) for t in parameters.tensors)
     target.tensor_type = parameters.tensor_type
 
 

@@ -209,7 +209,7 @@ def _bag_result(forest: bytes | None, fit_res: FitRes) -> bytes:
     tensors = fit_res.parameters.tensors
     if not tensors:
         raise ValueError("no tensor")
-    out = aggregate_bagging(forest, tensors[0])
+    out = aggregate_bagging(forest, bytes(tensors[0]))
     for tree_bytes in tensors[1:]:
-        out = aggregate_bagging(out, tree_bytes)
+        out = aggregate_bagging(out, bytes(tree_bytes))
     return out
