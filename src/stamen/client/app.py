@@ -12,6 +12,7 @@ from typing import Any
 from ..clock import SystemClock
 from ..context import Context, RecordSet
 from ..errors import ConfigError, ConnectError, MessageTooLarge, TransportError
+from ..memory import tune_allocator
 from ..messages import DisconnectRes, ReconnectIns
 from ..protocol import Clock, NodeSession, RetryPolicy
 from ..protocol.auth import RequestSigner
@@ -197,6 +198,7 @@ def run_node(
         ConnectError: reconnection was given up (``max_retries``/``max_wait_time``).
         ProtocolError, AuthError: errors that retrying cannot fix.
     """
+    tune_allocator()
     session = NodeSession(config.policy, rng)
     context: Context | None = None
     while True:

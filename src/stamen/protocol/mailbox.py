@@ -32,6 +32,9 @@ class Task:
     instruction: Instruction
     payload: Payload
     on_done: DoneCallback
+    seq: int = 0
+    """Order of the instruction among all the server sent (large replies are received in
+    this order when they compete)."""
 
 
 class Mailbox:
@@ -54,14 +57,16 @@ class Mailbox:
         """Call ``callback`` whenever a task is posted (the transport's waiter)."""
         self._wakeup = callback
 
-    def post(self, instruction: Instruction, payload: Payload, on_done: DoneCallback) -> int:
+    def post(
+        self, instruction: Instruction, payload: Payload, on_done: DoneCallback, seq: int = 0
+    ) -> int:
         """Queue an instruction (``payload`` is its encoded form); return the task id."""
         task_id = self._next_id
         self._next_id += 1
         if self._closed is not None:
             on_done(self._closed)
             return task_id
-        self._pending.append(Task(task_id, instruction, payload, on_done))
+        self._pending.append(Task(task_id, instruction, payload, on_done, seq))
         if self._wakeup is not None:
             self._wakeup()
         return task_id

@@ -10,6 +10,7 @@ resolves the future. Nothing polls and no thread waits per client.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -136,6 +137,7 @@ class _EncodeCache:
 
 
 _encode_cache = _EncodeCache()
+_sequence = itertools.count(1)  # next() is atomic under the GIL: instructions in submit order
 
 
 class RemoteClientProxy(ClientProxy):
@@ -161,6 +163,7 @@ class RemoteClientProxy(ClientProxy):
         future: Future[Reply] = Future()
         future.set_running_or_notify_cancel()
         expected = expected_reply_type(ins)
+        seq = next(_sequence)
         payload = _encode_cache.encode(ins)
         if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
@@ -188,7 +191,7 @@ class RemoteClientProxy(ClientProxy):
                 future.set_result(outcome)
 
         def post() -> None:
-            task_id = self.mailbox.post(ins, payload, on_done)
+            task_id = self.mailbox.post(ins, payload, on_done, seq)
             if timeout is not None and not future.done():
                 self._loop.call_later(
                     timeout,

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..client.dispatch import normalize_client_fn
 from ..errors import ConfigError
+from ..memory import tune_allocator
 from ..server.app import init_defaults, run_server
 from ..server.client_manager import ClientManager, SimpleClientManager
 from ..server.history import History
@@ -221,6 +222,7 @@ def start_simulation(
         ImportError: ``backend="ray"`` without Ray installed (names the extra to install).
         NotEnoughClients: the strategy needs more clients than ``num_clients``.
     """
+    tune_allocator()
     fn = normalize_client_fn(client_fn)
     count = _check_arguments(
         num_clients, clients_ids, actor_type, actor_kwargs, actor_scheduling, serialize

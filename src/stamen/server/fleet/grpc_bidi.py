@@ -70,6 +70,9 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                         error = exc
                         logger.warning("node %s sent an invalid reply: %s", node.cid, exc)
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    if whole is None:  # a reply in frames: in turn with the other nodes'
+                        await fleet.take_slot(node, task.seq, None)
+                fleet.release_slot(node)
                 try:
                     fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:

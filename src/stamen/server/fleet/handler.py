@@ -31,8 +31,16 @@ from ...wire.frames import read_frame
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from .auth import NodeAuthenticator
+from .slots import ReceiveSlots
 
-__all__ = ["Fleet", "FleetTiming", "Node"]
+__all__ = ["RECEIVE_SLOTS", "Fleet", "FleetTiming", "Node"]
+
+RECEIVE_SLOTS = 1
+"""Large (framed) replies received at once; others wait in instruction order."""
+
+_PUSH_SLOT_WAIT = 10.0
+"""Seconds a pushed frame waits for a receive slot before it is taken in anyway (a node's
+push request must not time out behind a slow neighbour)."""
 
 logger = logging.getLogger("stamen.server")
 
@@ -77,6 +85,7 @@ class Node:
     reader: FrameReader = field(default_factory=FrameReader)
     reading_task: int = 0
     frame_size: int = 0
+    slot: bool = False
 
 
 class Fleet:
@@ -96,6 +105,7 @@ class Fleet:
         self._loop = loop
         self.max_message_length = max_message_length
         self.timing = timing or FleetTiming()
+        self.slots = ReceiveSlots(RECEIVE_SLOTS)
         self._nodes: dict[str, Node] = {}
         self.closing = False
 
@@ -177,7 +187,25 @@ class Fleet:
             node.wake.clear()
             await node.wake.wait()
 
-    def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
+    async def take_slot(self, node: Node, seq: int, wait: float | None) -> None:
+        """Hold a receive slot for the node's incoming reply (see :mod:`.slots`); after
+        ``wait`` seconds go on without one."""
+        if node.slot:
+            return
+        try:
+            await asyncio.wait_for(self.slots.acquire(seq), wait)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            logger.info("node %s: receiving its reply without waiting for a slot", node.cid)
+            return
+        node.slot = True
+
+    def release_slot(self, node: Node) -> None:
+        """Give back the node's receive slot, if it holds one."""
+        if node.slot:
+            node.slot = False
+            self.slots.release()
+
+    async def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
         """Take one message of the reply to task ``task_id``: a whole reply or a frame of
         one. Returns the reply once it is whole (and delivers it), else None.
 
@@ -198,9 +226,15 @@ class Fleet:
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
+            self.release_slot(node)
             node.mailbox.fail(task_id, exc)
             raise
-        return None if whole is None else self.deliver(node, task_id, whole)
+        if whole is None:
+            task = node.mailbox.in_flight(task_id)
+            await self.take_slot(node, task.seq if task is not None else 0, _PUSH_SLOT_WAIT)
+            return None
+        self.release_slot(node)
+        return self.deliver(node, task_id, whole)
 
     def deliver(self, node: Node, task_id: int, data: bytes | memoryview) -> Reply:
         """Decode reply bytes for task ``task_id`` and resolve it.
@@ -222,6 +256,7 @@ class Fleet:
         if self._nodes.pop(node.cid, None) is None:
             return
         self._client_manager.unregister(node.proxy)
+        self.release_slot(node)
         node.mailbox.close(error)
         node.wake.set()
         logger.debug("node %s left: %s", node.cid, error)
@@ -341,7 +376,7 @@ class Fleet:
         if verb is Verb.PUSH:
             push = codec.decode_push_request(body)
             node = self._lookup(push.node_id, push.protocol_version, key)
-            reply = self.receive(node, push.task_id, push.client_message)
+            reply = await self.receive(node, push.task_id, push.client_message)
             if isinstance(reply, DisconnectRes):
                 self.close_node(node, None)  # it acknowledged the end of its session
             return codec.encode_empty()

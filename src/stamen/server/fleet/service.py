@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from ...errors import ConfigError
+from ...memory import tune_allocator
 from ...transport._tls import load_pem, pem_files, server_credentials
 from ..client_manager import ClientManager
 from .auth import NodeAuthenticator
@@ -117,6 +118,7 @@ class FleetService:
         Raises:
             ConfigError: an address cannot be bound (in use, or not an address here).
         """
+        tune_allocator()
         self._loop_thread.start()
         try:
             self.port = self._loop_thread.run(self._start(), timeout)
