@@ -12,6 +12,10 @@ JSON object on stdout.
 * ``aggregate_fit``: the framework's ``FedAvg().aggregate_fit`` on ``models`` FitRes
   carrying ``.npy`` bytes — what a server does with a round's replies (decode + mean +
   encode).
+* ``accumulate`` (Stamen only): the same replies through ``FedAvg.fit_accumulator``, the
+  streaming path (each reply checked and folded into a float64 sum as it arrives, then
+  the mean encoded); it must read and write the float64 sum once per reply, so its bound
+  is lower than ``aggregate``'s.
 * ``memcpy``: ``np.copyto`` of ``model_bytes`` between two preallocated arrays, the
   physical reference: encode + decode must move the bytes about twice, FedAvg must read
   ``models * model_bytes`` at least.
@@ -68,12 +72,22 @@ def stamen_paths() -> dict[str, Callable[..., Any]]:
         parameters, _ = FedAvg().aggregate_fit(1, list(zip(proxies, results, strict=True)), [])
         return parameters_to_ndarrays(parameters)
 
+    def accumulate(results: list[Any]) -> list[np.ndarray]:
+        # The global model only gives the layout the replies are checked against.
+        accumulator = FedAvg(initial_parameters=results[0].parameters).fit_accumulator(1)
+        assert accumulator is not None
+        for i, result in enumerate(results):
+            accumulator.add(SimpleNamespace(cid=str(i), node_id=i), result)
+        parameters, _ = accumulator.finish([])
+        return parameters_to_ndarrays(parameters)
+
     return {
         "encode": encode,
         "decode": decode,
         "aggregate": aggregate,
         "fit_res": fit_res,
         "aggregate_fit": aggregate_fit,
+        "accumulate": accumulate,
     }
 
 
@@ -155,10 +169,16 @@ def measure_fedavg(
     mean = (models - 1) / 2
     fedavg, result = timed(lambda: paths["aggregate"]([(m, 1) for m in inputs]), repeat)
     check_equal(result, mean)
+    del result
     replies = [paths["fit_res"](inputs.pop()) for _ in range(models)]
     aggregate_fit, result = timed(lambda: paths["aggregate_fit"](replies), repeat)
     check_equal(result, mean)
-    return {"fedavg_seconds": fedavg, "aggregate_fit_seconds": aggregate_fit}
+    del result
+    seconds = {"fedavg_seconds": fedavg, "aggregate_fit_seconds": aggregate_fit}
+    if "accumulate" in paths:
+        seconds["accumulate_seconds"], result = timed(lambda: paths["accumulate"](replies), repeat)
+        check_equal(result, mean)
+    return seconds
 
 
 def run(framework: str, model_bytes: int, models: int, repeat: int) -> dict[str, Any]:
@@ -183,6 +203,11 @@ def run(framework: str, model_bytes: int, models: int, repeat: int) -> dict[str,
         "fedavg_memcpy_bound_seconds": models * memcpy,
         "fedavg_fraction_of_memcpy_bound": models * memcpy / fedavg["fedavg_seconds"],
         "aggregate_fit_fraction_of_memcpy_bound": models * memcpy / fedavg["aggregate_fit_seconds"],
+        **(
+            {"accumulate_fraction_of_memcpy_bound": models * memcpy / fedavg["accumulate_seconds"]}
+            if "accumulate_seconds" in fedavg
+            else {}
+        ),
         "peak_rss_bytes": workload.peak_rss_bytes(),
     }
 

@@ -2,7 +2,11 @@
 
 Each array travels as a standard ``.npy`` (format 1.0/2.0) blob, which is what Flower
 sends (``tensor_type = "numpy.ndarray"``). Pickle is never used: object arrays are refused
-when encoding and ``allow_pickle=False`` guards decoding.
+when encoding and refused when decoding (which never unpickles).
+
+Decoding gives copies (:func:`parameters_to_ndarrays`, writable, as Flower's) or read-only
+views over the tensor bytes (:func:`parameters_to_views`, no copy: for code that only reads
+the arrays, such as aggregation).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from .typing import NDArray, NDArrays
 __all__ = [
     "TENSOR_TYPE",
     "bytes_to_ndarray",
+    "bytes_to_ndarray_view",
     "ndarray_to_bytes",
     "ndarrays_to_parameters",
     "parameters_to_ndarrays",
+    "parameters_to_views",
 ]
 
 TENSOR_TYPE = "numpy.ndarray"
@@ -63,9 +69,19 @@ def ndarray_to_bytes(ndarray: NDArray) -> bytes:
     return b"".join([head.getvalue(), data.reshape(-1).view(np.uint8).data])
 
 
-def _read_header(tensor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+def _header_prefix(tensor: bytes | memoryview) -> bytes:
+    """The magic and header of a ``.npy`` blob (copied alone, not the data after it)."""
+    head = bytes(tensor[:12])
+    if len(head) >= 10 and head[6] == 1:
+        return bytes(tensor[: 10 + int.from_bytes(head[8:10], "little")])
+    if len(head) >= 12 and head[6] in (2, 3):
+        return bytes(tensor[: 12 + int.from_bytes(head[8:12], "little")])
+    return head  # not a format we read: read_magic says what is wrong
+
+
+def _read_header(tensor: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
     """Parse and check a ``.npy`` header: (shape, fortran_order, dtype, data offset)."""
-    stream = io.BytesIO(tensor)
+    stream = io.BytesIO(_header_prefix(tensor))
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -78,8 +94,21 @@ def _read_header(tensor: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], i
     return shape, fortran, dtype, stream.tell()
 
 
-def bytes_to_ndarray(tensor: bytes) -> NDArray:
-    """Deserialize ``.npy`` bytes (never unpickling).
+def _view(tensor: bytes | memoryview) -> NDArray:
+    """The array of a ``.npy`` blob as a view over its bytes, after the header checks."""
+    shape, fortran, dtype, offset = _read_header(tensor)
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(tensor) - offset:
+        raise ValueError(
+            f"header says {shape} of {dtype} ({count * dtype.itemsize} bytes), "
+            f"the data has {len(tensor) - offset} bytes"
+        )
+    flat = np.frombuffer(tensor, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def bytes_to_ndarray(tensor: bytes | memoryview) -> NDArray:
+    """Deserialize ``.npy`` bytes (never unpickling) into a new, writable array.
 
     The header is checked before anything is allocated: its shape and dtype must account
     for exactly the bytes that follow, so a forged header cannot make us allocate more
@@ -89,19 +118,30 @@ def bytes_to_ndarray(tensor: bytes) -> NDArray:
         DecodeError: the bytes are not a valid ``.npy`` blob of a non-object dtype.
     """
     try:
-        shape, fortran, dtype, offset = _read_header(tensor)
-        count = math.prod(shape)
-        if count * dtype.itemsize != len(tensor) - offset:
-            raise ValueError(
-                f"header says {shape} of {dtype} ({count * dtype.itemsize} bytes), "
-                f"the data has {len(tensor) - offset} bytes"
-            )
-        flat = np.frombuffer(tensor, dtype=dtype, count=count, offset=offset)
-        array = flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+        array = _view(tensor).copy(order="K")
     except Exception as exc:  # numpy's header parser raises many kinds: all mean bad bytes
         raise DecodeError(
             f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}"
         ) from exc
+    return array
+
+
+def bytes_to_ndarray_view(tensor: bytes | memoryview) -> NDArray:
+    """The array of ``.npy`` bytes as a read-only view over ``tensor``: no copy.
+
+    The same checks as :func:`bytes_to_ndarray`. The view keeps ``tensor`` alive as long
+    as it lives, and its data may be unaligned if ``tensor`` is; it cannot be written.
+
+    Raises:
+        DecodeError: the bytes are not a valid ``.npy`` blob of a non-object dtype.
+    """
+    try:
+        array = _view(tensor)
+    except Exception as exc:  # numpy's header parser raises many kinds: all mean bad bytes
+        raise DecodeError(
+            f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}"
+        ) from exc
+    array.flags.writeable = False  # already so over bytes; also over a writable buffer
     return array
 
 
@@ -112,14 +152,33 @@ def ndarrays_to_parameters(ndarrays: Iterable[NDArray]) -> Parameters:
 
 
 def parameters_to_ndarrays(parameters: Parameters) -> NDArrays:
-    """Convert :class:`Parameters` back to a list of arrays.
+    """Convert :class:`Parameters` back to a list of new, writable arrays (copies).
 
     Raises:
         DecodeError: ``tensor_type`` is not ``"numpy.ndarray"`` (an empty one is accepted
             for empty parameters) or a tensor is not valid ``.npy`` bytes.
     """
+    _check_tensor_type(parameters)
+    return [bytes_to_ndarray(t) for t in parameters.tensors]
+
+
+def _check_tensor_type(parameters: Parameters) -> None:
     if parameters.tensor_type not in (TENSOR_TYPE, ""):
         raise DecodeError(
             f"Parameters.tensor_type: expected {TENSOR_TYPE!r}, received {parameters.tensor_type!r}"
         )
-    return [bytes_to_ndarray(t) for t in parameters.tensors]
+
+
+def parameters_to_views(parameters: Parameters) -> NDArrays:
+    """Read-only views of the arrays of :class:`Parameters`, without copying their data.
+
+    For code that only reads the arrays (aggregation, checks): each view shares the
+    memory of its tensor, so decoding costs only the header checks of
+    :func:`parameters_to_ndarrays`, whatever the model's size. The views keep the tensors
+    alive. Use :func:`parameters_to_ndarrays` for arrays to modify.
+
+    Raises:
+        DecodeError: as :func:`parameters_to_ndarrays`.
+    """
+    _check_tensor_type(parameters)
+    return [bytes_to_ndarray_view(t) for t in parameters.tensors]

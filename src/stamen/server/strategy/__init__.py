@@ -32,7 +32,7 @@ from .krum import Krum
 from .metrics import weighted_average
 from .qfedavg import QFedAvg
 from .state import StrategyState
-from .strategy import Strategy
+from .strategy import FitAccumulator, Strategy
 from .validate import InvalidResult
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "FedTrimmedAvg",
     "FedXgbBagging",
     "FedYogi",
+    "FitAccumulator",
     "InvalidResult",
     "Krum",
     "QFedAvg",

@@ -5,18 +5,24 @@ keep the dtypes of the input layers: the arithmetic runs in float64 (complex128 
 layers) and the result is cast back once, integer and boolean layers after rounding to the
 nearest value. So a model's layout never drifts from round to round.
 
-Memory: :func:`aggregate` (and :class:`WeightedSum` under it) consumes its results one at a
-time into one float64 accumulator, so it holds one model however many results there are.
-The robust rules (:func:`aggregate_median`, :func:`aggregate_trimmed_avg`,
-:func:`aggregate_krum`, :func:`aggregate_bulyan`) need all the models at once.
+Memory and speed: :func:`aggregate` and :class:`WeightedSum` run in blocks that stay in the
+CPU cache (see :data:`BLOCK`), with no temporary of a model's size, large layers on up to
+:data:`THREADS` threads. :func:`aggregate` of a list reads each input once and allocates
+only the result; :class:`WeightedSum` consumes its models one at a time into one float64
+accumulator, so it holds one model however many results there are. The robust rules
+(:func:`aggregate_median`, :func:`aggregate_trimmed_avg`, :func:`aggregate_krum`,
+:func:`aggregate_bulyan`) need all the models at once.
 
 The names and arguments are Flower 1.12's (``flwr.server.strategy.aggregate``).
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,6 +30,9 @@ from ...errors import ConfigError, RunError
 from ...typing import NDArray, NDArrays
 
 __all__ = [
+    "BLOCK",
+    "MIN_PART_BLOCKS",
+    "THREADS",
     "WeightedSum",
     "aggregate",
     "aggregate_bulyan",
@@ -53,11 +62,175 @@ def cast_like(array: NDArray, dtype: np.dtype[Any]) -> NDArray:
     return np.rint(array).astype(dtype)
 
 
+# --- the weighted-sum kernel -------------------------------------------------------------
+#
+# A weighted mean reads every input value once; done layer-wide with NumPy expressions it
+# also writes and re-reads a float64 temporary of the layer's size per term, which makes it
+# several times slower than the memory allows. These kernels instead walk each layer in
+# blocks of BLOCK elements with preallocated scratch blocks that stay in the CPU cache: per
+# block, each term is cast to float64 (exact), multiplied by its weight and added. Every
+# value goes through exactly the operations, in the same order, as
+# ``acc = 0; acc += np.multiply(w_k, n_k, dtype=float64) ...; cast(acc / sum n_k)``, so the
+# results are bit-identical to that expression (multiplying a real value by a weight of 1
+# is skipped: it gives the value itself). A large layer is cut into parts of whole blocks
+# that up to THREADS threads take in turn (NumPy releases the GIL in its loops); a value
+# goes through the same operations whichever thread takes its part.
+
+BLOCK = 1 << 17
+"""Elements per block of the aggregation kernels.
+
+Measured in thread CPU time on 10 float32 models of 100 MB (2-core AMD EPYC, 512 KiB of L2
+per core, NumPy 2.4): 2**17 is the fastest; 2**15, 2**16 and 2**18 cost 5-25% more (the
+per-call overhead of NumPy grows below, the blocks spill further from the cores above).
+"""
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+THREADS = min(4, _usable_cpus())
+"""Threads that share the blocks of a large layer; 1 runs every kernel in the caller.
+
+More than 4 gain little: by then the memory bus, not the cores, is the limit.
+"""
+
+MIN_PART_BLOCKS = 8
+"""Blocks a thread takes at a time: a layer of fewer stays in the calling thread."""
+
+
+def _in_parts(size: int, work: Callable[[int, int], None]) -> None:
+    """``work(start, stop)`` over ``[0, size)``, in parts of ``MIN_PART_BLOCKS`` blocks.
+
+    Up to :data:`THREADS` threads (the caller one of them) take the parts in turn, so a
+    thread slowed down by another process does less of the work instead of holding up the
+    rest. The first exception of any part stops the handing out of parts and is raised
+    here once the threads are done.
+    """
+    part = MIN_PART_BLOCKS * BLOCK
+    parts = -(-size // part)
+    threads = min(THREADS, parts)
+    if threads <= 1:
+        work(0, size)
+        return
+    next_part = itertools.count()  # next() on it is atomic under the GIL
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        while not errors:
+            start = next(next_part) * part
+            if start >= size:
+                return
+            try:
+                work(start, min(start + part, size))
+            except BaseException as exc:  # raised in the calling thread
+                errors.append(exc)
+
+    helpers = [
+        threading.Thread(target=run, name="stamen-aggregate", daemon=True)
+        for _ in range(threads - 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    try:
+        run()
+    finally:
+        for helper in helpers:
+            helper.join()
+    if errors:
+        raise errors[0]
+
+
+def _order(array: NDArray) -> Literal["C", "F"]:
+    """The memory order a result of ``array``'s layout is allocated in: "F" or "C"."""
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+
+
+def _flat(array: NDArray, order: Literal["C", "F"]) -> NDArray:
+    """A 1-D view of ``array``'s values in ``order`` ("C" or "F"): a copy if not so laid out.
+
+    Arrays of one shape flattened in one order pair their values index by index.
+    """
+    if order == "F":
+        return np.asfortranarray(array).T.reshape(-1)
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def _scaled_into(out: NDArray, block: NDArray, weight: np.generic) -> None:
+    """``out = weight * block`` in ``out``'s dtype (the cast of ``block`` is exact)."""
+    if weight == 1 and out.dtype.kind == "f":
+        np.copyto(out, block)  # a real x * 1.0 is x, to the bit (not so for complex x)
+    elif block.dtype == out.dtype:
+        np.multiply(block, weight, out=out)
+    else:
+        np.copyto(out, block)  # faster than a mixed-dtype multiply: NumPy buffers those
+        np.multiply(out, weight, out=out)
+
+
+def _fold_into(acc: NDArray, block: NDArray, weight: np.generic, scratch: NDArray) -> None:
+    """``acc += weight * block``, with ``scratch`` (of ``acc``'s size) for the product."""
+    _scaled_into(scratch, block, weight)
+    np.add(acc, scratch, out=acc)
+
+
+def _start_into(acc: NDArray, block: NDArray, weight: np.generic) -> None:
+    """``acc = 0 + weight * block``: the first term (``+ 0`` makes ``-0.0`` into ``0.0``)."""
+    _scaled_into(acc, block, weight)
+    np.add(acc, acc.dtype.type(0), out=acc)
+
+
+def _mean_into(out: NDArray, acc: NDArray, divisor: np.generic, scratch: NDArray) -> None:
+    """``out = cast_like(acc / divisor, out.dtype)``; ``scratch`` (may be ``acc``) is clobbered."""
+    if out.dtype == acc.dtype:
+        np.divide(acc, divisor, out=out)
+        return
+    np.divide(acc, divisor, out=scratch)
+    if not np.issubdtype(out.dtype, np.inexact):
+        np.rint(scratch, out=scratch)
+    np.copyto(out, scratch, casting="unsafe")  # what astype does
+
+
+def _fold_layer(acc: NDArray, values: NDArray, weight: np.generic, first: bool) -> None:
+    """``acc += weight * values`` (``acc = 0 + weight * values`` if ``first``); 1-D arrays."""
+
+    def work(start: int, stop: int) -> None:
+        if first:
+            for lo in range(start, stop, BLOCK):
+                hi = min(lo + BLOCK, stop)
+                _start_into(acc[lo:hi], values[lo:hi], weight)
+            return
+        scratch = np.empty(min(BLOCK, stop - start), dtype=acc.dtype)
+        for lo in range(start, stop, BLOCK):
+            block = acc[lo : min(lo + BLOCK, stop)]
+            _fold_into(block, values[lo : lo + block.size], weight, scratch[: block.size])
+
+    _in_parts(acc.size, work)
+
+
+def _mean_layer(out: NDArray, acc: NDArray, divisor: np.generic) -> None:
+    """``out = cast_like(acc / divisor, out.dtype)``; 1-D arrays, ``acc`` left as it is."""
+
+    def work(start: int, stop: int) -> None:
+        scratch = np.empty(min(BLOCK, stop - start), dtype=acc.dtype)
+        for lo in range(start, stop, BLOCK):
+            block = acc[lo : min(lo + BLOCK, stop)]
+            _mean_into(out[lo : lo + block.size], block, divisor, scratch[: block.size])
+
+    _in_parts(acc.size, work)
+
+
 class WeightedSum:
     """A running weighted sum of models: one accumulator, whatever the number of models.
 
     ``add(w_k, n_k)`` for each model, then :meth:`mean` returns ``sum_k n_k w_k / sum_k n_k``
-    (:meth:`sum` the raw ``sum_k n_k w_k``), in the dtypes of the first model.
+    (:meth:`sum` the raw ``sum_k n_k w_k``), in the dtypes of the first model. The sum is
+    kept in float64 (complex128 for complex layers); each :meth:`add` folds its model in
+    block by block, so it allocates nothing of the model's size and keeps no reference to
+    ``arrays`` (read-only views, e.g. :func:`~stamen.ndarrays.parameters_to_views`, are
+    fine).
     """
 
     def __init__(self) -> None:
@@ -72,8 +245,11 @@ class WeightedSum:
         Raises:
             RunError: ``arrays`` does not have the layers of the first model added.
         """
+        first = self._acc is None
         if self._acc is None:
-            self._acc = [np.zeros(a.shape, dtype=_work_dtype(a.dtype)) for a in arrays]
+            self._acc = [
+                np.empty(a.shape, dtype=_work_dtype(a.dtype), order=_order(a)) for a in arrays
+            ]
             self._dtypes = [a.dtype for a in arrays]
         elif len(arrays) != len(self._acc) or any(
             a.shape != s.shape for a, s in zip(arrays, self._acc, strict=True)
@@ -83,7 +259,8 @@ class WeightedSum:
                 f"expected {[s.shape for s in self._acc]}"
             )
         for layer, array in zip(self._acc, arrays, strict=True):
-            layer += np.multiply(array, weight, dtype=layer.dtype)
+            order = _order(layer)
+            _fold_layer(_flat(layer, order), _flat(array, order), layer.dtype.type(weight), first)
         self.total_weight += weight
         self.count += 1
 
@@ -105,26 +282,91 @@ class WeightedSum:
         """
         if self._acc is None:
             raise RunError("aggregate: expected at least one result, received none")
-        if self.total_weight <= 0:
+        _check_total(self.total_weight)
+        out: NDArrays = []
+        for layer, dtype in zip(self._acc, self._dtypes, strict=True):
+            order = _order(layer)
+            result = np.empty(layer.shape, dtype=dtype, order=order)
+            divisor = layer.dtype.type(self.total_weight)
+            _mean_layer(_flat(result, order), _flat(layer, order), divisor)
+            out.append(result)
+        return out
+
+
+def _check_total(total: float) -> None:
+    if total <= 0:
+        raise RunError(
+            f"aggregate: the results hold {total} examples in total; cannot weight by it"
+        )
+
+
+def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: float) -> NDArray:
+    """``sum_k weights[k] * arrays[k] / total`` in ``arrays[0]``'s dtype, block by block.
+
+    For each block of the result, every term is folded into one cached float64 block, so
+    each input value is read once and each result value written once.
+    """
+    first = arrays[0]
+    work_dtype = _work_dtype(first.dtype)
+    order = _order(first)
+    result = np.empty(first.shape, dtype=first.dtype, order=order)
+    target = _flat(result, order)
+    flats = [_flat(a, order) for a in arrays]
+    factors = [work_dtype.type(w) for w in weights]
+    divisor = work_dtype.type(total)
+
+    def work(start: int, stop: int) -> None:
+        acc_block = np.empty(min(BLOCK, stop - start), dtype=work_dtype)
+        scratch_block = np.empty_like(acc_block)
+        for lo in range(start, stop, BLOCK):
+            hi = min(lo + BLOCK, stop)
+            acc, scratch = acc_block[: hi - lo], scratch_block[: hi - lo]
+            _start_into(acc, flats[0][lo:hi], factors[0])
+            for values, factor in zip(flats[1:], factors[1:], strict=True):
+                _fold_into(acc, values[lo:hi], factor, scratch)
+            _mean_into(target[lo:hi], acc, divisor, acc)
+
+    _in_parts(target.size, work)
+    return result
+
+
+def _weighted_mean(results: Sequence[tuple[NDArrays, float]]) -> NDArrays:
+    """:func:`aggregate` of models all at hand: layer by layer, block by block."""
+    if not results:
+        raise RunError("aggregate: expected at least one result, received none")
+    shapes = [a.shape for a in results[0][0]]
+    for index, (arrays, _) in enumerate(results):
+        if [a.shape for a in arrays] != shapes:
             raise RunError(
-                f"aggregate: the results hold {self.total_weight} examples in total; "
-                "cannot weight by it"
+                f"aggregate: result {index} has layers {[a.shape for a in arrays]}, "
+                f"expected {shapes}"
             )
-        return [
-            cast_like(layer / self.total_weight, dtype)
-            for layer, dtype in zip(self._acc, self._dtypes, strict=True)
-        ]
+    weights = [weight for _, weight in results]
+    total: float = 0
+    for weight in weights:
+        total += weight
+    _check_total(total)
+    return [
+        _mean_of_layer([arrays[layer] for arrays, _ in results], weights, total)
+        for layer in range(len(shapes))
+    ]
 
 
 def aggregate(results: Iterable[tuple[NDArrays, int]]) -> NDArrays:
     """Weighted mean of models, by number of examples (FedAvg, McMahan et al. 2017).
 
-    ``w = sum_k n_k * w_k / sum_k n_k``, accumulated in a running float64 sum, so that
-    ``results`` may be a generator: one model-sized accumulator, whatever their number.
+    ``w = sum_k n_k * w_k / sum_k n_k``, accumulated in float64 and cast back to each
+    layer's dtype. With a list (or other sequence) of results, each block of the mean is
+    summed over all models at once in the CPU cache: every input is read once, nothing of a
+    model's size is allocated but the result. Any other iterable, e.g. a generator decoding
+    one model at a time, is consumed into a running :class:`WeightedSum`: one model-sized
+    float64 accumulator, whatever the number of results. Both give the same bits.
 
     Raises:
         RunError: no results, results of different layouts, or a total of 0 examples.
     """
+    if isinstance(results, Sequence):
+        return _weighted_mean(results)
     acc = WeightedSum()
     for arrays, num_examples in results:
         acc.add(arrays, num_examples)
@@ -247,7 +489,7 @@ def aggregate_krum(
     scores = krum_scores(pairwise_squared_distances(models), num_malicious)
     if to_keep > 0:
         best = sorted(np.argsort(scores, kind="stable")[:to_keep].tolist())
-        return aggregate(results[i] for i in best)
+        return aggregate([results[i] for i in best])
     return models[int(np.argmin(scores))]
 
 

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from ...errors import ConfigError, RunError
-from ...messages import EvaluateIns, FitIns, Parameters
+from ...messages import EvaluateIns, FitIns, FitRes, Parameters
 from ...ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
 from ...typing import Config, Metrics, MetricsAggregationFn, NDArrays, Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
 from ._checks import check_count, check_fraction
-from .aggregate import WeightedSum, weighted_loss_avg
-from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults, Strategy
+from .aggregate import WeightedSum, aggregate, weighted_loss_avg
+from .strategy import (
+    EvaluateFailures,
+    EvaluateResults,
+    FitAccumulator,
+    FitFailures,
+    FitResults,
+    Strategy,
+)
 from .validate import CheckedFitResults, ModelLayout, validate_evaluate_results
 
 __all__ = ["EvaluateFn", "FedAvg", "fit_results_of", "no_valid_result"]
@@ -41,8 +49,10 @@ class FedAvg(Strategy):
     * Results are checked before aggregation (:mod:`~stamen.server.strategy.validate`): a
       result whose arrays do not match the global model, hold NaN/Inf, or that reports
       ``num_examples <= 0`` is refused and logged, and counts as a failure.
-    * Memory: the mean is a running float64 sum, one accumulator whatever the number of
-      results; each layer keeps its dtype.
+    * Memory and speed: the results are read in place (read-only views over their bytes)
+      and averaged in float64 block by block in the CPU cache; each layer keeps its dtype.
+      :meth:`fit_accumulator` lets the server fold each result in as it arrives, so that
+      it never holds all the clients' models at once.
     * If no result can be aggregated (all refused, e.g. all report 0 examples), the round
       logs why and keeps the old model instead of dividing by zero.
 
@@ -218,18 +228,39 @@ class FedAvg(Strategy):
             self.reference_layout(),
             stop_on_refusal=not self.accept_failures,
         )
+        aggregated: NDArrays | None = None
+        error: RunError | None = None
         try:
             aggregated = self.aggregate_checked(server_round, checked)
         except RunError as exc:
-            error: RunError | None = exc
-        else:
-            error = None
+            error = exc
+
+        def outcome() -> NDArrays | None:
+            if error is not None:
+                raise error
+            return aggregated
+
+        return self._conclude_fit(server_round, checked, outcome)
+
+    def _conclude_fit(
+        self,
+        server_round: int,
+        checked: CheckedFitResults,
+        aggregate_checked: Callable[[], NDArrays | None],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The end of a checked round: refusal rules, the aggregate, the server step, metrics.
+
+        ``aggregate_checked()`` gives the aggregate (or raises RunError); it is called only
+        if the round is not refused.
+        """
         refusal = self.refuse_round(checked)
         if refusal is not None:
             logger.warning("round %s: not aggregating: %s", server_round, refusal)
             return None, {}
-        if error is not None:
-            logger.error("round %s: not aggregating: %s", server_round, error)
+        try:
+            aggregated = aggregate_checked()
+        except RunError as exc:
+            logger.error("round %s: not aggregating: %s", server_round, exc)
             return None, {}
         if aggregated is None:
             return None, {}
@@ -240,6 +271,36 @@ class FedAvg(Strategy):
             return None, {}
         return ndarrays_to_parameters(updated), self.aggregate_fit_metrics(checked.accepted)
 
+    def fit_accumulator(self, server_round: int) -> FitAccumulator | None:
+        """A :class:`~stamen.server.strategy.FitAccumulator` for the round, or None.
+
+        The accumulator checks each result as :meth:`aggregate_fit` does, folds it into a
+        float64 running sum right away and keeps only its ``(num_examples, metrics)``;
+        :meth:`finish <stamen.server.strategy.FitAccumulator.finish>` applies
+        :meth:`refuse_round`, :meth:`server_update` and :meth:`aggregate_fit_metrics` (the
+        accepted ``FitRes`` it passes carry no tensors). Its result equals
+        :meth:`aggregate_fit`'s on the same results and failures, to the rounding of the
+        fold order. One difference in the log: with ``accept_failures=False``, results
+        that arrive before a failure are still checked (and refusals logged), where
+        :meth:`aggregate_fit` would not look at them.
+
+        None — the server collects the results and calls :meth:`aggregate_fit` — when the
+        class (or the instance) overrides :meth:`aggregate_fit` or
+        :meth:`aggregate_checked`, whose rules may need all the results, or when the global
+        model's layout is unknown (no :meth:`configure_fit` for the round, or an empty or
+        non-NumPy model): the results are then checked against each other.
+        """
+        own_rule = (
+            getattr(self.aggregate_fit, "__func__", None) is FedAvg.aggregate_fit
+            and getattr(self.aggregate_checked, "__func__", None) is FedAvg.aggregate_checked
+        )
+        if not own_rule:
+            return None
+        reference = self.reference_layout()
+        if reference is None:
+            return None
+        return _FedAvgAccumulator(self, server_round, reference)
+
     def refuse_round(self, checked: CheckedFitResults) -> str | None:
         """Why the round must not be aggregated after the checks, or None."""
         if checked.stopped:
@@ -247,21 +308,18 @@ class FedAvg(Strategy):
         return None
 
     def aggregate_checked(self, server_round: int, checked: CheckedFitResults) -> NDArrays | None:
-        """The aggregation rule: here the weighted mean, as a running sum.
+        """The aggregation rule: here the weighted mean of the valid results.
 
-        Subclasses change the rule here; ``checked`` yields the valid results, decoded. It
-        must not change the strategy's state: the round may still be refused after it
-        (see :meth:`refuse_round`); state changes belong in :meth:`server_update`.
+        Subclasses change the rule here; ``checked`` yields the valid results, decoded as
+        read-only views over their bytes (so holding them all costs no memory). It must
+        not change the strategy's state: the round may still be refused after it (see
+        :meth:`refuse_round`); state changes belong in :meth:`server_update`. A subclass
+        that overrides it gets no :meth:`fit_accumulator`.
 
         Raises:
             RunError: nothing can be aggregated (the reason is logged).
         """
-        acc = WeightedSum()
-        for _, fit_res, arrays in checked:
-            acc.add(arrays, fit_res.num_examples)
-        if acc.count == 0:
-            raise RunError(no_valid_result(checked))
-        return acc.mean()
+        return aggregate(fit_results_of(checked))
 
     def server_update(self, server_round: int, aggregated: NDArrays) -> NDArrays:
         """The server-side step from the aggregate to the new global model (here: none).
@@ -315,6 +373,73 @@ class FedAvg(Strategy):
     def refuse_evaluate_round(self, num_valid: int, num_failures: int) -> str | None:
         """Why the evaluation round must not be aggregated, or None."""
         return None
+
+
+class _FedAvgAccumulator:
+    """The :class:`FitAccumulator` of FedAvg (see :meth:`FedAvg.fit_accumulator`).
+
+    Safe to feed from several threads: :meth:`add` folds one result at a time.
+    """
+
+    def __init__(self, strategy: FedAvg, server_round: int, reference: ModelLayout) -> None:
+        self._strategy = strategy
+        self._round = server_round
+        self._checked = CheckedFitResults(
+            server_round,
+            [],
+            [],
+            reference,
+            stop_on_refusal=not strategy.accept_failures,
+            keep_tensors=False,
+        )
+        self._sum: WeightedSum | None = WeightedSum()
+        self._received = 0
+        self._lock = threading.Lock()
+
+    def add(self, client: ClientProxy, res: FitRes) -> None:
+        """Check ``res`` and fold its arrays into the sum; a refused result is a failure.
+
+        Raises:
+            RuntimeError: called after :meth:`finish`.
+        """
+        with self._lock:
+            if self._sum is None:
+                raise RuntimeError("FitAccumulator.add: the round is finished")
+            self._received += 1
+            if self._checked.stopped:  # aggregate_fit stops at the first refusal too
+                return
+            arrays = self._checked.check(client, res)
+            if arrays is not None:
+                self._sum.add(arrays, res.num_examples)
+
+    def finish(self, failures: FitFailures) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The round's aggregate, as :meth:`FedAvg.aggregate_fit` would give it.
+
+        Raises:
+            RuntimeError: called twice.
+        """
+        with self._lock:
+            acc, self._sum = self._sum, None  # the sum is freed when this returns
+        if acc is None:
+            raise RuntimeError("FitAccumulator.finish: the round is already finished")
+        strategy, server_round, checked = self._strategy, self._round, self._checked
+        if self._received == 0:
+            return None, {}
+        if not strategy.accept_failures and failures:
+            logger.warning(
+                "round %s: %d failure(s) and accept_failures=False: not aggregating",
+                server_round,
+                len(failures),
+            )
+            return None, {}
+        checked.failures = [*failures, *checked.failures]
+
+        def mean() -> NDArrays:
+            if acc.count == 0:
+                raise RunError(no_valid_result(checked))
+            return acc.mean()
+
+        return strategy._conclude_fit(server_round, checked, mean)
 
 
 def no_valid_result(checked: CheckedFitResults) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 from ...messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters
 from ...typing import Scalar
@@ -10,12 +11,40 @@ from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
 from .state import StrategyState
 
-__all__ = ["Strategy"]
+__all__ = ["FitAccumulator", "Strategy"]
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
 EvaluateResults = list[tuple[ClientProxy, EvaluateRes]]
 EvaluateFailures = list[tuple[ClientProxy, EvaluateRes] | BaseException]
+
+
+class FitAccumulator(Protocol):
+    """Aggregates one fit round's results as they arrive, instead of all at the end.
+
+    Given by :meth:`Strategy.fit_accumulator`. The server calls :meth:`add` for each OK
+    result as soon as it arrives (and may drop the result then), and :meth:`finish` once
+    with the round's failures. An accumulator folds each result into its aggregate right
+    away, so the server never holds all the clients' models at once.
+    """
+
+    def add(self, client: ClientProxy, res: FitRes) -> None:
+        """Validate and fold one OK fit result (status already checked OK by the server).
+
+        A refused result (bad shape/dtype/NaN/num_examples) is recorded as a failure
+        inside the accumulator, never raised.
+        """
+
+    def finish(
+        self, failures: list[tuple[ClientProxy, FitRes] | BaseException]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The round's aggregate.
+
+        The same return value and the same rules as ``aggregate_fit`` would give for the
+        same results and failures (accept_failures, min results / refuse_round rules,
+        fit_metrics_aggregation_fn over ``(num_examples, metrics)`` of accepted results,
+        logging).
+        """
 
 
 class Strategy(ABC):
@@ -41,6 +70,17 @@ class Strategy(ABC):
             ConfigError: the state holds entries this strategy does not know.
         """
         state.check_keys(type(self).__name__, arrays=set(), values=set())
+
+    def fit_accumulator(self, server_round: int) -> FitAccumulator | None:
+        """None (default): the server collects every result and calls aggregate_fit.
+
+        A strategy that can aggregate results one at a time returns a fresh
+        :class:`FitAccumulator` for round ``server_round`` (asked after
+        :meth:`configure_fit` of that round); the server then feeds it the results as they
+        arrive and takes the round's aggregate from its ``finish`` instead of calling
+        :meth:`aggregate_fit`.
+        """
+        return None
 
     @abstractmethod
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:

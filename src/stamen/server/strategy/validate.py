@@ -17,7 +17,11 @@ clients (FedAvg records it in ``configure_fit``, and from ``initial_parameters``
 there is none — ``aggregate_fit`` called without ``configure_fit``, or an empty global
 model — the results are checked against each other instead: the layout shared by the most
 results (the earliest on a tie) is the reference, and the results of other layouts are
-refused. That costs one more decoding pass over the results.
+refused. That costs one more pass over the results' headers.
+
+Decoding makes read-only views over the tensor bytes
+(:func:`~stamen.ndarrays.parameters_to_views`), never copies: checking a result reads its
+values once (for NaN/Inf) and allocates nothing of its size.
 
 An evaluate result is refused when its status is not OK, it reports ``num_examples < 0``,
 or its loss is NaN or Inf. (A client with no test data may report 0 examples: its loss then
@@ -30,15 +34,15 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ...errors import DecodeError, ProtocolError
 from ...messages import Code, EvaluateRes, FitRes, Parameters
-from ...ndarrays import parameters_to_ndarrays
-from ...typing import NDArrays
+from ...ndarrays import parameters_to_views
+from ...typing import NDArray, NDArrays
 from ..client_proxy import ClientProxy
 from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults
 
@@ -46,6 +50,7 @@ __all__ = [
     "CheckedFitResults",
     "InvalidResult",
     "ModelLayout",
+    "metadata_only",
     "refuse_result",
     "validate_evaluate_results",
     "validate_fit_results",
@@ -86,7 +91,7 @@ class ModelLayout:
     def of_parameters(cls, parameters: Parameters) -> ModelLayout | None:
         """The layout of NumPy ``parameters``; None if empty or not NumPy ``.npy`` tensors."""
         try:
-            ndarrays = parameters_to_ndarrays(parameters)
+            ndarrays = parameters_to_views(parameters)  # only the headers are read
         except DecodeError:
             return None
         return cls.of(ndarrays) if ndarrays else None
@@ -112,9 +117,24 @@ class ModelLayout:
         return None
 
 
+_FINITE_BLOCK = 1 << 16
+"""Values checked for NaN/Inf at a time: no temporary of an array's size."""
+
+
+def _all_finite(array: NDArray) -> bool:
+    flat = array.ravel(order="K")  # a view of a C- or F-contiguous array
+    mask = np.empty(min(flat.size, _FINITE_BLOCK), dtype=bool)
+    for start in range(0, flat.size, _FINITE_BLOCK):
+        block = mask[: min(_FINITE_BLOCK, flat.size - start)]
+        np.isfinite(flat[start : start + _FINITE_BLOCK], out=block)
+        if not block.all():
+            return False
+    return True
+
+
 def _non_finite(ndarrays: NDArrays) -> str | None:
     for index, array in enumerate(ndarrays):
-        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+        if np.issubdtype(array.dtype, np.inexact) and not _all_finite(array):
             nans = int(np.isnan(array).sum())
             infs = int(np.isinf(array).sum())
             return f"array {index} holds {nans} NaN and {infs} Inf values"
@@ -133,15 +153,21 @@ def refuse_result(
 
 
 def _decode(fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
-    """(arrays, None) or (None, why not), for the checks that need no reference."""
+    """(read-only views, None) or (None, why not), for the checks that need no reference."""
     if fit_res.status.code != Code.OK:
         return None, f"status {fit_res.status.code.name}: {fit_res.status.message}"
     if fit_res.num_examples <= 0:
         return None, f"num_examples={fit_res.num_examples}; a fit result needs at least 1 example"
     try:
-        return parameters_to_ndarrays(fit_res.parameters), None
+        return parameters_to_views(fit_res.parameters), None
     except DecodeError as exc:
         return None, f"parameters do not decode: {exc}"
+
+
+def metadata_only(fit_res: FitRes) -> FitRes:
+    """``fit_res`` without its tensors (status, num_examples and metrics kept)."""
+    empty = Parameters(tensors=[], tensor_type=fit_res.parameters.tensor_type)
+    return replace(fit_res, parameters=empty)
 
 
 class CheckedFitResults:
@@ -149,7 +175,13 @@ class CheckedFitResults:
 
     Iterating yields ``(proxy, fit_res, ndarrays)`` for each valid result, in order; each
     refused result is logged and appended to :attr:`failures` as an :class:`InvalidResult`.
-    Only one decoded model is alive at a time unless the caller keeps them. Iterate once.
+    Iterate once. The arrays are read-only views over the result's tensor bytes
+    (:func:`~stamen.ndarrays.parameters_to_views`): decoding copies nothing, and keeping
+    them costs no memory beyond the results themselves. A rule that needs to modify
+    them copies them.
+
+    Results may also be checked one by one as they arrive, with :meth:`check` (the
+    streaming accumulators of the FedAvg family do so, from an empty ``results``).
 
     Args:
         server_round: The round, for the log.
@@ -158,6 +190,8 @@ class CheckedFitResults:
         reference: The global model's layout; None: the most common layout of ``results``.
         stop_on_refusal: Stop at the first refused result (for ``accept_failures=False``);
             :attr:`stopped` then tells that the round must not be aggregated.
+        keep_tensors: False: :attr:`accepted` and :attr:`refused` hold the results without
+            their tensors (:func:`metadata_only`), so that the models are not kept alive.
 
     Attributes:
         failures: The incoming failures, then the refused results.
@@ -176,6 +210,7 @@ class CheckedFitResults:
         reference: ModelLayout | None,
         *,
         stop_on_refusal: bool = False,
+        keep_tensors: bool = True,
     ) -> None:
         self.server_round = server_round
         self._results = results
@@ -185,13 +220,14 @@ class CheckedFitResults:
         self.stopped = False
         self.dtype_refusals = 0
         self._stop_on_refusal = stop_on_refusal
+        self._keep_tensors = keep_tensors
         self._iterated = False
         self.reference = reference if reference is not None else self._majority_layout()
 
     def _majority_layout(self) -> ModelLayout | None:
         counts: Counter[ModelLayout] = Counter()
         for _, fit_res in self._results:
-            arrays, _ = _decode(fit_res)
+            arrays, _ = _decode(fit_res)  # views: only the headers are read
             if arrays is not None:
                 counts[ModelLayout.of(arrays)] += 1
         if not counts:
@@ -220,22 +256,35 @@ class CheckedFitResults:
         reason = _non_finite(arrays)
         return (None, reason) if reason is not None else (arrays, None)
 
+    def check(self, proxy: ClientProxy, fit_res: FitRes) -> NDArrays | None:
+        """Check one result: its arrays (read-only views) if valid, else None.
+
+        A valid result is appended to :attr:`accepted`; a refused one is logged and
+        appended to :attr:`refused` and :attr:`failures` (and sets :attr:`stopped` with
+        ``stop_on_refusal``).
+        """
+        arrays, reason = self._check(fit_res)
+        kept = fit_res if self._keep_tensors else metadata_only(fit_res)
+        if arrays is None:
+            refusal = refuse_result(self.server_round, proxy, kept, reason or "invalid")
+            self.refused.append(refusal)
+            self.failures.append(refusal)
+            if self._stop_on_refusal:
+                self.stopped = True
+            return None
+        self.accepted.append((proxy, kept))
+        return arrays
+
     def __iter__(self) -> Iterator[tuple[ClientProxy, FitRes, NDArrays]]:
         if self._iterated:
             raise RuntimeError("CheckedFitResults can be iterated only once")
         self._iterated = True
         for proxy, fit_res in self._results:
-            arrays, reason = self._check(fit_res)
-            if arrays is None:
-                refusal = refuse_result(self.server_round, proxy, fit_res, reason or "invalid")
-                self.refused.append(refusal)
-                self.failures.append(refusal)
-                if self._stop_on_refusal:
-                    self.stopped = True
-                    return
-                continue
-            self.accepted.append((proxy, fit_res))
-            yield proxy, fit_res, arrays
+            arrays = self.check(proxy, fit_res)
+            if self.stopped:
+                return
+            if arrays is not None:
+                yield proxy, fit_res, arrays
 
 
 def validate_fit_results(
