@@ -14,7 +14,7 @@ import itertools
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import ConnectionLost, MessageTooLarge, ProtocolError, Timeout
 from ..messages import (
@@ -34,6 +34,9 @@ from ..messages import (
 from ..protocol.mailbox import Mailbox
 from ..typing import Properties
 from ..wire import Payload, encode_instruction_payload
+
+if TYPE_CHECKING:
+    from .fleet.slots import ReceiveSlots
 
 __all__ = ["ClientProxy", "RemoteClientProxy", "expected_reply_type"]
 
@@ -151,12 +154,14 @@ class RemoteClientProxy(ClientProxy):
         *,
         max_message_length: int,
         frames: bool = True,
+        slots: ReceiveSlots | None = None,
     ) -> None:
         super().__init__(cid)
         self.mailbox = mailbox
         self._loop = loop
         self._max_message_length = max_message_length
         self._frames = frames
+        self._slots = slots
 
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Encode ``ins`` here, post it on the fleet loop, return the reply's future."""
@@ -176,6 +181,8 @@ class RemoteClientProxy(ClientProxy):
             return future
 
         def on_done(outcome: Reply | BaseException) -> None:
+            if self._slots is not None:
+                self._slots.end(seq)
             if future.done():
                 return
             if isinstance(outcome, BaseException):
@@ -191,6 +198,8 @@ class RemoteClientProxy(ClientProxy):
                 future.set_result(outcome)
 
         def post() -> None:
+            if self._slots is not None:
+                self._slots.begin(seq)
             task_id = self.mailbox.post(ins, payload, on_done, seq)
             if timeout is not None and not future.done():
                 self._loop.call_later(

@@ -33,6 +33,7 @@ __all__ = [
     "FrameReader",
     "Payload",
     "frame_size",
+    "is_frame",
     "read_frame",
 ]
 
@@ -129,6 +130,11 @@ class Payload:
             yield self.frame(offset, size)
 
 
+def is_frame(data: bytes | memoryview) -> bool:
+    """Whether ``data`` is a ``Frame`` message (by its first tag; not validated)."""
+    return memoryview(data)[: len(_FRAME_TAG)] == _FRAME_TAG
+
+
 def read_frame(data: bytes | memoryview) -> tuple[int, int, memoryview] | None:
     """``(total_size, offset, data)`` if ``data`` is a ``Frame`` message, else None.
 
@@ -136,7 +142,7 @@ def read_frame(data: bytes | memoryview) -> tuple[int, int, memoryview] | None:
         DecodeError: a frame that is malformed or inconsistent.
     """
     view = memoryview(data)
-    if view[: len(_FRAME_TAG)] != _FRAME_TAG:
+    if not is_frame(view):
         return None
     top = list(_fast.split_fields(view, 0, len(view)))
     if len(top) != 1:

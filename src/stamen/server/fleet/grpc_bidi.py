@@ -17,6 +17,7 @@ from ...errors import ConnectionLost, DecodeError
 from ...messages import ReconnectIns
 from ...protocol.fleet import FleetError
 from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME, FRAMES_METADATA
+from ...wire.frames import is_frame
 from .grpc_rere import metadata_dict
 from .handler import Fleet
 
@@ -55,6 +56,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                 if frames:
                     for message in task.payload.messages(node.frame_size):
                         await context.write(message)
+                    del message  # the last frame: not kept while the node works
                 else:
                     await context.write(task.payload.tobytes())
                 whole = None
@@ -63,6 +65,10 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     if data is grpc.aio.EOF:
                         error = ConnectionLost(f"node {node.cid} closed its stream")
                         return
+                    if not node.reader.in_progress and is_frame(data):
+                        # The first frame of a large reply: in turn with the other nodes'
+                        # (before its buffer is allocated).
+                        await fleet.take_slot(node, task.seq, None)
                     try:
                         whole = node.reader.feed(data)
                     except DecodeError as exc:
@@ -70,8 +76,6 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                         error = exc
                         logger.warning("node %s sent an invalid reply: %s", node.cid, exc)
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                    if whole is None:  # a reply in frames: in turn with the other nodes'
-                        await fleet.take_slot(node, task.seq, None)
                 fleet.release_slot(node)
                 try:
                     fleet.deliver(node, task.task_id, whole)
@@ -81,6 +85,9 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 if isinstance(task.instruction, ReconnectIns):
                     return
+                # The next instruction may be a round away: keep nothing of this one (the
+                # reply's buffer would otherwise live as long as these names).
+                del task, whole, data
         except ConnectionLost as exc:
             error = exc
         finally:

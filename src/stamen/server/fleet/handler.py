@@ -27,7 +27,7 @@ from ...protocol.fleet import (
 from ...protocol.mailbox import Mailbox, Task
 from ...wire import FrameReader, Verb, decode_reply, frame_size
 from ...wire import fleet_codec as codec
-from ...wire.frames import read_frame
+from ...wire.frames import is_frame, read_frame
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from .auth import NodeAuthenticator
@@ -156,7 +156,14 @@ class Fleet:
         else:
             node_id, cid = -1, uuid.uuid4().hex
         mailbox = Mailbox(cid)
-        proxy = RemoteClientProxy(cid, mailbox, self._loop, max_message_length=limit, frames=frames)
+        proxy = RemoteClientProxy(
+            cid,
+            mailbox,
+            self._loop,
+            max_message_length=limit,
+            frames=frames,
+            slots=self.slots,
+        )
         node = Node(
             cid=cid,
             node_id=node_id,
@@ -223,6 +230,11 @@ class Fleet:
                 logger.info("node %s: frame of ended task %d ignored", node.cid, task_id)
                 return None
             return self.deliver(node, task_id, data)  # late: decoded, checked, discarded
+        if not node.reader.in_progress and is_frame(data):
+            # The first frame of a large reply: in turn with the other nodes' (before its
+            # buffer is allocated).
+            task = node.mailbox.in_flight(task_id)
+            await self.take_slot(node, task.seq if task is not None else 0, _PUSH_SLOT_WAIT)
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
@@ -230,8 +242,6 @@ class Fleet:
             node.mailbox.fail(task_id, exc)
             raise
         if whole is None:
-            task = node.mailbox.in_flight(task_id)
-            await self.take_slot(node, task.seq if task is not None else 0, _PUSH_SLOT_WAIT)
             return None
         self.release_slot(node)
         return self.deliver(node, task_id, whole)

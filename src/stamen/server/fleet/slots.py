@@ -2,56 +2,76 @@
 
 A reply in frames is written into a buffer the size of the model while it arrives. When a
 round's nodes all answer at once, receiving them all together would hold every node's
-model in memory; :class:`ReceiveSlots` lets ``size`` of them in at a time, and hands a
-freed slot to the waiting reply whose instruction was sent first. The server folds fit
-results in that same order (see ``run_instructions``), so each received model is folded
-into the aggregate and freed before the next one is let in. Waiting costs the node
+model in memory. The server folds fit results into the aggregate in the order its
+instructions were sent (see ``run_instructions``), so the useful order to receive them is
+that same order: :class:`ReceiveSlots` lets ``size`` replies in at a time, and lets a
+reply in only when every instruction sent before its own has ended (replied, failed or
+timed out), so that each received model is folded and freed before the next one arrives.
+A reply that has waited ``patience`` seconds is let in regardless (a slow node does not
+hold up the rest for ever; the cost is memory, not progress). Waiting costs the node
 nothing: its sender is held by flow control (grpc-bidi) or by its pending request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
-import itertools
 
 __all__ = ["ReceiveSlots"]
 
 
 class ReceiveSlots:
-    """At most ``size`` holders at once; waiters are served lowest ``seq`` first."""
+    """Receive slots handed out in instruction order (see the module docstring)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, patience: float = 10.0) -> None:
         if size < 1:
             raise ValueError(f"ReceiveSlots: expected size >= 1, received {size}")
         self._free = size
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._tiebreak = itertools.count()
+        self._patience = patience
+        self._unfinished: set[int] = set()
+        self._order: list[int] = []
+        self._changed = asyncio.Event()
 
-    @property
-    def waiting(self) -> int:
-        """How many are waiting for a slot."""
-        return sum(1 for _, _, f in self._waiters if not f.done())
+    def begin(self, seq: int) -> None:
+        """Instruction ``seq`` was sent and has not ended yet."""
+        self._unfinished.add(seq)
+        heapq.heappush(self._order, seq)
+
+    def end(self, seq: int) -> None:
+        """Instruction ``seq`` ended (its reply arrived, or it failed)."""
+        self._unfinished.discard(seq)
+        while self._order and self._order[0] not in self._unfinished:
+            heapq.heappop(self._order)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _first(self) -> int | None:
+        return self._order[0] if self._order else None
 
     async def acquire(self, seq: int) -> None:
-        """Wait for a slot (cancellable: a cancelled waiter takes no slot)."""
-        if self._free > 0 and not self.waiting:
-            self._free -= 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release()  # the slot was granted just as we were cancelled
-            raise
+        """Wait for a slot and for the turn of instruction ``seq`` (cancellable)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._patience
+        while True:
+            first = self._first()
+            in_turn = first is None or first >= seq or loop.time() >= deadline
+            if self._free > 0 and in_turn:
+                self._free -= 1
+                return
+            changed = self._changed
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                # asyncio.TimeoutError: not the builtin TimeoutError on Python 3.10
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+            else:
+                await changed.wait()
 
     def release(self) -> None:
-        """Give the slot to the first waiter, or back to the pool."""
-        while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
-            if not future.done():
-                future.set_result(None)
-                return
+        """Give the slot back."""
         self._free += 1
+        self._notify()
