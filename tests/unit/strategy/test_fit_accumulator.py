@@ -179,8 +179,15 @@ def assert_same_round(
     assert got[0] is not None
     for a, b in zip(kit.arrays(got[0]), kit.arrays(expected[0]), strict=True):
         assert a.dtype == b.dtype
-        # The same values folded in the same order: the same bits.
-        np.testing.assert_array_equal(a, b)
+        if a.dtype.kind == "f" and a.dtype.itemsize <= 4:
+            # Streaming keeps float32/float16 layers as a running mean in their own dtype
+            # (each step rounded once): within a few units in the last place of the
+            # float64 sum.
+            eps = float(np.finfo(a.dtype).eps)
+            np.testing.assert_allclose(a, b, rtol=8 * eps, atol=8 * eps)
+        else:
+            # Float64 sums, the same values folded in the same order: the same bits.
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", list(STREAMING))

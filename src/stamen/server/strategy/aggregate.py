@@ -222,6 +222,33 @@ def _mean_layer(out: NDArray, acc: NDArray, divisor: np.generic) -> None:
     _in_parts(acc.size, work)
 
 
+def _compact(dtype: np.dtype[Any]) -> bool:
+    """Layers a compact :class:`WeightedSum` keeps as a running mean in their own dtype."""
+    return dtype.kind == "f" and dtype.itemsize <= 4
+
+
+def _fold_mean_layer(acc: NDArray, values: NDArray, ratio: float, first: bool) -> None:
+    """``acc += ratio * (values - acc)``, computed in float64 block by block; 1-D arrays."""
+
+    def work(start: int, stop: int) -> None:
+        if first:
+            np.copyto(acc[start:stop], values[start:stop])
+            return
+        mean = np.empty(min(BLOCK, stop - start), dtype=np.float64)
+        step = np.empty_like(mean)
+        for lo in range(start, stop, BLOCK):
+            hi = min(lo + BLOCK, stop)
+            m, d = mean[: hi - lo], step[: hi - lo]
+            np.copyto(m, acc[lo:hi])
+            np.copyto(d, values[lo:hi])
+            np.subtract(d, m, out=d)
+            np.multiply(d, ratio, out=d)
+            np.add(m, d, out=m)
+            np.copyto(acc[lo:hi], m, casting="unsafe")
+
+    _in_parts(acc.size, work)
+
+
 class WeightedSum:
     """A running weighted sum of models: one accumulator, whatever the number of models.
 
@@ -231,11 +258,18 @@ class WeightedSum:
     block by block, so it allocates nothing of the model's size and keeps no reference to
     ``arrays`` (read-only views, e.g. :func:`~stamen.ndarrays.parameters_to_views`, are
     fine).
+
+    ``compact=True`` (the server's streaming aggregation) halves the memory of float32 and
+    float16 layers: they are kept as a running weighted *mean* in their own dtype, each
+    update ``m += (n_k / N_k) (w_k - m)`` computed in float64 and rounded once. The mean of
+    one model is that model exactly; with several, results may differ from the float64
+    sum in the last bit (Flower sums float32 layers in float32).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, compact: bool = False) -> None:
         self._acc: list[NDArray] | None = None
         self._dtypes: list[np.dtype[Any]] = []
+        self._compact = compact
         self.total_weight: float = 0
         self.count = 0
 
@@ -248,7 +282,12 @@ class WeightedSum:
         first = self._acc is None
         if self._acc is None:
             self._acc = [
-                np.empty(a.shape, dtype=_work_dtype(a.dtype), order=_order(a)) for a in arrays
+                np.empty(
+                    a.shape,
+                    dtype=a.dtype if self._compact and _compact(a.dtype) else _work_dtype(a.dtype),
+                    order=_order(a),
+                )
+                for a in arrays
             ]
             self._dtypes = [a.dtype for a in arrays]
         elif len(arrays) != len(self._acc) or any(
@@ -258,10 +297,17 @@ class WeightedSum:
                 f"aggregate: result {self.count} has layers {[a.shape for a in arrays]}, "
                 f"expected {[s.shape for s in self._acc]}"
             )
-        for layer, array in zip(self._acc, arrays, strict=True):
+        total = self.total_weight + weight
+        for layer, array, dtype in zip(self._acc, arrays, self._dtypes, strict=True):
             order = _order(layer)
-            _fold_layer(_flat(layer, order), _flat(array, order), layer.dtype.type(weight), first)
-        self.total_weight += weight
+            if layer.dtype == dtype and _compact(dtype):  # a running mean
+                if total <= 0:
+                    raise RunError(f"aggregate: weights add up to {total}; cannot weight by it")
+                _fold_mean_layer(_flat(layer, order), _flat(array, order), weight / total, first)
+            else:
+                weight_value = layer.dtype.type(weight)
+                _fold_layer(_flat(layer, order), _flat(array, order), weight_value, first)
+        self.total_weight = total
         self.count += 1
 
     def sum(self) -> NDArrays:
@@ -272,10 +318,19 @@ class WeightedSum:
         """
         if self._acc is None:
             raise RunError("aggregate: expected at least one result, received none")
-        return [layer.copy() for layer in self._acc]
+        return [
+            layer * np.float64(self.total_weight)
+            if layer.dtype == dtype and _compact(dtype)
+            else layer.copy()
+            for layer, dtype in zip(self._acc, self._dtypes, strict=True)
+        ]
 
-    def mean(self) -> NDArrays:
+    def mean(self, *, consume: bool = False) -> NDArrays:
         """``sum_k n_k w_k / sum_k n_k``, in the dtypes of the first model.
+
+        ``consume=True``: the sum is not needed afterwards, so running means are handed
+        out as they are and each float64 sum is freed once its layer is done (the peak
+        stays near one model's sums instead of sums plus result).
 
         Raises:
             RunError: nothing was added, or the weights add up to 0 or less.
@@ -284,7 +339,16 @@ class WeightedSum:
             raise RunError("aggregate: expected at least one result, received none")
         _check_total(self.total_weight)
         out: NDArrays = []
-        for layer, dtype in zip(self._acc, self._dtypes, strict=True):
+        layers = self._acc
+        if consume:
+            self._acc = None
+        for index, dtype in enumerate(self._dtypes):
+            layer = layers[index]
+            if consume:
+                layers[index] = np.empty(0)  # drop our reference as we go
+            if layer.dtype == dtype and _compact(dtype):
+                out.append(layer if consume else layer.copy())
+                continue
             order = _order(layer)
             result = np.empty(layer.shape, dtype=dtype, order=order)
             divisor = layer.dtype.type(self.total_weight)

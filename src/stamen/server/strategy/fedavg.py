@@ -8,7 +8,11 @@ from collections.abc import Callable
 
 from ...errors import ConfigError, RunError
 from ...messages import EvaluateIns, FitIns, FitRes, Parameters
-from ...ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
+from ...ndarrays import (
+    TENSOR_TYPE,
+    ndarray_to_bytes,
+    parameters_to_ndarrays,
+)
 from ...typing import Config, Metrics, MetricsAggregationFn, NDArrays, Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
@@ -269,7 +273,15 @@ class FedAvg(Strategy):
         except RunError as exc:
             logger.error("round %s: not aggregating: %s", server_round, exc)
             return None, {}
-        return ndarrays_to_parameters(updated), self.aggregate_fit_metrics(checked.accepted)
+        # Encode layer by layer, letting go of each array once encoded (unless the
+        # strategy keeps it), so the model is not held twice over at the end of a round.
+        pending = list(updated)
+        del aggregated, updated
+        tensors: list[bytes | memoryview] = []
+        while pending:
+            tensors.append(ndarray_to_bytes(pending.pop(0)))
+        parameters = Parameters(tensors=tensors, tensor_type=TENSOR_TYPE)
+        return parameters, self.aggregate_fit_metrics(checked.accepted)
 
     def fit_accumulator(self, server_round: int) -> FitAccumulator | None:
         """A :class:`~stamen.server.strategy.FitAccumulator` for the round, or None.
@@ -392,7 +404,8 @@ class _FedAvgAccumulator:
             stop_on_refusal=not strategy.accept_failures,
             keep_tensors=False,
         )
-        self._sum: WeightedSum | None = WeightedSum()
+        # Compact: float32 layers as a running mean (one model's worth of memory, not two).
+        self._sum: WeightedSum | None = WeightedSum(compact=True)
         self._received = 0
         self._lock = threading.Lock()
 
@@ -437,7 +450,7 @@ class _FedAvgAccumulator:
         def mean() -> NDArrays:
             if acc.count == 0:
                 raise RunError(no_valid_result(checked))
-            return acc.mean()
+            return acc.mean(consume=True)
 
         return strategy._conclude_fit(server_round, checked, mean)
 
