@@ -31,6 +31,7 @@ from types import TracebackType
 from ..errors import ConfigError, ConnectionLost, DecodeError, Timeout
 from ..messages import Code, Reply
 from ..wire import decode_reply
+from ._ast_guard import serialize_ast_parse
 from ._deadlines import Deadline, Deadlines
 from .proxy import CallResult, VirtualCall, named_error, run_virtual_call
 
@@ -156,6 +157,11 @@ class ThreadsBackend(Backend):
     off and replaced, and its reply is dropped when it comes. So a hung client costs one
     thread, never the progress of the run.
 
+    On CPython < 3.11.8 and 3.12.0-3.12.1, two threads parsing Python source at once can
+    make one parse fail (python/cpython#106905), and NumPy parses every ``.npy`` header it
+    reads, so every decoding of parameters parses: the backend makes ``ast.parse`` take a
+    process-wide lock there (see :mod:`stamen.simulation._ast_guard`).
+
     Args:
         max_workers: Upper bound of concurrent calls (>= 1).
     """
@@ -166,6 +172,7 @@ class ThreadsBackend(Backend):
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ConfigError(f"max_workers: expected an int >= 1, received {max_workers!r}")
         self._max_workers = max_workers
+        serialize_ast_parse()  # before any call runs on a second thread
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._live = 0  # workers counted against max_workers (not the written-off ones)

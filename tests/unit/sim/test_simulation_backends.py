@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import gc
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from stamen.errors import ClientAppError, ConnectionLost, Timeout
 from stamen.messages import Code, FitIns, FitRes
 from stamen.ndarrays import ndarrays_to_parameters
 from stamen.simulation import SequentialBackend, ThreadsBackend
+from stamen.simulation._ast_guard import AST_PARSE_IS_THREAD_UNSAFE, _thread_unsafe
 from stamen.simulation._deadlines import Deadlines
 from stamen.simulation._ray import RAY_MISSING, _actor_options, _capacity
 from stamen.simulation.app import threads_for
@@ -25,10 +28,15 @@ from stamen.simulation.proxy import CallResult, VirtualCall
 
 FIT = FitIns(parameters=ndarrays_to_parameters([np.zeros(2)]), config={})
 WAIT = 10.0  # bound of every wait in these tests
+# What NumPy parses for every .npy header it reads, 200 times over.
+HEADERS = "\n".join(
+    f"h{i} = {{'descr': '<f8', 'fortran_order': False, 'shape': ({i},)}}" for i in range(200)
+)
 
 
 class Named(NumPyClient):
-    """Reports the thread it ran on; blocks while ``gate`` is closed; exits on ``exit``."""
+    """Reports the thread it ran on; blocks while ``gate`` is closed; exits on ``exit``;
+    parses Python source on ``parse``."""
 
     gate: threading.Event | None = None
     started: threading.Event | None = None
@@ -36,6 +44,8 @@ class Named(NumPyClient):
     def fit(self, parameters: list[Any], config: dict[str, Any]) -> tuple[list[Any], int, dict]:
         if config.get("exit"):
             sys.exit(3)
+        if config.get("parse"):
+            ast.parse(HEADERS)
         if config.get("block") and self.gate is not None:
             assert self.started is not None
             self.started.set()
@@ -53,8 +63,13 @@ def call(cid: str = "3", ins: FitIns = FIT) -> VirtualCall:
 
 
 def fit_reply(future: Future[CallResult]) -> FitRes:
+    """The successful FitRes of ``future``; a failure names what came back instead."""
     reply, _ = future.result(timeout=WAIT)
-    assert isinstance(reply, FitRes)
+    assert isinstance(reply, FitRes), f"expected a FitRes, received {reply!r}"
+    assert reply.status.code == Code.OK, (
+        f"the call failed: {reply.status.code.name}: {reply.status.message}"
+    )
+    assert "thread" in reply.metrics, f"the reply lacks the client's metrics: {reply!r}"
     return reply
 
 
@@ -91,6 +106,48 @@ def test_threads_backend_never_runs_more_threads_than_max_workers() -> None:
     finally:
         backend.close()
     assert 1 <= len(threads) <= 3
+
+
+@pytest.fixture
+def python_gc_callback() -> Iterator[None]:
+    """A gc callback written in Python, such as Hypothesis installs for the rest of a run."""
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        sum(range(100))
+
+    gc.callbacks.append(callback)
+    yield
+    gc.callbacks.remove(callback)
+
+
+@pytest.mark.usefixtures("python_gc_callback")
+def test_threads_backend_runs_clients_that_parse_python_at_once() -> None:
+    """Clients parsing Python source on 3 threads (as NumPy does for each .npy header, so
+    each decoding of parameters) all succeed. Unguarded, CPython < 3.11.8 fails a few of
+    these 60 calls with "SystemError: AST constructor recursion depth mismatch"."""
+    backend = ThreadsBackend(3)
+    try:
+        parse = FitIns(FIT.parameters, {"parse": True})
+        futures = [backend.submit(call(str(i), parse), None) for i in range(60)]
+        for future in futures:
+            fit_reply(future)
+    finally:
+        backend.close()
+
+
+def test_ast_parse_is_serialized_only_where_cpython_needs_it() -> None:
+    """python/cpython#106905: fixed in 3.11.8 and 3.12.2; other implementations unaffected."""
+    assert _thread_unsafe("CPython", (3, 11, 7))
+    assert _thread_unsafe("CPython", (3, 12, 1))
+    assert _thread_unsafe("CPython", (3, 10, 14))
+    assert not _thread_unsafe("CPython", (3, 11, 8))
+    assert not _thread_unsafe("CPython", (3, 12, 2))
+    assert not _thread_unsafe("CPython", (3, 13, 0))
+    assert not _thread_unsafe("PyPy", (3, 10, 14))
+    ThreadsBackend(1).close()
+    serialized = getattr(ast.parse, "_stamen_serialized", False)
+    assert serialized == AST_PARSE_IS_THREAD_UNSAFE
+    assert ast.literal_eval("{'shape': (2,)}") == {"shape": (2,)}
 
 
 def test_threads_backend_times_out_a_hung_call_and_replaces_its_thread(
