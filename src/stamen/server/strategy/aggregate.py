@@ -6,11 +6,11 @@ layers) and the result is cast back once, integer and boolean layers after round
 nearest value. So a model's layout never drifts from round to round.
 
 Memory and speed: :func:`aggregate` and :class:`WeightedSum` run in blocks that stay in the
-CPU cache (see :data:`BLOCK`), with no temporary of a model's size, large layers on up to
-:data:`THREADS` threads. :func:`aggregate` of a list reads each input once and allocates
-only the result; :class:`WeightedSum` consumes its models one at a time into one float64
-accumulator, so it holds one model however many results there are. The robust rules
-(:func:`aggregate_median`, :func:`aggregate_trimmed_avg`, :func:`aggregate_krum`,
+CPU cache (see :data:`BLOCK`), with no temporary of a model's size (large layers optionally
+on several threads, :data:`THREADS`). :func:`aggregate` of a list reads each input once
+and allocates only the result; :class:`WeightedSum` consumes its models one at a time into
+one float64 accumulator, so it holds one model however many results there are. The robust
+rules (:func:`aggregate_median`, :func:`aggregate_trimmed_avg`, :func:`aggregate_krum`,
 :func:`aggregate_bulyan`) need all the models at once.
 
 The names and arguments are Flower 1.12's (``flwr.server.strategy.aggregate``).
@@ -19,7 +19,6 @@ The names and arguments are Flower 1.12's (``flwr.server.strategy.aggregate``).
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -72,9 +71,9 @@ def cast_like(array: NDArray, dtype: np.dtype[Any]) -> NDArray:
 # value goes through exactly the operations, in the same order, as
 # ``acc = 0; acc += np.multiply(w_k, n_k, dtype=float64) ...; cast(acc / sum n_k)``, so the
 # results are bit-identical to that expression (multiplying a real value by a weight of 1
-# is skipped: it gives the value itself). A large layer is cut into parts of whole blocks
-# that up to THREADS threads take in turn (NumPy releases the GIL in its loops); a value
-# goes through the same operations whichever thread takes its part.
+# is skipped: it gives the value itself). With THREADS > 1, a large layer is cut into parts
+# of whole blocks that the threads take in turn (NumPy releases the GIL in its loops); a
+# value goes through the same operations whichever thread takes its part.
 
 BLOCK = 1 << 17
 """Elements per block of the aggregation kernels.
@@ -85,17 +84,14 @@ per-call overhead of NumPy grows below, the blocks spill further from the cores 
 """
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
+THREADS = 1
+"""Threads that share the blocks of a large layer; 1 (the default): only the caller.
 
-
-THREADS = min(4, _usable_cpus())
-"""Threads that share the blocks of a large layer; 1 runs every kernel in the caller.
-
-More than 4 gain little: by then the memory bus, not the cores, is the limit.
+A server with cores to spare may raise it (``stamen.server.strategy.aggregate.THREADS =
+4``): the values and their operations stay the same, so do the results. It is 1 by default
+because on a machine whose cores are busy (clients on the same host, other processes) a
+second thread made the 10 x 100 MB mean slower, not faster: 0.40 s against 0.26-0.35 s on
+the 2-core benchmark machine. Beyond about 4 threads the memory bus is the limit.
 """
 
 MIN_PART_BLOCKS = 8
