@@ -7,6 +7,9 @@ JSON object on stdout.
 * ``codec``: a FitIns carrying a ``model_bytes`` float32 model is encoded to the bytes of a
   grpc-bidi ``ServerMessage`` (arrays -> ``.npy`` Parameters -> protobuf) and decoded back
   to arrays; the decoded arrays are checked.
+* ``message codec``: the FitIns alone (its Parameters already ``.npy``) encoded to wire
+  bytes and decoded back to a FitIns — the protocol's own cost, without the array
+  conversions (Stamen's decoded tensors are views into the received bytes).
 * ``fedavg``: the weighted mean of ``models`` decoded models of ``model_bytes`` each
   (``aggregate`` of the framework's ``strategy.aggregate`` module); the result is checked.
 * ``aggregate_fit``: the framework's ``FedAvg().aggregate_fit`` on ``models`` FitRes
@@ -53,10 +56,19 @@ def timed(function: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 def stamen_paths() -> dict[str, Callable[..., Any]]:
     """Stamen's encode, decode, aggregate and aggregate_fit."""
     from stamen.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from stamen.memory import tune_allocator
     from stamen.messages import Code, FitIns, FitRes, Status
     from stamen.server.strategy import FedAvg
     from stamen.server.strategy.aggregate import aggregate
     from stamen.wire import decode_instruction, encode_instruction
+
+    tune_allocator()  # as start_client / start_server / start_simulation do
+
+    def make_ins(arrays: list[np.ndarray]) -> Any:
+        return FitIns(ndarrays_to_parameters(arrays), {})
+
+    def ins_arrays(ins: Any) -> list[np.ndarray]:
+        return parameters_to_ndarrays(ins.parameters)
 
     def encode(arrays: list[np.ndarray]) -> bytes:
         return encode_instruction(FitIns(ndarrays_to_parameters(arrays), {}))
@@ -84,6 +96,10 @@ def stamen_paths() -> dict[str, Callable[..., Any]]:
     return {
         "encode": encode,
         "decode": decode,
+        "make_ins": make_ins,
+        "ins_arrays": ins_arrays,
+        "encode_message": encode_instruction,
+        "decode_message": decode_instruction,
         "aggregate": aggregate,
         "fit_res": fit_res,
         "aggregate_fit": aggregate_fit,
@@ -106,6 +122,18 @@ def flower_paths() -> dict[str, Callable[..., Any]]:
     from flwr.server.strategy import FedAvg
     from flwr.server.strategy.aggregate import aggregate
 
+    def make_ins(arrays: list[np.ndarray]) -> Any:
+        return FitIns(ndarrays_to_parameters(arrays), {})
+
+    def ins_arrays(ins: Any) -> list[np.ndarray]:
+        return parameters_to_ndarrays(ins.parameters)
+
+    def encode_message(ins: Any) -> bytes:
+        return ServerMessage(fit_ins=serde.fit_ins_to_proto(ins)).SerializeToString()
+
+    def decode_message(data: bytes) -> Any:
+        return serde.fit_ins_from_proto(ServerMessage.FromString(data).fit_ins)
+
     def encode(arrays: list[np.ndarray]) -> bytes:
         ins = FitIns(ndarrays_to_parameters(arrays), {})
         return ServerMessage(fit_ins=serde.fit_ins_to_proto(ins)).SerializeToString()
@@ -124,6 +152,10 @@ def flower_paths() -> dict[str, Callable[..., Any]]:
     return {
         "encode": encode,
         "decode": decode,
+        "make_ins": make_ins,
+        "ins_arrays": ins_arrays,
+        "encode_message": encode_message,
+        "decode_message": decode_message,
         "aggregate": aggregate,
         "fit_res": fit_res,
         "aggregate_fit": aggregate_fit,
@@ -158,7 +190,19 @@ def measure_codec(paths: dict[str, Any], shapes: list[int], repeat: int) -> dict
     encode, data = timed(lambda: paths["encode"](source), repeat)
     decode, decoded = timed(lambda: paths["decode"](data), repeat)
     check_equal(decoded, 1.5)
-    return {"encode_seconds": encode, "decode_seconds": decode, "fit_ins_wire_bytes": len(data)}
+    del decoded
+    # The message alone: a FitIns (Parameters already .npy) to wire bytes and back.
+    ins = paths["make_ins"](source)
+    encode_message, data = timed(lambda: paths["encode_message"](ins), repeat)
+    decode_message, back = timed(lambda: paths["decode_message"](data), repeat)
+    check_equal(paths["ins_arrays"](back), 1.5)
+    return {
+        "encode_seconds": encode,
+        "decode_seconds": decode,
+        "fit_ins_wire_bytes": len(data),
+        "encode_message_seconds": encode_message,
+        "decode_message_seconds": decode_message,
+    }
 
 
 def measure_fedavg(
@@ -189,6 +233,7 @@ def run(framework: str, model_bytes: int, models: int, repeat: int) -> dict[str,
     codec = measure_codec(paths, shapes, repeat)
     fedavg = measure_fedavg(paths, shapes, models, repeat)
     codec_seconds = codec["encode_seconds"] + codec["decode_seconds"]
+    message_seconds = codec["encode_message_seconds"] + codec["decode_message_seconds"]
     return {
         "framework": framework,
         "model_bytes": model_bytes,
@@ -199,6 +244,8 @@ def run(framework: str, model_bytes: int, models: int, repeat: int) -> dict[str,
         **codec,
         "codec_seconds": codec_seconds,
         "codec_fraction_of_memcpy": memcpy / codec_seconds,
+        "message_codec_seconds": message_seconds,
+        "message_codec_fraction_of_memcpy": memcpy / message_seconds,
         **fedavg,
         "fedavg_memcpy_bound_seconds": models * memcpy,
         "fedavg_fraction_of_memcpy_bound": models * memcpy / fedavg["fedavg_seconds"],

@@ -101,7 +101,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found.append({"target": text, "measured": reason(scale["errors"][0]), "met": False})
     micro = results.get("micro", {}).get("stamen")
     for key, bound, text in (
-        ("codec_fraction_of_memcpy", 1 / 3, "encode + decode 100 MB FitIns >= 1/3 memcpy speed"),
+        (
+            "message_codec_fraction_of_memcpy",
+            1 / 3,
+            "encode + decode 100 MB FitIns (message <-> wire bytes) >= 1/3 memcpy speed",
+        ),
+        (
+            "codec_fraction_of_memcpy",
+            1 / 3,
+            "arrays -> FitIns -> wire bytes -> arrays, 100 MB, >= 1/3 memcpy speed",
+        ),
         ("fedavg_fraction_of_memcpy_bound", 1 / 2, "FedAvg 10 x 100 MB >= 1/2 memcpy bound"),
     ):
         if micro and micro["ok"]:
@@ -216,7 +225,10 @@ def micro_table(micro: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     specs = (
-        ("encode + decode FitIns", "codec_seconds", "codec_fraction_of_memcpy", ">= 0.33"),
+        ("encode + decode FitIns (message <-> wire bytes)", "message_codec_seconds",
+         "message_codec_fraction_of_memcpy", ">= 0.33"),
+        ("arrays -> FitIns -> wire bytes -> arrays", "codec_seconds",
+         "codec_fraction_of_memcpy", "—"),
         (f"FedAvg `aggregate`, {models} models", "fedavg_seconds",
          "fedavg_fraction_of_memcpy_bound", ">= 0.5"),
         (f"`FedAvg.aggregate_fit`, {models} FitRes (decode + mean + encode)",
