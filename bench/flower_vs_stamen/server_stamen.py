@@ -29,12 +29,16 @@ WAIT_FOR_CLIENTS = 900.0
 
 
 class TimedFedAvg(fl.server.strategy.FedAvg):
-    """Stamen's FedAvg, timing each round and keeping the last aggregated model."""
+    """Stamen's FedAvg, timing each round and keeping the last aggregated model.
+
+    Stamen's FedAvg aggregates each result as it arrives (``fit_accumulator``); the clock's
+    "aggregation" is the end of it, once every reply is in (``finish``).
+    """
 
     def __init__(self, clock: workload.RoundClock, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.clock = clock
-        self.final: list[bytes] | None = None
+        self.final: list[Any] | None = None
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
         """Sample (waits until every client is connected), then start the round's clock."""
@@ -42,14 +46,29 @@ class TimedFedAvg(fl.server.strategy.FedAvg):
         self.clock.start()
         return instructions
 
-    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
-        """Aggregate, then stop the round's clock."""
-        self.clock.aggregating()
-        parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        self.clock.stop(len(results), len(failures))
-        if parameters is not None:
-            self.final = parameters.tensors
-        return parameters, metrics
+    def fit_accumulator(self, server_round: int) -> Any:
+        """FedAvg's streaming accumulator, with the clock stopped when it finishes."""
+        inner = super().fit_accumulator(server_round)
+        if inner is None:
+            raise RuntimeError("FedAvg offered no streaming accumulator")
+        strategy = self
+
+        class Timed:
+            added = 0
+
+            def add(self, client: Any, res: Any) -> None:
+                self.added += 1
+                inner.add(client, res)
+
+            def finish(self, failures: Any) -> Any:
+                strategy.clock.aggregating()
+                parameters, metrics = inner.finish(failures)
+                strategy.clock.stop(self.added, len(failures))
+                if parameters is not None:
+                    strategy.final = parameters.tensors
+                return parameters, metrics
+
+        return Timed()
 
 
 def report_connections(manager: SimpleClientManager, clock: workload.RoundClock) -> None:

@@ -35,6 +35,8 @@ class Task:
     seq: int = 0
     """Order of the instruction among all the server sent (large replies are received in
     this order when they compete)."""
+    streamed: bool = False
+    """The server folds the reply and drops it at once (streaming aggregation)."""
 
 
 class Mailbox:
@@ -58,7 +60,13 @@ class Mailbox:
         self._wakeup = callback
 
     def post(
-        self, instruction: Instruction, payload: Payload, on_done: DoneCallback, seq: int = 0
+        self,
+        instruction: Instruction,
+        payload: Payload,
+        on_done: DoneCallback,
+        seq: int = 0,
+        *,
+        streamed: bool = False,
     ) -> int:
         """Queue an instruction (``payload`` is its encoded form); return the task id."""
         task_id = self._next_id
@@ -66,7 +74,7 @@ class Mailbox:
         if self._closed is not None:
             on_done(self._closed)
             return task_id
-        self._pending.append(Task(task_id, instruction, payload, on_done, seq))
+        self._pending.append(Task(task_id, instruction, payload, on_done, seq, streamed))
         if self._wakeup is not None:
             self._wakeup()
         return task_id

@@ -10,6 +10,7 @@ resolves the future. Nothing polls and no thread waits per client.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -142,6 +143,13 @@ class _EncodeCache:
 _encode_cache = _EncodeCache()
 _sequence = itertools.count(1)  # next() is atomic under the GIL: instructions in submit order
 
+streamed_replies: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "streamed_replies", default=False
+)
+"""Set while the server submits instructions whose replies it folds and drops one by one
+(streaming aggregation): the fleet then keeps a large reply's receive slot until the
+reply's buffer is freed, so received models cannot pile up ahead of the folding."""
+
 
 class RemoteClientProxy(ClientProxy):
     """A node reached over the network, on any transport, through its mailbox."""
@@ -169,6 +177,7 @@ class RemoteClientProxy(ClientProxy):
         future.set_running_or_notify_cancel()
         expected = expected_reply_type(ins)
         seq = next(_sequence)
+        streamed = streamed_replies.get()
         payload = _encode_cache.encode(ins)
         if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
@@ -200,7 +209,7 @@ class RemoteClientProxy(ClientProxy):
         def post() -> None:
             if self._slots is not None:
                 self._slots.begin(seq)
-            task_id = self.mailbox.post(ins, payload, on_done, seq)
+            task_id = self.mailbox.post(ins, payload, on_done, seq, streamed=streamed)
             if timeout is not None and not future.done():
                 self._loop.call_later(
                     timeout,

@@ -25,7 +25,7 @@ from ..messages import (
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
-from .client_proxy import ClientProxy
+from .client_proxy import ClientProxy, streamed_replies
 from .history import History
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
@@ -112,7 +112,11 @@ def run_instructions(
     ``instructions``: aggregation is reproducible whatever the arrival order), and what it
     returns is kept in its place: a reply stripped of its parameters lets them be freed.
     """
-    futures = [(proxy, proxy.submit(ins, timeout)) for proxy, ins in instructions]
+    token = streamed_replies.set(on_result is not None)
+    try:
+        futures = [(proxy, proxy.submit(ins, timeout)) for proxy, ins in instructions]
+    finally:
+        streamed_replies.reset(token)
     results: Results = []
     failures: Failures = []
     if on_result is None:

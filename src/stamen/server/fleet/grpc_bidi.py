@@ -76,7 +76,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                         error = exc
                         logger.warning("node %s sent an invalid reply: %s", node.cid, exc)
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                fleet.release_slot(node)
+                fleet.pass_slot(node, task.task_id, whole)
                 try:
                     fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:

@@ -9,9 +9,11 @@ status. All of it runs on the fleet's event loop thread, which owns every mailbo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -212,6 +214,25 @@ class Fleet:
             node.slot = False
             self.slots.release()
 
+    def pass_slot(self, node: Node, task_id: int, whole: bytes | memoryview) -> None:
+        """A large reply was received whole. If the server folds it and drops it at once
+        (streaming aggregation), its slot goes with its buffer and comes back when the
+        buffer is freed, so received models cannot pile up ahead of the folding;
+        otherwise the slot is given back now."""
+        task = node.mailbox.in_flight(task_id)
+        buffer = whole.obj if isinstance(whole, memoryview) else None
+        if not node.slot or task is None or not task.streamed or buffer is None:
+            self.release_slot(node)
+            return
+        node.slot = False
+        loop, slots = self._loop, self.slots
+
+        def give_back() -> None:  # runs in whichever thread frees the buffer
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
+                loop.call_soon_threadsafe(slots.release)
+
+        weakref.finalize(buffer, give_back)
+
     async def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
         """Take one message of the reply to task ``task_id``: a whole reply or a frame of
         one. Returns the reply once it is whole (and delivers it), else None.
@@ -243,7 +264,7 @@ class Fleet:
             raise
         if whole is None:
             return None
-        self.release_slot(node)
+        self.pass_slot(node, task_id, whole)
         return self.deliver(node, task_id, whole)
 
     def deliver(self, node: Node, task_id: int, data: bytes | memoryview) -> Reply:

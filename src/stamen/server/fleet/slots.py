@@ -7,8 +7,9 @@ instructions were sent (see ``run_instructions``), so the useful order to receiv
 that same order: :class:`ReceiveSlots` lets ``size`` replies in at a time, and lets a
 reply in only when every instruction sent before its own has ended (replied, failed or
 timed out), so that each received model is folded and freed before the next one arrives.
-A reply that has waited ``patience`` seconds is let in regardless (a slow node does not
-hold up the rest for ever; the cost is memory, not progress). Waiting costs the node
+A reply that has waited ``patience`` seconds is let in regardless of order and of free
+slots (a slow node, or replies the server holds on to, do not hold up the rest for ever;
+the cost is memory, not progress). Waiting costs the node
 nothing: its sender is held by flow control (grpc-bidi) or by its pending request.
 """
 
@@ -58,9 +59,9 @@ class ReceiveSlots:
         deadline = loop.time() + self._patience
         while True:
             first = self._first()
-            in_turn = first is None or first >= seq or loop.time() >= deadline
-            if self._free > 0 and in_turn:
-                self._free -= 1
+            late = loop.time() >= deadline
+            if late or (self._free > 0 and (first is None or first >= seq)):
+                self._free -= 1  # may go below 0 when late: released slots even it out
                 return
             changed = self._changed
             remaining = deadline - loop.time()
