@@ -30,7 +30,9 @@ def server_options(max_message_length: int) -> list[tuple[str, Any]]:
     The server pings idle streams every 60 s and drops a node that does not answer within
     20 s, so a vanished grpc-bidi node fails its instruction without waiting for
     ``round_timeout``. ``so_reuseport`` is off, so a port already in use is an error, not
-    a second server silently sharing it.
+    a second server silently sharing it. Flow-control windows stay at gRPC's default
+    instead of growing with bandwidth probes: a node whose large reply waits for its turn
+    (``ReceiveSlots``) then has a few KiB buffered on the server, not tens of MB.
     """
     return [
         ("grpc.max_send_message_length", max_message_length),
@@ -40,6 +42,7 @@ def server_options(max_message_length: int) -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
