@@ -216,14 +216,7 @@ class FedAvg(Strategy):
         ``accept_failures=False`` and there is a failure (or a refused result), or when no
         result is valid (the reason is logged).
         """
-        if not results:
-            return None, {}
-        if not self.accept_failures and failures:
-            logger.warning(
-                "round %s: %d failure(s) and accept_failures=False: not aggregating",
-                server_round,
-                len(failures),
-            )
+        if not results or self.failures_refuse_round(server_round, failures):
             return None, {}
         checked = CheckedFitResults(
             server_round,
@@ -344,6 +337,17 @@ class FedAvg(Strategy):
         """
         return aggregated
 
+    def failures_refuse_round(self, server_round: int, failures: FitFailures) -> bool:
+        """True (and logged) when ``accept_failures=False`` and the round has failures."""
+        if self.accept_failures or not failures:
+            return False
+        logger.warning(
+            "round %s: %d failure(s) and accept_failures=False: not aggregating",
+            server_round,
+            len(failures),
+        )
+        return True
+
     def aggregate_fit_metrics(self, accepted: FitResults) -> Metrics:
         """``fit_metrics_aggregation_fn`` over the accepted results, or ``{}``."""
         if self.fit_metrics_aggregation_fn is None:
@@ -436,14 +440,7 @@ class _FedAvgAccumulator:
         if acc is None:
             raise RuntimeError("FitAccumulator.finish: the round is already finished")
         strategy, server_round, checked = self._strategy, self._round, self._checked
-        if self._received == 0:
-            return None, {}
-        if not strategy.accept_failures and failures:
-            logger.warning(
-                "round %s: %d failure(s) and accept_failures=False: not aggregating",
-                server_round,
-                len(failures),
-            )
+        if self._received == 0 or strategy.failures_refuse_round(server_round, failures):
             return None, {}
         checked.failures = [*failures, *checked.failures]
 
