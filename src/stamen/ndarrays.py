@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,9 +81,49 @@ def _header_prefix(tensor: bytes | memoryview) -> bytes:
     return head  # not a format we read: read_magic says what is wrong
 
 
+_SIMPLE_HEADER = re.compile(
+    r"\{'descr': '(?P<descr>[<>|=]?[a-zA-Z][a-zA-Z0-9]*)', "
+    r"'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>(?:\d+, )*\d*|\d+,)\), \} *\n"
+)
+"""The header NumPy writes for a plain dtype, read without ``ast`` (CPython 3.11.0-3.11.7
+and 3.12.0-3.12.1 can fail ``ast.parse`` when threads parse at once: gh-106905)."""
+
+_ast_lock = threading.Lock()
+"""Serializes NumPy's own (``ast``-based) header parser, used for any other header."""
+
+
+def _read_simple_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
+    """A version 1.0 header of a plain dtype, or None for anything else."""
+    if prefix[:8] != b"\x93NUMPY\x01\x00":
+        return None
+    try:
+        match = _SIMPLE_HEADER.fullmatch(prefix[10:].decode("latin-1"))
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
+        return None
+    if match is None:
+        return None
+    shape = tuple(int(n) for n in match["shape"].replace(",", " ").split())
+    dtype = np.dtype(match["descr"])
+    return shape, match["fortran"] == "True", dtype, len(prefix)
+
+
 def _read_header(tensor: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
     """Parse and check a ``.npy`` header: (shape, fortran_order, dtype, data offset)."""
-    stream = io.BytesIO(_header_prefix(tensor))
+    prefix = _header_prefix(tensor)
+    simple = _read_simple_header(prefix)
+    if simple is not None:
+        if simple[2].hasobject:
+            raise ValueError(f"dtype {simple[2]} holds Python objects (would need pickle)")
+        return simple
+    with _ast_lock:
+        return _read_header_with_numpy(prefix)
+
+
+def _read_header_with_numpy(
+    prefix: bytes,
+) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    stream = io.BytesIO(prefix)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)

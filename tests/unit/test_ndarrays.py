@@ -238,3 +238,30 @@ def test_a_bad_tensor_in_parameters_is_a_decode_error() -> None:
     )
     with pytest.raises(DecodeError):
         parameters_to_ndarrays(parameters)
+
+
+def test_plain_headers_are_read_without_ast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers of plain dtypes are parsed without ``ast`` (concurrent ``ast.parse`` can fail
+    on CPython 3.11.0-3.11.7, gh-106905); other headers still go through NumPy's parser."""
+    import ast
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ast used")
+
+    plain = [
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+        np.asfortranarray(np.ones((3, 4))),
+        np.array(np.float16(2.5)),
+        np.zeros((0,), dtype=np.int8),
+        np.arange(4, dtype=">i4"),
+    ]
+    blobs = [ndarray_to_bytes(a) for a in plain]
+    monkeypatch.setattr(ast, "literal_eval", refuse)
+    monkeypatch.setattr(ast, "parse", refuse)
+    for blob, array in zip(blobs, plain, strict=True):
+        got = bytes_to_ndarray(blob)
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+    monkeypatch.undo()
+    structured = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")])
+    assert bytes_to_ndarray(ndarray_to_bytes(structured)).dtype == structured.dtype
