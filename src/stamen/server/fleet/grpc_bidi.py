@@ -17,7 +17,6 @@ from ...errors import ConnectionLost, DecodeError
 from ...messages import ReconnectIns
 from ...protocol.fleet import FleetError
 from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME, FRAMES_METADATA
-from ...wire.frames import is_frame
 from .grpc_rere import metadata_dict
 from .handler import Fleet
 
@@ -59,25 +58,14 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     del message  # the last frame: not kept while the node works
                 else:
                     await context.write(task.payload.tobytes())
-                whole = None
-                while whole is None:
-                    data = await context.read()
-                    if data is grpc.aio.EOF:
-                        error = ConnectionLost(f"node {node.cid} closed its stream")
-                        return
-                    if not node.reader.in_progress and is_frame(data):
-                        # The first frame of a large reply: in turn with the other nodes'
-                        # (before its buffer is allocated).
-                        await fleet.take_slot(node, task.seq, None)
-                    try:
-                        whole = node.reader.feed(data)
-                    except DecodeError as exc:
-                        node.mailbox.fail(task.task_id, exc)
-                        error = exc
-                        logger.warning("node %s sent an invalid reply: %s", node.cid, exc)
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                fleet.pass_slot(node, task.task_id, whole)
                 try:
+                    whole = None
+                    while whole is None:
+                        data = await context.read()
+                        if data is grpc.aio.EOF:
+                            error = ConnectionLost(f"node {node.cid} closed its stream")
+                            return
+                        whole = await fleet.assemble(node, task.task_id, task.seq, data, None)
                     fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:
                     error = exc

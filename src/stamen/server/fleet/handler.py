@@ -246,26 +246,38 @@ class Fleet:
         if node.reading_task != task_id:
             node.reader.reset()
             node.reading_task = task_id
-        if not node.reader.in_progress and node.mailbox.in_flight(task_id) is None:
+        task = node.mailbox.in_flight(task_id)
+        if not node.reader.in_progress and task is None:
             if read_frame(data) is not None:
                 logger.info("node %s: frame of ended task %d ignored", node.cid, task_id)
                 return None
             return self.deliver(node, task_id, data)  # late: decoded, checked, discarded
+        seq = task.seq if task is not None else 0
+        whole = await self.assemble(node, task_id, seq, data, _PUSH_SLOT_WAIT)
+        return None if whole is None else self.deliver(node, task_id, whole)
+
+    async def assemble(
+        self, node: Node, task_id: int, seq: int, data: bytes, wait: float | None
+    ) -> bytes | memoryview | None:
+        """Take one received message of the reply to task ``task_id`` (instruction
+        ``seq``): the whole reply once it is complete, else None. The first frame of a
+        large reply waits for a receive slot (at most ``wait`` seconds) before its buffer
+        is allocated; the slot then goes with the whole reply (see :meth:`pass_slot`).
+
+        Raises:
+            DecodeError: malformed or out-of-order frames (the task fails with it).
+        """
         if not node.reader.in_progress and is_frame(data):
-            # The first frame of a large reply: in turn with the other nodes' (before its
-            # buffer is allocated).
-            task = node.mailbox.in_flight(task_id)
-            await self.take_slot(node, task.seq if task is not None else 0, _PUSH_SLOT_WAIT)
+            await self.take_slot(node, seq, wait)
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
             self.release_slot(node)
             node.mailbox.fail(task_id, exc)
             raise
-        if whole is None:
-            return None
-        self.pass_slot(node, task_id, whole)
-        return self.deliver(node, task_id, whole)
+        if whole is not None:
+            self.pass_slot(node, task_id, whole)
+        return whole
 
     def deliver(self, node: Node, task_id: int, data: bytes | memoryview) -> Reply:
         """Decode reply bytes for task ``task_id`` and resolve it.
