@@ -8,11 +8,14 @@ inside its fit, so each test is deterministic; every wait is bounded.
 
 from __future__ import annotations
 
+import gc
 import select
 import socket
 import statistics
 import struct
+import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -267,4 +270,42 @@ def test_a_reset_connection_is_not_diagnosed_as_a_tls_problem(
     finally:
         client.close()
         listener.close()
+    assert found is None, found
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext-node", "tls-node"])
+def test_a_reset_during_the_handshake_is_not_a_tls_problem_and_leaks_nothing(
+    secure: bool,
+) -> None:
+    """The peer reads the ClientHello, then resets. The probe drives TLS over its own
+    socket through memory BIOs, so no SSLSocket exists that could be left unclosed (a
+    ResourceWarning surfacing later, in whatever test the garbage collector interrupts)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+    accepted, _ = listener.accept()
+    try:
+        client.settimeout(WAIT)
+        hello: list[bytes] = []
+
+        def reset_after_hello() -> None:
+            accepted.settimeout(WAIT)
+            hello.append(accepted.recv(65536))
+            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            accepted.close()
+
+        peer = threading.Thread(target=reset_after_hello, daemon=True)
+        peer.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            if secure:
+                found = _tls._probe_secure(client, "127.0.0.1", "127.0.0.1:1", None, None)
+            else:
+                found = _tls._probe_plaintext(client, "127.0.0.1:1")
+            gc.collect()
+        peer.join(WAIT)
+        assert not peer.is_alive()
+    finally:
+        client.close()
+        listener.close()
+    assert hello and hello[0][:1] == b"\x16", hello  # a TLS handshake record was sent
     assert found is None, found

@@ -142,15 +142,65 @@ def diagnose_tls(
         return _probe_plaintext(sock, address)
 
 
-def _still_connected(sock: socket.socket) -> bool:
-    """False if the peer has already reset ``sock``: that says nothing about TLS, and
-    Python's ssl would skip the handshake on it without an error (or raise, and leak the
-    socket it made)."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
+class _PeerClosed(Exception):
+    """The peer closed or reset the TCP connection."""
+
+
+class _TLSOverSocket:
+    """A TLS client driven over a plain socket through memory BIOs.
+
+    ``ssl.SSLContext.wrap_socket`` takes the socket's descriptor over and, when the peer
+    resets the connection at the wrong moment, raises without closing the ``SSLSocket``
+    it made (a leaked descriptor and a ResourceWarning later, in whatever code the
+    garbage collector interrupts). Here the caller's socket stays the only owner of the
+    descriptor, and every read is bounded by the socket's timeout.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str | None) -> None:
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
+
+    def _flush(self) -> None:
+        pending = self._outgoing.read()
+        if pending:
+            self._sock.sendall(pending)
+
+    def _receive(self) -> None:
+        data = self._sock.recv(65536)
+        if not data:
+            raise _PeerClosed
+        self._incoming.write(data)
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._receive()
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    self._flush()  # our alert tells the server why we hang up
+                raise
+            else:
+                self._flush()  # our Finished message
+                return
+
+    def read_one(self) -> bytes:
+        """Read one byte of application data; b"" if the peer closes."""
+        while True:
+            try:
+                return self._tls.read(1)
+            except ssl.SSLWantReadError:
+                self._flush()
+                try:
+                    self._receive()
+                except _PeerClosed:
+                    return b""
+            except ssl.SSLZeroReturnError:
+                return b""
 
 
 def _probe_secure(
@@ -160,31 +210,28 @@ def _probe_secure(
     roots: bytes | None,
     client_certificate: tuple[bytes, bytes] | None,
 ) -> TLSError | None:
-    if not _still_connected(sock):
-        return None
     context = client_ssl_context(roots, client_certificate)
     context.set_alpn_protocols(["h2", "http/1.1"])
+    tls = _TLSOverSocket(sock, context, host)
     try:
-        with context.wrap_socket(sock, server_hostname=host) as tls:
-            if tls.version() is None:
-                return None  # reset before the handshake began: not a TLS problem
-            tls.settimeout(0.5)
-            try:
-                # TLS 1.3 servers refuse a client certificate after the handshake: with an
-                # alert, or by hanging up before sending anything.
-                hung_up = tls.recv(1) == b""
-            except TimeoutError:
-                hung_up = False
-            if hung_up:
-                if client_certificate is None:
-                    return TLSError(
-                        f"TLS with {address}: the server hung up after the handshake: it "
-                        "requires a client certificate (mutual TLS): pass client_certificates"
-                    )
+        tls.handshake()
+        sock.settimeout(0.5)
+        try:
+            # TLS 1.3 servers refuse a client certificate after the handshake: with an
+            # alert, or by hanging up before sending anything.
+            hung_up = tls.read_one() == b""
+        except TimeoutError:
+            hung_up = False
+        if hung_up:
+            if client_certificate is None:
                 return TLSError(
-                    f"TLS with {address}: the server hung up after the handshake: it does "
-                    "not accept our client certificate (is it signed by the server's CA?)"
+                    f"TLS with {address}: the server hung up after the handshake: it "
+                    "requires a client certificate (mutual TLS): pass client_certificates"
                 )
+            return TLSError(
+                f"TLS with {address}: the server hung up after the handshake: it does "
+                "not accept our client certificate (is it signed by the server's CA?)"
+            )
     except ssl.SSLCertVerificationError as exc:
         return TLSError(
             f"TLS with {address}: the server's certificate is not accepted: "
@@ -203,25 +250,20 @@ def _probe_secure(
                 "connect with insecure=True or give the server certificates"
             )
         return TLSError(f"TLS with {address} failed: {exc.reason or exc}")
-    except OSError:
-        return None
+    except (_PeerClosed, OSError):
+        return None  # closed or reset during the handshake: not a TLS problem
     return None
 
 
 def _probe_plaintext(sock: socket.socket, address: str) -> TLSError | None:
-    if not _still_connected(sock):
-        return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2", "http/1.1"])
     try:
-        with context.wrap_socket(sock) as tls:
-            # Only a handshake that happened proves the server speaks TLS: ssl skips it,
-            # without an error, on a socket the peer reset in the meantime.
-            if tls.version() is None:
-                return None
-    except (ssl.SSLError, OSError):
+        # Only a completed handshake proves the server speaks TLS.
+        _TLSOverSocket(sock, context, None).handshake()
+    except (_PeerClosed, ssl.SSLError, OSError):
         return None
     return TLSError(
         f"{address} speaks TLS but the node connects in plaintext: pass root_certificates "
