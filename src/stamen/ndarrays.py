@@ -7,6 +7,13 @@ when encoding and refused when decoding (which never unpickles).
 Decoding gives copies (:func:`parameters_to_ndarrays`, writable, as Flower's) or read-only
 views over the tensor bytes (:func:`parameters_to_views`, no copy: for code that only reads
 the arrays, such as aggregation).
+
+Messages received in frames land in a :class:`ReceivedBuffer`, which its receiver owns.
+The receiver alone may turn the read-only views of such a message into writable arrays
+over the same memory (:func:`writable_alias`: the node hands a NumPyClient the received
+model without copying it; the server's FedAvg turns the first reply into its running
+mean), and give an array still in its ``.npy`` place back as a tensor without copying
+it (:func:`ndarray_to_tensor`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import io
 import math
 import re
 import threading
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -26,12 +34,16 @@ from .typing import NDArray, NDArrays
 
 __all__ = [
     "TENSOR_TYPE",
+    "ReceivedBuffer",
     "bytes_to_ndarray",
     "bytes_to_ndarray_view",
     "ndarray_to_bytes",
+    "ndarray_to_tensor",
     "ndarrays_to_parameters",
     "parameters_to_ndarrays",
     "parameters_to_views",
+    "received_buffer_of",
+    "writable_alias",
 ]
 
 TENSOR_TYPE = "numpy.ndarray"
@@ -61,14 +73,104 @@ def ndarray_to_bytes(ndarray: NDArray) -> bytes:
         "fortran_order": fortran,
         "shape": ndarray.shape,
     }
+    # One copy: the header and the array's memory joined into the blob.
+    return b"".join([_npy_header(header), data.reshape(-1).view(np.uint8).data])
+
+
+def _npy_header(header: dict[str, Any]) -> bytes:
     head = io.BytesIO()
     try:
         np.lib.format.write_array_header_1_0(head, header)
     except ValueError:  # a header over 64 KiB (a huge structured dtype): format 2.0
         head = io.BytesIO()
         np.lib.format.write_array_header_2_0(head, header)
-    # One copy: the header and the array's memory joined into the blob.
-    return b"".join([head.getvalue(), data.reshape(-1).view(np.uint8).data])
+    return head.getvalue()
+
+
+class ReceivedBuffer(np.ndarray[Any, np.dtype[np.uint8]]):
+    """The bytes of one message received in frames, owned by its receiver.
+
+    Decoding gives read-only views into it (as for any message). Its receiver, which
+    knows nothing else holds the message, may write through :func:`writable_alias`.
+    Callbacks registered with :meth:`when_released` run when the buffer is freed, or
+    earlier, when its receiver keeps the memory (:meth:`kept`).
+    """
+
+    _finalizers: list[weakref.finalize]  # type: ignore[type-arg]
+
+    @classmethod
+    def allocate(cls, size: int) -> ReceivedBuffer:
+        """An uninitialized buffer of ``size`` bytes (NumPy's allocation: large buffers
+        get transparent huge pages where the kernel offers them)."""
+        return np.empty(size, dtype=np.uint8).view(cls)
+
+    def __array_finalize__(self, obj: object) -> None:
+        self._finalizers = []
+
+    def when_released(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, from any thread) when the buffer is freed or kept."""
+        self._finalizers.append(weakref.finalize(self, callback))
+
+    def kept(self) -> None:
+        """The receiver keeps this memory (as its own array): run the release callbacks
+        now, as they would have run had the buffer been freed."""
+        for finalizer in self._finalizers:
+            finalizer()
+
+
+def received_buffer_of(array: NDArray) -> ReceivedBuffer | None:
+    """The :class:`ReceivedBuffer` whose memory ``array`` views, or None."""
+    base: object = array
+    while isinstance(base, np.ndarray) and not isinstance(base, ReceivedBuffer):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, ReceivedBuffer) else None
+
+
+def writable_alias(view: NDArray) -> NDArray | None:
+    """A writable array over the memory of ``view`` if it lies in a
+    :class:`ReceivedBuffer`; None otherwise (copy it instead).
+
+    Only the owner of the received message may call this: every other view of the
+    message (its tensors included) sees what is written through the alias.
+    """
+    root = received_buffer_of(view)
+    if root is None or not root.flags.writeable:
+        return None
+    offset = view.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    contiguous = view.flags.c_contiguous or view.flags.f_contiguous
+    if not contiguous or offset < 0 or offset + view.nbytes > root.nbytes:
+        return None
+    # Over a memoryview of the buffer: NumPy keeps it as the .base (a view of the buffer
+    # itself would skip to the memory's owner), so received_buffer_of finds the buffer.
+    flat = np.frombuffer(root.data, dtype=view.dtype, count=view.size, offset=offset)
+    return flat.reshape(view.shape, order="F" if not view.flags.c_contiguous else "C")
+
+
+def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
+    """:func:`ndarray_to_bytes`, without the copy when ``ndarray`` still sits in its
+    ``.npy`` blob in a :class:`ReceivedBuffer` (the bytes before it are exactly the
+    header this array would get): the tensor is then a read-only view of that blob and
+    ``ndarray`` becomes read-only, so the tensor cannot change under its readers.
+    """
+    root = received_buffer_of(ndarray)
+    if root is None or not ndarray.flags.c_contiguous or ndarray.dtype.hasobject:
+        return ndarray_to_bytes(ndarray)
+    start = ndarray.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    header = _npy_header(
+        {
+            "descr": np.lib.format.dtype_to_descr(ndarray.dtype),
+            "fortran_order": False,
+            "shape": ndarray.shape,
+        }
+    )
+    begin, end = start - len(header), start + ndarray.nbytes
+    memory = root.data
+    if begin < 0 or end > len(memory) or memory[begin:start] != header:
+        return ndarray_to_bytes(ndarray)
+    ndarray.flags.writeable = False
+    return memory[begin:end].toreadonly()
 
 
 def _header_prefix(tensor: bytes | memoryview) -> bytes:
@@ -193,15 +295,27 @@ def ndarrays_to_parameters(ndarrays: Iterable[NDArray]) -> Parameters:
     return Parameters(tensors=[ndarray_to_bytes(a) for a in ndarrays], tensor_type=TENSOR_TYPE)
 
 
-def parameters_to_ndarrays(parameters: Parameters) -> NDArrays:
+def parameters_to_ndarrays(parameters: Parameters, *, owned: bool = False) -> NDArrays:
     """Convert :class:`Parameters` back to a list of new, writable arrays (copies).
+
+    ``owned=True``: the caller owns the message ``parameters`` was decoded from and
+    nothing else reads it afterwards (the node, handing a received instruction to its
+    NumPyClient). Tensors that lie in a :class:`ReceivedBuffer` then become writable
+    arrays over that memory instead of copies; writing to them changes the tensors.
 
     Raises:
         DecodeError: ``tensor_type`` is not ``"numpy.ndarray"`` (an empty one is accepted
             for empty parameters) or a tensor is not valid ``.npy`` bytes.
     """
     _check_tensor_type(parameters)
-    return [bytes_to_ndarray(t) for t in parameters.tensors]
+    if not owned:
+        return [bytes_to_ndarray(t) for t in parameters.tensors]
+    arrays: NDArrays = []
+    for tensor in parameters.tensors:
+        view = bytes_to_ndarray_view(tensor)
+        alias = writable_alias(view)
+        arrays.append(view.copy(order="K") if alias is None else alias)
+    return arrays
 
 
 def _check_tensor_type(parameters: Parameters) -> None:

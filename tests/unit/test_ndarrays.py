@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
 from typing import Any
@@ -10,14 +11,19 @@ import numpy as np
 import pytest
 
 from stamen.errors import ConfigError, DecodeError
-from stamen.messages import Parameters
+from stamen.messages import FitIns, Parameters
 from stamen.ndarrays import (
     TENSOR_TYPE,
+    ReceivedBuffer,
     bytes_to_ndarray,
     ndarray_to_bytes,
+    ndarray_to_tensor,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
+    received_buffer_of,
+    writable_alias,
 )
+from stamen.wire import decode_instruction, encode_instruction
 
 _STRUCTURED = np.dtype([("a", "<i4"), ("b", "<f8", (2,)), ("c", "S3")])
 
@@ -265,3 +271,95 @@ def test_plain_headers_are_read_without_ast(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()
     structured = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i2")])
     assert bytes_to_ndarray(ndarray_to_bytes(structured)).dtype == structured.dtype
+
+
+# --- received buffers: the receiver's own memory -------------------------------------------
+
+
+def _received(arrays: list[np.ndarray]) -> tuple[ReceivedBuffer, Parameters]:
+    """``arrays`` encoded into one message, as a FrameReader would deliver it, decoded."""
+    parameters = ndarrays_to_parameters(arrays)
+    message = encode_instruction(FitIns(parameters, {}))
+    buffer = ReceivedBuffer.allocate(len(message))
+    buffer[:] = np.frombuffer(message, dtype=np.uint8)
+    instruction = decode_instruction(buffer.data.toreadonly())
+    assert isinstance(instruction, FitIns)
+    return buffer, instruction.parameters
+
+
+def test_owned_decoding_gives_writable_arrays_over_the_received_bytes() -> None:
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.eye(3))]
+    buffer, parameters = _received(arrays)
+    owned = parameters_to_ndarrays(parameters, owned=True)
+    for got, want in zip(owned, arrays, strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.writeable
+        assert received_buffer_of(got) is buffer
+    owned[0] += 1  # training in place changes the received tensor, nothing else
+    np.testing.assert_array_equal(parameters_to_ndarrays(parameters)[0], arrays[0] + 1)
+
+
+def test_decoding_copies_unless_the_caller_owns_a_received_buffer() -> None:
+    arrays = [np.arange(6, dtype=np.float32)]
+    _, parameters = _received(arrays)
+    for copy in (parameters_to_ndarrays(parameters)[0], bytes_to_ndarray(parameters.tensors[0])):
+        assert copy.flags.writeable and received_buffer_of(copy) is None
+    over_bytes = ndarrays_to_parameters(arrays)  # bytes tensors: nothing to alias
+    [array] = parameters_to_ndarrays(over_bytes, owned=True)
+    assert array.flags.writeable and received_buffer_of(array) is None
+    assert writable_alias(np.frombuffer(over_bytes.tensors[0], dtype=np.uint8)) is None
+
+
+def test_an_array_still_in_its_npy_place_becomes_a_tensor_without_a_copy() -> None:
+    arrays = [np.linspace(0, 1, 9, dtype=np.float32).reshape(3, 3)]
+    buffer, parameters = _received(arrays)
+    [array] = parameters_to_ndarrays(parameters, owned=True)
+    array *= 2
+    tensor = ndarray_to_tensor(array)
+    assert isinstance(tensor, memoryview) and tensor.readonly and tensor.obj is buffer
+    assert bytes(tensor) == ndarray_to_bytes(arrays[0] * 2)
+    assert not array.flags.writeable  # the tensor cannot change under its readers
+    with pytest.raises(ValueError, match="read-only"):
+        array += 1
+
+
+@pytest.mark.parametrize(
+    "moved",
+    [
+        lambda a: a[1:],  # a part of it: the bytes before are not its header
+        lambda a: a.reshape(9),  # another shape than its header's
+        lambda a: a.view(np.int32),  # another dtype
+        lambda a: a.T,  # not C-contiguous
+    ],
+    ids=["slice", "reshaped", "dtype", "transposed"],
+)
+def test_an_array_out_of_its_npy_place_is_encoded_as_a_copy(moved: Any) -> None:
+    _, parameters = _received([np.arange(9, dtype=np.float32).reshape(3, 3)])
+    [array] = parameters_to_ndarrays(parameters, owned=True)
+    other = moved(array)
+    tensor = ndarray_to_tensor(other)
+    assert isinstance(tensor, bytes)
+    assert tensor == ndarray_to_bytes(other)
+    assert array.flags.writeable
+
+
+def test_plain_arrays_are_encoded_as_bytes() -> None:
+    array = np.arange(4, dtype=np.float64)
+    assert ndarray_to_tensor(array) == ndarray_to_bytes(array)
+    assert array.flags.writeable
+
+
+def test_release_callbacks_run_once_when_freed_or_kept() -> None:
+    calls: list[str] = []
+    freed = ReceivedBuffer.allocate(8)
+    freed.when_released(lambda: calls.append("freed"))
+    del freed
+    gc.collect()
+    assert calls == ["freed"]
+    kept = ReceivedBuffer.allocate(8)
+    kept.when_released(lambda: calls.append("kept"))
+    kept.kept()
+    kept.kept()
+    del kept
+    gc.collect()
+    assert calls == ["freed", "kept"]

@@ -228,7 +228,8 @@ def run_node(
                     logger.info("server asked to reconnect in %s s", seconds)
                     clock.sleep(seconds)
                     break
-                reply = handle(config.client_fn, context, instruction)
+                # The instruction is ours alone: its NumPy arrays need not be copied.
+                reply = handle(config.client_fn, context, instruction, owned=True)
                 try:
                     transport.send(reply)
                 except MessageTooLarge as exc:

@@ -33,7 +33,7 @@ from ..messages import (
     Status,
 )
 from .client import Client
-from .numpy_client import NumPyClient
+from .numpy_client import NumPyClient, NumPyClientAdapter
 
 __all__ = ["ClientFn", "error_reply", "handle", "normalize_client_fn"]
 
@@ -134,11 +134,17 @@ _EXPECTED: dict[type, tuple[str, type]] = {
 }
 
 
-def handle(client_fn: ClientFn, context: Context, instruction: Instruction) -> Reply:
+def handle(
+    client_fn: ClientFn, context: Context, instruction: Instruction, *, owned: bool = False
+) -> Reply:
     """Build a client with ``client_fn(context)`` and run ``instruction`` on it.
 
     ``client_fn`` is called once per instruction, as in Flower; ``context.state`` is what
     persists. Never raises for errors of user code: they become a ``CLIENT_ERROR`` reply.
+
+    ``owned=True``: the caller received ``instruction`` from the network and reads none
+    of its parameters afterwards. A NumPyClient then trains on arrays over the received
+    bytes instead of copies of them (the node holds the model once, not twice).
     """
     if isinstance(instruction, ReconnectIns):
         raise ConfigError("dispatch: ReconnectIns is handled by the node session, not a client")
@@ -147,7 +153,16 @@ def handle(client_fn: ClientFn, context: Context, instruction: Instruction) -> R
         client = _as_client(client_fn(context))
         client.set_context(context)
         stage, expected = _EXPECTED[type(instruction)]
-        reply = _call(client, instruction)
+        if owned and type(client) is NumPyClientAdapter:
+            # Only our adapter itself: a Client of the user's (a subclass included) may
+            # read ins.parameters after the fit.
+            client.owns_instructions = True
+            try:
+                reply = _call(client, instruction)
+            finally:
+                client.owns_instructions = False
+        else:
+            reply = _call(client, instruction)
         if not isinstance(reply, expected):
             raise TypeError(
                 f"{stage}: expected the client to return {expected.__name__}, "

@@ -16,6 +16,7 @@ from ..messages import (
     GetParametersRes,
     GetPropertiesIns,
     GetPropertiesRes,
+    Parameters,
     Status,
 )
 from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
@@ -120,6 +121,12 @@ class NumPyClientAdapter(Client):
 
     def __init__(self, numpy_client: NumPyClient) -> None:
         self.numpy_client = numpy_client
+        self.owns_instructions = False
+        """Set by the node for an instruction it received and hands over whole: the
+        NumPyClient then gets arrays over the received bytes, not copies of them."""
+
+    def _arrays(self, parameters: Parameters) -> NDArrays:
+        return parameters_to_ndarrays(parameters, owned=self.owns_instructions)
 
     def set_context(self, context: Context) -> None:
         """Set the context here and on the wrapped NumPyClient."""
@@ -144,7 +151,7 @@ class NumPyClientAdapter(Client):
         """Call ``NumPyClient.fit`` and check what it returns."""
         if not _overrides(self.numpy_client, "fit"):
             return super().fit(ins)
-        result = self.numpy_client.fit(parameters_to_ndarrays(ins.parameters), ins.config)
+        result = self.numpy_client.fit(self._arrays(ins.parameters), ins.config)
         if not (
             isinstance(result, tuple | list)
             and len(result) == 3
@@ -169,7 +176,7 @@ class NumPyClientAdapter(Client):
         """Call ``NumPyClient.evaluate`` and check what it returns."""
         if not _overrides(self.numpy_client, "evaluate"):
             return super().evaluate(ins)
-        result = self.numpy_client.evaluate(parameters_to_ndarrays(ins.parameters), ins.config)
+        result = self.numpy_client.evaluate(self._arrays(ins.parameters), ins.config)
         if not (
             isinstance(result, tuple | list)
             and len(result) == 3

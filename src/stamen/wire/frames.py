@@ -21,9 +21,8 @@ import bisect
 import os
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
 from ..errors import DecodeError
+from ..ndarrays import ReceivedBuffer
 from . import _fast
 
 __all__ = [
@@ -189,7 +188,7 @@ class FrameReader:
     """
 
     def __init__(self) -> None:
-        self._buffer: np.ndarray | None = None
+        self._buffer: ReceivedBuffer | None = None
         self._view: memoryview | None = None
         self._total = 0
         self.received = 0
@@ -236,8 +235,7 @@ class FrameReader:
                     f"a message of {total} bytes announced: more than this machine's "
                     f"{_memory_bytes()} bytes of memory"
                 )
-            # NumPy's allocation: large buffers get transparent huge pages where available.
-            self._buffer = np.empty(total, dtype=np.uint8)
+            self._buffer = ReceivedBuffer.allocate(total)
             self._view = self._buffer.data
             self._total = total
         if total != self._total:

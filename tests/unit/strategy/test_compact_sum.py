@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from stamen.errors import RunError
+from stamen.messages import Code, FitRes, Status
+from stamen.ndarrays import (
+    ReceivedBuffer,
+    ndarrays_to_parameters,
+    parameters_to_views,
+    received_buffer_of,
+)
 from stamen.server.strategy.aggregate import WeightedSum
+from stamen.wire import decode_reply, encode_reply
 
 
 def test_one_model_comes_back_exactly() -> None:
@@ -54,3 +62,52 @@ def test_consumed_sum_cannot_be_read_again() -> None:
     acc.mean(consume=True)
     with pytest.raises(RunError, match="at least one result"):
         acc.mean()
+
+
+def _received_views(arrays: list[np.ndarray]) -> tuple[ReceivedBuffer, list[np.ndarray]]:
+    """Read-only views of ``arrays`` decoded from a message in a ReceivedBuffer."""
+    message = encode_reply(FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, {}))
+    buffer = ReceivedBuffer.allocate(len(message))
+    buffer[:] = np.frombuffer(message, dtype=np.uint8)
+    reply = decode_reply(buffer.data.toreadonly())
+    assert isinstance(reply, FitRes)
+    return buffer, parameters_to_views(reply.parameters)
+
+
+def test_an_owned_first_result_becomes_the_running_mean_where_it_lies() -> None:
+    """owned=True: the first model's float32 layers are kept in its received buffer (no
+    copy; its release callbacks run at once), other layers are summed apart, and the mean
+    is bit for bit the one computed from copies."""
+    rng = np.random.default_rng(3)
+    models = [
+        [rng.standard_normal(10_000).astype(np.float32), rng.standard_normal(4)] for _ in range(4)
+    ]
+    weights = [3, 1, 7, 2]
+    reference = WeightedSum(compact=True)
+    for model, weight in zip(models, weights, strict=True):
+        reference.add(model, weight)
+    released: list[int] = []
+    buffer, first = _received_views(models[0])
+    buffer.when_released(lambda: released.append(1))
+    acc = WeightedSum(compact=True)
+    acc.add(first, weights[0], owned=True)
+    assert released == [1]  # kept: its receive slot is given back now
+    for model, weight in zip(models[1:], weights[1:], strict=True):
+        acc.add(model, weight, owned=True)
+    mean = acc.mean(consume=True)
+    assert received_buffer_of(mean[0]) is buffer
+    assert received_buffer_of(mean[1]) is None  # float64: a float64 sum, then divided
+    for got, want in zip(mean, reference.mean(consume=True), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_results_not_owned_are_left_untouched() -> None:
+    model = [np.arange(8, dtype=np.float32)]
+    _, first = _received_views(model)
+    acc = WeightedSum(compact=True)
+    acc.add(first, 1)
+    acc.add([np.full(8, 100, dtype=np.float32)], 1)
+    [mean] = acc.mean(consume=True)
+    assert received_buffer_of(mean) is None
+    np.testing.assert_array_equal(first[0], model[0])
+    np.testing.assert_array_equal(mean, (model[0] + 100) / 2)

@@ -13,12 +13,12 @@ import contextlib
 import logging
 import secrets
 import uuid
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ...errors import AuthError, ConnectionLost, DecodeError
 from ...messages import DisconnectRes, Reply
+from ...ndarrays import ReceivedBuffer
 from ...protocol.fleet import (
     PROTOCOL_VERSION,
     CreateNodeResponse,
@@ -113,6 +113,11 @@ class Fleet:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the Fleet runs on."""
+        return self._loop
 
     # --- nodes -------------------------------------------------------------------------
 
@@ -221,17 +226,23 @@ class Fleet:
         otherwise the slot is given back now."""
         task = node.mailbox.in_flight(task_id)
         buffer = whole.obj if isinstance(whole, memoryview) else None
-        if not node.slot or task is None or not task.streamed or buffer is None:
+        if (
+            not node.slot
+            or task is None
+            or not task.streamed
+            or not isinstance(buffer, ReceivedBuffer)
+        ):
             self.release_slot(node)
             return
         node.slot = False
         loop, slots = self._loop, self.slots
 
-        def give_back() -> None:  # runs in whichever thread frees the buffer
+        def give_back() -> None:  # runs in whichever thread frees (or keeps) the buffer
             with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
                 loop.call_soon_threadsafe(slots.release)
 
-        weakref.finalize(buffer, give_back)
+        # Freed once folded; or kept by the aggregation as its running mean.
+        buffer.when_released(give_back)
 
     async def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
         """Take one message of the reply to task ``task_id``: a whole reply or a frame of

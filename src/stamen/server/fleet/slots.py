@@ -33,6 +33,13 @@ class ReceiveSlots:
         self._unfinished: set[int] = set()
         self._order: list[int] = []
         self._changed = asyncio.Event()
+        self.late = 0
+        """Replies let in because they had waited ``patience`` seconds."""
+
+    @property
+    def free(self) -> int:
+        """Slots not in use (below 0 while late replies hold more than ``size``)."""
+        return self._free
 
     def begin(self, seq: int) -> None:
         """Instruction ``seq`` was sent and has not ended yet."""
@@ -60,8 +67,12 @@ class ReceiveSlots:
         while True:
             first = self._first()
             late = loop.time() >= deadline
-            if late or (self._free > 0 and (first is None or first >= seq)):
-                self._free -= 1  # may go below 0 when late: released slots even it out
+            if self._free > 0 and (first is None or first >= seq):
+                self._free -= 1
+                return
+            if late:
+                self.late += 1
+                self._free -= 1  # may go below 0: released slots even it out
                 return
             changed = self._changed
             remaining = deadline - loop.time()

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ...errors import ConfigError, RunError
+from ...ndarrays import received_buffer_of, writable_alias
 from ...typing import NDArray, NDArrays
 
 __all__ = [
@@ -269,23 +270,36 @@ class WeightedSum:
         self.total_weight: float = 0
         self.count = 0
 
-    def add(self, arrays: NDArrays, weight: float = 1) -> None:
+    def add(self, arrays: NDArrays, weight: float = 1, *, owned: bool = False) -> None:
         """Add ``weight * arrays``.
+
+        ``owned=True``: the memory of ``arrays`` is the caller's to give away (a received
+        result that nobody reads afterwards). A compact sum then keeps the first model's
+        float32/float16 layers that lie in a :class:`~stamen.ndarrays.ReceivedBuffer` as
+        its running mean where they are, instead of copying them.
 
         Raises:
             RunError: ``arrays`` does not have the layers of the first model added.
         """
         first = self._acc is None
+        adopted: list[bool] = [False] * len(arrays)
         if self._acc is None:
-            self._acc = [
-                np.empty(
-                    a.shape,
-                    dtype=a.dtype if self._compact and _compact(a.dtype) else _work_dtype(a.dtype),
-                    order=_order(a),
-                )
-                for a in arrays
-            ]
+            self._acc = []
+            for index, a in enumerate(arrays):
+                compact = self._compact and _compact(a.dtype)
+                alias = writable_alias(a) if compact and owned else None
+                if alias is not None:
+                    self._acc.append(alias)
+                    adopted[index] = True
+                    continue
+                dtype = a.dtype if compact else _work_dtype(a.dtype)
+                self._acc.append(np.empty(a.shape, dtype=dtype, order=_order(a)))
             self._dtypes = [a.dtype for a in arrays]
+            if any(adopted):  # the buffers' receive slots are not held until round end
+                for array in arrays:
+                    root = received_buffer_of(array)
+                    if root is not None:
+                        root.kept()
         elif len(arrays) != len(self._acc) or any(
             a.shape != s.shape for a, s in zip(arrays, self._acc, strict=True)
         ):
@@ -294,7 +308,11 @@ class WeightedSum:
                 f"expected {[s.shape for s in self._acc]}"
             )
         total = self.total_weight + weight
-        for layer, array, dtype in zip(self._acc, arrays, self._dtypes, strict=True):
+        for layer, array, dtype, in_place in zip(
+            self._acc, arrays, self._dtypes, adopted, strict=True
+        ):
+            if in_place:
+                continue  # the running mean of one model is that model, where it lies
             order = _order(layer)
             if layer.dtype == dtype and _compact(dtype):  # a running mean
                 if total <= 0:

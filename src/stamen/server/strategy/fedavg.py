@@ -10,7 +10,7 @@ from ...errors import ConfigError, RunError
 from ...messages import EvaluateIns, FitIns, FitRes, Parameters
 from ...ndarrays import (
     TENSOR_TYPE,
-    ndarray_to_bytes,
+    ndarray_to_tensor,
     parameters_to_ndarrays,
 )
 from ...typing import Config, Metrics, MetricsAggregationFn, NDArrays, Scalar
@@ -268,11 +268,13 @@ class FedAvg(Strategy):
             return None, {}
         # Encode layer by layer, letting go of each array once encoded (unless the
         # strategy keeps it), so the model is not held twice over at the end of a round.
+        # A running mean kept where its first result was received is already in its .npy
+        # place: it becomes the tensor without a copy (and read-only).
         pending = list(updated)
         del aggregated, updated
         tensors: list[bytes | memoryview] = []
         while pending:
-            tensors.append(ndarray_to_bytes(pending.pop(0)))
+            tensors.append(ndarray_to_tensor(pending.pop(0)))
         parameters = Parameters(tensors=tensors, tensor_type=TENSOR_TYPE)
         return parameters, self.aggregate_fit_metrics(checked.accepted)
 
@@ -427,7 +429,8 @@ class _FedAvgAccumulator:
                 return
             arrays = self._checked.check(client, res)
             if arrays is not None:
-                self._sum.add(arrays, res.num_examples)
+                # The server hands ``res`` over (FitAccumulator.add): its memory may be kept.
+                self._sum.add(arrays, res.num_examples, owned=True)
 
     def finish(self, failures: FitFailures) -> tuple[Parameters | None, dict[str, Scalar]]:
         """The round's aggregate, as :meth:`FedAvg.aggregate_fit` would give it.

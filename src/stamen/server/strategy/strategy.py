@@ -32,7 +32,9 @@ class FitAccumulator(Protocol):
         """Validate and fold one OK fit result (status already checked OK by the server).
 
         A refused result (bad shape/dtype/NaN/num_examples) is recorded as a failure
-        inside the accumulator, never raised.
+        inside the accumulator, never raised. ``res`` is handed over: the server does not
+        read its tensors afterwards, so the accumulator may keep their memory (FedAvg's
+        keeps the first result's float32 layers as its running mean).
         """
 
     def finish(
