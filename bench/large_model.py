@@ -67,6 +67,7 @@ def serve(args: argparse.Namespace) -> None:
     strategy = Checked(
         initial_parameters=start,
         min_fit_clients=1,
+        min_evaluate_clients=1,
         min_available_clients=1,
         fraction_evaluate=0.0,
     )

@@ -10,8 +10,17 @@ for big models, first-touch page faults, not copies, were most of a round.
 :func:`tune_allocator` makes large allocations come from the heap and keeps freed memory
 mapped for reuse (one arena, so buffers freed by one thread serve the next allocation of
 another). The cost: a process keeps its peak memory until it exits, as caching
-allocators (PyTorch's, jemalloc's) do. ``start_client``, ``start_server`` and
-``start_simulation`` call it; set ``STAMEN_MALLOC_TUNING=0`` to leave malloc alone.
+allocators (PyTorch's, jemalloc's) do.
+
+The settings apply when this module is imported, that is when ``stamen.client``,
+``stamen.server`` or ``stamen.simulation`` is: glibc fixes the arena a thread allocates
+from at its first allocation, and a thread with an arena of its own gets every allocation
+over 64 MiB as a fresh ``mmap`` whatever the settings. Nodes started as threads (many
+``start_client`` calls in one process) must therefore find the settings in place when
+they start: applied from inside each node's thread, the first benchmark with 100 MB
+models spent half of the nodes' CPU time zeroing fresh pages. ``start_client``,
+``start_server`` and ``start_simulation`` apply them too (once per process). Set
+``STAMEN_MALLOC_TUNING=0`` before importing Stamen to leave malloc alone.
 """
 
 from __future__ import annotations
@@ -71,3 +80,7 @@ def tune_allocator() -> bool:
         _tuned = applied
         logger.debug("malloc tuning %s", "applied" if applied else "refused by libc")
         return applied
+
+
+# At import, before the threads that will run nodes exist (see the module docstring).
+tune_allocator()
