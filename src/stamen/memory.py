@@ -12,14 +12,15 @@ mapped for reuse (one arena, so buffers freed by one thread serve the next alloc
 another). The cost: a process keeps its peak memory until it exits, as caching
 allocators (PyTorch's, jemalloc's) do.
 
-The settings apply when this module is imported, that is when ``stamen.client``,
-``stamen.server`` or ``stamen.simulation`` is: glibc fixes the arena a thread allocates
-from at its first allocation, and a thread with an arena of its own gets every allocation
-over 64 MiB as a fresh ``mmap`` whatever the settings. Nodes started as threads (many
-``start_client`` calls in one process) must therefore find the settings in place when
-they start: applied from inside each node's thread, the first benchmark with 100 MB
-models spent half of the nodes' CPU time zeroing fresh pages. ``start_client``,
-``start_server`` and ``start_simulation`` apply them too (once per process). Set
+glibc binds a thread to an arena at its first allocation, and a thread with an arena of
+its own gets every allocation over 64 MiB as a fresh ``mmap`` whatever the settings. So
+the arena limit (:func:`limit_arenas`) is set when this module is imported, that is when
+``stamen.client``, ``stamen.server`` or ``stamen.simulation`` is, normally before the
+threads that will run nodes exist; set from inside each node's thread, the first
+benchmark with 100 MB models spent half of the nodes' CPU time zeroing fresh pages. The
+thresholds are set by ``start_client``, ``start_server`` and ``start_simulation``
+(:func:`tune_allocator`), so what a program allocates before it starts Stamen (an
+initial model, a dataset) is mapped and returned to the system as usual. Set
 ``STAMEN_MALLOC_TUNING=0`` before importing Stamen to leave malloc alone.
 """
 
@@ -31,8 +32,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import cast
 
-__all__ = ["tune_allocator"]
+__all__ = ["limit_arenas", "tune_allocator"]
 
 logger = logging.getLogger("stamen")
 
@@ -48,6 +51,35 @@ _TRIM_THRESHOLD = (1 << 31) - 1
 
 _lock = threading.Lock()
 _tuned: bool | None = None
+_arenas_limited: bool | None = None
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None (tuning off, not Linux, or a libc without it)."""
+    if os.environ.get("STAMEN_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return cast("Callable[[int, int], int]", mallopt)
+
+
+def limit_arenas() -> bool:
+    """One malloc arena for the whole process, from now on; True if in effect.
+
+    Run at import: a thread that has already allocated keeps the arena it has.
+    """
+    global _arenas_limited
+    with _lock:
+        if _arenas_limited is None:
+            mallopt = _mallopt()
+            _arenas_limited = mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
+        return _arenas_limited
 
 
 def tune_allocator() -> bool:
@@ -56,31 +88,20 @@ def tune_allocator() -> bool:
     Does nothing (False) off glibc, or when ``STAMEN_MALLOC_TUNING=0``.
     """
     global _tuned
+    arenas = limit_arenas()
     with _lock:
         if _tuned is not None:
             return _tuned
-        _tuned = False
-        if os.environ.get("STAMEN_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith(
-            "linux"
-        ):
-            return False
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # musl and others have no mallopt
-            return False
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-        applied: bool = bool(
-            mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+        mallopt = _mallopt()
+        _tuned = bool(
+            arenas
+            and mallopt is not None
+            and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
             and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
-            and mallopt(_M_ARENA_MAX, 1) == 1
         )
-        _tuned = applied
-        logger.debug("malloc tuning %s", "applied" if applied else "refused by libc")
-        return applied
+        logger.debug("malloc tuning %s", "applied" if _tuned else "not applied")
+        return _tuned
 
 
 # At import, before the threads that will run nodes exist (see the module docstring).
-tune_allocator()
+limit_arenas()

@@ -50,6 +50,16 @@ class InPlaceClient(fl.client.NumPyClient):
         return parameters, self.k, {}
 
 
+def _server(rounds: int, clients: int) -> Any:
+    """A server (grpc and rest) whose messages are bounded to LIMIT: the model is framed."""
+    return running_server(
+        config=ServerConfig(num_rounds=rounds),
+        strategy=_strategy(clients),
+        grpc_max_message_length=LIMIT,
+        rest=True,
+    )
+
+
 def _strategy(n: int) -> fl.server.strategy.FedAvg:
     initial = [np.zeros(SIZE, dtype=np.float32), np.zeros((3, 2), dtype=np.float32)]
     return fl.server.strategy.FedAvg(
@@ -81,12 +91,7 @@ def test_nodes_train_in_the_received_buffer_and_the_server_keeps_the_first_reply
 ) -> None:
     seen: list[dict[str, bool]] = []
     with (
-        running_server(
-            config=ServerConfig(num_rounds=2),
-            strategy=_strategy(3),
-            grpc_max_message_length=LIMIT,
-            rest=True,
-        ) as srv,
+        _server(rounds=2, clients=3) as srv,
         node_threads() as nodes,
     ):
         for k in (1, 2, 3):
@@ -139,12 +144,7 @@ def test_a_users_client_around_a_numpy_client_keeps_its_instruction_intact(
     seen: list[dict[str, bool]] = []
     before_after: list[tuple[NDArrays, NDArrays]] = []
     with (
-        running_server(
-            config=ServerConfig(num_rounds=1),
-            strategy=_strategy(1),
-            grpc_max_message_length=LIMIT,
-            rest=True,
-        ) as srv,
+        _server(rounds=1, clients=1) as srv,
         node_threads() as nodes,
     ):
         client = WrappingClient(InPlaceClient(5, seen).to_client(), before_after)

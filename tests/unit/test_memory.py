@@ -11,13 +11,15 @@ import textwrap
 import pytest
 
 # In a fresh interpreter: import Stamen's client package, then run 3 node-like threads
-# that each allocate, fill and free an 80 MB buffer (over glibc's 64 MiB per-thread heap)
-# three times; report the page faults of the rounds after the first.
+# that each allocate a little, apply the settings (as start_client in a thread does), and
+# allocate, fill and free 80 MB buffers (over glibc's 64 MiB per-thread heap) four times;
+# report the page faults of the rounds after the first.
 _PROBE = textwrap.dedent(
     """
     import json, resource, threading
     import numpy as np
-    import stamen.client  # noqa: F401  (applies the settings at import)
+    import stamen.client  # limits malloc to one arena at import
+    from stamen.memory import tune_allocator
 
     SIZE = 80 * 2**20
     marks = []  # page faults so far, each time every thread has finished a round
@@ -27,6 +29,7 @@ _PROBE = textwrap.dedent(
 
     def node():
         scratch = [bytearray(1000) for _ in range(100)]  # the thread's own first allocations
+        tune_allocator()  # as start_client does, in the node's thread
         barrier.wait()
         for _ in range(4):
             buffer = np.empty(SIZE, dtype=np.uint8)
@@ -57,7 +60,7 @@ def _later_round_faults(tuning: str) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_node_threads_reuse_freed_buffers_when_stamen_is_imported_first() -> None:
+def test_node_threads_reuse_freed_buffers() -> None:
     """The 160 MB a thread touches per round (a NumPy buffer and a bytes) are faulted in
     mostly once, in the first round; without the settings every round maps and zeroes them
     afresh (``pages``: the 4 KiB pages of rounds 2-4; NumPy's buffers fault in 2 MiB
