@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stamen.errors import ConfigError
-from stamen.server.strategy import FedAdagrad, FedAdam, FedOpt, FedYogi
+from stamen.server.strategy import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
 
 Moment = Callable[[float, float], float]
 
@@ -117,3 +117,33 @@ def test_initial_parameters_are_required(kit: Any) -> None:
         FedYogi(initial_parameters=kit.params([v(0.0)]), tau=0.0)
     with pytest.raises(ConfigError, match="beta_1"):
         FedAdam(initial_parameters=kit.params([v(0.0)]), beta_1=1.5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: FedAdagrad(initial_parameters=p, eta=0.1, tau=1e-9),
+        lambda p: FedAdam(initial_parameters=p, eta=0.1, tau=1e-9),
+        lambda p: FedYogi(initial_parameters=p, eta=0.1, tau=1e-9),
+        lambda p: FedAvgM(initial_parameters=p, server_learning_rate=0.5, server_momentum=0.9),
+    ],
+    ids=["FedAdagrad", "FedAdam", "FedYogi", "FedAvgM"],
+)
+def test_a_0d_layer_stays_an_array_through_the_server_step(kit: Any, make: Any) -> None:
+    """A scalar layer (a 0-d array, e.g. a step counter) goes through the server's step
+    and its state as a 0-d array of its dtype, round after round, and the state saves."""
+    model = [np.array(0.0, dtype=np.float32), np.zeros(2, dtype=np.float32)]
+    strategy = make(kit.params(model))
+    for server_round in (1, 2):
+        results = kit.results([([np.array(1.0, np.float32), np.ones(2, np.float32)], 1)])
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+        out = kit.arrays(parameters)
+        assert out[0].shape == () and out[0].dtype == np.float32, out[0]
+        assert out[1].shape == (2,)
+        assert np.isfinite(out[0]) and float(out[0]) == float(out[1][0])
+        strategy.configure_fit(server_round + 1, parameters, kit.manager(2))
+    state = strategy.state_dict()
+    assert all(isinstance(a, np.ndarray) for a in state.arrays["current_weights"])
+    restored = make(kit.params(model))
+    restored.load_state_dict(state)
+    assert restored.state_dict().arrays.keys() == state.arrays.keys()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 
 from ...errors import ConfigError, DecodeError, RunError
@@ -11,7 +14,20 @@ from ...typing import NDArrays
 from .aggregate import cast_like
 from .state import StrategyState
 
-__all__ = ["as_work", "cast_all", "check_same_layout", "decode_model", "load_arrays"]
+__all__ = [
+    "arrays_of",
+    "as_work",
+    "cast_all",
+    "check_same_layout",
+    "decode_model",
+    "load_arrays",
+]
+
+
+def arrays_of(values: Iterable[Any]) -> NDArrays:
+    """``values`` as arrays: NumPy arithmetic on 0-d arrays gives scalars, which have no
+    ``.npy`` encoding and no place in a model's layers."""
+    return [np.asarray(value) for value in values]
 
 
 def as_work(ndarrays: NDArrays) -> NDArrays:
@@ -21,7 +37,7 @@ def as_work(ndarrays: NDArrays) -> NDArrays:
 
 def cast_all(ndarrays: NDArrays, like: NDArrays) -> NDArrays:
     """``ndarrays`` cast to the dtypes of ``like``, layer by layer."""
-    return [cast_like(a, b.dtype) for a, b in zip(ndarrays, like, strict=True)]
+    return arrays_of(cast_like(np.asarray(a), b.dtype) for a, b in zip(ndarrays, like, strict=True))
 
 
 def check_same_layout(what: str, got: NDArrays, expected: NDArrays) -> None:

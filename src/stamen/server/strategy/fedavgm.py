@@ -7,7 +7,7 @@ from collections.abc import Callable
 from ...errors import RunError
 from ...messages import Parameters
 from ...typing import Config, MetricsAggregationFn, NDArrays
-from ._arrays import as_work, cast_all, check_same_layout, decode_model, load_arrays
+from ._arrays import arrays_of, as_work, cast_all, check_same_layout, decode_model, load_arrays
 from ._checks import check_number
 from .fedavg import EvaluateFn, FedAvg
 from .state import StrategyState
@@ -103,19 +103,19 @@ class FedAvgM(FedAvg):
                 "give initial_parameters, or call configure_fit before aggregate_fit"
             )
         check_same_layout("FedAvgM", aggregated, current)
-        gradient = [w - a for w, a in zip(current, as_work(aggregated), strict=True)]
+        gradient = arrays_of(w - a for w, a in zip(current, as_work(aggregated), strict=True))
         if self.server_momentum > 0.0:
             if self.momentum_vector is None:
                 self.momentum_vector = gradient
             else:
-                self.momentum_vector = [
+                self.momentum_vector = arrays_of(
                     self.server_momentum * v + g
                     for v, g in zip(self.momentum_vector, gradient, strict=True)
-                ]
+                )
             gradient = self.momentum_vector
-        self.current_weights = [
+        self.current_weights = arrays_of(
             w - self.server_learning_rate * g for w, g in zip(current, gradient, strict=True)
-        ]
+        )
         return cast_all(self.current_weights, aggregated)
 
     def state_dict(self) -> StrategyState:

@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import ConfigError, RunError
 from ...messages import Parameters
 from ...typing import Config, MetricsAggregationFn, NDArray, NDArrays
-from ._arrays import as_work, cast_all, check_same_layout, decode_model, load_arrays
+from ._arrays import arrays_of, as_work, cast_all, check_same_layout, decode_model, load_arrays
 from ._checks import check_number
 from .fedavg import EvaluateFn, FedAvg
 from .state import StrategyState
@@ -114,24 +114,24 @@ class FedOpt(FedAvg):
         """Update ``m_t``, ``v_t`` and ``x_t`` from the FedAvg mean; return ``x_{t+1}``."""
         current = self.current_weights
         check_same_layout(type(self).__name__, aggregated, current)
-        delta = [a - x for a, x in zip(as_work(aggregated), current, strict=True)]
+        delta = arrays_of(a - x for a, x in zip(as_work(aggregated), current, strict=True))
         m_prev = self.m_t if self.m_t is not None else [np.zeros_like(d) for d in delta]
         v_prev = self.v_t if self.v_t is not None else [np.zeros_like(d) for d in delta]
-        self.m_t = [
+        self.m_t = arrays_of(
             np.multiply(self.beta_1, m) + (1 - self.beta_1) * d
             for m, d in zip(m_prev, delta, strict=True)
-        ]
+        )
         v_t: NDArrays = []
         for v, d in zip(v_prev, delta, strict=True):
             moment = self.second_moment(v, d)
             if moment is None:
                 raise RunError(f"{type(self).__name__} has no second-moment rule")
-            v_t.append(moment)
+            v_t.append(np.asarray(moment))
         self.v_t = v_t
-        self.current_weights = [
+        self.current_weights = arrays_of(
             x + self.eta * m / (np.sqrt(v) + self.tau)
             for x, m, v in zip(current, self.m_t, self.v_t, strict=True)
-        ]
+        )
         return cast_all(self.current_weights, aggregated)
 
     def state_dict(self) -> StrategyState:
