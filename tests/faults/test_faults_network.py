@@ -29,6 +29,8 @@ from fault_tools import (
     fault_proxy,
 )
 
+from stamen.client.app import NodeConfig, make_node_config, run_node
+from stamen.clock import SystemClock
 from stamen.errors import ConnectionLost, Timeout
 from stamen.ndarrays import parameters_to_ndarrays
 from stamen.protocol.fleet import CreateNodeRequest, SimpleRequest
@@ -37,7 +39,9 @@ from stamen.server.fleet.handler import FleetTiming
 from stamen.testing import NodeThread, RunningServer, node_threads, running_server
 from stamen.testing.conformance import TRANSPORTS, AddClient
 from stamen.transport import _tls
-from stamen.transport.base import TransportSettings
+from stamen.transport.base import ClientTransport, TransportSettings
+from stamen.transport.fleet import FleetClientTransport, Requester
+from stamen.transport.grpc_rere import GrpcRereRequester
 from stamen.transport.rest import RestRequester
 from stamen.wire import Verb
 from stamen.wire import fleet_codec as fc
@@ -309,3 +313,89 @@ def test_a_reset_during_the_handshake_is_not_a_tls_problem_and_leaks_nothing(
         listener.close()
     assert hello and hello[0][:1] == b"\x16", hello  # a TLS handshake record was sent
     assert found is None, found
+
+
+class _DroppingPushes:
+    """A node's requester whose first ``count`` pushes fail as a dropped connection:
+    before reaching the server, or after it (the server has the push, its answer is lost)."""
+
+    def __init__(self, inner: Requester, *, count: int, delivered: bool) -> None:
+        self.inner = inner
+        self.left = count
+        self.delivered = delivered
+        self.pushes = 0
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def call(self, verb: Verb, body: bytes, timeout: float) -> bytes:
+        if verb is Verb.PUSH:
+            self.pushes += 1
+            if self.left > 0:
+                self.left -= 1
+                if self.delivered:
+                    self.inner.call(verb, body, timeout)
+                raise ConnectionLost("connection reset by peer (injected)")
+        return self.inner.call(verb, body, timeout)
+
+
+@pytest.mark.parametrize("delivered", [False, True], ids=["request-lost", "response-lost"])
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_a_push_whose_connection_drops_is_sent_again_and_no_result_is_lost(
+    transport: str, delivered: bool
+) -> None:
+    """The first two pushes of a node's replies fail as a dropped connection. The node
+    sends them again (pushes are idempotent) instead of registering anew and losing the
+    reply: every round aggregates both nodes, with no failure, and the model is exact."""
+    strategy = FaultFedAvg(
+        start_with=2, min_fit_clients=2, min_evaluate_clients=2, min_available_clients=2
+    )
+    requesters: list[_DroppingPushes] = []
+
+    def factory(config: NodeConfig) -> ClientTransport:
+        settings = config.settings
+        inner = GrpcRereRequester(settings) if transport == "grpc-rere" else RestRequester(settings)
+        requester = _DroppingPushes(inner, count=2, delivered=delivered)
+        requesters.append(requester)
+        return FleetClientTransport(requester, max_message_length=settings.max_message_length)
+
+    with (
+        running_server(config=ServerConfig(num_rounds=2), strategy=strategy, rest=True) as srv,
+        node_threads() as nodes,
+    ):
+        config = make_node_config(
+            server_address=srv.address_for(transport),
+            client_fn=None,
+            client=AddClient(1).to_client(),
+            grpc_max_message_length=1 << 20,
+            root_certificates=None,
+            insecure=True,
+            transport=transport,
+            authentication_keys=None,
+            max_retries=0,  # the node must not need to reconnect
+            max_wait_time=None,
+        )
+        outcome: list[BaseException | None] = []
+
+        def flaky_node() -> None:
+            try:
+                run_node(config, clock=SystemClock(), rng=lambda: 0.5, transport_factory=factory)
+                outcome.append(None)
+            except BaseException as exc:  # reported below
+                outcome.append(exc)
+
+        flaky = threading.Thread(target=flaky_node, name="flaky-node", daemon=True)
+        flaky.start()
+        nodes.append(_node(srv.address_for(transport), transport, AddClient(2)))
+        srv.result(WAIT)
+        flaky.join(WAIT)
+        assert not flaky.is_alive()
+    assert outcome == [None]
+    assert len(requesters) == 1, "the node registered again"
+    assert requesters[0].left == 0 and requesters[0].pushes >= 4
+    assert [strategy.ks(r) for r in (1, 2)] == [[1, 2]] * 2
+    assert strategy.failures(1) == [] and strategy.failures(2) == []
+    _assert_params(srv, [[1, 2]] * 2)

@@ -13,7 +13,7 @@ import math
 import threading
 from typing import Protocol
 
-from ..errors import ConnectionLost, ProtocolError, StamenError
+from ..errors import ConnectionLost, ProtocolError, StamenError, TransportError
 from ..messages import Instruction, Reply
 from ..protocol.fleet import (
     CreateNodeRequest,
@@ -31,6 +31,10 @@ logger = logging.getLogger("stamen.client")
 
 _SLACK = 15.0
 """Seconds a request may take beyond the server's long-poll timeout before we give up."""
+
+_PUSH_ATTEMPTS = 4
+_PUSH_FIRST_DELAY = 0.1
+"""A failed push is sent again up to 3 times, 0.1, 0.2 and 0.4 s later."""
 
 _SERVER_SECONDS = (0.01, 3600.0)
 """The heartbeat intervals and long-poll timeouts a node accepts from a server."""
@@ -172,10 +176,37 @@ class FleetClientTransport:
         payload = encode_reply_payload(reply)
         for message in payload.messages(self._reply_frame_size):  # frames if it is large
             request = PushRequest(self._node_id, self._task_id, message)
-            body = codec.encode_push_request(request)
-            self._requester.call(Verb.PUSH, body, self._request_timeout)
+            self._push(codec.encode_push_request(request))
         self._task_id = 0
         self._busy.clear()
+
+    def _push(self, body: bytes) -> None:
+        """One push, sent again after a transient failure (a dropped connection, a
+        timeout): pushes are idempotent (the server ignores a frame it has, and discards a
+        reply to a task that has ended), and giving up here would lose the reply, since the
+        node registers again with a new id. A server that no longer knows the node, or an
+        error retrying cannot fix, ends the attempts at once.
+        """
+        delay = _PUSH_FIRST_DELAY
+        for attempt in range(1, _PUSH_ATTEMPTS + 1):
+            try:
+                self._requester.call(Verb.PUSH, body, self._request_timeout)
+                return
+            except TransportError as exc:
+                if not exc.retryable or isinstance(exc, NodeUnknown) or attempt == _PUSH_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "push to task %s failed (%s); sending it again in %.1f s (attempt %d of %d)",
+                    self._task_id,
+                    exc,
+                    delay,
+                    attempt + 1,
+                    _PUSH_ATTEMPTS,
+                )
+            self._stop.wait(delay)  # returns at once if the node is closing
+            if self._stop.is_set():
+                raise ConnectionLost(f"node closed while pushing the reply to task {self._task_id}")
+            delay *= 2
 
     def close(self, *, graceful: bool) -> None:
         """Stop heartbeats, unregister (best effort, also when not ``graceful``, so the
