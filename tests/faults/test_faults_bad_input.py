@@ -21,6 +21,7 @@ import queue
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,7 +61,7 @@ from stamen.protocol.fleet import (
 from stamen.server import ServerConfig
 from stamen.server.app import run_server
 from stamen.server.fleet.handler import FleetTiming
-from stamen.server.fleet.rest import rest_app
+from stamen.server.fleet.rest import body_idle_limit, rest_app
 from stamen.testing import NodeThread, RunningServer, node_threads, running_server
 from stamen.testing.conformance import TRANSPORTS, AddClient
 from stamen.wire import (
@@ -523,6 +524,31 @@ def test_slow_drip_rest_body_does_not_hold_up_other_requests(
             sock.sendall(bytes([byte]))
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 404 "), answer[:60]
+
+
+def test_a_stalled_rest_body_is_given_up_after_the_silence_limit(
+    garbage_server: RunningServer, raw_channel: grpc.Channel, http: httpx.Client
+) -> None:
+    """A REST request whose body stops arriving (a stalled or hostile client) is answered
+    503 once nothing has come for the fleet's silence limit (at least 5 s), and its
+    connection closed: it does not hold a connection and a task for ever."""
+    body = fc.encode_pull_request(PullRequest(node_id=424242))
+    head = (
+        f"POST {Verb.PULL.rest_path} HTTP/1.1\r\nhost: x\r\n"
+        f"content-type: {REST_CONTENT_TYPE}\r\ncontent-length: {len(body) + 100}\r\n\r\n"
+    ).encode()
+    assert garbage_server.rest_port is not None
+    with socket.create_connection(("127.0.0.1", garbage_server.rest_port), timeout=WAIT) as sock:
+        sock.sendall(head + body)  # 100 bytes short, and no more will come
+        began = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+        waited = time.monotonic() - began
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:60]
+    assert b"the body stalled" in answer, answer
+    assert body_idle_limit(garbage_server.service.fleet) <= waited < WAIT
+    assert_serving(raw_channel, http)
 
 
 def test_rest_body_cut_short_is_a_400_not_an_application_error(

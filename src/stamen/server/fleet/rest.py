@@ -24,7 +24,7 @@ from ...protocol.fleet import ERRORS, ErrorKind, FleetError
 from ...wire import REST_CONTENT_TYPE, Verb
 from .handler import Fleet
 
-__all__ = ["RestListener", "rest_app"]
+__all__ = ["RestListener", "body_idle_limit", "rest_app"]
 
 logger = logging.getLogger("stamen.server")
 
@@ -33,7 +33,10 @@ def _error(kind: ErrorKind, message: str) -> Response:
     return PlainTextResponse(message, status_code=ERRORS[kind].http_status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, idle: float) -> bytes:
+    """The request's body, at most ``limit`` bytes; a body that sends nothing for ``idle``
+    seconds is given up (a stalled or hostile client would otherwise hold its
+    connection, and the task reading it, for ever: uvicorn bounds no body read)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise FleetError(
@@ -41,8 +44,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), idle)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                raise FleetError(
+                    ErrorKind.UNAVAILABLE,
+                    f"the body stalled: nothing for {idle:g} s after {size} bytes",
+                ) from None
             size += len(chunk)
             if size > limit:
                 raise FleetError(ErrorKind.TOO_LARGE, f"body is over the limit of {limit} bytes")
@@ -54,6 +67,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
             ErrorKind.INVALID_ARGUMENT, f"the client hung up after {size} bytes of the body"
         ) from exc
     return b"".join(chunks)
+
+
+_MIN_BODY_IDLE = 5.0
+
+
+def body_idle_limit(fleet: Fleet) -> float:
+    """Seconds a request body may send nothing before it is given up: as long as a silent
+    node is tolerated (the heartbeat timeout), and at least 5 s."""
+    return max(fleet.timing.silence_limit, _MIN_BODY_IDLE)
 
 
 def rest_app(fleet: Fleet, max_body: int) -> Starlette:
@@ -69,7 +91,7 @@ def rest_app(fleet: Fleet, max_body: int) -> Starlette:
                 )
             peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
             try:
-                body = await _read_body(request, max_body)
+                body = await _read_body(request, max_body, body_idle_limit(fleet))
                 out = await fleet.handle(
                     verb,
                     body,
