@@ -7,13 +7,15 @@ and decodes, so malformed bytes raise :class:`~stamen.errors.DecodeError`.
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import contextlib
+import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
+from grpc import aio
 
 from ..errors import ConnectError, ConnectionLost, MessageTooLarge
 from ..messages import Instruction, Reply
@@ -21,16 +23,18 @@ from ..wire import (
     BIDI_JOIN_METHOD,
     FRAMES_METADATA,
     FrameReader,
-    Payload,
     decode_instruction,
     encode_reply_payload,
     frame_size,
 )
 from ._errors import map_rpc_error
+from ._loop import run_on_client_loop
 from ._tls import channel_credentials, diagnose_tls
 from .base import TransportSettings
 
 __all__ = ["GrpcBidiTransport", "channel_options", "open_channel", "wait_until_ready"]
+
+logger = logging.getLogger("stamen.client")
 
 _CLOSE_GRACE_SECONDS = 5.0
 
@@ -114,17 +118,49 @@ def open_channel(settings: TransportSettings) -> grpc.Channel:
     return channel
 
 
+async def _until_ready(channel: aio.Channel, address: str, timeout: float) -> None:
+    """Wait until ``channel`` is READY (asyncio twin of :func:`wait_until_ready`).
+
+    Raises:
+        ConnectError: the channel failed to connect, or did not within ``timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state is not grpc.ChannelConnectivity.READY:
+        if state in (
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        ):
+            raise ConnectError(
+                f"cannot reach {address}: connection failed (server down, wrong port, "
+                "or a TLS/plaintext mismatch)"
+            )
+        remaining = deadline - loop.time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            raise ConnectError(
+                f"cannot reach {address}: no connection within {timeout:g} s"
+            ) from None
+        state = channel.get_state(try_to_connect=True)
+
+
 class GrpcBidiTransport:
-    """Client side of the grpc-bidi stream (see :class:`~stamen.transport.base.ClientTransport`)."""
+    """Client side of the grpc-bidi stream (see :class:`~stamen.transport.base.ClientTransport`).
+
+    The stream lives on the process's client event loop (:mod:`._loop`); the node's
+    thread waits on it without polling, and does the CPU work (frames, decoding) itself.
+    """
 
     def __init__(self, settings: TransportSettings) -> None:
         self._settings = settings
         self._address = settings.address
         self._max_message_length = settings.max_message_length
-        self._channel: grpc.Channel | None = None
+        self._channel: aio.Channel | None = None
         self._call: Any = None
-        self._responses: Iterator[bytes] | None = None
-        self._outbox: queue.Queue[Payload | None] = queue.Queue()
         self._reader = FrameReader()
         self._frame_size = frame_size(settings.max_message_length)
         self._server_frames: bool | None = None
@@ -137,82 +173,134 @@ class GrpcBidiTransport:
 
     def connect(self) -> None:
         """Open the channel, wait until it is READY, and open the Join stream (signed, when
-        the node authenticates)."""
-        self._channel = open_channel(self._settings)
-        join = self._channel.stream_stream(BIDI_JOIN_METHOD)
+        the node authenticates).
+
+        Raises:
+            TLSError: the connection failed because of TLS (not retried).
+            ConnectError: the server could not be reached.
+        """
         metadata = [(FRAMES_METADATA, str(self._max_message_length))]
         if self._settings.signer is not None:
             headers = self._settings.signer.headers(BIDI_JOIN_METHOD, b"", time.time())
             metadata += headers.items()
-        self._outbox = queue.Queue()
+        try:
+            self._channel, self._call = run_on_client_loop(self._open(tuple(metadata)))
+        except ConnectError as exc:
+            diagnosis = diagnose_tls(
+                self._settings.address,
+                secure=self._settings.secure,
+                root_certificates=self._settings.root_certificates,
+                client_certificate=self._settings.client_certificate,
+            )
+            if diagnosis is not None:
+                raise diagnosis from exc
+            raise
         self._reader = FrameReader()
         self._server_frames = None
         self._reply_frame_size = self._frame_size
-        self._call = join(self._requests(self._outbox), metadata=tuple(metadata))
-        self._responses = self._call
 
-    def _requests(self, outbox: queue.Queue[Payload | None]) -> Iterator[bytes]:
-        """The request stream: each queued reply, whole or in frames, produced only as
-        gRPC takes them (a large reply is never copied whole)."""
-        for payload in iter(outbox.get, None):
-            if self._server_frames:
-                yield from payload.messages(self._reply_frame_size)
-            else:
-                yield payload.tobytes()
+    async def _open(self, metadata: tuple[tuple[str, str], ...]) -> tuple[aio.Channel, Any]:
+        settings = self._settings
+        options = channel_options(settings.max_message_length)
+        if settings.secure:
+            creds = channel_credentials(settings.root_certificates, settings.client_certificate)
+            channel = aio.secure_channel(settings.address, creds, options=options)
+        else:
+            channel = aio.insecure_channel(settings.address, options=options)
+        try:
+            await _until_ready(channel, settings.address, settings.connect_timeout)
+        except BaseException:
+            await channel.close()
+            raise
+        return channel, channel.stream_stream(BIDI_JOIN_METHOD)(metadata=metadata)
 
     def receive(self) -> Instruction:
         """Wait for the server's next instruction."""
-        if self._responses is None:
+        call = self._call
+        if call is None:
             raise ConnectionLost("grpc-bidi: receive() before connect()")
         whole = None
         while whole is None:
-            try:
-                data = next(self._responses)
-            except StopIteration:
-                raise ConnectionLost(f"grpc-bidi: {self._address} closed the stream") from None
-            except grpc.RpcError as exc:
-                raise map_rpc_error(exc, f"grpc-bidi stream to {self._address}") from exc
-            whole = self._reader.feed(data)
+            data = run_on_client_loop(self._read(call))
+            whole = self._reader.feed(data)  # copying a frame: here, not on the loop
         return decode_instruction(whole)
 
-    def _peer_takes_frames(self) -> bool:
+    async def _read(self, call: Any) -> bytes:
+        try:
+            data = await call.read()
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"grpc-bidi stream to {self._address}") from exc
+        if data is aio.EOF:
+            raise ConnectionLost(f"grpc-bidi: {self._address} closed the stream")
+        assert isinstance(data, bytes)
+        return data
+
+    def _peer_takes_frames(self, call: Any) -> bool:
         """Whether the server said it understands frames (a Stamen server does, in its
         response metadata, which has arrived with the first instruction)."""
         if self._server_frames is None:
-            metadata = self._call.initial_metadata() if self._call is not None else ()
-            announced = dict(metadata or ()).get(FRAMES_METADATA)
+            metadata = run_on_client_loop(call.initial_metadata())
+            announced = None
+            for key, value in metadata or ():
+                if key == FRAMES_METADATA:
+                    announced = value
             self._server_frames = isinstance(announced, str)
             if isinstance(announced, str) and announced.isdigit() and int(announced) > 0:
                 self._reply_frame_size = min(self._frame_size, frame_size(int(announced)))
         return self._server_frames
 
     def send(self, reply: Reply) -> None:
-        """Queue the reply on the request stream (in frames if it is large and the server
-        takes frames).
+        """Write the reply on the request stream (in frames if it is large and the server
+        takes frames); returns once gRPC has taken the last message.
 
         Raises:
             MessageTooLarge: the encoded reply exceeds ``grpc_max_message_length`` and the
                 server does not take frames (a Flower server).
+            ConnectionLost: the stream ended.
         """
+        call = self._call
+        if call is None:
+            raise ConnectionLost("grpc-bidi: send() before connect()")
         payload = encode_reply_payload(reply)
-        if not self._peer_takes_frames() and len(payload) > self._max_message_length:
-            raise MessageTooLarge(
-                f"reply {type(reply).__name__} is {len(payload)} bytes, over "
-                f"grpc_max_message_length={self._max_message_length}, and the server "
-                "does not take messages in frames (a Flower server?)"
-            )
-        self._outbox.put(payload)
+        if not self._peer_takes_frames(call):
+            if len(payload) > self._max_message_length:
+                raise MessageTooLarge(
+                    f"reply {type(reply).__name__} is {len(payload)} bytes, over "
+                    f"grpc_max_message_length={self._max_message_length}, and the server "
+                    "does not take messages in frames (a Flower server?)"
+                )
+            run_on_client_loop(self._write(call, payload.tobytes()))
+            return
+        for message in payload.messages(self._reply_frame_size):  # built in this thread
+            run_on_client_loop(self._write(call, message))
+
+    async def _write(self, call: Any, message: bytes) -> None:
+        try:
+            await call.write(message)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"grpc-bidi stream to {self._address}") from exc
+        except asyncio.InvalidStateError as exc:  # the call has already ended
+            raise ConnectionLost(f"grpc-bidi: {self._address} closed the stream") from exc
 
     def close(self, *, graceful: bool) -> None:
-        """End the stream (after the queued reply, if ``graceful``) and close the channel."""
+        """End the stream (half-close and wait for the server to end it, if ``graceful``)
+        and close the channel. Never raises."""
         call, channel = self._call, self._channel
-        self._call = self._responses = self._channel = None
-        self._outbox.put(None)  # ends the request iterator: half-close
-        if call is not None:
-            if graceful:
-                finished = threading.Event()
-                call.add_done_callback(lambda _call: finished.set())
-                finished.wait(_CLOSE_GRACE_SECONDS)
-            call.cancel()
-        if channel is not None:
-            channel.close()
+        self._call = self._channel = None
+        if call is None and channel is None:
+            return
+        try:
+            run_on_client_loop(_close(call, channel, graceful), _CLOSE_GRACE_SECONDS + 5.0)
+        except Exception as exc:  # closing is best effort
+            logger.debug("grpc-bidi: closing the stream to %s: %s", self._address, exc)
+
+
+async def _close(call: Any, channel: aio.Channel | None, graceful: bool) -> None:
+    if call is not None:
+        if graceful:
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+                await asyncio.wait_for(call.code(), _CLOSE_GRACE_SECONDS)
+        call.cancel()
+    if channel is not None:
+        await channel.close()
