@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from typing import Any
 
@@ -32,7 +31,7 @@ from ._loop import run_on_client_loop
 from ._tls import channel_credentials, diagnose_tls
 from .base import TransportSettings
 
-__all__ = ["GrpcBidiTransport", "channel_options", "open_channel", "wait_until_ready"]
+__all__ = ["GrpcBidiTransport", "channel_options", "open_channel"]
 
 logger = logging.getLogger("stamen.client")
 
@@ -54,58 +53,16 @@ def channel_options(max_message_length: int) -> list[tuple[str, Any]]:
     ]
 
 
-def wait_until_ready(channel: grpc.Channel, address: str, timeout: float) -> None:
-    """Block until ``channel`` is READY.
-
-    Raises:
-        ConnectError: the channel failed to connect, or did not within ``timeout``.
-    """
-    done = threading.Event()
-    outcome: list[grpc.ChannelConnectivity] = []
-
-    def watch(state: grpc.ChannelConnectivity) -> None:
-        if (
-            state
-            in (
-                grpc.ChannelConnectivity.READY,
-                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                grpc.ChannelConnectivity.SHUTDOWN,
-            )
-            and not done.is_set()
-        ):
-            outcome.append(state)
-            done.set()
-
-    channel.subscribe(watch, try_to_connect=True)
-    try:
-        if not done.wait(timeout):
-            raise ConnectError(f"cannot reach {address}: no connection within {timeout:g} s")
-    finally:
-        channel.unsubscribe(watch)
-    if outcome[0] is not grpc.ChannelConnectivity.READY:
-        raise ConnectError(
-            f"cannot reach {address}: connection failed (server down, wrong port, "
-            "or a TLS/plaintext mismatch)"
-        )
-
-
-def open_channel(settings: TransportSettings) -> grpc.Channel:
-    """A gRPC channel to ``settings.address``, READY.
+def open_channel(settings: TransportSettings) -> aio.Channel:
+    """A ``grpc.aio`` channel to ``settings.address`` on the client loop, READY.
 
     Raises:
         TLSError: the connection failed because of TLS (not retried).
         ConnectError: the server could not be reached.
     """
-    options = channel_options(settings.max_message_length)
-    if settings.secure:
-        creds = channel_credentials(settings.root_certificates, settings.client_certificate)
-        channel = grpc.secure_channel(settings.address, creds, options=options)
-    else:
-        channel = grpc.insecure_channel(settings.address, options=options)
     try:
-        wait_until_ready(channel, settings.address, settings.connect_timeout)
+        return run_on_client_loop(_open_channel(settings))
     except ConnectError as exc:
-        channel.close()
         diagnosis = diagnose_tls(
             settings.address,
             secure=settings.secure,
@@ -114,6 +71,20 @@ def open_channel(settings: TransportSettings) -> grpc.Channel:
         )
         if diagnosis is not None:
             raise diagnosis from exc
+        raise
+
+
+async def _open_channel(settings: TransportSettings) -> aio.Channel:
+    options = channel_options(settings.max_message_length)
+    if settings.secure:
+        creds = channel_credentials(settings.root_certificates, settings.client_certificate)
+        channel = aio.secure_channel(settings.address, creds, options=options)
+    else:
+        channel = aio.insecure_channel(settings.address, options=options)
+    try:
+        await _until_ready(channel, settings.address, settings.connect_timeout)
+    except BaseException:
+        await channel.close()
         raise
     return channel
 
@@ -183,36 +154,12 @@ class GrpcBidiTransport:
         if self._settings.signer is not None:
             headers = self._settings.signer.headers(BIDI_JOIN_METHOD, b"", time.time())
             metadata += headers.items()
-        try:
-            self._channel, self._call = run_on_client_loop(self._open(tuple(metadata)))
-        except ConnectError as exc:
-            diagnosis = diagnose_tls(
-                self._settings.address,
-                secure=self._settings.secure,
-                root_certificates=self._settings.root_certificates,
-                client_certificate=self._settings.client_certificate,
-            )
-            if diagnosis is not None:
-                raise diagnosis from exc
-            raise
+        channel = open_channel(self._settings)
+        self._channel = channel  # closed by close(), whatever happens next
+        self._call = run_on_client_loop(_join(channel, tuple(metadata)))
         self._reader = FrameReader()
         self._server_frames = None
         self._reply_frame_size = self._frame_size
-
-    async def _open(self, metadata: tuple[tuple[str, str], ...]) -> tuple[aio.Channel, Any]:
-        settings = self._settings
-        options = channel_options(settings.max_message_length)
-        if settings.secure:
-            creds = channel_credentials(settings.root_certificates, settings.client_certificate)
-            channel = aio.secure_channel(settings.address, creds, options=options)
-        else:
-            channel = aio.insecure_channel(settings.address, options=options)
-        try:
-            await _until_ready(channel, settings.address, settings.connect_timeout)
-        except BaseException:
-            await channel.close()
-            raise
-        return channel, channel.stream_stream(BIDI_JOIN_METHOD)(metadata=metadata)
 
     def receive(self) -> Instruction:
         """Wait for the server's next instruction."""
@@ -293,6 +240,11 @@ class GrpcBidiTransport:
             run_on_client_loop(_close(call, channel, graceful), _CLOSE_GRACE_SECONDS + 5.0)
         except Exception as exc:  # closing is best effort
             logger.debug("grpc-bidi: closing the stream to %s: %s", self._address, exc)
+
+
+async def _join(channel: aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Any:
+    """Open the Join stream (an aio call is made on the loop it runs on)."""
+    return channel.stream_stream(BIDI_JOIN_METHOD)(metadata=metadata)
 
 
 async def _close(call: Any, channel: aio.Channel | None, graceful: bool) -> None:
