@@ -90,7 +90,7 @@ async def _open_channel(settings: TransportSettings) -> aio.Channel:
 
 
 async def _until_ready(channel: aio.Channel, address: str, timeout: float) -> None:
-    """Wait until ``channel`` is READY (asyncio twin of :func:`wait_until_ready`).
+    """Wait until ``channel`` is READY; fail fast when it fails to connect.
 
     Raises:
         ConnectError: the channel failed to connect, or did not within ``timeout``.
