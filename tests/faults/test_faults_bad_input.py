@@ -504,6 +504,14 @@ def test_raw_bytes_on_the_tcp_ports_never_get_a_5xx(
 # --- slow and abandoned REST bodies -----------------------------------------------------------
 
 
+def _pull_head(content_length: int) -> bytes:
+    """The head of a raw HTTP PullInstruction request announcing ``content_length``."""
+    return (
+        f"POST {Verb.PULL.rest_path} HTTP/1.1\r\nhost: x\r\n"
+        f"content-type: {REST_CONTENT_TYPE}\r\ncontent-length: {content_length}\r\n\r\n"
+    ).encode()
+
+
 def test_slow_drip_rest_body_does_not_hold_up_other_requests(
     garbage_server: RunningServer, raw_channel: grpc.Channel, http: httpx.Client
 ) -> None:
@@ -512,10 +520,7 @@ def test_slow_drip_rest_body_does_not_hold_up_other_requests(
     one; once its body is complete it is answered like any other (here 404, unknown
     node)."""
     body = fc.encode_pull_request(PullRequest(node_id=424242))
-    head = (
-        f"POST {Verb.PULL.rest_path} HTTP/1.1\r\nhost: x\r\n"
-        f"content-type: {REST_CONTENT_TYPE}\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = _pull_head(len(body))
     assert garbage_server.rest_port is not None
     with socket.create_connection(("127.0.0.1", garbage_server.rest_port), timeout=WAIT) as sock:
         sock.sendall(head)
@@ -533,10 +538,7 @@ def test_a_stalled_rest_body_is_given_up_after_the_silence_limit(
     503 once nothing has come for the fleet's silence limit (at least 5 s), and its
     connection closed: it does not hold a connection and a task for ever."""
     body = fc.encode_pull_request(PullRequest(node_id=424242))
-    head = (
-        f"POST {Verb.PULL.rest_path} HTTP/1.1\r\nhost: x\r\n"
-        f"content-type: {REST_CONTENT_TYPE}\r\ncontent-length: {len(body) + 100}\r\n\r\n"
-    ).encode()
+    head = _pull_head(len(body) + 100)
     assert garbage_server.rest_port is not None
     with socket.create_connection(("127.0.0.1", garbage_server.rest_port), timeout=WAIT) as sock:
         sock.sendall(head + body)  # 100 bytes short, and no more will come
