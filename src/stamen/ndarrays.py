@@ -21,13 +21,13 @@ from __future__ import annotations
 import io
 import math
 import re
-import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
+from ._ast_guard import PARSE_LOCK
 from .errors import ConfigError, DecodeError
 from .messages import Parameters
 from .typing import NDArray, NDArrays
@@ -68,16 +68,17 @@ def ndarray_to_bytes(ndarray: NDArray) -> bytes:
         fortran = False
     else:
         data, fortran = ndarray.T, True  # F-ordered memory is the transpose's C order
+    # One copy: the header and the array's memory joined into the blob.
+    return b"".join([_npy_header(ndarray, fortran), data.reshape(-1).view(np.uint8).data])
+
+
+def _npy_header(ndarray: NDArray, fortran: bool) -> bytes:
+    """The ``.npy`` magic and header of ``ndarray`` stored in Fortran or C order."""
     header = {
         "descr": np.lib.format.dtype_to_descr(ndarray.dtype),
         "fortran_order": fortran,
         "shape": ndarray.shape,
     }
-    # One copy: the header and the array's memory joined into the blob.
-    return b"".join([_npy_header(header), data.reshape(-1).view(np.uint8).data])
-
-
-def _npy_header(header: dict[str, Any]) -> bytes:
     head = io.BytesIO()
     try:
         np.lib.format.write_array_header_1_0(head, header)
@@ -158,13 +159,7 @@ def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
     if root is None or not ndarray.flags.c_contiguous or ndarray.dtype.hasobject:
         return ndarray_to_bytes(ndarray)
     start = ndarray.__array_interface__["data"][0] - root.__array_interface__["data"][0]
-    header = _npy_header(
-        {
-            "descr": np.lib.format.dtype_to_descr(ndarray.dtype),
-            "fortran_order": False,
-            "shape": ndarray.shape,
-        }
-    )
+    header = _npy_header(ndarray, fortran=False)
     begin, end = start - len(header), start + ndarray.nbytes
     memory = root.data
     if begin < 0 or end > len(memory) or memory[begin:start] != header:
@@ -191,9 +186,6 @@ _SIMPLE_HEADER = re.compile(
 """The header NumPy writes for a plain dtype, read without ``ast`` (CPython 3.11.0-3.11.7
 and 3.12.0-3.12.1 can fail ``ast.parse`` when threads parse at once: gh-106905)."""
 
-_ast_lock = threading.Lock()
-"""Serializes NumPy's own (``ast``-based) header parser, used for any other header."""
-
 
 def _read_simple_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
     """A version 1.0 header of a plain dtype, or None for anything else."""
@@ -218,7 +210,7 @@ def _read_header(tensor: bytes | memoryview) -> tuple[tuple[int, ...], bool, np.
         if simple[2].hasobject:
             raise ValueError(f"dtype {simple[2]} holds Python objects (would need pickle)")
         return simple
-    with _ast_lock:
+    with PARSE_LOCK:  # NumPy's parser uses ast: one parse at a time (see _ast_guard)
         return _read_header_with_numpy(prefix)
 
 

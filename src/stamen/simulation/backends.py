@@ -28,10 +28,10 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from types import TracebackType
 
+from .._ast_guard import serialize_ast_parse
 from ..errors import ConfigError, ConnectionLost, DecodeError, Timeout
 from ..messages import Code, Reply
 from ..wire import decode_reply
-from ._ast_guard import serialize_ast_parse
 from ._deadlines import Deadline, Deadlines
 from .proxy import CallResult, VirtualCall, named_error, run_virtual_call
 
@@ -160,7 +160,7 @@ class ThreadsBackend(Backend):
     On CPython < 3.11.8 and 3.12.0-3.12.1, two threads parsing Python source at once can
     make one parse fail (python/cpython#106905), and NumPy parses every ``.npy`` header it
     reads, so every decoding of parameters parses: the backend makes ``ast.parse`` take a
-    process-wide lock there (see :mod:`stamen.simulation._ast_guard`).
+    process-wide lock there (see :mod:`stamen._ast_guard`).
 
     Args:
         max_workers: Upper bound of concurrent calls (>= 1).

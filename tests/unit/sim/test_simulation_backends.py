@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import stamen.simulation
+from stamen._ast_guard import AST_PARSE_IS_THREAD_UNSAFE, _thread_unsafe
 from stamen.client import Client, NumPyClient
 from stamen.context import Context, RecordSet
 from stamen.errors import ClientAppError, ConnectionLost, Timeout
 from stamen.messages import Code, FitIns, FitRes
 from stamen.ndarrays import ndarrays_to_parameters
 from stamen.simulation import SequentialBackend, ThreadsBackend
-from stamen.simulation._ast_guard import AST_PARSE_IS_THREAD_UNSAFE, _thread_unsafe
 from stamen.simulation._deadlines import Deadlines
 from stamen.simulation._ray import RAY_MISSING, _actor_options, _capacity
 from stamen.simulation.app import threads_for

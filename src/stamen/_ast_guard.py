@@ -13,7 +13,9 @@ Parsing happens where one would not expect it: NumPy reads every ``.npy`` header
 evaluate, and every ``np.load`` in client code, parses. On the threads backend several
 clients do so at once, and one call in a few thousand failed with a ``CLIENT_ERROR``
 reply. :func:`serialize_ast_parse` makes ``ast.parse`` (which ``ast.literal_eval`` calls)
-take a process-wide lock on those versions; elsewhere it does nothing.
+take :data:`PARSE_LOCK` on those versions; elsewhere it does nothing. ``stamen.ndarrays``
+reads plain headers without ``ast`` and runs NumPy's parser for the rest under the same
+lock, on every version.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["AST_PARSE_IS_THREAD_UNSAFE", "serialize_ast_parse"]
+__all__ = ["AST_PARSE_IS_THREAD_UNSAFE", "PARSE_LOCK", "serialize_ast_parse"]
 
 
 def _thread_unsafe(implementation: str, version: tuple[int, int, int]) -> bool:
@@ -43,7 +45,8 @@ AST_PARSE_IS_THREAD_UNSAFE = _thread_unsafe(
 
 _MARK = "_stamen_serialized"
 _install = threading.Lock()
-_parsing = threading.RLock()  # re-entrant: a finalizer run by a parse's GC may parse too
+PARSE_LOCK = threading.RLock()
+"""Held by every serialized parse (re-entrant: a finalizer run by a parse's GC may parse)."""
 
 
 def serialize_ast_parse() -> bool:
@@ -61,7 +64,7 @@ def serialize_ast_parse() -> bool:
 
         @functools.wraps(original)
         def parse(*args: Any, **kwargs: Any) -> Any:
-            with _parsing:
+            with PARSE_LOCK:
                 return original(*args, **kwargs)
 
         setattr(parse, _MARK, True)
