@@ -2,7 +2,8 @@
 
 For each workload and framework, a server process (``server_stamen.py`` with this python,
 ``server_flower.py`` with Flower's venv) and a few client processes run on 127.0.0.1,
-every byte between them passing through a counting relay (``relay.py``). Runs alternate
+the bytes between them counted by the kernel (``ss``: the TCP counters of the server's
+connections) or, with ``--wire relay``, by a counting relay (``relay.py``). Runs alternate
 between the frameworks (Stamen, Flower, Stamen, Flower, ...). The server times each FedAvg
 round from inside its strategy (``configure_fit`` after sampling -> end of
 ``aggregate_fit``) and checks the final model; each process reports its peak RSS and CPU.
@@ -18,7 +19,7 @@ Usage::
     .venv/bin/python bench/flower_vs_stamen/run.py [--quick] [--workloads A,B,...,micro]
         [--frameworks stamen,flower] [--repeat N] [--rounds N] [--transport grpc-bidi]
         [--flower-python PATH] [--out bench/results/flower_vs_stamen.json] [--readme]
-        [--no-relay] [--trace-rss] [--logs DIR] [--stamen-server-prefix CMD]
+        [--wire kernel|relay|none] [--trace-rss] [--logs DIR] [--stamen-server-prefix CMD]
     .venv/bin/python bench/flower_vs_stamen/run.py --render RESULTS.json [--readme]
 
 ``--quick`` shrinks every size (a smoke test of the harness, not a measurement).
@@ -36,6 +37,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,8 +92,10 @@ def server_argv(
     argv = [python, str(HERE / ("server_stamen.py" if stamen else "server_flower.py"))]
     argv += ["--clients", str(load.clients), "--model-bytes", str(load.model_bytes)]
     argv += ["--rounds", str(load.rounds), "--out", str(out)]
-    if options.relay:
+    if options.wire == "relay":
         argv += ["--counter", str(counter)]
+    elif options.wire == "kernel":
+        argv += ["--counter", "kernel"]
     if stamen and options.transport == "rest":
         argv.append("--rest")
     if options.trace_rss:
@@ -123,7 +127,7 @@ def start_clients(
 
 
 def measurements(
-    server: dict[str, Any], clients: list[Proc], load: Workload, relayed: bool
+    server: dict[str, Any], clients: list[Proc], load: Workload, counted: bool
 ) -> dict[str, Any]:
     """What one successful run measured: the server's report and the clients' lines."""
     rounds = server["rounds"]
@@ -132,7 +136,8 @@ def measurements(
         "error": None if server["check"]["ok"] else "result check failed",
         "round_seconds": [r["seconds"] for r in rounds],
         "aggregate_seconds": [r["aggregate_seconds"] for r in rounds],
-        "wire_bytes": [r["wire_bytes"] for r in rounds] if relayed else None,
+        "wire_bytes": [r["wire_bytes"] for r in rounds] if counted else None,
+        "wire_connections_lost": sum(r.get("wire_connections_lost", 0) for r in rounds),
         "server_peak_rss_bytes": server["peak_rss_bytes"],
         "server_rss_after_setup_bytes": server["rss_after_setup_bytes"],
         "client_peak_rss_bytes": [int(c.value("PEAK_RSS") or 0) for c in clients],
@@ -161,7 +166,7 @@ def run_federation(
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     procs: list[Proc] = []
     relay: SpliceRelay | None = None
-    shared = SharedCounter(str(counter)) if options.relay else None
+    shared = SharedCounter(str(counter)) if options.wire == "relay" else None
     result: dict[str, Any] = {"framework": framework, "ok": False, "load": os.getloadavg()[0]}
     try:
         argv = server_argv(framework, load, options, out, counter)
@@ -183,7 +188,7 @@ def run_federation(
             if client.proc.returncode != 0:
                 raise RuntimeError(f"{client.name} exit {client.proc.returncode}: {client.tail()}")
         server_report = json.loads(out.read_text(encoding="utf-8"))
-        result.update(measurements(server_report, clients, load, relay is not None))
+        result.update(measurements(server_report, clients, load, options.wire != "none"))
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         result["error"] = str(exc)[-2000:]
     finally:
@@ -234,7 +239,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run")
     parser.add_argument("--transport", default="grpc-bidi", help="Stamen clients' transport")
     parser.add_argument("--flower-python", default=None)
-    parser.add_argument("--no-relay", dest="relay", action="store_false", help="no wire bytes")
+    parser.add_argument(
+        "--wire",
+        choices=("kernel", "relay", "none"),
+        default="kernel",
+        help="how bytes on the wire are counted: the kernel's TCP counters of the server's "
+        "connections (ss), a relay in the path (its CPU competes with the frameworks), or not",
+    )
     parser.add_argument("--stamen-server-prefix", default="", help="e.g. 'py-spy record ... --'")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/flower_vs_stamen.json")
     parser.add_argument("--readme", action="store_true", help="write the tables into README")
@@ -252,6 +263,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(
             f"no Flower interpreter at {options.flower_python}: run `make interop-venv`, "
             "pass --flower-python, or --frameworks stamen"
+        )
+    if options.wire == "kernel" and shutil.which("ss") is None:
+        parser.error(
+            "--wire kernel reads the TCP counters with ss (iproute2): install it or "
+            "pass --wire relay"
         )
     unknown = set(options.workloads.split(",")) - set(ORDER)
     if unknown:
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "quick": options.quick,
         "transport": options.transport,
-        "relay": options.relay,
+        "wire": options.wire,
         "workloads": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-fvs-") as tmp:

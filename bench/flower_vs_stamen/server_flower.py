@@ -25,8 +25,9 @@ PLACEHOLDER_ADDRESS = "127.0.0.1:65535"
 REAL_ADDRESS = "127.0.0.1:0"
 
 
-def listen_on_port_zero() -> None:
-    """Make Flower's gRPC server bind 127.0.0.1:0 and print ``PORT <n>`` when started."""
+def listen_on_port_zero(bound: list[int]) -> None:
+    """Make Flower's gRPC server bind 127.0.0.1:0, add the port to ``bound`` and print
+    ``PORT <n>`` when started."""
     from flwr.server.superlink.fleet.grpc_bidi import grpc_server
 
     original_check = grpc_server.is_port_in_use
@@ -38,7 +39,6 @@ def listen_on_port_zero() -> None:
     server_class = grpc._server._Server
     original_add = server_class.add_insecure_port
     original_start = server_class.start
-    bound: list[int] = []
 
     def add_insecure_port(self: Any, address: str) -> int:
         port = original_add(self, REAL_ADDRESS if address == PLACEHOLDER_ADDRESS else address)
@@ -81,7 +81,7 @@ class TimedFedAvg(fl.server.strategy.FedAvg):
 def main() -> int:
     """Serve, run the rounds, write the report."""
     args = workload.server_parser(__doc__.splitlines()[0]).parse_args()
-    clock = workload.RoundClock(workload.WireCounter(args.counter), args.trace_rss)
+    clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss)
     initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
     strategy = TimedFedAvg(
         clock,
@@ -91,7 +91,7 @@ def main() -> int:
         initial_parameters=initial,
     )
     del initial
-    listen_on_port_zero()
+    listen_on_port_zero(clock.counter.ports)
     started_rss = workload.current_rss_bytes()
     fl.server.start_server(
         server_address=PLACEHOLDER_ADDRESS,

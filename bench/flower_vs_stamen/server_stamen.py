@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--rest", action="store_true", help="serve the rest transport too")
     args = parser.parse_args()
 
-    clock = workload.RoundClock(workload.WireCounter(args.counter), args.trace_rss)
+    clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss)
     initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
     strategy = TimedFedAvg(
         clock,
@@ -111,6 +111,7 @@ def main() -> int:
         rest_address="127.0.0.1:0" if args.rest else None,
     )
     port = service.start()
+    clock.counter.ports = [port] if service.rest_port is None else [port, service.rest_port]
     report_connections(server.client_manager(), clock)
     started_rss = workload.current_rss_bytes()
     print(f"PORT {port}", flush=True)

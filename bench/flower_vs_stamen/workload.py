@@ -20,6 +20,7 @@ import mmap
 import os
 import resource
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -161,6 +162,7 @@ class WireCounter:
 
     def __init__(self, path: str | None) -> None:
         self._fd = None if not path else os.open(path, os.O_RDONLY)
+        self.ports: list[int] = []  # the relay knows its connections: unused
 
     def read(self) -> int:
         """Bytes relayed so far, both directions."""
@@ -168,6 +170,66 @@ class WireCounter:
             return 0
         up, down = struct.unpack(COUNTER_FORMAT, os.pread(self._fd, COUNTER_SIZE, 0))
         return int(up + down)
+
+    def snapshot(self) -> Any:
+        """The counters now (for :meth:`since`)."""
+        return self.read()
+
+    def since(self, snapshot: Any) -> tuple[int, int]:
+        """Bytes since ``snapshot``, and connections whose bytes were lost (always 0)."""
+        return self.read() - int(snapshot), 0
+
+
+class KernelWireCounter:
+    """Bytes on the wire from the kernel's TCP counters of the server's connections.
+
+    ``ss -ti`` reports, per established connection, the payload bytes sent and acknowledged
+    and the payload bytes received: the same bytes a relay would count, without a relay
+    copying them on the way (on a 2-core machine a relay's CPU is taken from the
+    frameworks being measured). A connection that closes during a round takes its counts
+    with it: such rounds report how many were lost (``wire_connections_lost``).
+    """
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        """The server's listening ports (the server script sets them once bound)."""
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """Bytes each connection to the server's ports has carried so far."""
+        if not self.ports:
+            return {}
+        condition = " or ".join(f"sport = :{port}" for port in self.ports)
+        listing = subprocess.run(
+            ["ss", "-tinH", "state", "established", f"( {condition} )"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        counts: dict[tuple[str, str], int] = {}
+        key: tuple[str, str] | None = None
+        for line in listing.splitlines():
+            if not line.startswith((" ", "\t")):  # "Recv-Q Send-Q local peer"
+                fields = line.split()
+                key = (fields[2], fields[3]) if len(fields) >= 4 else None
+                continue
+            if key is None:
+                continue
+            values = dict(item.split(":", 1) for item in line.split() if item.startswith("bytes_"))
+            counts[key] = int(values.get("bytes_acked", 0)) + int(values.get("bytes_received", 0))
+        return counts
+
+    def since(self, snapshot: dict[tuple[str, str], int]) -> tuple[int, int]:
+        """Bytes since ``snapshot`` and the number of its connections that have closed."""
+        now = self.snapshot()
+        carried = sum(count - snapshot.get(key, 0) for key, count in now.items())
+        return carried, sum(key not in now for key in snapshot)
+
+
+def wire_counter(argument: str | None) -> WireCounter | KernelWireCounter:
+    """``--counter``: ``kernel`` (the server's TCP counters), a relay's counter file, or
+    nothing (no bytes counted)."""
+    return KernelWireCounter() if argument == "kernel" else WireCounter(argument)
 
 
 class SharedCounter:
@@ -205,11 +267,11 @@ class RoundClock:
     ``trace_rss``, a thread samples the process's RSS every 20 ms (see :attr:`trace`).
     """
 
-    def __init__(self, counter: WireCounter, trace_rss: bool = False) -> None:
+    def __init__(self, counter: WireCounter | KernelWireCounter, trace_rss: bool = False) -> None:
         self.counter = counter
         self.rounds: list[dict[str, Any]] = []
         self.started: float | None = None
-        self._sent = 0
+        self._snapshot: Any = None
         self._aggregating: float | None = None
         self.origin = time.perf_counter()
         self.trace: list[tuple[float, int]] = []
@@ -228,9 +290,9 @@ class RoundClock:
         return now
 
     def start(self) -> None:
-        """The round's instructions exist: start the clock."""
+        """The round's instructions exist: start the clock (once the bytes are counted)."""
+        self._snapshot = self.counter.snapshot()
         self.started = self._mark("round start")
-        self._sent = self.counter.read()
 
     def aggregating(self) -> None:
         """Every reply is in: aggregation starts."""
@@ -240,11 +302,13 @@ class RoundClock:
         """The round is aggregated: record it."""
         assert self.started is not None, "stop() without start()"
         end = self._mark("round end")
+        wire_bytes, lost = self.counter.since(self._snapshot)  # after the clock stopped
         self.rounds.append(
             {
                 "seconds": end - self.started,
                 "aggregate_seconds": end - (self._aggregating or end),
-                "wire_bytes": self.counter.read() - self._sent,
+                "wire_bytes": wire_bytes,
+                "wire_connections_lost": lost,
                 "results": results,
                 "failures": failures,
             }
@@ -287,7 +351,9 @@ def server_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--model-bytes", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
-    parser.add_argument("--counter", default=None, help="the relay's counter file")
+    parser.add_argument(
+        "--counter", default=None, help="'kernel' (TCP counters) or the relay's counter file"
+    )
     parser.add_argument("--out", required=True, help="where to write the JSON report")
     parser.add_argument("--trace-rss", action="store_true", help="sample RSS every 20 ms")
     return parser

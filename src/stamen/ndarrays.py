@@ -29,24 +29,36 @@ import numpy as np
 
 from ._ast_guard import PARSE_LOCK
 from .errors import ConfigError, DecodeError
+from .memory import BufferPool
 from .messages import Parameters
 from .typing import NDArray, NDArrays
 
 __all__ = [
+    "POOLED_FROM",
+    "RECEIVE_POOL",
     "TENSOR_TYPE",
     "ReceivedBuffer",
     "bytes_to_ndarray",
     "bytes_to_ndarray_view",
     "ndarray_to_bytes",
+    "ndarray_to_sendable",
     "ndarray_to_tensor",
     "ndarrays_to_parameters",
     "parameters_to_ndarrays",
     "parameters_to_views",
+    "pooled_parameters",
     "received_buffer_of",
     "writable_alias",
 ]
 
 TENSOR_TYPE = "numpy.ndarray"
+
+POOLED_FROM = 16 << 20
+"""Received messages and tensors encoded for sending of this many bytes or more are put in
+pooled memory."""
+
+RECEIVE_POOL = BufferPool()
+"""Where large received messages and encoded tensors land (one pool per process)."""
 
 
 def ndarray_to_bytes(ndarray: NDArray) -> bytes:
@@ -95,28 +107,56 @@ class ReceivedBuffer(np.ndarray[Any, np.dtype[np.uint8]]):
     knows nothing else holds the message, may write through :func:`writable_alias`.
     Callbacks registered with :meth:`when_released` run when the buffer is freed, or
     earlier, when its receiver keeps the memory (:meth:`kept`).
+
+    Large tensors encoded only to be sent (:func:`ndarray_to_sendable`) are read-only
+    buffers of this type too, so that they come from the same pool.
     """
 
-    _finalizers: list[weakref.finalize]  # type: ignore[type-arg]
+    _callbacks: list[Callable[[], None]]
+    _release: weakref.finalize | None  # type: ignore[type-arg]
 
     @classmethod
     def allocate(cls, size: int) -> ReceivedBuffer:
-        """An uninitialized buffer of ``size`` bytes (NumPy's allocation: large buffers
-        get transparent huge pages where the kernel offers them)."""
-        return np.empty(size, dtype=np.uint8).view(cls)
+        """An uninitialized buffer of ``size`` bytes: from the process's
+        :class:`~stamen.memory.BufferPool` from 16 MiB on, so the next message of that
+        size lands in memory already mapped; smaller ones from NumPy's allocator."""
+        if size < POOLED_FROM:
+            return np.empty(size, dtype=np.uint8).view(cls)
+        block, give_back = RECEIVE_POOL.take(size)
+        buffer = block.view(cls)
+        buffer._release = weakref.finalize(buffer, _released, give_back, buffer._callbacks)
+        return buffer
 
     def __array_finalize__(self, obj: object) -> None:
-        self._finalizers = []
+        self._callbacks = []
+        self._release = None
 
     def when_released(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (once, from any thread) when the buffer is freed or kept."""
-        self._finalizers.append(weakref.finalize(self, callback))
+        """Call ``callback`` (once, from any thread) when the buffer is freed or kept.
+
+        A pooled buffer is back in its pool before any callback runs: a callback that lets
+        the next message in (a receive slot) then finds this memory free for it.
+        """
+        if self._release is None:  # not pooled, or a view made by slicing
+            self._release = weakref.finalize(self, _released, None, self._callbacks)
+        self._callbacks.append(callback)
 
     def kept(self) -> None:
         """The receiver keeps this memory (as its own array): run the release callbacks
         now, as they would have run had the buffer been freed."""
-        for finalizer in self._finalizers:
-            finalizer()
+        _run_all(self._callbacks)
+
+
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    while callbacks:
+        callbacks.pop(0)()
+
+
+def _released(give_back: Callable[[], None] | None, callbacks: list[Callable[[], None]]) -> None:
+    """A buffer died: its memory back to the pool first, then its callbacks."""
+    if give_back is not None:
+        give_back()
+    _run_all(callbacks)
 
 
 def received_buffer_of(array: NDArray) -> ReceivedBuffer | None:
@@ -157,15 +197,57 @@ def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
     """
     root = received_buffer_of(ndarray)
     if root is None or not ndarray.flags.c_contiguous or ndarray.dtype.hasobject:
-        return ndarray_to_bytes(ndarray)
+        return ndarray_to_sendable(ndarray)
     start = ndarray.__array_interface__["data"][0] - root.__array_interface__["data"][0]
     header = _npy_header(ndarray, fortran=False)
     begin, end = start - len(header), start + ndarray.nbytes
     memory = root.data
     if begin < 0 or end > len(memory) or memory[begin:start] != header:
-        return ndarray_to_bytes(ndarray)
+        return ndarray_to_sendable(ndarray)
     ndarray.flags.writeable = False
     return memory[begin:end].toreadonly()
+
+
+def ndarray_to_sendable(ndarray: NDArray) -> bytes | memoryview:
+    """:func:`ndarray_to_bytes` for a tensor that is only sent (or decoded as views): an
+    array of :data:`POOLED_FROM` bytes or more is written into pooled memory and the
+    tensor is a read-only view of it, which goes back to the pool once dropped; the next
+    round's tensor then lands in memory already mapped instead of growing the heap.
+    """
+    if not isinstance(ndarray, np.ndarray) or ndarray.nbytes < POOLED_FROM:
+        return ndarray_to_bytes(ndarray)  # which also refuses what cannot be sent
+    if ndarray.dtype.hasobject:
+        return ndarray_to_bytes(ndarray)
+    fortran = not ndarray.flags.c_contiguous and ndarray.flags.f_contiguous
+    data = ndarray.T if fortran else ndarray
+    header = _npy_header(ndarray, fortran)
+    buffer = ReceivedBuffer.allocate(len(header) + ndarray.nbytes)
+    buffer[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+    np.copyto(buffer[len(header) :].view(ndarray.dtype).reshape(data.shape), data)
+    buffer.flags.writeable = False  # never a writable alias: it is nobody's received message
+    return buffer.data
+
+
+def pooled_parameters(parameters: Parameters) -> Parameters:
+    """``parameters`` with each tensor of :data:`POOLED_FROM` bytes or more that is not
+    already in a :class:`ReceivedBuffer` copied into pooled, read-only memory.
+
+    For a model that is replaced round after round (the server's global model): the
+    memory of the model a round replaces then goes back to the pool and serves the next
+    messages, instead of staying behind as a hole in the heap.
+    """
+    tensors: list[bytes | memoryview] = []
+    for tensor in parameters.tensors:
+        if len(tensor) < POOLED_FROM or (
+            received_buffer_of(np.frombuffer(tensor, np.uint8)) is not None
+        ):
+            tensors.append(tensor)
+            continue
+        buffer = ReceivedBuffer.allocate(len(tensor))
+        buffer[:] = np.frombuffer(tensor, dtype=np.uint8)
+        buffer.flags.writeable = False
+        tensors.append(buffer.data)
+    return Parameters(tensors=tensors, tensor_type=parameters.tensor_type)
 
 
 def _header_prefix(tensor: bytes | memoryview) -> bytes:
@@ -281,10 +363,16 @@ def bytes_to_ndarray_view(tensor: bytes | memoryview) -> NDArray:
     return array
 
 
-def ndarrays_to_parameters(ndarrays: Iterable[NDArray]) -> Parameters:
-    """Convert a list of arrays to :class:`Parameters` (``tensor_type="numpy.ndarray"``)."""
+def ndarrays_to_parameters(ndarrays: Iterable[NDArray], *, sending: bool = False) -> Parameters:
+    """Convert a list of arrays to :class:`Parameters` (``tensor_type="numpy.ndarray"``).
+
+    ``sending=True``: the Parameters are only sent (the node's own reply): large tensors
+    are then read-only memoryviews over pooled memory (:func:`ndarray_to_sendable`), not
+    ``bytes``.
+    """
     # As in Flower, a bare array is taken as the iterable of its rows.
-    return Parameters(tensors=[ndarray_to_bytes(a) for a in ndarrays], tensor_type=TENSOR_TYPE)
+    encode = ndarray_to_sendable if sending else ndarray_to_bytes
+    return Parameters(tensors=[encode(a) for a in ndarrays], tensor_type=TENSOR_TYPE)
 
 
 def parameters_to_ndarrays(parameters: Parameters, *, owned: bool = False) -> NDArrays:

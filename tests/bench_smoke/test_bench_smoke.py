@@ -30,9 +30,11 @@ def flower_python() -> Path:
     return python
 
 
-def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wire", ["kernel", "relay"])
+def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> None:
     """``run.py --quick --workloads A`` runs A on Stamen and on Flower, each run's final
-    model passes the check, and the JSON holds round times, RSS and wire bytes for both."""
+    model passes the check, and the JSON holds round times, RSS and wire bytes for both;
+    the bytes, counted by the kernel or by a relay, are the models both ways plus framing."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [
@@ -45,6 +47,8 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path) -> None:
             str(flower_python()),
             "--out",
             str(out),
+            "--wire",
+            wire,
         ],
         capture_output=True,
         text=True,
@@ -61,7 +65,10 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path) -> None:
         assert run["ok"], (framework, run.get("error"))
         assert run["check"]["ok"] and run["check"]["max_abs_error"] <= 1e-3, run["check"]
         assert len(run["round_seconds"]) == result["workloads"]["A"]["spec"]["rounds"]
-        assert all(b > 0 for b in run["wire_bytes"]), run["wire_bytes"]
+        spec = result["workloads"]["A"]["spec"]
+        payload = 2 * spec["clients"] * spec["model_bytes"]
+        assert all(payload < b < 1.2 * payload for b in run["wire_bytes"]), run["wire_bytes"]
+        assert run["wire_connections_lost"] == 0
         assert run["server_peak_rss_bytes"] > 0 and min(run["client_peak_rss_bytes"]) > 0
     ratio = result["workloads"]["A"]["summary"]["ratio"]
     assert ratio["round_seconds"] is not None and ratio["wire_bytes"] is not None

@@ -1,4 +1,5 @@
-"""stamen.memory: large buffers freed by node threads are reused, not mapped afresh."""
+"""stamen.memory: large buffers freed by node threads are reused, not mapped afresh; the
+buffer pool reuses received messages and encoded tensors only once nothing reads them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
+from typing import Any
 
+import numpy as np
 import pytest
+
+from stamen import ndarrays
+from stamen.errors import ConfigError
+from stamen.memory import BufferPool
+from stamen.messages import Parameters
+from stamen.ndarrays import ReceivedBuffer
 
 # In a fresh interpreter: import Stamen's client package, then run 3 node-like threads
 # that each allocate a little, apply the settings (as start_client in a thread does), and
@@ -71,3 +81,154 @@ def test_node_threads_reuse_freed_buffers() -> None:
     # Measured here: 187,764 untuned, 20,480-40,960 tuned (one bytes buffer re-faulted
     # where the three threads' buffers interleave differently from round to round).
     assert tuned * 3 < untuned, (tuned, untuned)
+
+
+# --- BufferPool and the buffers built on it ----------------------------------------------
+
+MIB = 1 << 20
+
+
+def _address(array: np.ndarray[Any, Any]) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def test_a_freed_buffer_serves_the_next_request_it_fits_without_a_new_mapping() -> None:
+    pool = BufferPool()
+    block, give_back = pool.take(3 * MIB)
+    buffer = block.view(ReceivedBuffer)
+    weakref.finalize(buffer, give_back)
+    first = _address(buffer)
+    buffer[:] = 7
+    del block, buffer
+    assert pool.cached_bytes == 4 * MIB  # rounded up to whole 2 MiB huge pages
+    again, give_back = pool.take(3 * MIB - 100)
+    assert _address(again) == first
+    assert again.nbytes == 3 * MIB - 100
+    assert (pool.mapped, pool.cached_bytes) == (1, 0)
+    bigger, _ = pool.take(5 * MIB)  # does not fit the cached one: a new mapping
+    assert _address(bigger) != first and pool.mapped == 2
+
+
+def test_a_cached_buffer_is_not_given_to_a_request_of_under_half_its_size() -> None:
+    pool = BufferPool()
+    block, give_back = pool.take(10 * MIB)
+    give_back()
+    del block
+    _small, _ = pool.take(3 * MIB)
+    assert pool.mapped == 2 and pool.cached_bytes == 10 * MIB
+
+
+def test_cached_buffers_beyond_the_limit_are_dropped_oldest_first() -> None:
+    pool = BufferPool(max_cached_bytes=5 * MIB)
+    blocks = [pool.take(2 * MIB) for _ in range(3)]
+    for _, give_back in blocks:
+        give_back()
+    assert pool.cached_bytes == 4 * MIB  # the first of the three was unmapped
+    pool.clear()
+    assert pool.cached_bytes == 0
+
+
+@pytest.fixture
+def small_pool(monkeypatch: pytest.MonkeyPatch) -> BufferPool:
+    """Received buffers and sendable tensors of 1 MiB and more from a fresh pool."""
+    pool = BufferPool()
+    monkeypatch.setattr(ndarrays, "POOLED_FROM", MIB)
+    monkeypatch.setattr(ndarrays, "RECEIVE_POOL", pool)
+    return pool
+
+
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        lambda buffer: buffer[10:20],
+        lambda buffer: np.asarray(buffer)[5:].reshape(-1)[1:],
+        lambda buffer: buffer.view(np.float32)[3:],
+        lambda buffer: memoryview(buffer)[100:],
+        lambda buffer: np.frombuffer(buffer.data, dtype=np.uint8, offset=8),
+        lambda buffer: ndarrays.writable_alias(np.frombuffer(buffer.data, np.uint8)),
+    ],
+    ids=["slice", "ndarray-of-slice", "dtype-view", "memoryview", "frombuffer", "alias"],
+)
+def test_a_pooled_buffer_is_not_reused_while_any_view_of_it_lives(
+    small_pool: BufferPool, make_view: Any
+) -> None:
+    """Reusing memory something still reads would corrupt it silently."""
+    buffer = ReceivedBuffer.allocate(2 * MIB)
+    view = make_view(buffer)
+    del buffer
+    assert small_pool.cached_bytes == 0
+    other = ReceivedBuffer.allocate(2 * MIB)
+    assert small_pool.mapped == 2
+    del view
+    assert small_pool.cached_bytes == 2 * MIB
+    del other
+
+
+def test_a_kept_buffer_stays_out_of_the_pool(small_pool: BufferPool) -> None:
+    """kept() releases the receive slot, not the memory: the receiver still uses it."""
+    buffer = ReceivedBuffer.allocate(2 * MIB)
+    slot_freed: list[bool] = []
+    buffer.when_released(lambda: slot_freed.append(True))
+    buffer.kept()
+    assert slot_freed == [True] and small_pool.cached_bytes == 0
+    del buffer
+    assert small_pool.cached_bytes == 2 * MIB
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(600_000, dtype=np.float32).reshape(600, 1000),
+        np.asfortranarray(np.arange(300_000, dtype=np.float64).reshape(300, 1000)),
+        np.arange(1_200_000, dtype=np.int32)[::2],
+    ],
+    ids=["c-order", "fortran-order", "strided"],
+)
+def test_a_sendable_tensor_is_the_npy_blob_in_pooled_read_only_memory(
+    small_pool: BufferPool, array: np.ndarray[Any, Any]
+) -> None:
+    tensor = ndarrays.ndarray_to_sendable(array)
+    assert isinstance(tensor, memoryview) and tensor.readonly
+    assert bytes(tensor) == ndarrays.ndarray_to_bytes(array)
+    assert np.array_equal(ndarrays.bytes_to_ndarray(tensor), array)
+    assert ndarrays.writable_alias(ndarrays.bytes_to_ndarray_view(tensor)) is None
+    del tensor
+    assert small_pool.mapped == 1 and small_pool.cached_bytes > 0
+
+
+def test_small_and_unsendable_arrays_stay_bytes_and_keep_their_errors(
+    small_pool: BufferPool,
+) -> None:
+    assert isinstance(ndarrays.ndarray_to_sendable(np.ones(10)), bytes)
+    with pytest.raises(ConfigError, match="Python objects"):
+        ndarrays.ndarray_to_sendable(np.empty(MIB, dtype=object))
+    assert small_pool.mapped == 0
+
+
+def test_pooled_parameters_move_large_tensors_into_the_pool_once(small_pool: BufferPool) -> None:
+    """The server's initial model goes into pooled memory, so that when a round replaces
+    it its memory serves the next messages; tensors already pooled are not copied again."""
+    big = ndarrays.ndarray_to_bytes(np.arange(400_000, dtype=np.float32))
+    small = ndarrays.ndarray_to_bytes(np.arange(10, dtype=np.float32))
+    parameters = Parameters(tensors=[big, small], tensor_type=ndarrays.TENSOR_TYPE)
+    pooled = ndarrays.pooled_parameters(parameters)
+    moved, kept = pooled.tensors
+    assert isinstance(moved, memoryview) and moved.readonly and bytes(moved) == big
+    assert kept is small and small_pool.mapped == 1
+    again = ndarrays.pooled_parameters(pooled)
+    assert again.tensors[0] is moved and small_pool.mapped == 1
+    del parameters, pooled, again, moved
+    assert small_pool.cached_bytes == 2 * MIB
+
+
+def test_a_pooled_buffer_is_back_in_its_pool_before_its_release_callbacks_run(
+    small_pool: BufferPool,
+) -> None:
+    """The server's receive slot is a release callback: the reply it lets in must find the
+    freed buffer in the pool, not map a new one."""
+    buffer = ReceivedBuffer.allocate(2 * MIB)
+    seen: list[tuple[str, int]] = []
+    buffer.when_released(lambda: seen.append(("first", small_pool.cached_bytes)))
+    buffer.when_released(lambda: seen.append(("second", small_pool.cached_bytes)))
+    del buffer
+    assert seen == [("first", 2 * MIB), ("second", 2 * MIB)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +30,12 @@ from stamen.messages import (
     GetPropertiesIns,
     GetPropertiesRes,
     Instruction,
+    Parameters,
     ReconnectIns,
     Reply,
+    Status,
 )
-from stamen.ndarrays import ndarrays_to_parameters
+from stamen.ndarrays import TENSOR_TYPE, ndarray_to_bytes, ndarrays_to_parameters
 from stamen.testing import FakeClock
 from stamen.transport.base import ClientTransport
 
@@ -349,3 +352,62 @@ def test_keyboard_interrupt_closes_the_link_and_propagates() -> None:
     with pytest.raises(KeyboardInterrupt):
         _run(network, _config(), FakeClock())
     assert network.closes == [False]
+
+
+def _traced_tensor(refs: list[weakref.ref[Any]]) -> memoryview:
+    """A tensor over an array of its own, whose life ``refs`` records."""
+    blob = np.frombuffer(ndarray_to_bytes(np.ones(4)), dtype=np.uint8).copy()
+    refs.append(weakref.ref(blob))
+    return blob.data  # the tensor keeps the array alive, and nothing else does
+
+
+class TracedReplies(Client):
+    """Answers fit with a tensor whose life is traced."""
+
+    def __init__(self, refs: list[weakref.ref[Any]]) -> None:
+        self.refs = refs
+
+    def fit(self, ins: FitIns) -> FitRes:
+        parameters = Parameters(tensors=[_traced_tensor(self.refs)], tensor_type=TENSOR_TYPE)
+        return FitRes(Status(Code.OK, ""), parameters, 1, {})
+
+
+class Forgetful:
+    """A transport that keeps nothing it hands out or is given, and records, each time the
+    node waits for an instruction, how many earlier instructions and replies are alive."""
+
+    node_id = 7
+
+    def __init__(self, instructions: int, refs: list[weakref.ref[Any]]) -> None:
+        self._left = instructions
+        self._refs = refs
+        self.alive_while_waiting: list[int] = []
+
+    def connect(self) -> None:
+        pass
+
+    def receive(self) -> Instruction:
+        self.alive_while_waiting.append(sum(ref() is not None for ref in self._refs))
+        if not self._left:
+            return BYE
+        self._left -= 1
+        parameters = Parameters(tensors=[_traced_tensor(self._refs)], tensor_type=TENSOR_TYPE)
+        return FitIns(parameters=parameters, config={})
+
+    def send(self, reply: Reply) -> None:
+        pass
+
+    def close(self, *, graceful: bool) -> None:
+        pass
+
+
+def test_the_node_holds_no_instruction_or_reply_while_it_waits_for_the_next() -> None:
+    """Between rounds the node keeps neither the last instruction nor its reply: for a
+    large model those are the received message and the encoded reply, which the next
+    round's can then reuse instead of growing the process."""
+    refs: list[weakref.ref[Any]] = []
+    transport = Forgetful(3, refs)
+    config = _config(client_fn=lambda context: TracedReplies(refs))
+    run_node(config, clock=FakeClock(), rng=lambda: 0.5, transport_factory=lambda c: transport)
+    assert len(refs) == 6  # 3 instructions, 3 replies
+    assert transport.alive_while_waiting == [0, 0, 0, 0]

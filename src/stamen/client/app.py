@@ -236,6 +236,9 @@ def run_node(
                     logger.error("%s", exc)
                     transport.send(error_reply(instruction, str(exc)))
                 session.replied()
+                # Not held while waiting for the next one: a large model's received
+                # message and encoded reply can then serve the next round's.
+                del instruction, reply
         except TransportError as exc:
             if not exc.retryable:
                 transport.close(graceful=False)

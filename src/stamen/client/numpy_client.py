@@ -123,7 +123,8 @@ class NumPyClientAdapter(Client):
         self.numpy_client = numpy_client
         self.owns_instructions = False
         """Set by the node for an instruction it received and hands over whole: the
-        NumPyClient then gets arrays over the received bytes, not copies of them."""
+        NumPyClient then gets arrays over the received bytes, not copies of them, and
+        its reply is encoded into pooled memory (only the node reads it, to send it)."""
 
     def _arrays(self, parameters: Parameters) -> NDArrays:
         return parameters_to_ndarrays(parameters, owned=self.owns_instructions)
@@ -145,7 +146,8 @@ class NumPyClientAdapter(Client):
         if not _overrides(self.numpy_client, "get_parameters"):
             return super().get_parameters(ins)
         ndarrays = self.numpy_client.get_parameters(ins.config)
-        return GetParametersRes(status=_OK, parameters=ndarrays_to_parameters(ndarrays))
+        parameters = ndarrays_to_parameters(ndarrays, sending=self.owns_instructions)
+        return GetParametersRes(status=_OK, parameters=parameters)
 
     def fit(self, ins: FitIns) -> FitRes:
         """Call ``NumPyClient.fit`` and check what it returns."""
@@ -167,7 +169,7 @@ class NumPyClientAdapter(Client):
         ndarrays, num_examples, metrics = result
         return FitRes(
             status=_OK,
-            parameters=ndarrays_to_parameters(ndarrays),
+            parameters=ndarrays_to_parameters(ndarrays, sending=self.owns_instructions),
             num_examples=num_examples,
             metrics=metrics,
         )

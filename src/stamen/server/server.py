@@ -22,6 +22,7 @@ from ..messages import (
     ReconnectIns,
     Reply,
 )
+from ..ndarrays import pooled_parameters
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
@@ -222,11 +223,12 @@ class Server:
         resumed = None if self.checkpointer is None else self.checkpointer.load_latest()
         if resumed is None:
             history = History()
-            self.parameters = self._get_initial_parameters(timeout)
+            # In pooled memory: once a round replaces it, it serves the next messages.
+            self.parameters = pooled_parameters(self._get_initial_parameters(timeout))
             self._evaluate_centralized(0, history)
             return history, 1
         self.strategy.load_state_dict(resumed.strategy_state)
-        self.parameters = resumed.parameters
+        self.parameters = pooled_parameters(resumed.parameters)
         logger.info("resuming after round %d from a checkpoint", resumed.server_round)
         return resumed.history, resumed.server_round + 1
 
