@@ -117,9 +117,29 @@ def tune_allocator() -> bool:
 
 
 _HUGE_PAGE = 2 << 20
-_PRIVATE = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
-"""Private: Python's default for ``mmap(-1, ...)`` is shared memory, which the kernel
-backs with shmem pages (no transparent huge pages, slower faults)."""
+
+
+def _anonymous(capacity: int) -> mmap.mmap:
+    """``capacity`` bytes of private anonymous memory, huge pages requested.
+
+    Private: Python's default for ``mmap(-1, ...)`` on Unix is shared memory, which Linux
+    backs with shmem pages (no transparent huge pages, slower faults).
+
+    Raises:
+        MemoryError: the system cannot map that much.
+    """
+    try:
+        if hasattr(mmap, "MAP_PRIVATE"):
+            private = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
+            mapping = mmap.mmap(-1, capacity, flags=private)
+        else:  # Windows: anonymous memory is private already
+            mapping = mmap.mmap(-1, capacity)
+    except OSError as exc:
+        raise MemoryError(f"cannot map {capacity} bytes for a message buffer: {exc}") from exc
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
 
 
 class _Block(np.ndarray[Any, np.dtype[np.uint8]]):
@@ -142,7 +162,9 @@ class BufferPool:
     grew its heap by a model every few seconds); a fresh ``mmap`` per buffer zeroes every
     page every time. Pooled buffers are anonymous mappings with transparent huge pages
     requested, reused by the next request they fit (best fit, at most twice the size
-    asked for).
+    asked for). Freed buffers stay mapped, up to ``max_cached_bytes``, until reused or
+    :meth:`clear`: like the malloc settings, a process keeps what its busiest round
+    needed.
 
     Args:
         max_cached_bytes: Free buffers kept beyond this many bytes are unmapped.
@@ -163,10 +185,7 @@ class BufferPool:
         capacity = -(-max(size, 1) // _HUGE_PAGE) * _HUGE_PAGE
         mapping = self._reuse(size)
         if mapping is None:
-            mapping = mmap.mmap(-1, capacity, flags=_PRIVATE)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                with contextlib.suppress(OSError):  # a kernel without transparent huge pages
-                    mapping.madvise(mmap.MADV_HUGEPAGE)
+            mapping = _anonymous(capacity)
             with self._lock:
                 self.mapped += 1
         block = np.frombuffer(mapping, dtype=np.uint8, count=size).view(_Block)

@@ -553,6 +553,67 @@ def test_a_stalled_rest_body_is_given_up_after_the_silence_limit(
     assert_serving(raw_channel, http)
 
 
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes ``sock``, and the seconds that took."""
+    began = time.monotonic()
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - began
+
+
+@pytest.mark.parametrize("after_a_request", [False, True])
+def test_rest_headers_that_stop_arriving_lose_their_connection_after_the_silence_limit(
+    garbage_server: RunningServer,
+    raw_channel: grpc.Channel,
+    http: httpx.Client,
+    after_a_request: bool,
+) -> None:
+    """A request whose headers never complete (a new connection, or the next request on a
+    kept-alive one) is dropped once the silence limit (at least 5 s) has passed: it does
+    not hold a connection, and a file descriptor, for ever."""
+    body = fc.encode_pull_request(PullRequest(node_id=424242))
+    assert garbage_server.rest_port is not None
+    with socket.create_connection(("127.0.0.1", garbage_server.rest_port), timeout=WAIT) as sock:
+        if after_a_request:
+            sock.sendall(_pull_head(len(body)) + body)
+            answer = b""
+            while b"not registered" not in answer:  # the whole 404 (unknown node)
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 404 "), answer[:60]
+        sock.sendall(_pull_head(len(body))[:30])  # and the rest never comes
+        received, waited = _until_closed(sock)
+    assert received == b""
+    assert body_idle_limit(garbage_server.service.fleet) <= waited < WAIT
+    assert_serving(raw_channel, http)
+
+
+def test_a_rest_long_poll_longer_than_the_header_limit_is_answered() -> None:
+    """The header deadline ends when the headers are in: a pull held open by the server
+    for longer (its long-poll) is answered, not cut off."""
+    timing = FleetTiming(heartbeat_interval=0.2, heartbeat_timeout=1.0, poll_timeout=6.0)
+    with (
+        running_server(run=False, rest=True, timing=timing) as srv,
+        httpx.Client(base_url=f"http://127.0.0.1:{srv.rest_port}", timeout=WAIT) as client,
+    ):
+        assert srv.rest_port is not None
+        assert body_idle_limit(srv.service.fleet) < timing.poll_timeout
+        register = fc.encode_create_node_request(CreateNodeRequest())
+        code, created = rest_call(client, Verb.CREATE_NODE, register)
+        assert code == 200
+        node_id = fc.decode_create_node_response(created).node_id
+        body = fc.encode_pull_request(PullRequest(node_id=node_id))
+        with socket.create_connection(("127.0.0.1", srv.rest_port), timeout=WAIT) as sock:
+            sock.sendall(_pull_head(len(body)) + body)
+            began = time.monotonic()
+            answer = sock.recv(65536)
+            waited = time.monotonic() - began
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+        assert waited >= body_idle_limit(srv.service.fleet)
+
+
 def test_rest_body_cut_short_is_a_400_not_an_application_error(
     garbage_server: RunningServer,
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stamen import ndarrays
+from stamen import memory, ndarrays
 from stamen.errors import ConfigError
 from stamen.memory import BufferPool
 from stamen.messages import Parameters
@@ -232,3 +232,12 @@ def test_a_pooled_buffer_is_back_in_its_pool_before_its_release_callbacks_run(
     buffer.when_released(lambda: seen.append(("second", small_pool.cached_bytes)))
     del buffer
     assert seen == [("first", 2 * MIB), ("second", 2 * MIB)]
+
+
+def test_a_buffer_the_system_cannot_map_is_a_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(memory.mmap, "mmap", refuse)
+    with pytest.raises(MemoryError, match=r"cannot map 4194304 bytes .*Cannot allocate"):
+        BufferPool().take(3 * MIB)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -56,16 +57,37 @@ class FleetTiming:
         heartbeat_timeout: Seconds of silence after which a node is dropped and its
             in-flight instruction fails (default: 3 intervals).
         poll_timeout: Seconds a PullInstruction request is held open when there is no work.
+        connection_idle_limit: Seconds a gRPC connection may carry no call before the
+            server closes it (default: twice the heartbeat timeout, at least 60 s). Nodes
+            always have a call open (a grpc-bidi stream, a grpc-rere long-poll) or make
+            one every heartbeat; a connection that is idle longer is abandoned or hostile
+            and would otherwise hold a file descriptor for ever. A node whose connection
+            was closed opens a new one with its next call.
     """
 
     heartbeat_interval: float = 15.0
     heartbeat_timeout: float | None = None
     poll_timeout: float = 10.0
+    connection_idle_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        limit = self.connection_idle_limit
+        if limit is not None and not (math.isfinite(limit) and limit > 0):
+            raise ValueError(
+                f"connection_idle_limit: expected a positive number of seconds, received {limit!r}"
+            )
 
     @property
     def silence_limit(self) -> float:
         """The effective heartbeat timeout."""
         return self.heartbeat_timeout or 3.0 * self.heartbeat_interval
+
+    @property
+    def idle_limit(self) -> float:
+        """The effective ``connection_idle_limit``."""
+        if self.connection_idle_limit is not None:
+            return self.connection_idle_limit
+        return max(2.0 * self.silence_limit, 60.0)
 
 
 @dataclass(eq=False)

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ...errors import ConfigError
 from ...protocol.fleet import ERRORS, ErrorKind, FleetError
@@ -110,6 +111,58 @@ def rest_app(fleet: Fleet, max_body: int) -> Starlette:
     return Starlette(routes=routes)
 
 
+class _HeadersOnTime(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline on each request's headers.
+
+    uvicorn bounds the wait between requests (its keep-alive timeout), not the headers of
+    a request once its first bytes have come: a client that starts a request and stops
+    would hold its connection (a file descriptor) for ever. Here each request's headers
+    must be complete within ``header_limit`` seconds of the connection opening or of the
+    previous response; otherwise the connection is closed.
+    """
+
+    header_limit = 5.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._headers_due: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._headers_due = self.loop.call_later(self.header_limit, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+            self._headers_due = None
+
+    def _headers_late(self) -> None:
+        self._headers_due = None
+        if not self.transport.is_closing():
+            logger.warning(
+                "rest: closing a connection from %s: no complete request headers within %g s",
+                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+                self.header_limit,
+            )
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers were parsed: it is being served
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._arm()  # the next request's headers are due in turn
+        super().on_response_complete()  # parses a pipelined request at once, if any
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
 class RestListener:
     """uvicorn serving :func:`rest_app` on a socket we bind (so port 0 works)."""
 
@@ -142,8 +195,12 @@ class RestListener:
             kwargs = {"ssl_ca_certs": ca, "ssl_certfile": cert, "ssl_keyfile": key}
             if require_client_certificate:
                 kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        # Headers get as long as a body may stay silent (the heartbeat timeout, >= 5 s).
+        limit = body_idle_limit(fleet)
+        protocol = type("HeadersOnTime", (_HeadersOnTime,), {"header_limit": limit})
         self._config = uvicorn.Config(
             rest_app(fleet, max_body),
+            http=protocol,
             log_config=None,
             access_log=False,
             lifespan="off",
