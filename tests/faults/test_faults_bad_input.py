@@ -17,6 +17,7 @@ every time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import random
 import socket
@@ -588,6 +589,24 @@ def test_rest_headers_that_stop_arriving_lose_their_connection_after_the_silence
     assert received == b""
     assert body_idle_limit(garbage_server.service.fleet) <= waited < WAIT
     assert_serving(raw_channel, http)
+
+
+def test_an_idle_rest_connection_is_closed_quietly_and_a_cut_request_with_a_warning(
+    garbage_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both lose their connection after the limit; only the request cut short (a broken
+    or hostile client) is worth a warning."""
+    assert garbage_server.rest_port is not None
+    address = ("127.0.0.1", garbage_server.rest_port)
+    with (
+        caplog.at_level(logging.DEBUG, logger="stamen.server"),
+        socket.create_connection(address, timeout=WAIT) as idle,
+        socket.create_connection(address, timeout=WAIT) as cut,
+    ):
+        cut.sendall(_pull_head(10)[:30])
+        assert _until_closed(idle)[0] == b"" and _until_closed(cut)[0] == b""
+    closing = [r for r in caplog.records if "no complete request headers" in r.getMessage()]
+    assert sorted(r.levelno for r in closing) == [logging.DEBUG, logging.WARNING]
 
 
 def test_a_rest_long_poll_longer_than_the_header_limit_is_answered() -> None:

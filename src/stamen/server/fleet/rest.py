@@ -126,11 +126,17 @@ class _HeadersOnTime(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._headers_due: asyncio.TimerHandle | None = None
+        self._begun = False
         self._arm()
 
     def _arm(self) -> None:
         self._disarm()
+        self._begun = False  # no byte of the next request yet
         self._headers_due = self.loop.call_later(self.header_limit, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        self._begun = True
+        super().data_received(data)
 
     def _disarm(self) -> None:
         if self._headers_due is not None:
@@ -140,7 +146,9 @@ class _HeadersOnTime(H11Protocol):
     def _headers_late(self) -> None:
         self._headers_due = None
         if not self.transport.is_closing():
-            logger.warning(
+            # An idle kept-alive connection is routine; a request cut short is not.
+            log = logger.warning if self._begun else logger.debug
+            log(
                 "rest: closing a connection from %s: no complete request headers within %g s",
                 f"{self.client[0]}:{self.client[1]}" if self.client else "?",
                 self.header_limit,
