@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import grpc
 
 from stamen.messages import Code, DisconnectRes, GetPropertiesRes, ReconnectIns, Status
 from stamen.wire import BIDI_JOIN_METHOD, decode_instruction, encode_reply
+
+RETRIES = 5
 
 
 async def fake_nodes(address: str, nodes: int, channels_count: int) -> int:
@@ -23,9 +26,22 @@ async def fake_nodes(address: str, nodes: int, channels_count: int) -> int:
     channels = [grpc.aio.insecure_channel(address) for _ in range(channels_count)]
 
     async def node(index: int) -> None:
-        call = channels[index % channels_count].stream_stream(BIDI_JOIN_METHOD)()
+        # A grpc.aio server cancels calls it cannot take in time when a thousand arrive at
+        # once on a busy machine; such a stream is opened again, as a real node reconnects.
+        for attempt in range(RETRIES + 1):
+            call = channels[index % channels_count].stream_stream(BIDI_JOIN_METHOD)()
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED or attempt == RETRIES:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            await serve(index, call, first)
+            return
+
+    async def serve(index: int, call: Any, data: Any) -> None:
         while True:
-            data = await call.read()
             if data is grpc.aio.EOF:
                 return
             instruction = decode_instruction(data)
@@ -36,6 +52,7 @@ async def fake_nodes(address: str, nodes: int, channels_count: int) -> int:
             reply = GetPropertiesRes(Status(Code.OK, ""), {"index": index})
             await call.write(encode_reply(reply))
             answered.append(index)
+            data = await call.read()
 
     try:
         await asyncio.wait_for(asyncio.gather(*(node(i) for i in range(nodes))), timeout=120)
