@@ -29,8 +29,9 @@ def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tu
 
     A connection with no call for ``idle_limit`` seconds is closed (see
     :attr:`FleetTiming.connection_idle_limit`). One that does not complete its handshake
-    is closed by gRPC after its own limit (120 s): a shorter one, tied to the heartbeat
-    timeout, dropped honest nodes when 1,200 of them connected at once on 2 busy cores.
+    is closed by gRPC after its own limit (120 s): a limit tied to the heartbeat timeout
+    can be as short as 5 s, too close to what a TLS handshake may take when thousands of
+    nodes connect at once to a busy server.
 
     The server pings idle streams every 60 s and drops a node that does not answer within
     20 s, so a vanished grpc-bidi node fails its instruction without waiting for
