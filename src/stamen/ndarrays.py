@@ -214,10 +214,9 @@ def ndarray_to_sendable(ndarray: NDArray) -> bytes | memoryview:
     tensor is a read-only view of it, which goes back to the pool once dropped; the next
     round's tensor then lands in memory already mapped instead of growing the heap.
     """
-    if not isinstance(ndarray, np.ndarray) or ndarray.nbytes < POOLED_FROM:
+    small = not isinstance(ndarray, np.ndarray) or ndarray.nbytes < POOLED_FROM
+    if small or ndarray.dtype.hasobject:
         return ndarray_to_bytes(ndarray)  # which also refuses what cannot be sent
-    if ndarray.dtype.hasobject:
-        return ndarray_to_bytes(ndarray)
     fortran = not ndarray.flags.c_contiguous and ndarray.flags.f_contiguous
     data = ndarray.T if fortran else ndarray
     header = _npy_header(ndarray, fortran)

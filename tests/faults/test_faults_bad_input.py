@@ -532,6 +532,15 @@ def test_slow_drip_rest_body_does_not_hold_up_other_requests(
     assert answer.startswith(b"HTTP/1.1 404 "), answer[:60]
 
 
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes ``sock``, and the seconds that took."""
+    began = time.monotonic()
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - began
+
+
 def test_a_stalled_rest_body_is_given_up_after_the_silence_limit(
     garbage_server: RunningServer, raw_channel: grpc.Channel, http: httpx.Client
 ) -> None:
@@ -543,24 +552,11 @@ def test_a_stalled_rest_body_is_given_up_after_the_silence_limit(
     assert garbage_server.rest_port is not None
     with socket.create_connection(("127.0.0.1", garbage_server.rest_port), timeout=WAIT) as sock:
         sock.sendall(head + body)  # 100 bytes short, and no more will come
-        began = time.monotonic()
-        answer = b""
-        while chunk := sock.recv(65536):  # until the server closes the connection
-            answer += chunk
-        waited = time.monotonic() - began
+        answer, waited = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 503 "), answer[:60]
     assert b"the body stalled" in answer, answer
     assert body_idle_limit(garbage_server.service.fleet) <= waited < WAIT
     assert_serving(raw_channel, http)
-
-
-def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
-    """Everything the server sends until it closes ``sock``, and the seconds that took."""
-    began = time.monotonic()
-    received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    return received, time.monotonic() - began
 
 
 @pytest.mark.parametrize("after_a_request", [False, True])

@@ -126,7 +126,6 @@ class _HeadersOnTime(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._headers_due: asyncio.TimerHandle | None = None
-        self._begun = False
         self._arm()
 
     def _arm(self) -> None:
