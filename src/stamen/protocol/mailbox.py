@@ -9,19 +9,36 @@ server's fleet event loop); other threads reach it through that loop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import ConnectionLost
 from ..messages import Instruction, Reply
 
-if TYPE_CHECKING:
-    from ..wire.frames import Payload
-
-__all__ = ["Mailbox", "Task"]
+__all__ = ["Mailbox", "Payload", "Task"]
 
 DoneCallback = Callable[[Reply | BaseException], None]
+
+
+class Payload(Protocol):
+    """An encoded instruction as the transports send it (``stamen.wire.Payload``)."""
+
+    def __len__(self) -> int:
+        """Size of the whole message, in bytes."""
+        ...
+
+    def tobytes(self) -> bytes:
+        """The whole message."""
+        ...
+
+    def frame(self, offset: int, size: int) -> bytes:
+        """The frame holding ``size`` bytes of the message from ``offset``."""
+        ...
+
+    def messages(self, size: int) -> Iterator[bytes]:
+        """The whole message if it fits in ``size`` bytes, else its frames."""
+        ...
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from .codec import (
     encode_reply,
     encode_reply_payload,
 )
-from .frames import FRAMES_METADATA, FrameReader, Payload, frame_size
+from .frames import FRAMES_METADATA, FRAMING, FrameReader, Payload, frame_size
 from .routes import (
     BIDI_JOIN_METHOD,
     BIDI_METHOD_NAME,
@@ -32,6 +32,7 @@ __all__ = [
     "BIDI_SERVICE_NAME",
     "FLEET_SERVICE_NAME",
     "FRAMES_METADATA",
+    "FRAMING",
     "REST_CONTENT_TYPE",
     "REST_PREFIX",
     "FrameReader",

@@ -29,6 +29,7 @@ __all__ = [
     "FRAMES_METADATA",
     "FRAME_FIELD",
     "FRAME_SIZE",
+    "FRAMING",
     "FrameReader",
     "Payload",
     "frame_size",
@@ -256,3 +257,23 @@ class FrameReader:
         self._buffer = self._view = None
         self._total = self.received = 0
         return whole
+
+
+class Framing:
+    """Stamen's frames, as the sans-IO fleet state sees them
+    (:class:`stamen.protocol.fleet_server.Framing`)."""
+
+    def reader(self) -> FrameReader:
+        """A fresh reader for one node's replies."""
+        return FrameReader()
+
+    def is_frame(self, data: bytes | memoryview) -> bool:
+        """Whether ``data`` is a ``Frame`` message."""
+        return is_frame(data)
+
+    def frame_size(self, max_message_length: int) -> int:
+        """Data bytes per frame on a link bounded by ``max_message_length``."""
+        return frame_size(max_message_length)
+
+
+FRAMING = Framing()

@@ -65,7 +65,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                         if data is grpc.aio.EOF:
                             error = ConnectionLost(f"node {node.cid} closed its stream")
                             return
-                        whole = await fleet.assemble(node, task.task_id, task.seq, data, None)
+                        whole = await fleet.assemble(node, task, data)
                     fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:
                     error = exc

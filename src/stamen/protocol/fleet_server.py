@@ -1,0 +1,515 @@
+"""The fleet server's state, sans-IO: nodes, liveness, task assignment, reply reception.
+
+Every transport's server is an async shell over one :class:`FleetState`: grpc-bidi opens a
+node per stream; grpc-rere and rest turn each Fleet request into a call of
+:meth:`FleetState.request`, whose answer is a :class:`Step` (data) that says what the
+shell must do: send a response, wait for the node's next task, or take a reply. The
+shell moves bytes, waits and decodes; the state decides. Nothing here reads a clock of its
+own (time comes from the injected :class:`~stamen.protocol.clock.Clock`), opens a socket
+or waits, so the whole table runs under a fake clock in tests.
+
+One table, :data:`TRANSITIONS`, maps each Fleet call to the method that serves it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, TypeVar
+
+from ..errors import ConnectionLost
+from ..messages import Reply
+from .clock import Clock
+from .fleet import (
+    PROTOCOL_VERSION,
+    CreateNodeRequest,
+    CreateNodeResponse,
+    ErrorKind,
+    FleetError,
+    PullRequest,
+    PullResponse,
+    PushRequest,
+    SimpleRequest,
+)
+from .mailbox import Mailbox, Task
+
+__all__ = [
+    "TRANSITIONS",
+    "AwaitTask",
+    "Caller",
+    "FleetEvents",
+    "FleetState",
+    "FleetTiming",
+    "Framing",
+    "NodeRecord",
+    "Reception",
+    "Respond",
+    "Step",
+    "TakeReply",
+]
+
+
+@dataclass(frozen=True)
+class FleetTiming:
+    """Liveness and long-poll timing of pull-based nodes (grpc-rere, rest).
+
+    Attributes:
+        heartbeat_interval: Seconds between a busy node's heartbeats (told to each node).
+        heartbeat_timeout: Seconds of silence after which a node is dropped and its
+            in-flight instruction fails (default: 3 intervals).
+        poll_timeout: Seconds a PullInstruction request is held open when there is no work.
+        connection_idle_limit: Seconds a gRPC connection may carry no call before the
+            server closes it (default: twice the heartbeat timeout, at least 60 s). Nodes
+            always have a call open (a grpc-bidi stream, a grpc-rere long-poll) or make
+            one every heartbeat; a connection that is idle longer is abandoned or hostile
+            and would otherwise hold a file descriptor for ever. A node whose connection
+            was closed opens a new one with its next call.
+    """
+
+    heartbeat_interval: float = 15.0
+    heartbeat_timeout: float | None = None
+    poll_timeout: float = 10.0
+    connection_idle_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        limit = self.connection_idle_limit
+        if limit is not None and not (math.isfinite(limit) and limit > 0):
+            raise ValueError(
+                f"connection_idle_limit: expected a positive number of seconds, received {limit!r}"
+            )
+
+    @property
+    def silence_limit(self) -> float:
+        """The effective heartbeat timeout."""
+        return self.heartbeat_timeout or 3.0 * self.heartbeat_interval
+
+    @property
+    def idle_limit(self) -> float:
+        """The effective ``connection_idle_limit``."""
+        if self.connection_idle_limit is not None:
+            return self.connection_idle_limit
+        return max(2.0 * self.silence_limit, 60.0)
+
+    @property
+    def liveness_period(self) -> float:
+        """How often the shell should look for silent nodes."""
+        return max(0.01, min(self.heartbeat_interval, self.silence_limit) / 2)
+
+
+class Reader(Protocol):
+    """Puts one link's incoming frames back together (``stamen.wire.FrameReader``)."""
+
+    @property
+    def in_progress(self) -> bool:
+        """True while a framed message is incomplete."""
+        ...
+
+    def reset(self) -> None:
+        """Drop a partial message."""
+        ...
+
+    def feed(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """Take one received message; the whole message once complete, else None."""
+        ...
+
+
+class Framing(Protocol):
+    """How messages are cut into frames: the wire's business, injected here."""
+
+    def reader(self) -> Reader:
+        """A fresh reader for one node's replies."""
+        ...
+
+    def is_frame(self, data: bytes | memoryview) -> bool:
+        """Whether ``data`` is one frame of a larger message."""
+        ...
+
+    def frame_size(self, max_message_length: int) -> int:
+        """Data bytes per frame on a link bounded by ``max_message_length``."""
+        ...
+
+
+@dataclass(eq=False)
+class NodeRecord:
+    """The protocol state of one connected node."""
+
+    cid: str
+    node_id: int
+    transport: str
+    peer: str
+    mailbox: Mailbox
+    reader: Reader
+    frame_size: int
+    max_message_length: int
+    pull_based: bool = False
+    frames: bool = False
+    key: str | None = None
+    last_seen: float = 0.0
+    polls: int = 0
+    """Long-polls held open now (a node with one is alive: it is waiting for work)."""
+    reading_task: int = 0
+    """The task whose reply :attr:`reader` is putting together."""
+    slot: bool = False
+    """The node holds a receive slot for the large reply it is sending."""
+
+
+# --- Steps: what a Fleet request asks of the shell --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a Fleet request: the transport, the peer's address and the fingerprint
+    of the key that signed it (None: nodes are not authenticated)."""
+
+    transport: str
+    peer: str
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Send ``response`` (None: the empty response)."""
+
+    response: CreateNodeResponse | PullResponse | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitTask:
+    """Long-poll: wait up to ``timeout`` seconds for the node's next task, tell
+    :meth:`FleetState.poll_ended`, and answer :meth:`FleetState.pull_response`."""
+
+    node: NodeRecord
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class TakeReply:
+    """A pushed message of the reply to ``task_id``: put it through
+    :meth:`FleetState.reception`, then answer with the empty response."""
+
+    node: NodeRecord
+    task_id: int
+    data: bytes
+
+
+Step = Respond | AwaitTask | TakeReply
+
+
+class Reception(Enum):
+    """What to do with one received message of a reply (see :meth:`FleetState.reception`)."""
+
+    IGNORE = "a frame of a task that ended: drop it"
+    LATE = "a whole reply to a task that ended: decode it (to check it), then discard it"
+    NEEDS_SLOT = "the first frame of a large reply: take a receive slot, then feed it"
+    FEED = "feed it to the node's reader"
+
+
+def _random_node_id() -> int:
+    return secrets.randbits(63) or 1
+
+
+def _random_cid() -> str:
+    return uuid.uuid4().hex
+
+
+class FleetEvents(Protocol):
+    """What the shell is told when nodes come and go (it attaches its IO handles)."""
+
+    def joined(self, node: NodeRecord) -> None:
+        """``node`` was registered."""
+        ...
+
+    def left(self, node: NodeRecord, error: BaseException | None) -> None:
+        """``node`` was removed (its tasks already ended with ``error``)."""
+        ...
+
+
+class _NoEvents:
+    def joined(self, node: NodeRecord) -> None:
+        pass
+
+    def left(self, node: NodeRecord, error: BaseException | None) -> None:
+        pass
+
+
+class FleetState:
+    """Every connected node and the Fleet protocol's transitions (see the module docstring).
+
+    Args:
+        clock: Where time comes from (liveness, ``last_seen``).
+        framing: How messages are cut into frames.
+        max_message_length: The server's bound of one message, both ways.
+        timing: Heartbeat and long-poll timing of pull-based nodes.
+        new_node_id: Ids for pull-based nodes (random 63-bit by default).
+        new_cid: Ids for stream nodes (random hex by default).
+        events: Told of every node that joins or leaves.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        framing: Framing,
+        max_message_length: int,
+        timing: FleetTiming | None = None,
+        new_node_id: Callable[[], int] = _random_node_id,
+        new_cid: Callable[[], str] = _random_cid,
+        events: FleetEvents | None = None,
+    ) -> None:
+        self.events: FleetEvents = events if events is not None else _NoEvents()
+        self.clock = clock
+        self.framing = framing
+        self.max_message_length = max_message_length
+        self.timing = timing or FleetTiming()
+        self._new_node_id = new_node_id
+        self._new_cid = new_cid
+        self._nodes: dict[str, NodeRecord] = {}
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[NodeRecord]:
+        return iter(list(self._nodes.values()))
+
+    def get(self, cid: str) -> NodeRecord | None:
+        """The node ``cid``, if connected."""
+        return self._nodes.get(cid)
+
+    # --- the registry ------------------------------------------------------------------
+
+    def open(
+        self,
+        transport: str,
+        peer: str,
+        *,
+        pull_based: bool = False,
+        frames: bool = False,
+        max_message_length: int = 0,
+        key: str | None = None,
+    ) -> NodeRecord:
+        """Register a new node.
+
+        ``frames``: the node takes messages in frames (every Stamen node; pull-based nodes
+        always do). ``max_message_length``: the node's own bound (0: unknown), which
+        frames respect.
+        """
+        frames = frames or pull_based
+        limit = self.max_message_length
+        if max_message_length > 0:
+            limit = min(limit, max_message_length)
+        if pull_based:
+            node_id = self._new_node_id()
+            while str(node_id) in self._nodes:
+                node_id = self._new_node_id()
+            cid = str(node_id)
+        else:
+            node_id, cid = -1, self._new_cid()
+        node = NodeRecord(
+            cid=cid,
+            node_id=node_id,
+            transport=transport,
+            peer=peer,
+            mailbox=Mailbox(cid),
+            reader=self.framing.reader(),
+            frame_size=self.framing.frame_size(limit),
+            max_message_length=limit,
+            pull_based=pull_based,
+            frames=frames,
+            key=key,
+            last_seen=self.clock.monotonic(),
+        )
+        self._nodes[cid] = node
+        self.events.joined(node)
+        return node
+
+    def close(self, node: NodeRecord, error: BaseException | None = None) -> bool:
+        """Remove the node and end its tasks with ``error``; False if it was gone already."""
+        if self._nodes.pop(node.cid, None) is None:
+            return False
+        node.mailbox.close(error)
+        self.events.left(node, error)
+        return True
+
+    def close_all(self, reason: str) -> None:
+        """Close every node and refuse new requests (server shutdown)."""
+        self.closing = True
+        for node in list(self._nodes.values()):
+            self.close(node, ConnectionLost(f"node {node.cid}: {reason}"))
+
+    def silent(self) -> list[NodeRecord]:
+        """Pull-based nodes that neither poll nor spoke for longer than the heartbeat
+        timeout (the shell closes them)."""
+        now, limit = self.clock.monotonic(), self.timing.silence_limit
+        return [
+            node
+            for node in self._nodes.values()
+            if node.pull_based and node.polls == 0 and now - node.last_seen > limit
+        ]
+
+    # --- Fleet requests (grpc-rere, rest) ----------------------------------------------
+
+    def request(self, verb: str, request: object, caller: Caller) -> Step:
+        """Serve one decoded Fleet request of the call named ``verb`` (a
+        ``stamen.wire.Verb`` name) from ``caller``.
+
+        Raises:
+            FleetError: the request is refused; the shell maps its kind to a status.
+        """
+        if self.closing:
+            raise FleetError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        transition = TRANSITIONS.get(verb)
+        if transition is None:
+            raise FleetError(ErrorKind.INVALID_ARGUMENT, f"unknown Fleet verb {verb!r}")
+        return transition(self, request, caller)
+
+    def _check_version(self, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            raise FleetError(
+                ErrorKind.VERSION_MISMATCH,
+                f"Fleet protocol version: expected {PROTOCOL_VERSION}, received {version} "
+                "(upgrade the node or the server so both speak the same version)",
+            )
+
+    def lookup(self, node_id: int, version: int, key: str | None) -> NodeRecord:
+        """The registered pull-based node ``node_id`` of ``key``, seen now.
+
+        Raises:
+            FleetError: wrong protocol version, unknown node, or another key's node.
+        """
+        self._check_version(version)
+        node = self._nodes.get(str(node_id))
+        if node is None or not node.pull_based:
+            raise FleetError(ErrorKind.UNKNOWN_NODE, f"node {node_id} is not registered")
+        if node.key != key:
+            raise FleetError(ErrorKind.UNAUTHENTICATED, f"node {node_id} belongs to another key")
+        node.last_seen = self.clock.monotonic()
+        return node
+
+    def _create_node(self, request: object, caller: Caller) -> Step:
+        create = _expect(CreateNodeRequest, request)
+        self._check_version(create.protocol_version)
+        node = self.open(
+            caller.transport,
+            caller.peer,
+            pull_based=True,
+            max_message_length=create.max_message_length,
+            key=caller.key,
+        )
+        timing = self.timing
+        return Respond(
+            CreateNodeResponse(
+                node.node_id,
+                timing.heartbeat_interval,
+                timing.poll_timeout,
+                self.max_message_length,
+            )
+        )
+
+    def _pull(self, request: object, caller: Caller) -> Step:
+        pull = _expect(PullRequest, request)
+        node = self.lookup(pull.node_id, pull.protocol_version, caller.key)
+        if pull.task_id:
+            task = node.mailbox.in_flight(pull.task_id)
+            if task is not None and 0 < pull.offset < len(task.payload):
+                frame = task.payload.frame(pull.offset, node.frame_size)
+                return Respond(PullResponse(task.task_id, frame))
+        node.polls += 1
+        return AwaitTask(node, self.timing.poll_timeout)
+
+    def poll_ended(self, node: NodeRecord) -> None:
+        """A long-poll of ``node`` ended (with a task, a timeout or an error)."""
+        node.polls -= 1
+        node.last_seen = self.clock.monotonic()
+
+    def pull_response(self, node: NodeRecord, task: Task | None) -> PullResponse:
+        """The response to a long-poll that ended with ``task`` (None: none came in
+        time): the whole instruction, or its first frame."""
+        if task is None:
+            return PullResponse(0, b"")
+        payload = task.payload
+        if len(payload) <= node.frame_size:
+            return PullResponse(task.task_id, payload.tobytes())
+        return PullResponse(task.task_id, payload.frame(0, node.frame_size))
+
+    def _push(self, request: object, caller: Caller) -> Step:
+        push = _expect(PushRequest, request)
+        node = self.lookup(push.node_id, push.protocol_version, caller.key)
+        return TakeReply(node, push.task_id, push.client_message)
+
+    def _heartbeat(self, request: object, caller: Caller) -> Step:
+        beat = _expect(SimpleRequest, request)
+        self.lookup(beat.node_id, beat.protocol_version, caller.key)
+        return Respond()
+
+    def _delete_node(self, request: object, caller: Caller) -> Step:
+        gone = _expect(SimpleRequest, request)
+        self._check_version(gone.protocol_version)
+        node = self._nodes.get(str(gone.node_id))
+        if node is not None and node.pull_based and node.key == caller.key:
+            self.close(node, ConnectionLost(f"node {gone.node_id} left"))
+        return Respond()
+
+    # --- replies (every transport) -----------------------------------------------------
+
+    def reception(self, node: NodeRecord, task_id: int, data: bytes | memoryview) -> Reception:
+        """Decide what to do with one received message of the reply to ``task_id``.
+
+        A frame for a task that already ended (sent again after a lost response) is
+        ignored; a new task's first message drops what the reader held of another's.
+        """
+        if node.reading_task != task_id:
+            node.reader.reset()
+            node.reading_task = task_id
+        task = node.mailbox.in_flight(task_id)
+        if not node.reader.in_progress:
+            framed = self.framing.is_frame(data)
+            if task is None:
+                return Reception.IGNORE if framed else Reception.LATE
+            if framed and not node.slot:
+                return Reception.NEEDS_SLOT
+        return Reception.FEED
+
+    def stream_reception(self, node: NodeRecord, data: bytes | memoryview) -> Reception:
+        """:meth:`reception` on a stream (grpc-bidi), where every message belongs to the
+        instruction just sent: a reply to a task that ended meanwhile is still read to
+        its end (then discarded as late), or the stream would lose its place."""
+        if not node.reader.in_progress and self.framing.is_frame(data) and not node.slot:
+            return Reception.NEEDS_SLOT
+        return Reception.FEED
+
+    def deliver(self, node: NodeRecord, task_id: int, reply: Reply) -> bool:
+        """End task ``task_id`` with its decoded reply; False for a late reply."""
+        return node.mailbox.deliver(task_id, reply)
+
+    def fail(self, node: NodeRecord, task_id: int, error: BaseException) -> None:
+        """End task ``task_id`` with ``error`` (its reply was malformed); the partial
+        reply is dropped."""
+        node.reader.reset()
+        node.mailbox.fail(task_id, error)
+
+
+_T = TypeVar("_T")
+
+
+def _expect(kind: type[_T], request: object) -> _T:
+    if not isinstance(request, kind):
+        raise FleetError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"expected a {kind.__name__}, received {type(request).__name__}",
+        )
+    return request
+
+
+TRANSITIONS: dict[str, Callable[[FleetState, object, Caller], Step]] = {
+    "CREATE_NODE": FleetState._create_node,
+    "PULL": FleetState._pull,
+    "PUSH": FleetState._push,
+    "HEARTBEAT": FleetState._heartbeat,
+    "DELETE_NODE": FleetState._delete_node,
+}
+"""The Fleet protocol: each call's name and the transition that serves it."""
