@@ -1,0 +1,76 @@
+"""Receive slots, sans-IO: how many large replies are received at once, and in which order.
+
+A reply in frames is written into a buffer the size of the model while it arrives. When a
+round's nodes all answer at once, receiving them all together would hold every node's
+model in memory. The server folds fit results into the aggregate in the order its
+instructions were sent (see ``run_instructions``), so the useful order to receive them is
+that same order: :class:`SlotLedger` lets ``size`` replies in at a time, and lets a reply
+in only when every instruction sent before its own has ended (replied, failed or timed
+out), so that each received model is folded and freed before the next one arrives. A
+reply that has waited ``patience`` seconds is let in regardless of order and of free
+slots (a slow node, or replies the server holds on to, do not hold up the rest for ever;
+the cost is memory, not progress).
+
+The ledger only decides; the server's shell (``stamen.server.fleet.slots``) waits, asking
+again whenever :attr:`SlotLedger.changes` moves or the patience runs out. Time is the
+caller's: ``admit`` is told how long the reply has waited.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+__all__ = ["SlotLedger"]
+
+
+class SlotLedger:
+    """Receive slots handed out in instruction order (see the module docstring).
+
+    Args:
+        size: Replies received at once.
+        patience: Seconds after which a waiting reply is let in regardless.
+    """
+
+    def __init__(self, size: int, patience: float = 10.0) -> None:
+        if size < 1:
+            raise ValueError(f"ReceiveSlots: expected size >= 1, received {size}")
+        self.patience = patience
+        self.free = size
+        """Slots not in use (below 0 while late replies hold more than ``size``)."""
+        self.late = 0
+        """Replies let in because they had waited ``patience`` seconds."""
+        self.changes = 0
+        """Counts every change that may let a waiting reply in."""
+        self._unfinished: set[int] = set()
+        self._order: list[int] = []
+
+    def begin(self, seq: int) -> None:
+        """Instruction ``seq`` was sent and has not ended yet."""
+        self._unfinished.add(seq)
+        heapq.heappush(self._order, seq)
+
+    def end(self, seq: int) -> None:
+        """Instruction ``seq`` ended (its reply arrived, or it failed)."""
+        self._unfinished.discard(seq)
+        while self._order and self._order[0] not in self._unfinished:
+            heapq.heappop(self._order)
+        self.changes += 1
+
+    def admit(self, seq: int, waited: float) -> bool:
+        """Take a slot for the reply to instruction ``seq``, which has waited ``waited``
+        seconds, if it may enter now: a slot is free and every earlier instruction has
+        ended, or it has waited ``patience`` seconds."""
+        first = self._order[0] if self._order else None
+        if self.free > 0 and (first is None or first >= seq):
+            self.free -= 1
+            return True
+        if waited >= self.patience:
+            self.late += 1
+            self.free -= 1  # may go below 0: released slots even it out
+            return True
+        return False
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.free += 1
+        self.changes += 1

@@ -1,0 +1,289 @@
+"""The fleet server's sans-IO state (protocol/fleet_server, protocol/slots) on a fake clock.
+
+Registry, liveness, long-poll assignment, reply reception and the Fleet calls' transitions
+are driven here by plain calls and :class:`~stamen.testing.FakeClock`: no socket, no
+event loop, no wall-clock wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from stamen.errors import ConnectionLost
+from stamen.messages import Code, FitIns, FitRes, Parameters, Status
+from stamen.protocol.fleet import (
+    PROTOCOL_VERSION,
+    CreateNodeRequest,
+    CreateNodeResponse,
+    ErrorKind,
+    FleetError,
+    PullRequest,
+    PullResponse,
+    PushRequest,
+    SimpleRequest,
+)
+from stamen.protocol.fleet_server import (
+    TRANSITIONS,
+    AwaitTask,
+    Caller,
+    FleetState,
+    FleetTiming,
+    NodeRecord,
+    Reception,
+    Respond,
+    TakeReply,
+)
+from stamen.protocol.slots import SlotLedger
+from stamen.server.client_manager import SimpleClientManager
+from stamen.server.fleet.handler import Fleet
+from stamen.testing import FakeClock
+from stamen.wire import FRAMING, Payload, Verb, encode_instruction_payload, fleet_codec
+
+TIMING = FleetTiming(heartbeat_interval=2.0, heartbeat_timeout=6.0, poll_timeout=4.0)
+REST = Caller("rest", "127.0.0.1:5000")
+
+
+def _state(clock: FakeClock, max_message_length: int = 1 << 20) -> tuple[FleetState, list[str]]:
+    log: list[str] = []
+
+    class _Events:
+        def joined(self, node: NodeRecord) -> None:
+            log.append(f"joined {node.cid} {node.transport}")
+
+        def left(self, node: NodeRecord, error: BaseException | None) -> None:
+            log.append(f"left {node.cid} {type(error).__name__}")
+
+    ids = iter(range(101, 200))
+    state = FleetState(
+        clock=clock,
+        framing=FRAMING,
+        max_message_length=max_message_length,
+        timing=TIMING,
+        new_node_id=lambda: next(ids),
+        events=_Events(),
+    )
+    return state, log
+
+
+def _create(state: FleetState, caller: Caller = REST) -> NodeRecord:
+    step = state.request("CREATE_NODE", CreateNodeRequest(), caller)
+    assert isinstance(step, Respond)
+    assert isinstance(step.response, CreateNodeResponse)
+    node = state.get(str(step.response.node_id))
+    assert node is not None
+    return node
+
+
+def _fit_payload(size: int) -> Payload:
+    tensor = b"\x01" * size
+    return encode_instruction_payload(
+        FitIns(Parameters(tensors=[tensor], tensor_type="numpy.ndarray"), {})
+    )
+
+
+def _post(node: NodeRecord, payload: Payload) -> list[FitRes | BaseException]:
+    outcomes: list[FitRes | BaseException] = []
+
+    def done(outcome: object) -> None:
+        assert isinstance(outcome, FitRes | BaseException)
+        outcomes.append(outcome)
+
+    node.mailbox.post(FitIns(Parameters([], ""), {}), payload, done)
+    return outcomes
+
+
+def test_every_fleet_call_has_one_transition() -> None:
+    """The transition table names exactly the calls the wire defines."""
+    assert set(TRANSITIONS) == {verb.name for verb in Verb}
+
+
+def test_create_node_registers_a_pull_based_node_and_tells_the_timing() -> None:
+    """CreateNode opens a node of the caller's transport and key and answers the timing."""
+    clock = FakeClock(100.0)
+    state, log = _state(clock)
+    step = state.request("CREATE_NODE", CreateNodeRequest(max_message_length=5000), REST)
+    assert step == Respond(CreateNodeResponse(101, 2.0, 4.0, 1 << 20))
+    node = state.get("101")
+    assert node is not None and node.pull_based and node.frames
+    assert (node.transport, node.peer, node.key, node.last_seen) == ("rest", REST.peer, None, 100)
+    assert node.max_message_length == 5000  # the node's own, smaller bound
+    assert log == ["joined 101 rest"]
+
+
+def test_a_silent_node_is_found_on_the_fake_clock_and_a_polling_one_is_not() -> None:
+    """Liveness runs on the injected clock: silence past the heartbeat timeout marks a
+    node silent; a heartbeat, or a long-poll held open, keeps it alive."""
+    clock = FakeClock()
+    state, _ = _state(clock)
+    quiet, beating, polling = _create(state), _create(state), _create(state)
+    step = state.request("PULL", PullRequest(polling.node_id), REST)
+    assert isinstance(step, AwaitTask) and step.timeout == TIMING.poll_timeout
+    clock.advance(5.0)
+    state.request("HEARTBEAT", SimpleRequest(beating.node_id), REST)
+    assert state.silent() == []
+    clock.advance(1.5)  # quiet: 6.5 s > 6 s; beating: 1.5 s
+    assert state.silent() == [quiet]
+    clock.advance(5.0)
+    assert state.silent() == [quiet, beating]
+    state.poll_ended(polling)  # the poll ended now: seen now, and no longer held open
+    assert polling.polls == 0 and polling.last_seen == clock.now
+    assert polling not in state.silent()
+
+
+def test_closing_a_node_fails_its_tasks_and_tells_the_shell() -> None:
+    """close() ends pending tasks with the error, reports the node gone, and only once."""
+    state, log = _state(FakeClock())
+    node = _create(state)
+    outcomes = _post(node, _fit_payload(10))
+    assert state.close(node, ConnectionLost("gone")) is True
+    assert state.close(node, ConnectionLost("again")) is False
+    assert [type(o) for o in outcomes] == [ConnectionLost]
+    assert log[-1] == "left 101 ConnectionLost" and state.get("101") is None
+
+
+@pytest.mark.parametrize(
+    ("verb", "request_", "kind"),
+    [
+        ("PULL", PullRequest(999), ErrorKind.UNKNOWN_NODE),
+        ("HEARTBEAT", SimpleRequest(101, protocol_version=PROTOCOL_VERSION + 1), "version"),
+        ("CREATE_NODE", CreateNodeRequest(protocol_version=1), "version"),
+        ("PUSH", PullRequest(101), ErrorKind.INVALID_ARGUMENT),
+        ("NOT_A_CALL", PullRequest(101), ErrorKind.INVALID_ARGUMENT),
+    ],
+)
+def test_requests_that_cannot_be_served_are_refused_with_their_kind(
+    verb: str, request_: object, kind: ErrorKind | str
+) -> None:
+    """Unknown nodes, other protocol versions, a body of the wrong call and unknown
+    calls are refused, each with its own error kind."""
+    state, _ = _state(FakeClock())
+    _create(state)
+    with pytest.raises(FleetError) as caught:
+        state.request(verb, request_, REST)
+    expected = ErrorKind.VERSION_MISMATCH if kind == "version" else kind
+    assert caught.value.kind is expected
+
+
+def test_a_node_answers_only_to_its_own_key() -> None:
+    """Another key's requests for a node are refused, and cannot unregister it."""
+    state, _ = _state(FakeClock())
+    node = _create(state, Caller("grpc-rere", "p", key="alice"))
+    mallory = Caller("grpc-rere", "p", key="mallory")
+    with pytest.raises(FleetError) as caught:
+        state.request("HEARTBEAT", SimpleRequest(node.node_id), mallory)
+    assert caught.value.kind is ErrorKind.UNAUTHENTICATED
+    assert state.request("DELETE_NODE", SimpleRequest(node.node_id), mallory) == Respond()
+    assert state.get(node.cid) is node
+    state.request("DELETE_NODE", SimpleRequest(node.node_id), Caller("grpc-rere", "p", "alice"))
+    assert state.get(node.cid) is None
+
+
+def test_a_long_poll_returns_a_small_instruction_whole_and_a_large_one_in_frames() -> None:
+    """pull_response sends what fits in one frame whole; a larger instruction's first
+    frame, then the rest on request by offset."""
+    state, _ = _state(FakeClock(), max_message_length=4096)
+    node = _create(state)
+    assert state.pull_response(node, None) == PullResponse(0, b"")
+    small = _fit_payload(10)
+    _post(node, small)
+    task = node.mailbox.take()
+    assert task is not None
+    assert state.pull_response(node, task) == PullResponse(task.task_id, small.tobytes())
+    node.mailbox.deliver(task.task_id, FitRes(Status(Code.OK, ""), Parameters([], ""), 1, {}))
+    large = _fit_payload(10_000)
+    _post(node, large)
+    task = node.mailbox.take()
+    assert task is not None
+    first = state.pull_response(node, task)
+    assert first.server_message == large.frame(0, node.frame_size)
+    step = state.request("PULL", PullRequest(node.node_id, task.task_id, node.frame_size), REST)
+    assert step == Respond(
+        PullResponse(task.task_id, large.frame(node.frame_size, node.frame_size))
+    )
+
+
+def test_reception_decides_per_message() -> None:
+    """Frames of an ended task are ignored, a whole late reply is checked, a large
+    reply's first frame needs a slot, everything else is fed."""
+    state, _ = _state(FakeClock(), max_message_length=4096)
+    node = _create(state)
+    frames = list(_fit_payload(10_000).messages(node.frame_size))
+    assert len(frames) > 2
+    assert state.reception(node, 7, frames[0]) is Reception.IGNORE  # no such task
+    assert state.reception(node, 7, b"\x0a\x00") is Reception.LATE
+    _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
+    assert state.reception(node, task.task_id, b"\x0a\x00") is Reception.FEED
+    assert state.reception(node, task.task_id, frames[0]) is Reception.NEEDS_SLOT
+    node.slot = True
+    assert state.reception(node, task.task_id, frames[0]) is Reception.FEED
+    assert node.reader.feed(frames[0]) is None  # now in progress
+    node.slot = False
+    assert state.reception(node, task.task_id, frames[1]) is Reception.FEED
+    step = state.request("PUSH", PushRequest(node.node_id, task.task_id, frames[1]), REST)
+    assert step == TakeReply(node, task.task_id, frames[1])
+
+
+def test_a_closing_fleet_refuses_requests() -> None:
+    """After close_all, every node is gone and every call is UNAVAILABLE."""
+    state, log = _state(FakeClock())
+    _create(state)
+    state.close_all("server stopped")
+    assert len(state) == 0 and log[-1] == "left 101 ConnectionLost"
+    with pytest.raises(FleetError) as caught:
+        state.request("CREATE_NODE", CreateNodeRequest(), REST)
+    assert caught.value.kind is ErrorKind.UNAVAILABLE
+
+
+def test_slot_ledger_admits_in_instruction_order_and_after_patience() -> None:
+    """A later instruction's reply waits for earlier ones, unless it waited ``patience``."""
+    ledger = SlotLedger(1, patience=10.0)
+    for seq in (1, 2, 3):
+        ledger.begin(seq)
+    assert not ledger.admit(2, waited=0.0)  # 1 has not ended
+    assert ledger.admit(1, waited=0.0)
+    assert not ledger.admit(3, waited=9.9)  # no free slot
+    assert ledger.admit(3, waited=10.0) and ledger.late == 1 and ledger.free == -1
+    ledger.release()
+    ledger.release()
+    ledger.end(1)
+    changes = ledger.changes
+    ledger.end(3)
+    assert ledger.changes == changes + 1
+    assert ledger.admit(2, waited=0.0)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_the_shell_drops_a_silent_node_on_its_fake_clock(loop: asyncio.AbstractEventLoop) -> None:
+    """The fleet shell with an injected clock drops a silent node (its proxy leaves the
+    client manager) when the fake clock passes the heartbeat timeout: no wall-clock wait."""
+    clock = FakeClock()
+    manager = SimpleClientManager()
+    fleet = Fleet(manager, loop, max_message_length=1 << 20, timing=TIMING, clock=clock)
+    body = fleet_codec.encode_create_node_request(CreateNodeRequest())
+    created = loop.run_until_complete(
+        fleet.handle(Verb.CREATE_NODE, body, "rest", "peer", method="m", headers={})
+    )
+    node_id = fleet_codec.decode_create_node_response(created).node_id
+    assert manager.num_available() == 1
+    clock.advance(TIMING.silence_limit)
+    assert fleet.drop_silent_nodes() == 0
+    clock.advance(0.01)
+    assert fleet.drop_silent_nodes() == 1
+    assert manager.num_available() == 0 and len(fleet) == 0
+    beat = fleet_codec.encode_simple_request(SimpleRequest(node_id))
+    with pytest.raises(FleetError) as caught:
+        loop.run_until_complete(
+            fleet.handle(Verb.HEARTBEAT, beat, "rest", "peer", method="m", headers={})
+        )
+    assert caught.value.kind is ErrorKind.UNKNOWN_NODE
