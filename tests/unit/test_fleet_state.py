@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stamen.errors import ConnectionLost
+from stamen.errors import ConnectionLost, ProtocolError
 from stamen.messages import Code, FitIns, FitRes, Parameters, Status
 from stamen.protocol.fleet import (
     PROTOCOL_VERSION,
@@ -25,6 +25,7 @@ from stamen.protocol.fleet import (
     PushRequest,
     SimpleRequest,
 )
+from stamen.protocol.fleet_client import FleetClientState
 from stamen.protocol.fleet_server import (
     TRANSITIONS,
     AwaitTask,
@@ -287,3 +288,49 @@ def test_the_shell_drops_a_silent_node_on_its_fake_clock(loop: asyncio.AbstractE
             fleet.handle(Verb.HEARTBEAT, beat, "rest", "peer", method="m", headers={})
         )
     assert caught.value.kind is ErrorKind.UNKNOWN_NODE
+
+
+# --- the node's side --------------------------------------------------------------------
+
+
+def test_the_node_state_receives_an_instruction_frame_by_frame() -> None:
+    """The node asks for each next frame by the bytes it has, and is busy (heartbeats
+    due) from the first frame until its reply went through."""
+    client = FleetClientState(FRAMING, max_message_length=4096)
+    client.registered(CreateNodeResponse(42, heartbeat_interval=1.0, poll_timeout=2.0))
+    assert (client.node_id, client.pull_timeout) == (42, 17.0)
+    assert client.heartbeat_request() is None  # idle: its long-poll proves it is alive
+    payload = _fit_payload(10_000)
+    frames = list(payload.messages(FRAMING.frame_size(4096)))
+    assert client.pull_request() == PullRequest(42)
+    assert client.pulled(PullResponse(0, b"")) is None  # nothing in time
+    whole = None
+    for index, frame in enumerate(frames):
+        if index:
+            request = client.pull_request()
+            assert (request.task_id, request.offset) == (9, index * FRAMING.frame_size(4096))
+        whole = client.pulled(PullResponse(9, frame))
+        assert client.heartbeat_request() == SimpleRequest(42)
+    assert whole is not None and bytes(whole) == payload.tobytes()
+    pushes = list(client.push_requests(_fit_payload(10)))
+    assert [(p.node_id, p.task_id) for p in pushes] == [(42, 9)]
+    client.replied()
+    assert client.heartbeat_request() is None
+    with pytest.raises(ConnectionLost, match="without an instruction"):
+        list(client.push_requests(_fit_payload(10)))
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        CreateNodeResponse(0, 1.0, 1.0),
+        CreateNodeResponse(1, float("nan"), 1.0),
+        CreateNodeResponse(1, 1.0, 1e9),
+        CreateNodeResponse(1, 0.001, 1.0),
+    ],
+)
+def test_the_node_refuses_a_registration_it_cannot_work_with(response: CreateNodeResponse) -> None:
+    """No node id, or timing that would spin, crash or hang the node: ProtocolError."""
+    client = FleetClientState(FRAMING, max_message_length=4096)
+    with pytest.raises(ProtocolError, match="CreateNode"):
+        client.registered(response)

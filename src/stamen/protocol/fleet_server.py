@@ -108,6 +108,11 @@ class Reader(Protocol):
         """True while a framed message is incomplete."""
         ...
 
+    @property
+    def received(self) -> int:
+        """Bytes received of the message being put together."""
+        ...
+
     def reset(self) -> None:
         """Drop a partial message."""
         ...
