@@ -16,7 +16,6 @@ every time.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import random
@@ -62,7 +61,7 @@ from stamen.protocol.fleet import (
 from stamen.server import ServerConfig
 from stamen.server.app import run_server
 from stamen.server.fleet.handler import FleetTiming
-from stamen.server.fleet.rest import body_idle_limit, rest_app
+from stamen.server.fleet.rest import body_idle_limit
 from stamen.testing import NodeThread, RunningServer, node_threads, running_server
 from stamen.testing.conformance import TRANSPORTS, AddClient
 from stamen.wire import (
@@ -636,42 +635,44 @@ def test_a_rest_long_poll_longer_than_the_header_limit_is_answered() -> None:
         assert waited >= body_idle_limit(srv.service.fleet)
 
 
-def test_rest_body_cut_short_is_a_400_not_an_application_error(
+class _Waiter(logging.Handler):
+    """Sets ``seen`` when a record whose message contains ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_rest_body_cut_short_is_not_an_application_error(
     garbage_server: RunningServer,
+    raw_channel: grpc.Channel,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A client that hangs up before its body is complete gets a 400 (which nobody
-    reads) from the REST app, not an exception out of the app (which uvicorn logs as an
-    ERROR with a traceback, for every such request: a way to flood the server's logs)."""
-    app = rest_app(garbage_server.service.fleet, MAX)
-    messages = [
-        {"type": "http.request", "body": b"\x0a\x02", "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": Verb.PULL.rest_path,
-        "raw_path": Verb.PULL.rest_path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", REST_CONTENT_TYPE.encode()), (b"content-length", b"50")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
-    asyncio.run(app(scope, receive, send))
-    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
-    assert b"hung up" in sent[1]["body"]
+    """A client that hangs up before its body is complete is no application error: the
+    server notes it at debug level, logs no error or traceback (for every such request: a
+    way to flood the server's logs), and keeps serving."""
+    assert garbage_server.rest_port is not None
+    server_log = logging.getLogger("stamen.server")
+    with socket.create_connection(("127.0.0.1", garbage_server.rest_port), timeout=WAIT) as sock:
+        peer = f"127.0.0.1:{sock.getsockname()[1]}"
+        waiter = _Waiter(f"rest: {peer} hung up after 2 bytes")
+        server_log.addHandler(waiter)
+        try:
+            with caplog.at_level(logging.DEBUG):
+                sock.sendall(_pull_head(50) + b"\x0a\x02")
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                assert waiter.seen.wait(WAIT)
+        finally:
+            server_log.removeHandler(waiter)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert_serving(raw_channel, http)
 
 
 # --- the honest run ---------------------------------------------------------------------------

@@ -1,177 +1,514 @@
-"""Thin Starlette app for the Fleet protocol over HTTP (rest), served by uvicorn.
+"""The Fleet protocol over HTTP/1.1 (rest): a small server of our own, on h11.
 
 ``POST /api/v0/fleet/<verb>`` with an ``application/protobuf`` body; the response is the
-protobuf response, or an error status with a ``text/plain`` reason. The app runs on the
+protobuf response, or an error status with a ``text/plain`` reason. The server runs on the
 fleet's own event loop, beside the gRPC server.
+
+Each connection is an :class:`asyncio.Protocol` whose state is its :class:`h11.Connection`:
+bytes that arrive go into h11, the events h11 parses out of them drive the request, and
+what h11 renders is written back. Keep-alive and pipelining are h11's state machine.
+
+Every wait on a client is bounded, so no client holds a connection (a file descriptor)
+and its state for ever:
+
+- a request's headers must be complete within :func:`body_idle_limit` of the
+  connection's opening or of the previous response (a client that starts a request and
+  stops, or keeps a connection open and idle);
+- a body may send nothing for at most that long (a stalled or hostile client): 503;
+- a client still sending a body after its refusal gets as long again to stop and read
+  the answer before the connection is closed;
+- an answer the client reads none of for that long is cut off;
+- a TLS handshake has asyncio's limit (60 s).
+
+The server's own work is not bounded here: a long-poll (``PULL``) is answered after the
+fleet's poll timeout, however long that is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http
 import logging
 import socket
 import ssl
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+from urllib.parse import unquote
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import h11
 
 from ...errors import ConfigError
 from ...protocol.fleet import ERRORS, ErrorKind, FleetError
 from ...wire import REST_CONTENT_TYPE, Verb
 from .handler import Fleet
 
-__all__ = ["RestListener", "body_idle_limit", "rest_app"]
+__all__ = ["RestListener", "body_idle_limit"]
 
 logger = logging.getLogger("stamen.server")
 
-
-def _error(kind: ErrorKind, message: str) -> Response:
-    return PlainTextResponse(message, status_code=ERRORS[kind].http_status)
-
-
-async def _read_body(request: Request, limit: int, idle: float) -> bytes:
-    """The request's body, at most ``limit`` bytes; a body that sends nothing for ``idle``
-    seconds is given up (a stalled or hostile client would otherwise hold its
-    connection, and the task reading it, for ever: uvicorn bounds no body read)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise FleetError(
-            ErrorKind.TOO_LARGE, f"body of {declared} bytes is over the limit of {limit}"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    stream = request.stream().__aiter__()
-    try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), idle)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
-                raise FleetError(
-                    ErrorKind.UNAVAILABLE,
-                    f"the body stalled: nothing for {idle:g} s after {size} bytes",
-                ) from None
-            size += len(chunk)
-            if size > limit:
-                raise FleetError(ErrorKind.TOO_LARGE, f"body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect as exc:
-        # Not an application error: without this, every node (or anyone) that hangs up
-        # mid-body makes uvicorn log "Exception in ASGI application" with a traceback.
-        raise FleetError(
-            ErrorKind.INVALID_ARGUMENT, f"the client hung up after {size} bytes of the body"
-        ) from exc
-    return b"".join(chunks)
-
-
 _MIN_BODY_IDLE = 5.0
+_GRACE = 2.0
+"""Seconds :meth:`RestListener.stop` gives requests in flight to finish."""
+_BACKLOG = 2048
+"""Connections the kernel queues before they are accepted: room for thousands of nodes
+connecting at once."""
+_JOIN_BELOW = 64 * 1024
+"""Responses with a body under this size are written in one piece, head and body."""
+_VERBS = {verb.rest_path: verb for verb in Verb}
 
 
 def body_idle_limit(fleet: Fleet) -> float:
     """Seconds a request body may send nothing before it is given up: as long as a silent
-    node is tolerated (the heartbeat timeout), and at least 5 s."""
+    node is tolerated (the heartbeat timeout), and at least 5 s. Request headers get as
+    long to complete."""
     return max(fleet.timing.silence_limit, _MIN_BODY_IDLE)
 
 
-def rest_app(fleet: Fleet, max_body: int) -> Starlette:
-    """The Starlette application serving ``fleet``."""
+class _Headers(Mapping[str, str]):
+    """A request's headers by case-insensitive name (lower-case keys; the first value of
+    a repeated header), decoded as latin-1: what node signatures are checked against."""
 
-    def endpoint(verb: Verb) -> Any:
-        async def serve(request: Request) -> Response:
-            content_type = request.headers.get("content-type", "").split(";")[0].strip()
-            if content_type != REST_CONTENT_TYPE:
-                return PlainTextResponse(
-                    f"content-type: expected {REST_CONTENT_TYPE}, received {content_type!r}",
-                    status_code=415,
-                )
-            peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
-            try:
-                body = await _read_body(request, max_body, body_idle_limit(fleet))
-                out = await fleet.handle(
-                    verb,
-                    body,
-                    "rest",
-                    peer,
-                    method=f"POST {verb.rest_path}",
-                    headers=request.headers,
-                )
-            except FleetError as exc:
-                return _error(exc.kind, exc.message)
-            return Response(out, media_type=REST_CONTENT_TYPE)
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self._values: dict[str, str] = {}
+        for name, value in raw:
+            self._values.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
-        return serve
+    def __getitem__(self, name: str) -> str:
+        return self._values[name.lower()]
 
-    routes = [Route(verb.rest_path, endpoint(verb), methods=["POST"]) for verb in Verb]
-    return Starlette(routes=routes)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
-class _HeadersOnTime(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with a deadline on each request's headers.
+@dataclass(frozen=True)
+class _Reply:
+    """A response to render: status, body and its content type."""
 
-    uvicorn bounds the wait between requests (its keep-alive timeout), not the headers of
-    a request once its first bytes have come: a client that starts a request and stops
-    would hold its connection (a file descriptor) for ever. Here each request's headers
-    must be complete within ``header_limit`` seconds of the connection opening or of the
-    previous response; otherwise the connection is closed.
+    status: int
+    body: bytes
+    content_type: str
+    close: bool = False
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def head(self, close: bool) -> list[tuple[str, str]]:
+        headers = [("content-type", self.content_type), ("content-length", str(len(self.body)))]
+        if close:
+            headers.append(("connection", "close"))
+        return [*headers, *self.extra]
+
+
+def _plain(status: int, reason: str, *, close: bool = False, **extra: str) -> _Reply:
+    return _Reply(status, reason.encode(), "text/plain; charset=utf-8", close, tuple(extra.items()))
+
+
+def _error(kind: ErrorKind, message: str, *, close: bool = False) -> _Reply:
+    return _plain(ERRORS[kind].http_status, message, close=close)
+
+
+def _route(request: h11.Request, headers: Mapping[str, str]) -> Verb | _Reply:
+    """The verb a request's head asks for, or the refusal it gets before its body."""
+    path = unquote(request.target.decode("latin-1").split("?", 1)[0])
+    verb = _VERBS.get(path)
+    if verb is None:
+        return _plain(404, "Not Found")
+    if request.method != b"POST":
+        return _plain(405, "Method Not Allowed", allow="POST")
+    content_type = headers.get("content-type", "").split(";")[0].strip()
+    if content_type != REST_CONTENT_TYPE:
+        return _plain(415, f"content-type: expected {REST_CONTENT_TYPE}, received {content_type!r}")
+    return verb
+
+
+@dataclass
+class _Body:
+    """The body of the request being read; ``verb`` None once it has been answered (what
+    still comes is discarded)."""
+
+    verb: Verb | None
+    headers: _Headers
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+class _Site:
+    """What every connection of one listener shares: the fleet, the limits, the
+    connections and requests being served, and whether the listener is stopping."""
+
+    def __init__(self, fleet: Fleet, max_body: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.fleet = fleet
+        self.max_body = max_body
+        self.limit = body_idle_limit(fleet)
+        self.loop = loop
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+    def refusal(self, request: h11.Request, headers: _Headers) -> Verb | _Reply:
+        """The verb of a request, or its answer before its body: a route or content type
+        we do not serve, or a declared length over ``max_body``."""
+        routed = _route(request, headers)
+        declared = headers.get("content-length", "")
+        if isinstance(routed, Verb) and declared.isdigit() and int(declared) > self.max_body:
+            message = f"body of {declared} bytes is over the limit of {self.max_body}"
+            return _error(ErrorKind.TOO_LARGE, message, close=True)
+        return routed
+
+    async def respond(self, verb: Verb, body: bytes, headers: _Headers, peer: str) -> _Reply:
+        """The fleet's answer to one request."""
+        try:
+            out = await self.fleet.handle(
+                verb, body, "rest", peer, method=f"POST {verb.rest_path}", headers=headers
+            )
+        except FleetError as exc:
+            return _error(exc.kind, exc.message)
+        except Exception:
+            logger.exception("rest: POST %s from %s failed", verb.rest_path, peer)
+            return _plain(500, "Internal Server Error", close=True)
+        return _Reply(200, out, REST_CONTENT_TYPE)
+
+    async def close(self, grace: float) -> None:
+        """Close idle connections, give the others ``grace`` seconds, then cut them."""
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        await self._settle(grace)
+        for connection in list(self.connections):
+            connection.abort()
+        for task in self.tasks:
+            task.cancel()
+        await self._settle(grace)
+
+    async def _settle(self, timeout: float) -> None:
+        waits = [c.lost for c in self.connections] + list(self.tasks)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    address = transport.get_extra_info("peername")
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Send small responses at once: without TCP_NODELAY each waits ~40 ms for the
+    client's delayed ACK (Nagle's algorithm)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: bytes in and out at the edge, its state in h11.
+
+    One timer at a time bounds what the connection waits for: the next request's
+    headers, a body that keeps arriving, or a refused body's client hanging up.
     """
 
-    header_limit = 5.0
+    _transport: asyncio.Transport
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._headers_due: asyncio.TimerHandle | None = None
-        self._arm()
+    def __init__(self, site: _Site) -> None:
+        self._site = site
+        self._h11 = h11.Connection(h11.SERVER)
+        self._peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._begun = False  # a byte of the awaited request's head has come
+        self._body: _Body | None = None
+        self._last_data = 0.0
+        self._lingering = False
+        self._head_only = False
+        self._task: asyncio.Task[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.lost: asyncio.Future[None] = site.loop.create_future()
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._begun = False  # no byte of the next request yet
-        self._headers_due = self.loop.call_later(self.header_limit, self._headers_late)
+    # --- asyncio's calls ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # a stream server's
+        if self._site.stopping:
+            self._transport.abort()
+            return
+        _no_delay(transport)
+        self._peer = _peer(transport)
+        self._site.connections.add(self)
+        self._await_headers()
 
     def data_received(self, data: bytes) -> None:
         self._begun = True
-        super().data_received(data)
+        self._last_data = self._site.loop.time()
+        self._h11.receive_data(data)
+        self._advance()
 
-    def _disarm(self) -> None:
-        if self._headers_due is not None:
-            self._headers_due.cancel()
-            self._headers_due = None
+    def eof_received(self) -> bool:
+        if self._body is not None:
+            return False  # hung up mid-body: close (connection_lost says if it mattered)
+        self._h11.receive_data(b"")
+        self._advance()
+        # Keep writing to a client that half-closed after its request, except on TLS
+        # (where asyncio closes the transport whatever we return).
+        return self._task is not None and self._transport.get_extra_info("sslcontext") is None
 
-    def _headers_late(self) -> None:
-        self._headers_due = None
-        if not self.transport.is_closing():
-            # An idle kept-alive connection is routine; a request cut short is not.
-            log = logger.warning if self._begun else logger.debug
-            log(
-                "rest: closing a connection from %s: no complete request headers within %g s",
-                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
-                self.header_limit,
-            )
-            self.transport.close()
+    def pause_writing(self) -> None:
+        self._writable.clear()
 
-    def handle_events(self) -> None:
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle:  # a request's headers were parsed: it is being served
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        if not self.transport.is_closing():
-            self._arm()  # the next request's headers are due in turn
-        super().on_response_complete()  # parses a pipelined request at once, if any
+    def resume_writing(self) -> None:
+        self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        self._cancel_timer()
+        self._site.connections.discard(self)
+        self._writable.set()
+        if self._body is not None and self._body.verb is not None:
+            # Not an application error: anyone may hang up mid-body.
+            logger.debug(
+                "rest: %s hung up after %d bytes of a request body", self._peer, self._body.size
+            )
+        self._body = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    # --- stopping -----------------------------------------------------------------------
+
+    def close_if_idle(self) -> None:
+        """Close the connection unless a request is being read or served."""
+        if self._task is None and (self._body is None or self._body.verb is None):
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection now."""
+        if self._task is not None:
+            self._task.cancel()
+        self._transport.abort()
+
+    # --- the events h11 parses ----------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Act on every event h11 has, until it needs more bytes or a request is served."""
+        while self._task is None and not self._transport.is_closing():
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._refuse(exc)
+                return
+            if isinstance(event, h11.Request):
+                self._on_request(event)
+            elif isinstance(event, h11.Data):
+                self._on_data(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._on_end()
+            elif isinstance(event, h11.ConnectionClosed):
+                self._transport.close()
+            else:  # NEED_DATA, or PAUSED until the response is sent
+                return
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._head_only = request.method == b"HEAD"  # its answer has headers only
+        headers = _Headers(request.headers)
+        routed = self._site.refusal(request, headers)
+        self._body = _Body(routed if isinstance(routed, Verb) else None, headers)
+        self._await_body()
+        if isinstance(routed, _Reply):
+            self._answer_early(routed)
+        elif self._h11.they_are_waiting_for_100_continue:
+            go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            self._write(self._h11.send(go_on))
+
+    def _on_data(self, data: bytes) -> None:
+        body = self._body
+        if body is None:
+            return
+        body.size += len(data)
+        over = body.size > self._site.max_body
+        if body.verb is None:  # answered already: discarded
+            if over and not self._lingering:
+                self._linger()
+        elif over:
+            message = f"body is over the limit of {self._site.max_body} bytes"
+            self._answer_early(_error(ErrorKind.TOO_LARGE, message, close=True))
+        else:
+            body.chunks.append(data)
+
+    def _on_end(self) -> None:
+        self._cancel_timer()
+        body, self._body = self._body, None
+        if body is None or body.verb is None:
+            self._next_cycle()
+            return
+        self._transport.pause_reading()  # a pipelined request waits for this response
+        task = self._site.loop.create_task(
+            self._serve(body.verb, b"".join(body.chunks), body.headers)
+        )
+        self._task = task
+        self._site.tasks.add(task)
+        task.add_done_callback(self._site.tasks.discard)
+
+    def _refuse(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer bytes that are no HTTP/1.1 request with a 4xx, and close."""
+        logger.debug("rest: invalid HTTP/1.1 from %s: %s", self._peer, exc)
+        status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._send(_plain(status, "invalid HTTP/1.1 request", close=True))
+        self._transport.close()
+
+    # --- answers ------------------------------------------------------------------------
+
+    async def _serve(self, verb: Verb, body: bytes, headers: _Headers) -> None:
+        reply = await self._site.respond(verb, body, headers, self._peer)
+        self._send(reply)
+        await self._drained()  # a client that does not read gets nothing more
+        self._task = None
+        self._next_cycle()
+        self._advance()  # a pipelined request, if any
+
+    async def _drained(self) -> None:
+        """Wait until the answer is mostly written. A client that reads none of it for the
+        limit would otherwise hold its connection, and the answer's memory, for ever: it
+        is cut off."""
+        while not self._writable.is_set():
+            unsent = self._transport.get_write_buffer_size()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._writable.wait(), self._site.limit)
+            if not self._writable.is_set() and self._transport.get_write_buffer_size() >= unsent:
+                logger.debug("rest: cutting off %s: it reads no answer", self._peer)
+                self._transport.abort()
+                return
+
+    def _answer_early(self, reply: _Reply) -> None:
+        """Answer before the body is in; what is left of the body is discarded."""
+        if self._body is not None:
+            self._body.verb = None
+            self._body.chunks = []
+        self._send(reply)
+        if self._h11.our_state is h11.MUST_CLOSE:
+            self._linger()
+
+    def _send(self, reply: _Reply) -> None:
+        if self._transport.is_closing():
+            return
+        close = reply.close or self._site.stopping
+        phrase = http.HTTPStatus(reply.status).phrase.encode()
+        response = h11.Response(status_code=reply.status, headers=reply.head(close), reason=phrase)
+        body = b"" if self._head_only else reply.body
+        try:
+            head = self._h11.send(response) or b""
+            if body:
+                self._h11.send_with_data_passthrough(h11.Data(data=body))  # written below
+            self._h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:  # no answer fits h11's state: hang up
+            logger.debug("rest: closing a connection from %s: %s", self._peer, exc)
+            self._transport.close()
+            return
+        if len(body) < _JOIN_BELOW:
+            self._transport.write(head + body)
+        else:
+            self._transport.write(head)
+            self._transport.write(body)
+
+    def _write(self, data: bytes | None) -> None:
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _next_cycle(self) -> None:
+        """After a response: await the next request, or close."""
+        if self._transport.is_closing():
+            return
+        states = (self._h11.our_state, self._h11.their_state)
+        if self._site.stopping or states != (h11.DONE, h11.DONE):
+            self._transport.close()
+            return
+        self._h11.start_next_cycle()
+        self._await_headers()
+        self._transport.resume_reading()
+
+    # --- deadlines ----------------------------------------------------------------------
+
+    def _set_timer(self, delay: float, callback: Callable[[], object]) -> None:
+        self._cancel_timer()
+        self._timer = self._site.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _await_headers(self) -> None:
+        """Headers are due within the limit: a client that starts a request and stops, or
+        leaves its connection idle, would otherwise hold the connection for ever."""
+        self._begun = bool(self._h11.trailing_data[0])  # pipelined bytes already in
+        self._head_only = False
+        self._set_timer(self._site.limit, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._timer = None
+        # An idle kept-alive connection is routine; a request cut short is not.
+        log = logger.warning if self._begun else logger.debug
+        log(
+            "rest: closing a connection from %s: no complete request headers within %g s",
+            self._peer,
+            self._site.limit,
+        )
+        self._transport.close()
+
+    def _await_body(self) -> None:
+        """The body may be silent for at most the limit: a stalled or hostile client would
+        otherwise hold its connection, and the request's state, for ever."""
+        self._last_data = self._site.loop.time()
+        self._set_timer(self._site.limit, self._body_due)
+
+    def _body_due(self) -> None:
+        self._timer = None
+        silent = self._site.loop.time() - self._last_data
+        if silent < self._site.limit:  # bytes came since: check again when they are due
+            self._set_timer(self._site.limit - silent, self._body_due)
+            return
+        body = self._body
+        if body is not None and body.verb is not None:
+            limit = self._site.limit
+            message = f"the body stalled: nothing for {limit:g} s after {body.size} bytes"
+            self._send(_error(ErrorKind.UNAVAILABLE, message, close=True))
+        self._transport.close()
+
+    def _linger(self) -> None:
+        """After a refusal that closes the connection, read and discard what the client
+        still sends for at most the limit (or until its body ends) before closing:
+        closing at once with its bytes unread would reset the connection, and the client
+        could lose the answer."""
+        self._lingering = True
+        self._set_timer(self._site.limit, self._transport.close)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` (not listening yet)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"rest_address: cannot listen on {host}:{port} ({exc.strerror})") from exc
+    return sock
 
 
 class RestListener:
-    """uvicorn serving :func:`rest_app` on a socket we bind (so port 0 works)."""
+    """The REST server on a socket we bind (so port 0 works), on the running loop.
+
+    Args:
+        fleet: What answers the requests.
+        address: ``(host, port)`` to listen on.
+        max_body: Largest request body accepted (bytes); larger ones get 413.
+        ssl_context: Serve HTTPS with this context (see :meth:`tls_context`), or None.
+
+    Raises:
+        ConfigError: ``address`` cannot be bound.
+    """
 
     def __init__(
         self,
@@ -179,55 +516,49 @@ class RestListener:
         address: tuple[str, int],
         *,
         max_body: int,
-        ssl_files: tuple[str, str, str] | None = None,
-        require_client_certificate: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        host, port = address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
-        # and without it every response waits ~40 ms for a delayed ACK (Nagle).
-        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._socket.bind((host, port))
-        except OSError as exc:
-            self._socket.close()
-            raise ConfigError(
-                f"rest_address: cannot listen on {host}:{port} ({exc.strerror})"
-            ) from exc
+        self._socket = _bind(*address)
         self.port = int(self._socket.getsockname()[1])
-        kwargs: dict[str, Any] = {}
-        if ssl_files is not None:
-            ca, cert, key = ssl_files
-            kwargs = {"ssl_ca_certs": ca, "ssl_certfile": cert, "ssl_keyfile": key}
-            if require_client_certificate:
-                kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-        # Headers get as long as a body may stay silent (the heartbeat timeout, >= 5 s).
-        limit = body_idle_limit(fleet)
-        protocol = type("HeadersOnTime", (_HeadersOnTime,), {"header_limit": limit})
-        self._config = uvicorn.Config(
-            rest_app(fleet, max_body),
-            http=protocol,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-            **kwargs,
-        )
-        self._server = uvicorn.Server(self._config)
-        self._main: asyncio.Task[None] | None = None
+        self._fleet = fleet
+        self._max_body = max_body
+        self._ssl = ssl_context
+        self._site: _Site | None = None
+        self._server: asyncio.Server | None = None
+
+    @staticmethod
+    def tls_context(
+        ca_cert: bytes, cert_file: str, key_file: str, *, require_client_certificate: bool = False
+    ) -> ssl.SSLContext:
+        """A server context with the certificate chain and key in ``cert_file`` and
+        ``key_file`` (:mod:`ssl` reads them from files only); with
+        ``require_client_certificate``, clients must present a certificate signed by
+        ``ca_cert`` (PEM bytes)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        context.load_verify_locations(cadata=ca_cert.decode("ascii"))
+        context.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
     async def start(self) -> None:
         """Start serving (on the running loop)."""
-        self._config.load()
-        self._server.lifespan = self._config.lifespan_class(self._config)
-        await self._server.startup(sockets=[self._socket])
-        self._main = asyncio.create_task(self._server.main_loop())
+        loop = asyncio.get_running_loop()
+        site = self._site = _Site(self._fleet, self._max_body, loop)
+        self._server = await loop.create_server(
+            lambda: _Connection(site), sock=self._socket, ssl=self._ssl, backlog=_BACKLOG
+        )
 
     async def stop(self) -> None:
-        """Stop serving and close the socket."""
-        self._server.should_exit = True
-        if self._main is not None:
-            await self._main
-            await self._server.shutdown(sockets=[self._socket])
+        """Stop listening, close idle connections, give requests in flight 2 s to finish,
+        then close the rest."""
+        server, site = self._server, self._site
+        self._server = self._site = None
+        if server is not None and site is not None:
+            server.close()
+            await site.close(_GRACE)
+            if sys.version_info >= (3, 13):
+                server.abort_clients()  # connections still in their TLS handshake
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), _GRACE)
         self._socket.close()

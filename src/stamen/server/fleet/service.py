@@ -167,20 +167,21 @@ class FleetService:
 
     async def _start_rest(self, address: str) -> None:
         host, port = split_host_port(address)
-        if self.certificates is None:
-            self._rest = RestListener(self.fleet, (host, port), max_body=self._max_message_length)
-            await self._rest.start()
-        else:
-            # uvicorn reads TLS material from files: write them privately, load, delete.
-            with pem_files(*self.certificates) as (ca, cert, key):
-                self._rest = RestListener(
-                    self.fleet,
-                    (host, port),
-                    max_body=self._max_message_length,
-                    ssl_files=(ca, cert, key),
+        context = None
+        if self.certificates is not None:
+            ca, cert, key = self.certificates
+            # ssl reads a certificate chain from files only: write them privately, load, delete.
+            with pem_files(cert, key) as (cert_file, key_file):
+                context = RestListener.tls_context(
+                    ca,
+                    cert_file,
+                    key_file,
                     require_client_certificate=self._require_client_certificate,
                 )
-                await self._rest.start()
+        self._rest = RestListener(
+            self.fleet, (host, port), max_body=self._max_message_length, ssl_context=context
+        )
+        await self._rest.start()
         self.rest_port = self._rest.port
 
     def stop(self, grace: float = 2.0, timeout: float = 10.0) -> None:
