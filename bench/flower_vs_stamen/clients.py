@@ -56,6 +56,12 @@ def main() -> int:
     args = parser.parse_args()
 
     fl = importlib.import_module("stamen" if args.framework == "stamen" else "flwr")
+    if args.framework == "stamen":
+        # Before the node threads exist, as a program that runs them itself should: malloc
+        # settings are process-wide, and Stamen applies none at import.
+        from stamen.memory import tune_allocator
+
+        tune_allocator()
     if args.framework == "flower":
         from flwr.client import app as flower_app
 

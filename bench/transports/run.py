@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 import stamen as fl
+from stamen.memory import tune_allocator
 from stamen.server.strategy.strategy import FitFailures, FitResults
 from stamen.testing import NodeThread, running_server
 
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench/results/transports.json")
     args = parser.parse_args(argv)
+    tune_allocator()  # before the node threads exist: malloc settings are process-wide
     results = []
     for name, (clients, size) in WORKLOADS.items():
         for transport in TRANSPORTS:

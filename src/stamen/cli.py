@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import __version__
 from .demo import CLIENT_LIMIT, DemoStarted, RoundProgress, run_demo
 from .errors import ConfigError, StamenError
+from .memory import tune_allocator
 from .testing.certs import generate_certificates, generate_node_keys
 
 __all__ = ["build_parser", "main"]
@@ -298,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _ParserExit as done:
         return done.status
     _configure_logging(args.verbose + getattr(args, "command_verbose", 0))
+    tune_allocator()  # an entry point: before any thread that may run a node starts
     handler: Callable[[argparse.Namespace], int] = args.handler
     prog = f"stamen {args.command}"
     try:

@@ -14,14 +14,15 @@ allocators (PyTorch's, jemalloc's) do.
 
 glibc binds a thread to an arena at its first allocation, and a thread with an arena of
 its own gets every allocation over 64 MiB as a fresh ``mmap`` whatever the settings. So
-the arena limit (:func:`limit_arenas`) is set when this module is imported, that is when
-``stamen.client``, ``stamen.server`` or ``stamen.simulation`` is, normally before the
-threads that will run nodes exist; set from inside each node's thread, the first
-benchmark with 100 MB models spent half of the nodes' CPU time zeroing fresh pages. The
-thresholds are set by ``start_client``, ``start_server`` and ``start_simulation``
-(:func:`tune_allocator`), so what a program allocates before it starts Stamen (an
-initial model, a dataset) is mapped and returned to the system as usual. Set
-``STAMEN_MALLOC_TUNING=0`` before importing Stamen to leave malloc alone.
+the settings must be in effect before the threads that will run nodes exist; set from
+inside each node's thread, the first benchmark with 100 MB models spent half of the
+nodes' CPU time zeroing fresh pages. They are process-wide, so Stamen never applies them
+at import: only its entry points do (``start_client``, ``start_server``,
+``start_simulation`` and the ``stamen`` command), when they start, so what a program
+allocates before it starts Stamen (an initial model, a dataset) is mapped and returned
+to the system as usual. **A program that starts node threads itself** (many
+``start_client`` calls in threads of one process) should call :func:`tune_allocator`
+once before starting them. Set ``STAMEN_MALLOC_TUNING=0`` to leave malloc alone.
 
 The heap still fragments when several threads each hold model-sized buffers for
 different spans of time: freed holes get split by smaller allocations and the next
@@ -85,7 +86,8 @@ def _mallopt() -> Callable[[int, int], int] | None:
 def limit_arenas() -> bool:
     """One malloc arena for the whole process, from now on; True if in effect.
 
-    Run at import: a thread that has already allocated keeps the arena it has.
+    A thread that has already allocated keeps the arena it has: call this (or
+    :func:`tune_allocator`) before starting the threads that will run nodes.
     """
     global _arenas_limited
     with _lock:
@@ -96,9 +98,12 @@ def limit_arenas() -> bool:
 
 
 def tune_allocator() -> bool:
-    """Apply the settings once per process; True if they are in effect.
+    """Apply the settings (one arena, large allocations from the heap, freed memory kept
+    mapped) once per process; True if they are in effect.
 
-    Does nothing (False) off glibc, or when ``STAMEN_MALLOC_TUNING=0``.
+    Called by Stamen's entry points as they start. A program that runs node threads of
+    its own calls it before starting them. Does nothing (False) off glibc, or when
+    ``STAMEN_MALLOC_TUNING=0``.
     """
     global _tuned
     arenas = limit_arenas()
@@ -214,7 +219,3 @@ class BufferPool:
         with self._lock:
             self._free.clear()
             self.cached_bytes = 0
-
-
-# At import, before the threads that will run nodes exist (see the module docstring).
-limit_arenas()

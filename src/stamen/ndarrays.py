@@ -8,12 +8,15 @@ Decoding gives copies (:func:`parameters_to_ndarrays`, writable, as Flower's) or
 views over the tensor bytes (:func:`parameters_to_views`, no copy: for code that only reads
 the arrays, such as aggregation).
 
-Messages received in frames land in a :class:`ReceivedBuffer`, which its receiver owns.
-The receiver alone may turn the read-only views of such a message into writable arrays
-over the same memory (:func:`writable_alias`: the node hands a NumPyClient the received
-model without copying it; the server's FedAvg turns the first reply into its running
-mean), and give an array still in its ``.npy`` place back as a tensor without copying
-it (:func:`ndarray_to_tensor`).
+Messages received in frames land in a :class:`ReceivedBuffer`. Who may write into one,
+and when it is released, is one object, a :class:`Lease`, which the receiver of the
+message makes and hands on as an argument: only a held lease turns the read-only views of
+the message into writable arrays over the same memory (:meth:`Lease.alias`: the node hands
+a NumPyClient the received model without copying it; the server's FedAvg turns the first
+reply into its running mean), and it runs release callbacks when that memory is freed or
+kept. A :class:`ReplyUse` says what the server does with the replies to its instructions,
+and so whose release gives a large reply's receive slot back. An array still in its
+``.npy`` place becomes a tensor again without a copy (:func:`ndarray_to_tensor`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 import numpy as np
 
@@ -34,10 +38,15 @@ from .messages import Parameters
 from .typing import NDArray, NDArrays
 
 __all__ = [
+    "FOLDED_REPLIES",
+    "KEPT_REPLIES",
     "POOLED_FROM",
     "RECEIVE_POOL",
     "TENSOR_TYPE",
+    "FoldedReplies",
+    "Lease",
     "ReceivedBuffer",
+    "ReplyUse",
     "bytes_to_ndarray",
     "bytes_to_ndarray_view",
     "ndarray_to_bytes",
@@ -48,7 +57,6 @@ __all__ = [
     "parameters_to_views",
     "pooled_parameters",
     "received_buffer_of",
-    "writable_alias",
 ]
 
 TENSOR_TYPE = "numpy.ndarray"
@@ -103,26 +111,27 @@ def _npy_header(ndarray: NDArray, fortran: bool) -> bytes:
 class ReceivedBuffer(np.ndarray[Any, np.dtype[np.uint8]]):
     """The bytes of one message received in frames, owned by its receiver.
 
-    Decoding gives read-only views into it (as for any message). Its receiver, which
-    knows nothing else holds the message, may write through :func:`writable_alias`.
-    Callbacks registered with :meth:`when_released` run when the buffer is freed, or
-    earlier, when its receiver keeps the memory (:meth:`kept`).
+    Decoding gives read-only views into it (as for any message). Writing into it takes a
+    :class:`Lease` on it, which only its receiver makes. Callbacks registered with
+    :meth:`when_released` run when the buffer is freed, or earlier, when its receiver
+    keeps the memory (:meth:`kept`).
 
     Large tensors encoded only to be sent (:func:`ndarray_to_sendable`) are read-only
     buffers of this type too, so that they come from the same pool.
     """
 
     _callbacks: list[Callable[[], None]]
-    _release: weakref.finalize | None  # type: ignore[type-arg]
+    _release: _Finalizer | None
 
     @classmethod
-    def allocate(cls, size: int) -> ReceivedBuffer:
-        """An uninitialized buffer of ``size`` bytes: from the process's
-        :class:`~stamen.memory.BufferPool` from 16 MiB on, so the next message of that
-        size lands in memory already mapped; smaller ones from NumPy's allocator."""
+    def allocate(cls, size: int, pool: BufferPool | None = None) -> ReceivedBuffer:
+        """An uninitialized buffer of ``size`` bytes: from ``pool`` (default: the
+        process's :data:`RECEIVE_POOL`) from :data:`POOLED_FROM` bytes on, so the next
+        message of that size lands in memory already mapped; smaller ones from NumPy's
+        allocator."""
         if size < POOLED_FROM:
             return np.empty(size, dtype=np.uint8).view(cls)
-        block, give_back = RECEIVE_POOL.take(size)
+        block, give_back = (RECEIVE_POOL if pool is None else pool).take(size)
         buffer = block.view(cls)
         buffer._release = weakref.finalize(buffer, _released, give_back, buffer._callbacks)
         return buffer
@@ -147,6 +156,10 @@ class ReceivedBuffer(np.ndarray[Any, np.dtype[np.uint8]]):
         _run_all(self._callbacks)
 
 
+_Callbacks: TypeAlias = list[Callable[[], None]]
+_Finalizer: TypeAlias = "weakref.finalize[[Callable[[], None] | None, _Callbacks], ReceivedBuffer]"
+
+
 def _run_all(callbacks: list[Callable[[], None]]) -> None:
     while callbacks:
         callbacks.pop(0)()
@@ -169,16 +182,9 @@ def received_buffer_of(array: NDArray) -> ReceivedBuffer | None:
     return base if isinstance(base, ReceivedBuffer) else None
 
 
-def writable_alias(view: NDArray) -> NDArray | None:
-    """A writable array over the memory of ``view`` if it lies in a
-    :class:`ReceivedBuffer`; None otherwise (copy it instead).
-
-    Only the owner of the received message may call this: every other view of the
-    message (its tensors included) sees what is written through the alias.
-    """
-    root = received_buffer_of(view)
-    if root is None or not root.flags.writeable:
-        return None
+def _alias(view: NDArray, root: ReceivedBuffer) -> NDArray | None:
+    """A writable array over the memory of ``view``, which lies in ``root``; None if it
+    cannot be one (not contiguous, or not inside ``root``)."""
     offset = view.__array_interface__["data"][0] - root.__array_interface__["data"][0]
     contiguous = view.flags.c_contiguous or view.flags.f_contiguous
     if not contiguous or offset < 0 or offset + view.nbytes > root.nbytes:
@@ -187,6 +193,163 @@ def writable_alias(view: NDArray) -> NDArray | None:
     # itself would skip to the memory's owner), so received_buffer_of finds the buffer.
     flat = np.frombuffer(root.data, dtype=view.dtype, count=view.size, offset=offset)
     return flat.reshape(view.shape, order="F" if not view.flags.c_contiguous else "C")
+
+
+def _buffer_of_tensor(tensor: bytes | memoryview) -> ReceivedBuffer | None:
+    return received_buffer_of(np.frombuffer(tensor, dtype=np.uint8))
+
+
+class Lease:
+    """Who owns the received memory a message lies in, and until when.
+
+    The receiver of a message makes its lease (the node's loop for an instruction, the
+    fleet for a reply's receive slot, a :class:`~stamen.server.strategy.FitAccumulator`
+    for a fit result the server hands it): the lease names the writable
+    :class:`ReceivedBuffer` (s) the message lies in, and making it says that nothing else
+    reads that memory. While the lease is held its holder may write into that memory
+    (:meth:`alias`); :meth:`transfer` hands it on (the giver's lease no longer holds) and
+    :meth:`end` gives it up. Arrays aliased earlier stay writable: they are the holder's.
+
+    A lease never keeps its buffers alive (it refers to them weakly): the arrays and
+    tensors over them do. :meth:`when_released` callbacks run when every named buffer has
+    been freed, or kept by the holder (:meth:`keep`). A message that came as ``bytes``
+    lies in no buffer: its lease names none, and decoding under it copies.
+
+    Args:
+        buffers: The buffers the message lies in; read-only ones (encoded only to be
+            sent, or a pooled global model) are nobody's to write and are left out.
+    """
+
+    __slots__ = ("_held", "_refs")
+
+    def __init__(self, buffers: Iterable[ReceivedBuffer] = ()) -> None:
+        refs: dict[int, weakref.ref[ReceivedBuffer]] = {}
+        for buffer in buffers:
+            if buffer.flags.writeable:
+                refs.setdefault(id(buffer), weakref.ref(buffer))
+        self._refs: tuple[weakref.ref[ReceivedBuffer], ...] = tuple(refs.values())
+        self._held = True
+
+    @classmethod
+    def over(cls, tensors: Iterable[bytes | memoryview]) -> Lease:
+        """The lease on the buffers ``tensors`` lie in (made by their receiver)."""
+        return cls(b for b in map(_buffer_of_tensor, tensors) if b is not None)
+
+    @property
+    def held(self) -> bool:
+        """True until the lease is handed on or ended."""
+        return self._held
+
+    @property
+    def buffers(self) -> tuple[ReceivedBuffer, ...]:
+        """The named buffers still alive (none once the lease is handed on or ended)."""
+        return tuple(b for b in (ref() for ref in self._refs) if b is not None)
+
+    def _check(self, action: str) -> None:
+        if not self._held:
+            raise RuntimeError(f"Lease.{action}: the lease was handed on or ended")
+
+    def alias(self, view: NDArray) -> NDArray | None:
+        """A writable array over the memory of ``view`` if it lies in a buffer this lease
+        names; None otherwise (copy it instead). Every other view of the message (its
+        tensors included) sees what is written through the alias.
+
+        Raises:
+            RuntimeError: the lease was handed on or ended.
+        """
+        self._check("alias")
+        root = received_buffer_of(view)
+        if root is None or not any(ref() is root for ref in self._refs):
+            return None
+        return _alias(view, root)
+
+    def transfer(self) -> Lease:
+        """Hand the lease on: the returned one holds it, this one no longer does.
+
+        Raises:
+            RuntimeError: the lease was handed on or ended.
+        """
+        self._check("transfer")
+        taken = Lease()
+        taken._refs, self._refs, self._held = self._refs, (), False
+        return taken
+
+    def end(self) -> None:
+        """Give the lease up: no alias can be made under it any more."""
+        self._refs, self._held = (), False
+
+    def when_released(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once (from any thread) when every named buffer has been
+        freed or kept; at once if the lease names none (or all are gone already).
+
+        Raises:
+            RuntimeError: the lease was handed on or ended.
+        """
+        self._check("when_released")
+        buffers = self.buffers
+        if not buffers:
+            callback()
+            return
+        remaining = [len(buffers)]
+        lock = threading.Lock()
+
+        def one_released() -> None:  # refers to no buffer: it must not keep one alive
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                callback()
+
+        for buffer in buffers:
+            buffer.when_released(one_released)
+
+    def keep(self) -> None:
+        """The holder keeps the memory (as its own arrays): run the release callbacks
+        now, as they would have run had the buffers been freed.
+
+        Raises:
+            RuntimeError: the lease was handed on or ended.
+        """
+        self._check("keep")
+        for buffer in self.buffers:
+            buffer.kept()
+
+    def __repr__(self) -> str:
+        state = "held" if self._held else "handed on"
+        return f"Lease({len(self.buffers)} buffer(s), {state})"
+
+
+class ReplyUse:
+    """What the server does with the replies to its instructions, and so when the memory
+    of a large reply it received (in frames) stops counting against its receive slots.
+
+    This base class (:data:`KEPT_REPLIES`, the default): replies are kept in the round's
+    results until the round ends; a reply's receive slot is given back as soon as the
+    reply has arrived.
+    """
+
+    def slot_lease(self, lease: Lease) -> Lease | None:
+        """The lease whose release gives back the receive slot of a reply received under
+        ``lease``; None: give the slot back now."""
+        return None
+
+
+class FoldedReplies(ReplyUse):
+    """Each reply is folded into a running aggregate and dropped at once (streaming
+    aggregation, :data:`FOLDED_REPLIES`): a reply's receive slot goes with its memory and
+    comes back when that memory is freed, or kept as the running mean, so received models
+    cannot pile up ahead of the folding."""
+
+    def slot_lease(self, lease: Lease) -> Lease | None:
+        """``lease`` itself, handed on, if it names any buffer."""
+        return lease.transfer() if lease.buffers else None
+
+
+KEPT_REPLIES: Final = ReplyUse()
+"""Replies are kept until the round ends (see :class:`ReplyUse`)."""
+
+FOLDED_REPLIES: Final = FoldedReplies()
+"""Replies are folded and dropped as they arrive (see :class:`FoldedReplies`)."""
 
 
 def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
@@ -208,11 +371,12 @@ def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
     return memory[begin:end].toreadonly()
 
 
-def ndarray_to_sendable(ndarray: NDArray) -> bytes | memoryview:
+def ndarray_to_sendable(ndarray: NDArray, pool: BufferPool | None = None) -> bytes | memoryview:
     """:func:`ndarray_to_bytes` for a tensor that is only sent (or decoded as views): an
-    array of :data:`POOLED_FROM` bytes or more is written into pooled memory and the
-    tensor is a read-only view of it, which goes back to the pool once dropped; the next
-    round's tensor then lands in memory already mapped instead of growing the heap.
+    array of :data:`POOLED_FROM` bytes or more is written into memory of ``pool``
+    (default: :data:`RECEIVE_POOL`) and the tensor is a read-only view of it, which goes
+    back to the pool once dropped; the next round's tensor then lands in memory already
+    mapped instead of growing the heap.
     """
     small = not isinstance(ndarray, np.ndarray) or ndarray.nbytes < POOLED_FROM
     if small or ndarray.dtype.hasobject:
@@ -220,7 +384,7 @@ def ndarray_to_sendable(ndarray: NDArray) -> bytes | memoryview:
     fortran = not ndarray.flags.c_contiguous and ndarray.flags.f_contiguous
     data = ndarray.T if fortran else ndarray
     header = _npy_header(ndarray, fortran)
-    buffer = ReceivedBuffer.allocate(len(header) + ndarray.nbytes)
+    buffer = ReceivedBuffer.allocate(len(header) + ndarray.nbytes, pool)
     buffer[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     np.copyto(buffer[len(header) :].view(ndarray.dtype).reshape(data.shape), data)
     buffer.flags.writeable = False  # never a writable alias: it is nobody's received message
@@ -362,37 +526,45 @@ def bytes_to_ndarray_view(tensor: bytes | memoryview) -> NDArray:
     return array
 
 
-def ndarrays_to_parameters(ndarrays: Iterable[NDArray], *, sending: bool = False) -> Parameters:
+def ndarrays_to_parameters(
+    ndarrays: Iterable[NDArray], *, into: BufferPool | None = None
+) -> Parameters:
     """Convert a list of arrays to :class:`Parameters` (``tensor_type="numpy.ndarray"``).
 
-    ``sending=True``: the Parameters are only sent (the node's own reply): large tensors
-    are then read-only memoryviews over pooled memory (:func:`ndarray_to_sendable`), not
-    ``bytes``.
+    Args:
+        ndarrays: The arrays (as in Flower, a bare array is taken as its rows).
+        into: For Parameters that are only sent (the node's own reply): large tensors are
+            then read-only memoryviews over memory of this pool
+            (:func:`ndarray_to_sendable`). Default: every tensor is ``bytes``.
     """
-    # As in Flower, a bare array is taken as the iterable of its rows.
-    encode = ndarray_to_sendable if sending else ndarray_to_bytes
-    return Parameters(tensors=[encode(a) for a in ndarrays], tensor_type=TENSOR_TYPE)
+    if into is None:
+        return Parameters(tensors=[ndarray_to_bytes(a) for a in ndarrays], tensor_type=TENSOR_TYPE)
+    tensors = [ndarray_to_sendable(a, into) for a in ndarrays]
+    return Parameters(tensors=tensors, tensor_type=TENSOR_TYPE)
 
 
-def parameters_to_ndarrays(parameters: Parameters, *, owned: bool = False) -> NDArrays:
+def parameters_to_ndarrays(parameters: Parameters, *, lease: Lease | None = None) -> NDArrays:
     """Convert :class:`Parameters` back to a list of new, writable arrays (copies).
 
-    ``owned=True``: the caller owns the message ``parameters`` was decoded from and
-    nothing else reads it afterwards (the node, handing a received instruction to its
-    NumPyClient). Tensors that lie in a :class:`ReceivedBuffer` then become writable
-    arrays over that memory instead of copies; writing to them changes the tensors.
+    Args:
+        parameters: The tensors to decode.
+        lease: The caller's lease on the message ``parameters`` was decoded from (the
+            node, handing a received instruction to its NumPyClient): tensors that lie
+            in a buffer it names become writable arrays over that memory instead of
+            copies; writing to them changes the tensors.
 
     Raises:
         DecodeError: ``tensor_type`` is not ``"numpy.ndarray"`` (an empty one is accepted
             for empty parameters) or a tensor is not valid ``.npy`` bytes.
+        RuntimeError: ``lease`` was handed on or ended.
     """
     _check_tensor_type(parameters)
-    if not owned:
+    if lease is None:
         return [bytes_to_ndarray(t) for t in parameters.tensors]
     arrays: NDArrays = []
     for tensor in parameters.tensors:
         view = bytes_to_ndarray_view(tensor)
-        alias = writable_alias(view)
+        alias = lease.alias(view)
         arrays.append(view.copy(order="K") if alias is None else alias)
     return arrays
 

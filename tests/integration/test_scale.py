@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stamen.messages import GetPropertiesIns
+from stamen.messages import GetPropertiesIns, GetPropertiesRes
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.server import run_instructions
 from stamen.testing import running_server
@@ -30,10 +30,12 @@ def test_server_serves_more_than_a_thousand_bidi_streams() -> None:
             assert manager.wait_for(NODES, timeout=60), manager.num_available()
             proxies = list(manager.all().values())
             results, failures = run_instructions(
-                [(p, GetPropertiesIns(config={})) for p in proxies], timeout=60
+                [(p, GetPropertiesIns(config={})) for p in proxies],
+                timeout=60,
+                expect=GetPropertiesRes,
             )
             assert not failures
-            indexes = sorted(r.properties["index"] for _, r in results)  # type: ignore[union-attr]
+            indexes = sorted(r.properties["index"] for _, r in results)
             assert indexes == list(range(NODES))
             srv.server.disconnect_all_clients(timeout=60)
             out, _ = proc.communicate(timeout=60)

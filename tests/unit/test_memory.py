@@ -20,16 +20,19 @@ from stamen.memory import BufferPool
 from stamen.messages import Parameters
 from stamen.ndarrays import ReceivedBuffer
 
-# In a fresh interpreter: import Stamen's client package, then run 3 node-like threads
-# that each allocate a little, apply the settings (as start_client in a thread does), and
-# allocate, fill and free 80 MB buffers (over glibc's 64 MiB per-thread heap) four times;
-# report the page faults of the rounds after the first.
+# In a fresh interpreter: apply the settings, as a program that starts node threads itself
+# does before starting them, then run 3 node-like threads that each allocate a little,
+# apply the settings again (as start_client in a thread does), and allocate, fill and
+# free 80 MB buffers (over glibc's 64 MiB per-thread heap) four times; report the page
+# faults of the rounds after the first.
 _PROBE = textwrap.dedent(
     """
     import json, resource, threading
     import numpy as np
-    import stamen.client  # limits malloc to one arena at import
+    import stamen.client
     from stamen.memory import tune_allocator
+
+    tune_allocator()  # before the node threads exist (one arena for all of them)
 
     SIZE = 80 * 2**20
     marks = []  # page faults so far, each time every thread has finished a round
@@ -145,7 +148,7 @@ def small_pool(monkeypatch: pytest.MonkeyPatch) -> BufferPool:
         lambda buffer: buffer.view(np.float32)[3:],
         lambda buffer: memoryview(buffer)[100:],
         lambda buffer: np.frombuffer(buffer.data, dtype=np.uint8, offset=8),
-        lambda buffer: ndarrays.writable_alias(np.frombuffer(buffer.data, np.uint8)),
+        lambda buffer: ndarrays.Lease([buffer]).alias(np.frombuffer(buffer.data, np.uint8)),
     ],
     ids=["slice", "ndarray-of-slice", "dtype-view", "memoryview", "frombuffer", "alias"],
 )
@@ -191,7 +194,7 @@ def test_a_sendable_tensor_is_the_npy_blob_in_pooled_read_only_memory(
     assert isinstance(tensor, memoryview) and tensor.readonly
     assert bytes(tensor) == ndarrays.ndarray_to_bytes(array)
     assert np.array_equal(ndarrays.bytes_to_ndarray(tensor), array)
-    assert ndarrays.writable_alias(ndarrays.bytes_to_ndarray_view(tensor)) is None
+    assert ndarrays.Lease.over([tensor]).buffers == ()  # read-only: nobody's to write
     del tensor
     assert small_pool.mapped == 1 and small_pool.cached_bytes > 0
 
@@ -241,3 +244,45 @@ def test_a_buffer_the_system_cannot_map_is_a_memory_error(monkeypatch: pytest.Mo
     monkeypatch.setattr(memory.mmap, "mmap", refuse)
     with pytest.raises(MemoryError, match=r"cannot map 4194304 bytes .*Cannot allocate"):
         BufferPool().take(3 * MIB)
+
+
+# --- No process-wide setting at import -------------------------------------------------
+
+# In a fresh interpreter: record every function looked up in a C library through ctypes
+# (how Stamen reaches glibc's mallopt), import Stamen's packages, report what was looked up
+# and whether Stamen's own record says a setting was applied.
+_IMPORT_PROBE = textwrap.dedent(
+    """
+    import ctypes, json, sys
+
+    looked_up = []
+    original = ctypes.CDLL.__getitem__
+
+    def spy(self, name_or_ordinal):
+        looked_up.append(str(name_or_ordinal))
+        return original(self, name_or_ordinal)
+
+    ctypes.CDLL.__getitem__ = spy
+    import stamen, stamen.client, stamen.server, stamen.simulation, stamen.wire, stamen.cli
+    from stamen import memory
+
+    at_import, applied = list(looked_up), [memory._arenas_limited, memory._tuned]
+    memory.tune_allocator()  # the probe sees a call when there is one
+    print(json.dumps({"at_import": at_import, "applied": applied, "after": looked_up}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_importing_stamen_changes_no_process_wide_setting() -> None:
+    """malloc settings bind the whole process: only an entry point (start_client,
+    start_server, start_simulation, the CLI) or the program itself applies them."""
+    env = {k: v for k, v in os.environ.items() if k != "STAMEN_MALLOC_TUNING"}
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert "mallopt" not in report["at_import"], report
+    assert report["applied"] == [None, None], report
+    assert "mallopt" in report["after"], report  # the spy would have seen it

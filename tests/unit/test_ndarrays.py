@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import pickle
+import weakref
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,10 @@ import pytest
 from stamen.errors import ConfigError, DecodeError
 from stamen.messages import FitIns, Parameters
 from stamen.ndarrays import (
+    FOLDED_REPLIES,
+    KEPT_REPLIES,
     TENSOR_TYPE,
+    Lease,
     ReceivedBuffer,
     bytes_to_ndarray,
     ndarray_to_bytes,
@@ -21,7 +25,6 @@ from stamen.ndarrays import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
     received_buffer_of,
-    writable_alias,
 )
 from stamen.wire import decode_instruction, encode_instruction
 
@@ -287,10 +290,10 @@ def _received(arrays: list[np.ndarray]) -> tuple[ReceivedBuffer, Parameters]:
     return buffer, instruction.parameters
 
 
-def test_owned_decoding_gives_writable_arrays_over_the_received_bytes() -> None:
+def test_leased_decoding_gives_writable_arrays_over_the_received_bytes() -> None:
     arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.eye(3))]
     buffer, parameters = _received(arrays)
-    owned = parameters_to_ndarrays(parameters, owned=True)
+    owned = parameters_to_ndarrays(parameters, lease=Lease.over(parameters.tensors))
     for got, want in zip(owned, arrays, strict=True):
         np.testing.assert_array_equal(got, want)
         assert got.flags.writeable
@@ -305,15 +308,19 @@ def test_decoding_copies_unless_the_caller_owns_a_received_buffer() -> None:
     for copy in (parameters_to_ndarrays(parameters)[0], bytes_to_ndarray(parameters.tensors[0])):
         assert copy.flags.writeable and received_buffer_of(copy) is None
     over_bytes = ndarrays_to_parameters(arrays)  # bytes tensors: nothing to alias
-    [array] = parameters_to_ndarrays(over_bytes, owned=True)
+    lease = Lease.over(over_bytes.tensors)
+    assert lease.buffers == ()
+    [array] = parameters_to_ndarrays(over_bytes, lease=lease)
     assert array.flags.writeable and received_buffer_of(array) is None
-    assert writable_alias(np.frombuffer(over_bytes.tensors[0], dtype=np.uint8)) is None
+    assert lease.alias(np.frombuffer(over_bytes.tensors[0], dtype=np.uint8)) is None
+    [copy] = parameters_to_ndarrays(parameters, lease=Lease())  # a lease on other memory
+    assert received_buffer_of(copy) is None
 
 
 def test_an_array_still_in_its_npy_place_becomes_a_tensor_without_a_copy() -> None:
     arrays = [np.linspace(0, 1, 9, dtype=np.float32).reshape(3, 3)]
     buffer, parameters = _received(arrays)
-    [array] = parameters_to_ndarrays(parameters, owned=True)
+    [array] = parameters_to_ndarrays(parameters, lease=Lease.over(parameters.tensors))
     array *= 2
     tensor = ndarray_to_tensor(array)
     assert isinstance(tensor, memoryview) and tensor.readonly and tensor.obj is buffer
@@ -335,7 +342,7 @@ def test_an_array_still_in_its_npy_place_becomes_a_tensor_without_a_copy() -> No
 )
 def test_an_array_out_of_its_npy_place_is_encoded_as_a_copy(moved: Any) -> None:
     _, parameters = _received([np.arange(9, dtype=np.float32).reshape(3, 3)])
-    [array] = parameters_to_ndarrays(parameters, owned=True)
+    [array] = parameters_to_ndarrays(parameters, lease=Lease.over(parameters.tensors))
     other = moved(array)
     tensor = ndarray_to_tensor(other)
     assert isinstance(tensor, bytes)
@@ -363,3 +370,89 @@ def test_release_callbacks_run_once_when_freed_or_kept() -> None:
     del kept
     gc.collect()
     assert calls == ["freed", "kept"]
+
+
+# --- Lease: who may write into received memory, and when it is released --------------------
+
+
+def test_only_a_held_lease_on_the_buffer_grants_a_writable_alias() -> None:
+    buffer = ReceivedBuffer.allocate(64)
+    view = np.frombuffer(buffer.data.toreadonly(), dtype=np.float32, count=4, offset=16)
+    assert not view.flags.writeable
+    assert Lease().alias(view) is None  # a lease on no memory
+    assert Lease([ReceivedBuffer.allocate(64)]).alias(view) is None  # on other memory
+    lease = Lease([buffer])
+    alias = lease.alias(view)
+    assert alias is not None and alias.flags.writeable
+    alias[:] = 2.5
+    np.testing.assert_array_equal(view, np.full(4, 2.5, dtype=np.float32))
+    lease.end()
+    assert not lease.held
+    with pytest.raises(RuntimeError, match="handed on or ended"):
+        lease.alias(view)
+
+
+def test_a_read_only_buffer_is_never_leased() -> None:
+    """Tensors encoded only to be sent, or a pooled global model, are nobody's to write."""
+    buffer = ReceivedBuffer.allocate(16)
+    buffer.flags.writeable = False
+    lease = Lease([buffer])
+    assert lease.buffers == ()
+    assert lease.alias(np.frombuffer(buffer.data, dtype=np.uint8)) is None
+
+
+def test_transfer_hands_the_lease_on_and_invalidates_the_givers() -> None:
+    buffer = ReceivedBuffer.allocate(32)
+    giver = Lease([buffer, buffer])  # named once
+    taker = giver.transfer()
+    assert taker.held and taker.buffers == (buffer,)
+    assert not giver.held and giver.buffers == ()
+    for action in (giver.transfer, giver.keep, lambda: giver.when_released(lambda: None)):
+        with pytest.raises(RuntimeError, match="handed on or ended"):
+            action()
+    assert taker.alias(np.frombuffer(buffer.data, dtype=np.uint8)) is not None
+
+
+def test_release_callbacks_run_once_every_named_buffer_is_freed() -> None:
+    first, second = ReceivedBuffer.allocate(8), ReceivedBuffer.allocate(8)
+    lease = Lease([first, second])
+    calls: list[str] = []
+    lease.when_released(lambda: calls.append("released"))
+    del first
+    gc.collect()
+    assert calls == []
+    del second
+    gc.collect()
+    assert calls == ["released"]
+
+
+def test_release_callbacks_run_at_once_when_the_holder_keeps_the_memory() -> None:
+    buffer = ReceivedBuffer.allocate(8)
+    lease = Lease([buffer])
+    calls: list[str] = []
+    lease.when_released(lambda: calls.append("released"))
+    lease.keep()
+    assert calls == ["released"]
+    del buffer
+    gc.collect()
+    assert calls == ["released"]  # once
+    Lease().when_released(lambda: calls.append("nothing held"))
+    assert calls == ["released", "nothing held"]
+
+
+def test_a_lease_does_not_keep_its_buffers_alive() -> None:
+    buffer = ReceivedBuffer.allocate(8)
+    lease = Lease([buffer])
+    ref = weakref.ref(buffer)
+    del buffer
+    gc.collect()
+    assert ref() is None and lease.buffers == ()
+
+
+def test_the_reply_use_says_whether_a_slot_follows_the_memory() -> None:
+    buffer = ReceivedBuffer.allocate(8)
+    assert KEPT_REPLIES.slot_lease(Lease([buffer])) is None  # the slot comes back now
+    assert FOLDED_REPLIES.slot_lease(Lease()) is None  # a reply that came as bytes
+    received = Lease([buffer])
+    held = FOLDED_REPLIES.slot_lease(received)
+    assert held is not None and held.buffers == (buffer,) and not received.held

@@ -515,7 +515,9 @@ def test_run_instructions_keeps_order_and_splits_failures() -> None:
     """run_instructions returns results in instruction order and collects every failure."""
     a, b, bad = _three_clients()
     ins = FitIns(ndarrays_to_parameters([np.zeros(1)]), {})
-    results, failures = run_instructions([(b, ins), (bad, ins), (a, ins)], timeout=None)
+    results, failures = run_instructions(
+        [(b, ins), (bad, ins), (a, ins)], timeout=None, expect=FitRes
+    )
     assert [p.cid for p, _ in results] == ["b", "a"]
     assert len(failures) == 1
 
@@ -604,9 +606,8 @@ def test_streamed_results_are_folded_in_instruction_order_and_dropped() -> None:
     proxies = [LateProxy(str(i)) for i in range(4)]
     seen: list[str] = []
 
-    def on_result(proxy: ClientProxy, reply: Reply) -> Reply:
+    def on_result(proxy: ClientProxy, reply: FitRes) -> FitRes:
         seen.append(proxy.cid)
-        assert isinstance(reply, FitRes)
         return FitRes(reply.status, Parameters([], ""), reply.num_examples, {})
 
     def finish_in_reverse() -> None:
@@ -622,7 +623,9 @@ def test_streamed_results_are_folded_in_instruction_order_and_dropped() -> None:
     worker = threading.Timer(0.01, finish_in_reverse)
     worker.start()
     ins = FitIns(Parameters([], ""), {})
-    results, failures = run_instructions([(p, ins) for p in proxies], None, on_result=on_result)
+    results, failures = run_instructions(
+        [(p, ins) for p in proxies], None, expect=FitRes, on_result=on_result
+    )
     worker.join(10)
     assert seen == ["0", "2", "3"]
     assert [p.cid for p, _ in results] == ["0", "2", "3"]
@@ -646,4 +649,4 @@ def test_fedavg_streams_and_gives_the_list_based_result() -> None:
     assert parameters is not None and not failures
     expected = (11.0 * 1 + 12.0 * 3 + 6.0 * 2) / 6
     np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], np.full(2, expected))
-    assert all(r.parameters.tensors == [] for _, r in results)  # type: ignore[union-attr]
+    assert all(r.parameters.tensors == [] for _, r in results)

@@ -19,7 +19,7 @@ from ..protocol.auth import RequestSigner
 from ..transport._tls import load_pem
 from ..transport.base import ClientTransport, TransportSettings
 from .client import Client
-from .dispatch import ClientFn, error_reply, handle, normalize_client_fn
+from .dispatch import ClientFn, error_reply, handle, normalize_client_fn, received
 from .numpy_client import NumPyClient
 
 __all__ = ["GRPC_MAX_MESSAGE_LENGTH", "TRANSPORTS", "start_client"]
@@ -229,7 +229,7 @@ def run_node(
                     clock.sleep(seconds)
                     break
                 # The instruction is ours alone: its NumPy arrays need not be copied.
-                reply = handle(config.client_fn, context, instruction, owned=True)
+                reply = handle(config.client_fn, context, instruction, received(instruction))
                 try:
                     transport.send(reply)
                 except MessageTooLarge as exc:

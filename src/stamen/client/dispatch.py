@@ -32,10 +32,11 @@ from ..messages import (
     Reply,
     Status,
 )
+from ..ndarrays import Lease
 from .client import Client
-from .numpy_client import NumPyClient, NumPyClientAdapter
+from .numpy_client import NumPyClient, TakesLease
 
-__all__ = ["ClientFn", "error_reply", "handle", "normalize_client_fn"]
+__all__ = ["ClientFn", "error_reply", "handle", "normalize_client_fn", "received"]
 
 logger = logging.getLogger("stamen.client")
 
@@ -135,16 +136,24 @@ _EXPECTED: dict[type, tuple[str, type]] = {
 
 
 def handle(
-    client_fn: ClientFn, context: Context, instruction: Instruction, *, owned: bool = False
+    client_fn: ClientFn, context: Context, instruction: Instruction, lease: Lease | None = None
 ) -> Reply:
     """Build a client with ``client_fn(context)`` and run ``instruction`` on it.
 
     ``client_fn`` is called once per instruction, as in Flower; ``context.state`` is what
     persists. Never raises for errors of user code: they become a ``CLIENT_ERROR`` reply.
 
-    ``owned=True``: the caller received ``instruction`` from the network and reads none
-    of its parameters afterwards. A NumPyClient then trains on arrays over the received
-    bytes instead of copies of them (the node holds the model once, not twice).
+    Args:
+        client_fn: Builds the client.
+        context: The node's context.
+        instruction: What to run.
+        lease: Given by the node that received ``instruction`` and hands it over whole
+            (:meth:`~stamen.ndarrays.Lease.over` its tensors): a client that takes it
+            (:class:`~stamen.client.numpy_client.TakesLease`, as Stamen's NumPyClient
+            adapter does) gets it with the instruction, so the NumPyClient trains on
+            arrays over the received bytes instead of copies (the node holds the model
+            once, not twice). Any other client gets a plain call. The lease ends when the
+            client returns.
     """
     if isinstance(instruction, ReconnectIns):
         raise ConfigError("dispatch: ReconnectIns is handled by the node session, not a client")
@@ -153,14 +162,8 @@ def handle(
         client = _as_client(client_fn(context))
         client.set_context(context)
         stage, expected = _EXPECTED[type(instruction)]
-        if owned and type(client) is NumPyClientAdapter:
-            # Only our adapter itself: a Client of the user's (a subclass included) may
-            # read ins.parameters after the fit.
-            client.owns_instructions = True
-            try:
-                reply = _call(client, instruction)
-            finally:
-                client.owns_instructions = False
+        if lease is not None and isinstance(client, TakesLease):
+            reply = client.handle_received(instruction, lease)
         else:
             reply = _call(client, instruction)
         if not isinstance(reply, expected):
@@ -172,3 +175,15 @@ def handle(
     except Exception as exc:  # user code: report, keep the node serving
         logger.exception("client failed in %s", stage)
         return error_reply(instruction, f"{stage} raised {type(exc).__name__}: {exc}")
+    finally:
+        if lease is not None:
+            lease.end()
+
+
+def received(instruction: Instruction) -> Lease:
+    """The lease on the memory ``instruction`` lies in, for the node that received it and
+    hands it over to :func:`handle` (it names the received buffers of the instruction's
+    parameters; none for an instruction without parameters or received as bytes)."""
+    if isinstance(instruction, FitIns | EvaluateIns):
+        return Lease.over(instruction.parameters.tensors)
+    return Lease()

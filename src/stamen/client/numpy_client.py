@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC
+from typing import Protocol, runtime_checkable
 
+from .. import ndarrays
 from ..context import Context
+from ..errors import ConfigError
+from ..memory import BufferPool
 from ..messages import (
     Code,
     EvaluateIns,
@@ -16,16 +20,32 @@ from ..messages import (
     GetParametersRes,
     GetPropertiesIns,
     GetPropertiesRes,
-    Parameters,
+    Instruction,
+    Reply,
     Status,
 )
-from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
+from ..ndarrays import Lease, ndarrays_to_parameters, parameters_to_ndarrays
 from ..typing import Config, NDArrays, Scalar
 from .client import Client
 
-__all__ = ["NumPyClient"]
+__all__ = ["NumPyClient", "TakesLease"]
 
 _OK = Status(code=Code.OK, message="Success")
+
+
+@runtime_checkable
+class TakesLease(Protocol):
+    """A client that can be handed the memory of an instruction its node received.
+
+    :func:`~stamen.client.dispatch.handle` calls :meth:`handle_received` instead of the
+    plain method when the node hands over the instruction with its
+    :class:`~stamen.ndarrays.Lease`. Stamen's NumPyClient adapter implements it.
+    """
+
+    def handle_received(self, instruction: Instruction, lease: Lease) -> Reply:
+        """Run ``instruction``, which the node received and hands over whole under
+        ``lease`` (nothing else reads its memory); the reply is only sent."""
+        ...
 
 
 class NumPyClient(ABC):
@@ -105,6 +125,11 @@ def _overrides(numpy_client: NumPyClient, method: str) -> bool:
     return getattr(type(numpy_client), method) is not getattr(NumPyClient, method)
 
 
+def _own(adapter: NumPyClientAdapter, method: str) -> bool:
+    """True if ``method`` of ``adapter`` is :class:`NumPyClientAdapter`'s own."""
+    return getattr(type(adapter), method) is getattr(NumPyClientAdapter, method)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, tuple | list):
         inner = ", ".join(type(v).__name__ for v in value)
@@ -121,13 +146,39 @@ class NumPyClientAdapter(Client):
 
     def __init__(self, numpy_client: NumPyClient) -> None:
         self.numpy_client = numpy_client
-        self.owns_instructions = False
-        """Set by the node for an instruction it received and hands over whole: the
-        NumPyClient then gets arrays over the received bytes, not copies of them, and
-        its reply is encoded into pooled memory (only the node reads it, to send it)."""
 
-    def _arrays(self, parameters: Parameters) -> NDArrays:
-        return parameters_to_ndarrays(parameters, owned=self.owns_instructions)
+    def handle_received(self, instruction: Instruction, lease: Lease) -> Reply:
+        """Run an instruction the node received and hands over under ``lease``.
+
+        The NumPyClient then gets writable arrays over the received bytes instead of
+        copies, and the reply's large tensors are encoded into pooled memory (only the
+        node reads them, to send them). Only where the adapter's own method handles the
+        instruction: a subclass that overrides it may read ``ins.parameters`` after the
+        NumPyClient wrote into them, so it gets a plain call (copies), as any other
+        :class:`Client` does.
+
+        Raises:
+            ConfigError: ``instruction`` is not one a client answers.
+        """
+        pool = ndarrays.RECEIVE_POOL
+        if isinstance(instruction, FitIns) and _own(self, "fit"):
+            return self._fit(instruction, lease, pool)
+        if isinstance(instruction, EvaluateIns) and _own(self, "evaluate"):
+            return self._evaluate(instruction, lease)
+        if isinstance(instruction, GetParametersIns) and _own(self, "get_parameters"):
+            return self._get_parameters(instruction, pool)
+        return self._plain(instruction)
+
+    def _plain(self, instruction: Instruction) -> Reply:
+        if isinstance(instruction, FitIns):
+            return self.fit(instruction)
+        if isinstance(instruction, EvaluateIns):
+            return self.evaluate(instruction)
+        if isinstance(instruction, GetParametersIns):
+            return self.get_parameters(instruction)
+        if isinstance(instruction, GetPropertiesIns):
+            return self.get_properties(instruction)
+        raise ConfigError(f"dispatch: {type(instruction).__name__} is not handled by a client")
 
     def set_context(self, context: Context) -> None:
         """Set the context here and on the wrapped NumPyClient."""
@@ -143,17 +194,25 @@ class NumPyClientAdapter(Client):
 
     def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
         """Call ``NumPyClient.get_parameters``."""
+        return self._get_parameters(ins, None)
+
+    def _get_parameters(self, ins: GetParametersIns, into: BufferPool | None) -> GetParametersRes:
         if not _overrides(self.numpy_client, "get_parameters"):
             return super().get_parameters(ins)
-        ndarrays = self.numpy_client.get_parameters(ins.config)
-        parameters = ndarrays_to_parameters(ndarrays, sending=self.owns_instructions)
+        arrays = self.numpy_client.get_parameters(ins.config)
+        parameters = ndarrays_to_parameters(arrays, into=into)
         return GetParametersRes(status=_OK, parameters=parameters)
 
     def fit(self, ins: FitIns) -> FitRes:
         """Call ``NumPyClient.fit`` and check what it returns."""
+        return self._fit(ins, None, None)
+
+    def _fit(self, ins: FitIns, lease: Lease | None, into: BufferPool | None) -> FitRes:
+        """``fit``, decoding under ``lease`` and encoding the reply ``into`` a pool."""
         if not _overrides(self.numpy_client, "fit"):
             return super().fit(ins)
-        result = self.numpy_client.fit(self._arrays(ins.parameters), ins.config)
+        arrays = parameters_to_ndarrays(ins.parameters, lease=lease)
+        result = self.numpy_client.fit(arrays, ins.config)
         if not (
             isinstance(result, tuple | list)
             and len(result) == 3
@@ -166,19 +225,24 @@ class NumPyClientAdapter(Client):
                 "NumPyClient.fit: expected a tuple of 3 elements (list of ndarrays, int, dict) "
                 f"= (parameters, num_examples, metrics), received {_describe(result)}"
             )
-        ndarrays, num_examples, metrics = result
+        trained, num_examples, metrics = result
         return FitRes(
             status=_OK,
-            parameters=ndarrays_to_parameters(ndarrays, sending=self.owns_instructions),
+            parameters=ndarrays_to_parameters(trained, into=into),
             num_examples=num_examples,
             metrics=metrics,
         )
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Call ``NumPyClient.evaluate`` and check what it returns."""
+        return self._evaluate(ins, None)
+
+    def _evaluate(self, ins: EvaluateIns, lease: Lease | None) -> EvaluateRes:
+        """``evaluate``, decoding under ``lease``."""
         if not _overrides(self.numpy_client, "evaluate"):
             return super().evaluate(ins)
-        result = self.numpy_client.evaluate(self._arrays(ins.parameters), ins.config)
+        arrays = parameters_to_ndarrays(ins.parameters, lease=lease)
+        result = self.numpy_client.evaluate(arrays, ins.config)
         if not (
             isinstance(result, tuple | list)
             and len(result) == 3

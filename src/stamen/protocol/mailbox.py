@@ -15,6 +15,7 @@ from typing import Protocol
 
 from ..errors import ConnectionLost
 from ..messages import Instruction, Reply
+from ..ndarrays import KEPT_REPLIES, ReplyUse
 
 __all__ = ["Mailbox", "Payload", "Task"]
 
@@ -52,8 +53,9 @@ class Task:
     seq: int = 0
     """Order of the instruction among all the server sent (large replies are received in
     this order when they compete)."""
-    streamed: bool = False
-    """The server folds the reply and drops it at once (streaming aggregation)."""
+    replies: ReplyUse = KEPT_REPLIES
+    """What the server does with the reply (kept until the round ends, or folded and
+    dropped at once): says when a large reply's receive slot comes back."""
 
 
 class Mailbox:
@@ -83,7 +85,7 @@ class Mailbox:
         on_done: DoneCallback,
         seq: int = 0,
         *,
-        streamed: bool = False,
+        replies: ReplyUse = KEPT_REPLIES,
     ) -> int:
         """Queue an instruction (``payload`` is its encoded form); return the task id."""
         task_id = self._next_id
@@ -91,7 +93,7 @@ class Mailbox:
         if self._closed is not None:
             on_done(self._closed)
             return task_id
-        self._pending.append(Task(task_id, instruction, payload, on_done, seq, streamed))
+        self._pending.append(Task(task_id, instruction, payload, on_done, seq, replies))
         if self._wakeup is not None:
             self._wakeup()
         return task_id

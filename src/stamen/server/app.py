@@ -111,6 +111,9 @@ def start_server(
         ConfigError: invalid arguments, or the address cannot be bound.
         NotEnoughClients: too few clients connected in time.
     """
+    from ..memory import tune_allocator
+
+    tune_allocator()  # process-wide malloc settings: entry points only, never at import
     parse_address(server_address)
     if rest_address is not None:
         parse_address(rest_address)

@@ -10,7 +10,6 @@ resolves the future. Nothing polls and no thread waits per client.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -32,6 +31,7 @@ from ..messages import (
     ReconnectIns,
     Reply,
 )
+from ..ndarrays import KEPT_REPLIES, ReplyUse
 from ..protocol.mailbox import Mailbox
 from ..typing import Properties
 from ..wire import Payload, encode_instruction_payload
@@ -77,6 +77,16 @@ class ClientProxy(ABC):
         with :class:`~stamen.errors.ConnectionLost` if the node goes away, and with
         :class:`~stamen.errors.ProtocolError` on a reply of the wrong kind.
         """
+
+    def send(self, ins: Instruction, timeout: float | None, replies: ReplyUse) -> Future[Reply]:
+        """:meth:`submit`, saying what the server does with the reply (``replies``: kept
+        until the round ends, or folded and dropped at once), which tells a proxy that
+        receives large replies into memory of its own how long that memory is in use.
+
+        This default ignores ``replies`` and calls :meth:`submit`, so that a subclass
+        need only implement :meth:`submit`.
+        """
+        return self.submit(ins, timeout)
 
     def _call(self, ins: Instruction, timeout: float | None, expected: type[_R]) -> _R:
         reply = self.submit(ins, timeout).result()
@@ -143,13 +153,6 @@ class _EncodeCache:
 _encode_cache = _EncodeCache()
 _sequence = itertools.count(1)  # next() is atomic under the GIL: instructions in submit order
 
-streamed_replies: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "streamed_replies", default=False
-)
-"""Set while the server submits instructions whose replies it folds and drops one by one
-(streaming aggregation): the fleet then keeps a large reply's receive slot until the
-reply's buffer is freed, so received models cannot pile up ahead of the folding."""
-
 
 class RemoteClientProxy(ClientProxy):
     """A node reached over the network, on any transport, through its mailbox."""
@@ -172,12 +175,17 @@ class RemoteClientProxy(ClientProxy):
         self._slots = slots
 
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
-        """Encode ``ins`` here, post it on the fleet loop, return the reply's future."""
+        """Encode ``ins`` here, post it on the fleet loop, return the reply's future (the
+        reply is kept until the round ends: see :meth:`send`)."""
+        return self.send(ins, timeout, KEPT_REPLIES)
+
+    def send(self, ins: Instruction, timeout: float | None, replies: ReplyUse) -> Future[Reply]:
+        """:meth:`submit`; ``replies`` goes with the task to the fleet, which gives a
+        large reply's receive slot back as ``replies`` says."""
         future: Future[Reply] = Future()
         future.set_running_or_notify_cancel()
         expected = expected_reply_type(ins)
         seq = next(_sequence)
-        streamed = streamed_replies.get()
         payload = _encode_cache.encode(ins)
         if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
@@ -209,7 +217,7 @@ class RemoteClientProxy(ClientProxy):
         def post() -> None:
             if self._slots is not None:
                 self._slots.begin(seq)
-            task_id = self.mailbox.post(ins, payload, on_done, seq, streamed=streamed)
+            task_id = self.mailbox.post(ins, payload, on_done, seq, replies=replies)
             if timeout is not None and not future.done():
                 self._loop.call_later(
                     timeout,

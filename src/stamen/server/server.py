@@ -6,13 +6,15 @@ import concurrent.futures
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, ProtocolError, RunError
 from ..messages import (
     Code,
+    DisconnectRes,
     EvaluateRes,
     FitRes,
     GetParametersIns,
@@ -21,12 +23,13 @@ from ..messages import (
     Parameters,
     ReconnectIns,
     Reply,
+    Status,
 )
-from ..ndarrays import pooled_parameters
+from ..ndarrays import FOLDED_REPLIES, KEPT_REPLIES, pooled_parameters
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
-from .client_proxy import ClientProxy, streamed_replies
+from .client_proxy import ClientProxy
 from .history import History
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
@@ -71,83 +74,114 @@ class ServerConfig:
             )
 
 
-Results = list[tuple[ClientProxy, Reply]]
-Failures = list[tuple[ClientProxy, Reply] | BaseException]
+R = TypeVar("R", bound=Reply)
+"""The kind of reply a call of :func:`run_instructions` expects."""
+
+Results = list[tuple[ClientProxy, R]]
+"""The OK replies of a round, with the proxy that answered each."""
+
+Failures = list[tuple[ClientProxy, R] | BaseException]
+"""A round's failures: replies whose status is not OK, and errors."""
 
 
 _DONE: Future[Reply] = Future()
 
 
 def _outcome(
-    proxy: ClientProxy, future: Future[Reply], results: Results, failures: Failures, level: int
-) -> Reply | None:
+    proxy: ClientProxy,
+    future: Future[Reply],
+    expect: type[R],
+    filed: tuple[Results[R], Failures[R]],
+    level: int,
+) -> R | None:
     """File one finished call under results or failures; the reply if it is a result."""
     error = future.exception()
-    if error is not None:
-        logger.log(level, "client %s failed: %s", proxy.cid, error)
-        failures.append(error)
-        return None
-    reply = future.result()
-    status = getattr(reply, "status", None)
+    if error is None:
+        reply = future.result()
+        if isinstance(reply, expect):
+            return _file(proxy, reply, filed)
+        error = ProtocolError(
+            f"client {proxy.cid}: expected {expect.__name__}, received {type(reply).__name__}"
+        )
+    logger.log(level, "client %s failed: %s", proxy.cid, error)
+    filed[1].append(error)
+    return None
+
+
+def _file(proxy: ClientProxy, reply: R, filed: tuple[Results[R], Failures[R]]) -> R | None:
+    """File a reply: a result if its status is OK (or it has none), else a failure."""
+    status: Status | None = getattr(reply, "status", None)  # DisconnectRes has none
     if status is not None and status.code != Code.OK:
         logger.warning("client %s answered %s: %s", proxy.cid, status.code.name, status.message)
-        failures.append((proxy, reply))
+        filed[1].append((proxy, reply))
         return None
-    results.append((proxy, reply))
+    filed[0].append((proxy, reply))
     return reply
 
 
+def _signal(done: queue.SimpleQueue[int], index: int) -> Callable[[Future[Any]], None]:
+    """A done-callback that puts ``index`` in ``done``."""
+    return lambda _future: done.put(index)
+
+
 def run_instructions(
-    instructions: list[tuple[ClientProxy, Instruction]],
+    instructions: Sequence[tuple[ClientProxy, Instruction]],
     timeout: float | None,
     *,
+    expect: type[R],
     log_level: int = logging.WARNING,
-    on_result: Callable[[ClientProxy, Reply], Reply] | None = None,
-) -> tuple[Results, Failures]:
+    on_result: Callable[[ClientProxy, R], R] | None = None,
+) -> tuple[Results[R], Failures[R]]:
     """Send every instruction at once and wait for all replies.
 
     A reply whose status is not OK is a failure ``(proxy, reply)``; an error (timeout,
-    disconnect, protocol) is a failure too. Without ``on_result``, results keep the order
-    of ``instructions``. With it, each result is handed to ``on_result`` on this thread as
-    soon as it and every result before it have arrived (so in the order of
-    ``instructions``: aggregation is reproducible whatever the arrival order), and what it
-    returns is kept in its place: a reply stripped of its parameters lets them be freed.
+    disconnect, protocol, a reply that is not an ``expect``) is a failure too. Without
+    ``on_result``, results keep the order of ``instructions``. With it, each result is
+    handed to ``on_result`` on this thread as soon as it and every result before it have
+    arrived (so in the order of ``instructions``: aggregation is reproducible whatever
+    the arrival order), and what it returns is kept in its place: a reply stripped of its
+    parameters lets them be freed. The proxies are told so
+    (:data:`~stamen.ndarrays.FOLDED_REPLIES`), and give a large reply's receive slot
+    back only once its memory is freed.
+
+    Args:
+        instructions: ``(proxy, instruction)`` pairs; every instruction is answered by
+            an ``expect``.
+        timeout: Seconds each client has to answer; None: as long as it is connected.
+        expect: The reply class that answers the instructions (``FitRes`` for ``FitIns``).
+        log_level: The level at which errors are logged.
+        on_result: Folds each result as it arrives (streaming aggregation).
     """
-    token = streamed_replies.set(on_result is not None)
-    try:
-        futures = [(proxy, proxy.submit(ins, timeout)) for proxy, ins in instructions]
-    finally:
-        streamed_replies.reset(token)
-    results: Results = []
-    failures: Failures = []
+    use = KEPT_REPLIES if on_result is None else FOLDED_REPLIES
+    futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
+    filed: tuple[Results[R], Failures[R]] = ([], [])
     if on_result is None:
         concurrent.futures.wait([f for _, f in futures])
         for proxy, future in futures:
-            _outcome(proxy, future, results, failures, log_level)
-        return results, failures
+            _outcome(proxy, future, expect, filed, log_level)
+        return filed
     done: queue.SimpleQueue[int] = queue.SimpleQueue()
     for index, (_, future) in enumerate(futures):
-        future.add_done_callback(lambda _f, i=index: done.put(i))  # type: ignore[misc]
+        future.add_done_callback(_signal(done, index))
     arrived: set[int] = set()
+    results = filed[0]
     for position in range(len(futures)):
         while position not in arrived:
             arrived.add(done.get())  # every future ends: replies, timeouts, disconnects
         proxy, future = futures[position]
         futures[position] = (proxy, _DONE)  # drop our reference to the reply
-        reply = _outcome(proxy, future, results, failures, log_level)
+        reply = _outcome(proxy, future, expect, filed, log_level)
         if reply is not None:
             results[-1] = (proxy, on_result(proxy, reply))
         del future, reply
-    return results, failures
+    return filed
 
 
-def _folder(accumulator: FitAccumulator) -> Callable[[ClientProxy, Reply], Reply]:
+def _folder(accumulator: FitAccumulator) -> Callable[[ClientProxy, FitRes], FitRes]:
     """Streaming aggregation: fold each fit result as it arrives, keep it without its
     parameters (so no client's model outlives its arrival)."""
 
-    def fold(proxy: ClientProxy, reply: Reply) -> Reply:
-        if not isinstance(reply, FitRes):
-            return reply
+    def fold(proxy: ClientProxy, reply: FitRes) -> FitRes:
         accumulator.add(proxy, reply)
         empty = Parameters(tensors=[], tensor_type=reply.parameters.tensor_type)
         return FitRes(reply.status, empty, reply.num_examples, reply.metrics)
@@ -243,7 +277,9 @@ class Server:
 
     def fit_round(
         self, server_round: int, timeout: float | None
-    ) -> tuple[Parameters | None, dict[str, Scalar], tuple[Results, Failures]] | None:
+    ) -> (
+        tuple[Parameters | None, dict[str, Scalar], tuple[Results[FitRes], Failures[FitRes]]] | None
+    ):
         """One training round; None if the strategy picked no clients."""
         instructions = self.strategy.configure_fit(
             server_round, self.parameters, self._client_manager
@@ -253,29 +289,31 @@ class Server:
             return None
         accumulator = self.strategy.fit_accumulator(server_round)
         fold = None if accumulator is None else _folder(accumulator)
-        results, failures = run_instructions(list(instructions), timeout, on_result=fold)
+        results, failures = run_instructions(instructions, timeout, expect=FitRes, on_result=fold)
         logger.info(
             "round %d: fit %d result(s), %d failure(s)", server_round, len(results), len(failures)
         )
         if accumulator is not None:
-            parameters, metrics = accumulator.finish(failures)  # type: ignore[arg-type]
-            return parameters, metrics, (results, failures)
-        fit_results = [(p, r) for p, r in results if isinstance(r, FitRes)]
-        parameters, metrics = self.strategy.aggregate_fit(server_round, fit_results, failures)  # type: ignore[arg-type]
+            parameters, metrics = accumulator.finish(failures)
+        else:
+            # A list of its own: the strategy may reorder or trim it.
+            parameters, metrics = self.strategy.aggregate_fit(server_round, list(results), failures)
         return parameters, metrics, (results, failures)
 
     def evaluate_round(
         self, server_round: int, timeout: float | None
-    ) -> tuple[float | None, dict[str, Scalar], tuple[Results, Failures]] | None:
+    ) -> (
+        tuple[float | None, dict[str, Scalar], tuple[Results[EvaluateRes], Failures[EvaluateRes]]]
+        | None
+    ):
         """One federated evaluation round; None if the strategy picked no clients."""
         instructions = self.strategy.configure_evaluate(
             server_round, self.parameters, self._client_manager
         )
         if not instructions:
             return None
-        results, failures = run_instructions(list(instructions), timeout)
-        eval_results = [(p, r) for p, r in results if isinstance(r, EvaluateRes)]
-        loss, metrics = self.strategy.aggregate_evaluate(server_round, eval_results, failures)  # type: ignore[arg-type]
+        results, failures = run_instructions(instructions, timeout, expect=EvaluateRes)
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, list(results), failures)
         logger.info("round %d: distributed loss %s %s", server_round, loss, metrics)
         return loss, metrics, (results, failures)
 
@@ -301,6 +339,8 @@ class Server:
             (c, ReconnectIns(seconds=None)) for c in clients
         ]
         # A node that hangs up instead of acknowledging (Flower nodes do) has still left.
-        _, failures = run_instructions(instructions, timeout, log_level=logging.DEBUG)
+        _, failures = run_instructions(
+            instructions, timeout, expect=DisconnectRes, log_level=logging.DEBUG
+        )
         if failures:
             logger.info("%d client(s) left without acknowledging the end of the run", len(failures))

@@ -8,6 +8,7 @@ import pytest
 from stamen.errors import RunError
 from stamen.messages import Code, FitRes, Status
 from stamen.ndarrays import (
+    Lease,
     ReceivedBuffer,
     ndarrays_to_parameters,
     parameters_to_views,
@@ -74,10 +75,10 @@ def _received_views(arrays: list[np.ndarray]) -> tuple[ReceivedBuffer, list[np.n
     return buffer, parameters_to_views(reply.parameters)
 
 
-def test_an_owned_first_result_becomes_the_running_mean_where_it_lies() -> None:
-    """owned=True: the first model's float32 layers are kept in its received buffer (no
-    copy; its release callbacks run at once), other layers are summed apart, and the mean
-    is bit for bit the one computed from copies."""
+def test_a_leased_first_result_becomes_the_running_mean_where_it_lies() -> None:
+    """Under the caller's lease: the first model's float32 layers are kept in its received
+    buffer (no copy; its release callbacks run at once), other layers are summed apart,
+    and the mean is bit for bit the one computed from copies."""
     rng = np.random.default_rng(3)
     models = [
         [rng.standard_normal(10_000).astype(np.float32), rng.standard_normal(4)] for _ in range(4)
@@ -90,10 +91,10 @@ def test_an_owned_first_result_becomes_the_running_mean_where_it_lies() -> None:
     buffer, first = _received_views(models[0])
     buffer.when_released(lambda: released.append(1))
     acc = WeightedSum(compact=True)
-    acc.add(first, weights[0], owned=True)
+    acc.add(first, weights[0], lease=Lease([buffer]))
     assert released == [1]  # kept: its receive slot is given back now
     for model, weight in zip(models[1:], weights[1:], strict=True):
-        acc.add(model, weight, owned=True)
+        acc.add(model, weight, lease=Lease())
     mean = acc.mean(consume=True)
     assert received_buffer_of(mean[0]) is buffer
     assert received_buffer_of(mean[1]) is None  # float64: a float64 sum, then divided
@@ -101,7 +102,7 @@ def test_an_owned_first_result_becomes_the_running_mean_where_it_lies() -> None:
         np.testing.assert_array_equal(got, want)
 
 
-def test_results_not_owned_are_left_untouched() -> None:
+def test_results_without_a_lease_are_left_untouched() -> None:
     model = [np.arange(8, dtype=np.float32)]
     _, first = _received_views(model)
     acc = WeightedSum(compact=True)
@@ -111,3 +112,15 @@ def test_results_not_owned_are_left_untouched() -> None:
     assert received_buffer_of(mean) is None
     np.testing.assert_array_equal(first[0], model[0])
     np.testing.assert_array_equal(mean, (model[0] + 100) / 2)
+
+
+def test_a_lease_on_other_memory_lets_nothing_be_kept() -> None:
+    """Only the buffers a lease names may become the running mean."""
+    model = [np.arange(8, dtype=np.float32)]
+    _, first = _received_views(model)
+    other, _ = _received_views(model)
+    acc = WeightedSum(compact=True)
+    acc.add(first, 1, lease=Lease([other]))
+    [mean] = acc.mean(consume=True)
+    assert received_buffer_of(mean) is None
+    np.testing.assert_array_equal(first[0], model[0])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ...clock import SystemClock
 from ...errors import AuthError, ConnectionLost, DecodeError
 from ...messages import DisconnectRes, Reply
-from ...ndarrays import ReceivedBuffer
+from ...ndarrays import Lease
 from ...protocol.clock import Clock
 from ...protocol.fleet import CreateNodeResponse, ErrorKind, FleetError, PullResponse
 from ...protocol.fleet_server import (
@@ -222,18 +222,16 @@ class Fleet:
             self.slots.release()
 
     def pass_slot(self, node: Node, task_id: int, whole: bytes | memoryview) -> None:
-        """A large reply was received whole. If the server folds it and drops it at once
-        (streaming aggregation), its slot goes with its buffer and comes back when the
-        buffer is freed, so received models cannot pile up ahead of the folding;
-        otherwise the slot is given back now."""
+        """A large reply was received whole. What the server does with it (its task's
+        :class:`~stamen.ndarrays.ReplyUse`) says when its slot comes back: now for a
+        reply kept until the round ends; for one folded and dropped at once (streaming
+        aggregation), when its buffer is freed (or kept as the running mean), so received
+        models cannot pile up ahead of the folding."""
         task = node.mailbox.in_flight(task_id)
-        buffer = whole.obj if isinstance(whole, memoryview) else None
-        if (
-            not node.slot
-            or task is None
-            or not task.streamed
-            or not isinstance(buffer, ReceivedBuffer)
-        ):
+        held = None
+        if node.slot and task is not None:  # the fleet received it: the lease is its own
+            held = task.replies.slot_lease(Lease.over([whole]))
+        if held is None:
             self.release_slot(node)
             return
         node.slot = False
@@ -243,8 +241,7 @@ class Fleet:
             with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
                 loop.call_soon_threadsafe(slots.release)
 
-        # Freed once folded; or kept by the aggregation as its running mean.
-        buffer.when_released(give_back)
+        held.when_released(give_back)
 
     async def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
         """Take one pushed message of the reply to task ``task_id``: a whole reply or a

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ...errors import ConfigError, RunError
-from ...ndarrays import received_buffer_of, writable_alias
+from ...ndarrays import Lease
 from ...typing import NDArray, NDArrays
 
 __all__ = [
@@ -274,13 +274,17 @@ class WeightedSum:
         self.total_weight: float = 0
         self.count = 0
 
-    def add(self, arrays: NDArrays, weight: float = 1, *, owned: bool = False) -> None:
+    def add(self, arrays: NDArrays, weight: float = 1, *, lease: Lease | None = None) -> None:
         """Add ``weight * arrays``.
 
-        ``owned=True``: the memory of ``arrays`` is the caller's to give away (a received
-        result that nobody reads afterwards). A compact sum then keeps the first model's
-        float32/float16 layers that lie in a :class:`~stamen.ndarrays.ReceivedBuffer` as
-        its running mean where they are, instead of copying them.
+        Args:
+            arrays: The model's layers (read-only views are fine).
+            weight: Its weight.
+            lease: The caller's lease on the received memory ``arrays`` lie in (a result
+                that nobody reads afterwards). A compact sum then keeps the first model's
+                float32/float16 layers that lie in a buffer the lease names as its
+                running mean where they are, instead of copying them, and keeps that
+                memory (:meth:`~stamen.ndarrays.Lease.keep`: its release callbacks run).
 
         Raises:
             RunError: ``arrays`` does not have the layers of the first model added.
@@ -291,7 +295,7 @@ class WeightedSum:
             self._acc = []
             for index, a in enumerate(arrays):
                 compact = self._compact and _compact(a.dtype)
-                alias = writable_alias(a) if compact and owned else None
+                alias = lease.alias(a) if compact and lease is not None else None
                 if alias is not None:
                     self._acc.append(alias)
                     adopted[index] = True
@@ -299,11 +303,8 @@ class WeightedSum:
                 dtype = a.dtype if compact else _work_dtype(a.dtype)
                 self._acc.append(np.empty(a.shape, dtype=dtype, order=_order(a)))
             self._dtypes = [a.dtype for a in arrays]
-            if any(adopted):  # the buffers' receive slots are not held until round end
-                for array in arrays:
-                    root = received_buffer_of(array)
-                    if root is not None:
-                        root.kept()
+            if lease is not None and any(adopted):  # slots are not held until round end
+                lease.keep()
         elif len(arrays) != len(self._acc) or any(
             a.shape != s.shape for a, s in zip(arrays, self._acc, strict=True)
         ):

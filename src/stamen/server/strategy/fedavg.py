@@ -10,6 +10,7 @@ from ...errors import ConfigError, RunError
 from ...messages import EvaluateIns, FitIns, FitRes, Parameters
 from ...ndarrays import (
     TENSOR_TYPE,
+    Lease,
     ndarray_to_tensor,
     parameters_to_ndarrays,
 )
@@ -429,8 +430,10 @@ class _FedAvgAccumulator:
                 return
             arrays = self._checked.check(client, res)
             if arrays is not None:
-                # The server hands ``res`` over (FitAccumulator.add): its memory may be kept.
-                self._sum.add(arrays, res.num_examples, owned=True)
+                # The server hands ``res`` over (FitAccumulator.add): this accumulator is
+                # its receiver now, and holds the lease on the memory it lies in.
+                lease = Lease.over(res.parameters.tensors)
+                self._sum.add(arrays, res.num_examples, lease=lease)
 
     def finish(self, failures: FitFailures) -> tuple[Parameters | None, dict[str, Scalar]]:
         """The round's aggregate, as :meth:`FedAvg.aggregate_fit` would give it.
