@@ -10,10 +10,8 @@ import pytest
 
 from stamen.messages import GetPropertiesIns
 from stamen.ndarrays import FOLDED_REPLIES, KEPT_REPLIES, ReceivedBuffer, ReplyUse
-from stamen.protocol.mailbox import Mailbox
 from stamen.server.client_manager import SimpleClientManager
-from stamen.server.client_proxy import RemoteClientProxy
-from stamen.server.fleet.handler import RECEIVE_SLOTS, Fleet, Node
+from stamen.server.fleet.handler import RECEIVE_SLOTS, Fleet
 
 LIMIT = 1 << 20
 
@@ -27,9 +25,8 @@ async def _free_slots_after_receiving(replies: ReplyUse, *, as_bytes: bool) -> l
     """Free slots right after a large reply is passed on, then after its memory is freed."""
     loop = asyncio.get_running_loop()
     fleet = Fleet(SimpleClientManager(), loop, max_message_length=LIMIT)
-    mailbox = Mailbox("n")
-    proxy = RemoteClientProxy("n", mailbox, loop, max_message_length=LIMIT)
-    node = Node("n", 1, "grpc-bidi", "peer", mailbox, proxy)
+    node = fleet.open_node("grpc-bidi", "peer", frames=True)
+    mailbox = node.mailbox
     fleet.slots.begin(1)
     task_id = mailbox.post(GetPropertiesIns({}), b"", lambda outcome: None, 1, replies=replies)
     assert mailbox.take() is not None
