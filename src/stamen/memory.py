@@ -3,9 +3,8 @@
 A federated round allocates the same few large buffers again and again (a model's
 encoded tensors, a received message, the aggregate). glibc serves each allocation over
 128 KiB-32 MiB with a fresh ``mmap`` and gives it back on ``free``; every page of the next
-one is then faulted in and zeroed by the kernel again. On this project's benchmark machine
-that costs 0.5 s for 300 MB, against 0.04 s to copy 300 MB into memory already mapped:
-for big models, first-touch page faults, not copies, were most of a round.
+one is then faulted in and zeroed by the kernel again: for big models, first-touch page
+faults, not copies, were most of a round (figures in ``bench/HISTORY.md``).
 
 :func:`tune_allocator` makes large allocations come from the heap and keeps freed memory
 mapped for reuse (one arena, so buffers freed by one thread serve the next allocation of
@@ -14,9 +13,8 @@ allocators (PyTorch's, jemalloc's) do.
 
 glibc binds a thread to an arena at its first allocation, and a thread with an arena of
 its own gets every allocation over 64 MiB as a fresh ``mmap`` whatever the settings. So
-the settings must be in effect before the threads that will run nodes exist; set from
-inside each node's thread, the first benchmark with 100 MB models spent half of the
-nodes' CPU time zeroing fresh pages. They are process-wide, so Stamen never applies them
+the settings must be in effect before the threads that will run nodes exist. They are
+process-wide, so Stamen never applies them
 at import: only its entry points do (``start_client``, ``start_server``,
 ``start_simulation`` and the ``stamen`` command), when they start, so what a program
 allocates before it starts Stamen (an initial model, a dataset) is mapped and returned
@@ -29,8 +27,7 @@ different spans of time: freed holes get split by smaller allocations and the ne
 round's model no longer fits, so the heap grows into fresh pages. The buffers Stamen
 itself allocates per message (received messages, encoded replies and global models) come
 from a :class:`BufferPool` instead: private anonymous mappings with huge pages, kept for
-reuse when freed. With both, a benchmark process running 5 nodes x 100 MB maps no new
-memory after its first round.
+reuse when freed.
 """
 
 from __future__ import annotations

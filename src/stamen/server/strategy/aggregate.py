@@ -78,12 +78,8 @@ def cast_like(array: NDArray, dtype: np.dtype[Any]) -> NDArray:
 # value goes through the same operations whichever thread takes its part.
 
 BLOCK = 1 << 17
-"""Elements per block of the aggregation kernels.
-
-Measured in thread CPU time on 10 float32 models of 100 MB (2-core AMD EPYC, 512 KiB of L2
-per core, NumPy 2.4): 2**17 is the fastest; 2**15, 2**16 and 2**18 cost 5-25% more (the
-per-call overhead of NumPy grows below, the blocks spill further from the cores above).
-"""
+"""Elements per block of the aggregation kernels: small enough to stay in a core's
+cache, large enough to amortise NumPy's per-call cost (measured: ``bench/HISTORY.md``)."""
 
 
 THREADS = min(2, os.cpu_count() or 1)
@@ -91,12 +87,7 @@ THREADS = min(2, os.cpu_count() or 1)
 one-core machine.
 
 The values and their operations are the same whatever the number, so are the results.
-Measured on the 2-core benchmark machine: the 10 x 100 MB mean (`aggregate`) takes
-0.12 s with 2 threads against 0.21 s with 1, and a whole B round (10 nodes x 100 MB, the
-nodes on the same 2 cores) 3.0-3.4 s against 3.5-3.6 s: while the server folds the last
-replies the nodes have little left to do, so the second core is free. (An earlier
-measurement, with the machine's cores busy elsewhere, had 2 threads slower: 0.40 s
-against 0.26-0.35 s.) Beyond about 4 threads the memory bus is the limit.
+Beyond about 4 threads the memory bus is the limit (measurements: ``bench/HISTORY.md``).
 """
 
 MIN_PART_BLOCKS = 8
