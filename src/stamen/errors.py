@@ -10,11 +10,15 @@ libraries underneath (grpc, protobuf, sockets) are translated at the boundary wi
     │   ├── ConnectError                  could not reach the peer (also: gave up retrying)
     │   │   └── TLSError                  TLS failed (untrusted, wrong host, mismatch): NOT retried
     │   ├── ConnectionLost                an established session broke
+    │   │   └── NodeUnknown               the server forgot this node: register again
     │   └── Timeout (TimeoutError)        a bounded wait ran out
     ├── ProtocolError                     the peer answered, but not as the protocol says
     │   ├── DecodeError (ValueError)      bytes that are not a valid message
     │   ├── MessageTooLarge               a message over ``grpc_max_message_length``
-    │   └── VersionMismatch               the peer speaks another protocol version
+    │   ├── VersionMismatch               the peer speaks another protocol version
+    │   └── InvalidResult                 a client's result a strategy refused (a failure)
+    ├── FleetError                        a Fleet server refuses a request (server side;
+    │                                     its ``kind``, an :class:`ErrorKind`, picks the status)
     ├── AuthError                         credentials rejected; never retried
     ├── ClientAppError                    user code in a client raised
     └── RunError                          a server run cannot go on
@@ -27,6 +31,9 @@ anything else means that trying again cannot help.
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any
+
 __all__ = [
     "AuthError",
     "ClientAppError",
@@ -34,7 +41,11 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "DecodeError",
+    "ErrorKind",
+    "FleetError",
+    "InvalidResult",
     "MessageTooLarge",
+    "NodeUnknown",
     "NotEnoughClients",
     "ProtocolError",
     "RunError",
@@ -75,6 +86,10 @@ class ConnectionLost(TransportError):
     """An established session with the peer broke."""
 
 
+class NodeUnknown(ConnectionLost):
+    """The server does not know this node (it restarted, or dropped the node): register again."""
+
+
 class Timeout(TransportError, TimeoutError):
     """A bounded wait ran out."""
 
@@ -93,6 +108,53 @@ class MessageTooLarge(ProtocolError):
 
 class VersionMismatch(ProtocolError):
     """The peer speaks another version of the protocol."""
+
+
+class InvalidResult(ProtocolError):
+    """A client's result that a strategy refused; it counts as a failure of the round.
+
+    Attributes:
+        proxy: The client that sent it (a ``ClientProxy``).
+        result: The refused ``FitRes`` or ``EvaluateRes``.
+        reason: Why it was refused.
+    """
+
+    def __init__(self, proxy: Any, result: Any, reason: str) -> None:
+        super().__init__(f"result of client {proxy.cid} refused: {reason}")
+        self.proxy = proxy
+        self.result = result
+        self.reason = reason
+
+
+class ErrorKind(Enum):
+    """Errors a Fleet server reports (``stamen.protocol.fleet.ERRORS`` maps each to its
+    gRPC status, its HTTP status and the exception a node raises for it)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNKNOWN_NODE = "UNKNOWN_NODE"
+    VERSION_MISMATCH = "VERSION_MISMATCH"
+    TOO_LARGE = "TOO_LARGE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class FleetError(StamenError):
+    """An error a Fleet server returns to the node (server side).
+
+    Attributes:
+        kind: What went wrong; the transport adapter maps it to its own status.
+        message: The text sent to the node.
+    """
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    @classmethod
+    def from_decode(cls, exc: DecodeError) -> FleetError:
+        """The error for a request that did not decode."""
+        return cls(ErrorKind.INVALID_ARGUMENT, str(exc))
 
 
 class AuthError(StamenError):

@@ -7,7 +7,7 @@ that names the field, what was expected and what was received.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeAlias
@@ -16,10 +16,12 @@ from .errors import ConfigError
 from .typing import Scalar
 
 __all__ = [
+    "EXCHANGES",
     "Code",
     "DisconnectRes",
     "EvaluateIns",
     "EvaluateRes",
+    "Exchange",
     "FitIns",
     "FitRes",
     "GetParametersIns",
@@ -34,6 +36,7 @@ __all__ = [
     "Status",
     "check_scalar",
     "check_scalar_mapping",
+    "exchange_for",
 ]
 
 _INT64_MIN = -(2**63)
@@ -308,3 +311,54 @@ Instruction: TypeAlias = GetPropertiesIns | GetParametersIns | FitIns | Evaluate
 
 Reply: TypeAlias = GetPropertiesRes | GetParametersRes | FitRes | EvaluateRes | DisconnectRes
 """What a client node sends back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """How one kind of instruction is answered.
+
+    Attributes:
+        reply: The reply class that answers it.
+        method: The :class:`~stamen.client.Client` method that handles it (None: the
+            node session answers it, not user code).
+        error_reply: Builds the reply that reports a failure to handle it, from its
+            status (None: it cannot fail that way).
+    """
+
+    reply: type[Reply]
+    method: str | None
+    error_reply: Callable[[Status], Reply] | None
+
+
+def _no_parameters() -> Parameters:
+    return Parameters(tensors=[], tensor_type="")
+
+
+EXCHANGES: dict[type, Exchange] = {
+    GetPropertiesIns: Exchange(
+        GetPropertiesRes, "get_properties", lambda status: GetPropertiesRes(status, {})
+    ),
+    GetParametersIns: Exchange(
+        GetParametersRes,
+        "get_parameters",
+        lambda status: GetParametersRes(status, _no_parameters()),
+    ),
+    FitIns: Exchange(FitRes, "fit", lambda status: FitRes(status, _no_parameters(), 0, {})),
+    EvaluateIns: Exchange(EvaluateRes, "evaluate", lambda status: EvaluateRes(status, 0.0, 0, {})),
+    ReconnectIns: Exchange(DisconnectRes, None, None),
+}
+"""The one instruction -> reply table: per instruction class, its :class:`Exchange`."""
+
+
+def exchange_for(instruction: object) -> Exchange:
+    """The :class:`Exchange` of ``instruction``.
+
+    Raises:
+        ConfigError: ``instruction`` is not an instruction message.
+    """
+    try:
+        return EXCHANGES[type(instruction)]
+    except KeyError:
+        raise ConfigError(
+            f"expected an instruction message, received {_type_name(instruction)}"
+        ) from None

@@ -33,12 +33,12 @@ from stamen.client.app import NodeConfig, make_node_config, run_node
 from stamen.clock import SystemClock
 from stamen.errors import ConnectionLost, Timeout
 from stamen.ndarrays import parameters_to_ndarrays
+from stamen.net import tls as _tls
 from stamen.protocol.fleet import CreateNodeRequest, SimpleRequest
 from stamen.server import ServerConfig
 from stamen.server.fleet.handler import FleetTiming
 from stamen.testing import NodeThread, RunningServer, node_threads, running_server
 from stamen.testing.conformance import TRANSPORTS, AddClient
-from stamen.transport import _tls
 from stamen.transport.base import ClientTransport, TransportSettings
 from stamen.transport.fleet import FleetClientTransport, Requester
 from stamen.transport.grpc_rere import GrpcRereRequester

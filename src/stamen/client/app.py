@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import random
 from collections.abc import Callable
@@ -14,22 +13,21 @@ from ..context import Context, RecordSet
 from ..errors import ConfigError, ConnectError, MessageTooLarge, TransportError
 from ..memory import tune_allocator
 from ..messages import DisconnectRes, ReconnectIns
+from ..net.address import parse_address, strip_scheme
+from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
+from ..net.tls import load_pem
 from ..protocol import Clock, NodeSession, RetryPolicy
 from ..protocol.auth import RequestSigner
-from ..transport._tls import load_pem
+from ..transport import TransportFactory, transport_url_schemes
+from ..transport import transport_factory as registered_factory
 from ..transport.base import ClientTransport, TransportSettings
 from .client import Client
 from .dispatch import ClientFn, error_reply, handle, normalize_client_fn, received
 from .numpy_client import NumPyClient
 
-__all__ = ["GRPC_MAX_MESSAGE_LENGTH", "TRANSPORTS", "start_client"]
+__all__ = ["GRPC_MAX_MESSAGE_LENGTH", "start_client"]
 
 logger = logging.getLogger("stamen.client")
-
-GRPC_MAX_MESSAGE_LENGTH = 536_870_912
-"""Default bound of one gRPC message, in bytes (512 MiB), as in Flower."""
-
-TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
 
 
 @dataclass(frozen=True)
@@ -40,34 +38,13 @@ class NodeConfig:
     transport: str
     settings: TransportSettings
     policy: RetryPolicy
+    factory: TransportFactory | None = None
+    """Builds the transport; None: the one registered as ``transport`` (loaded on use)."""
 
     @property
     def address(self) -> str:
         """The server's address."""
         return self.settings.address
-
-
-def parse_address(address: object) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port``.
-
-    Raises:
-        ConfigError: not a string of that form with a port in 0..65535.
-    """
-    if not isinstance(address, str):
-        raise ConfigError(
-            f"server_address: expected 'host:port', received {type(address).__name__}"
-        )
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address without brackets is ambiguous
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(
-            f"server_address: expected 'host:port' or '[ipv6]:port' with a port in 0..65535, "
-            f"received {address!r}"
-        )
-    return host, int(port_text)
 
 
 def _client_fn_from(client_fn: Callable[..., Any] | None, client: Client | None) -> ClientFn:
@@ -91,30 +68,43 @@ def _client_fn_from(client_fn: Callable[..., Any] | None, client: Client | None)
 def make_node_config(
     *,
     server_address: str,
-    client_fn: Callable[..., Any] | None,
-    client: Client | None,
-    grpc_max_message_length: int,
-    root_certificates: bytes | str | None,
-    insecure: bool | None,
-    transport: str | None,
-    authentication_keys: tuple[Any, Any] | None,
-    max_retries: int | None,
-    max_wait_time: float | None,
+    client_fn: Callable[..., Any] | None = None,
+    client: Client | None = None,
+    grpc_max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+    root_certificates: bytes | str | None = None,
+    insecure: bool | None = None,
+    transport: str | None = None,
+    authentication_keys: tuple[Any, Any] | None = None,
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
     client_certificates: tuple[bytes | str, bytes | str] | None = None,
+    transport_factory: TransportFactory | None = None,
 ) -> NodeConfig:
-    """Check every argument of :func:`start_client`; raise ConfigError naming the bad one."""
+    """Check every argument of :func:`start_client`; raise ConfigError naming the bad one.
+
+    ``transport`` must be a registered transport (:mod:`stamen.transport`), unless
+    ``transport_factory`` builds the transport instead (``transport`` then only names it).
+    """
     fn = _client_fn_from(client_fn, client)
-    transport = "grpc-bidi" if transport is None else transport
-    if transport not in TRANSPORTS:
-        raise ConfigError(f"transport: expected one of {list(TRANSPORTS)}, received {transport!r}")
-    if transport == "rest" and isinstance(server_address, str):
-        scheme, sep, rest = server_address.partition("://")
-        if sep and scheme not in ("http", "https"):
+    factory = transport_factory
+    if factory is None:
+        transport = "grpc-bidi" if transport is None else transport
+        schemes = transport_url_schemes(transport)  # ConfigError listing the registered ones
+    else:
+        if not callable(factory):
             raise ConfigError(
-                f"server_address: expected http://, https:// or no scheme for rest, "
-                f"received {server_address!r}"
+                f"transport_factory: expected a callable, received {type(factory).__name__}"
             )
-        parse_address(rest if sep else server_address)
+        transport = "custom" if transport is None else transport
+        schemes = ()
+    if schemes and isinstance(server_address, str):
+        scheme, host_port = strip_scheme(server_address)
+        if scheme and scheme not in schemes:
+            raise ConfigError(
+                f"server_address: expected {', '.join(f'{s}://' for s in schemes)} or no "
+                f"scheme for {transport}, received {server_address!r}"
+            )
+        parse_address(host_port)
         if scheme == "https" and insecure is True:
             raise ConfigError("server_address: https:// contradicts insecure=True")
     else:
@@ -166,22 +156,15 @@ def make_node_config(
         client_certificate=client_pair,
         signer=signer,
     )
-    return NodeConfig(client_fn=fn, transport=transport, settings=settings, policy=policy)
-
-
-_FACTORIES = {
-    "grpc-bidi": ("stamen.transport.grpc_bidi", "GrpcBidiTransport"),
-    "grpc-rere": ("stamen.transport.grpc_rere", "grpc_rere_transport"),
-    "rest": ("stamen.transport.rest", "rest_transport"),
-}
+    return NodeConfig(
+        client_fn=fn, transport=transport, settings=settings, policy=policy, factory=factory
+    )
 
 
 def make_transport(config: NodeConfig) -> ClientTransport:
-    """Build the transport adapter named in ``config`` (its module loads on first use)."""
-    module, name = _FACTORIES[config.transport]
-    factory: Callable[[TransportSettings], ClientTransport] = getattr(
-        importlib.import_module(module), name
-    )
+    """Build the node's transport: ``config.factory``, or the one registered under
+    ``config.transport`` (its module loads on first use)."""
+    factory = config.factory if config.factory is not None else registered_factory(config.transport)
     return factory(config.settings)
 
 
@@ -285,7 +268,8 @@ def start_client(
             enables TLS.
         insecure: ``True`` for plaintext; ``False`` for TLS (with the system's CAs when
             ``root_certificates`` is None). Default: TLS exactly when certificates are given.
-        transport: ``"grpc-bidi"`` (default), ``"grpc-rere"`` or ``"rest"``.
+        transport: ``"grpc-bidi"`` (default), ``"grpc-rere"``, ``"rest"``, or the name of
+            a transport added with :func:`stamen.transport.register_transport`.
         authentication_keys: ``(private_key, public_key)`` elliptic-curve keys (P-256,
             P-384 or P-521): every request is signed, on every transport (Flower: grpc-rere
             only, and without replay protection). See docs/security.md.

@@ -17,20 +17,15 @@ from typing import Any
 from ..context import Context
 from ..errors import ConfigError
 from ..messages import (
+    EXCHANGES,
     Code,
     EvaluateIns,
-    EvaluateRes,
     FitIns,
-    FitRes,
-    GetParametersIns,
-    GetParametersRes,
-    GetPropertiesIns,
-    GetPropertiesRes,
     Instruction,
-    Parameters,
     ReconnectIns,
     Reply,
     Status,
+    exchange_for,
 )
 from ..ndarrays import Lease
 from .client import Client
@@ -101,37 +96,30 @@ def normalize_client_fn(client_fn: Callable[..., Any]) -> ClientFn:
 
 
 def error_reply(instruction: Instruction, message: str) -> Reply:
-    """The reply that reports a failure to handle ``instruction``."""
-    status = Status(code=Code.CLIENT_ERROR, message=message)
-    empty = Parameters(tensors=[], tensor_type="")
-    if isinstance(instruction, FitIns):
-        return FitRes(status=status, parameters=empty, num_examples=0, metrics={})
-    if isinstance(instruction, EvaluateIns):
-        return EvaluateRes(status=status, loss=0.0, num_examples=0, metrics={})
-    if isinstance(instruction, GetParametersIns):
-        return GetParametersRes(status=status, parameters=empty)
-    if isinstance(instruction, GetPropertiesIns):
-        return GetPropertiesRes(status=status, properties={})
-    raise ConfigError(f"no error reply exists for {type(instruction).__name__}")
+    """The reply that reports a failure to handle ``instruction`` (``CLIENT_ERROR``).
+
+    Raises:
+        ConfigError: ``instruction`` has no such reply (``ReconnectIns``, not an instruction).
+    """
+    build = exchange_for(instruction).error_reply
+    if build is None:
+        raise ConfigError(f"no error reply exists for {type(instruction).__name__}")
+    return build(Status(code=Code.CLIENT_ERROR, message=message))
 
 
 def _call(client: Client, instruction: Instruction) -> Reply:
-    if isinstance(instruction, FitIns):
-        return client.fit(instruction)
-    if isinstance(instruction, EvaluateIns):
-        return client.evaluate(instruction)
-    if isinstance(instruction, GetParametersIns):
-        return client.get_parameters(instruction)
-    if isinstance(instruction, GetPropertiesIns):
-        return client.get_properties(instruction)
-    raise ConfigError(f"dispatch: {type(instruction).__name__} is not handled by a client")
+    method = exchange_for(instruction).method
+    if method is None:
+        raise ConfigError(f"dispatch: {type(instruction).__name__} is not handled by a client")
+    reply: Reply = getattr(client, method)(instruction)
+    return reply
 
 
+# (client method, reply class) per instruction a client handles: a view of EXCHANGES.
 _EXPECTED: dict[type, tuple[str, type]] = {
-    FitIns: ("fit", FitRes),
-    EvaluateIns: ("evaluate", EvaluateRes),
-    GetParametersIns: ("get_parameters", GetParametersRes),
-    GetPropertiesIns: ("get_properties", GetPropertiesRes),
+    kind: (exchange.method, exchange.reply)
+    for kind, exchange in EXCHANGES.items()
+    if exchange.method is not None
 }
 
 

@@ -38,7 +38,7 @@ from ..messages import (
     GetPropertiesIns,
     GetPropertiesRes,
 )
-from ..server.strategy.differential_privacy import (
+from ..privacy import (
     KEY_CLIPPING_NORM,
     KEY_NORM_BIT,
     compute_clip_model_update,

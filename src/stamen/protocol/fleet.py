@@ -10,13 +10,14 @@ and the Stamen exception a client raises for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from ..errors import (
     AuthError,
     ConnectionLost,
-    DecodeError,
+    ErrorKind,
+    FleetError,
     MessageTooLarge,
+    NodeUnknown,
     ProtocolError,
     StamenError,
     VersionMismatch,
@@ -40,21 +41,6 @@ PROTOCOL_VERSION = 2
 """Version of the Fleet protocol spoken by this release (2: instructions and replies in frames)."""
 
 
-class NodeUnknown(ConnectionLost):
-    """The server does not know this node (it restarted, or dropped the node): register again."""
-
-
-class ErrorKind(Enum):
-    """Errors a Fleet server reports."""
-
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    UNKNOWN_NODE = "UNKNOWN_NODE"
-    VERSION_MISMATCH = "VERSION_MISMATCH"
-    TOO_LARGE = "TOO_LARGE"
-    UNAUTHENTICATED = "UNAUTHENTICATED"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
 @dataclass(frozen=True)
 class ErrorSpec:
     """How one error kind travels on each transport, and what a client raises for it."""
@@ -72,20 +58,6 @@ ERRORS: dict[ErrorKind, ErrorSpec] = {
     ErrorKind.UNAUTHENTICATED: ErrorSpec("UNAUTHENTICATED", 401, AuthError),
     ErrorKind.UNAVAILABLE: ErrorSpec("UNAVAILABLE", 503, ConnectionLost),
 }
-
-
-class FleetError(StamenError):
-    """An error a Fleet server returns to the node (server side)."""
-
-    def __init__(self, kind: ErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-    @classmethod
-    def from_decode(cls, exc: DecodeError) -> FleetError:
-        """The error for a request that did not decode."""
-        return cls(ErrorKind.INVALID_ARGUMENT, str(exc))
 
 
 @dataclass(frozen=True, slots=True)

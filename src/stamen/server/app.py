@@ -8,8 +8,9 @@ from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..client.app import GRPC_MAX_MESSAGE_LENGTH, parse_address
 from ..errors import ConfigError
+from ..net.address import parse_address
+from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from .checkpoint import Checkpointer
 from .client_manager import ClientManager, SimpleClientManager
 from .fleet.auth import AuthorizedKeys, NodeAuthenticator

@@ -30,6 +30,7 @@ from ..messages import (
     Instruction,
     ReconnectIns,
     Reply,
+    exchange_for,
 )
 from ..ndarrays import KEPT_REPLIES, ReplyUse
 from ..protocol.mailbox import Mailbox
@@ -39,22 +40,14 @@ from ..wire import Payload, encode_instruction_payload
 if TYPE_CHECKING:
     from .fleet.slots import ReceiveSlots
 
-__all__ = ["ClientProxy", "RemoteClientProxy", "expected_reply_type"]
+__all__ = ["ClientProxy", "EncodeCache", "RemoteClientProxy", "expected_reply_type"]
 
 _R = TypeVar("_R", bound=Reply)
 
-_REPLY_TYPES: dict[type, type] = {
-    FitIns: FitRes,
-    EvaluateIns: EvaluateRes,
-    GetParametersIns: GetParametersRes,
-    GetPropertiesIns: GetPropertiesRes,
-    ReconnectIns: DisconnectRes,
-}
-
 
 def expected_reply_type(instruction: Instruction) -> type:
-    """The reply class that answers ``instruction``."""
-    return _REPLY_TYPES[type(instruction)]
+    """The reply class that answers ``instruction`` (:data:`stamen.messages.EXCHANGES`)."""
+    return exchange_for(instruction).reply
 
 
 class ClientProxy(ABC):
@@ -126,11 +119,17 @@ class ClientProxy(ABC):
         return f"{type(self).__name__}(cid={self.cid!r})"
 
 
-class _EncodeCache:
-    """Encodes an instruction once when the same object goes to many nodes in a round.
+class EncodeCache:
+    """Remembers the encodings of the last ``size`` instruction objects, by identity.
 
-    It holds only the newest instruction: an entry keeps its parameters alive, and the
-    round's instruction is the one that matters.
+    A strategy sends one ``FitIns`` object to every node it samples in a round: it is
+    encoded once, for the network proxies (one cache in the process) and for a
+    simulation's serializing proxies (one cache per run). An entry keeps its
+    instruction's parameters alive, so the cache is small: the round's instruction is
+    the one that matters.
+
+    Args:
+        size: Number of instructions remembered.
     """
 
     def __init__(self, size: int = 1) -> None:
@@ -138,19 +137,28 @@ class _EncodeCache:
         self._entries: list[tuple[Instruction, Payload]] = []
         self._size = size
 
-    def encode(self, ins: Instruction) -> Payload:
+    def encode(self, instruction: Instruction) -> Payload:
+        """The wire encoding of ``instruction``, its tensors not copied.
+
+        ``Payload.tobytes()`` joins it once and keeps the result for the next caller.
+        """
         with self._lock:
             for cached, payload in self._entries:
-                if cached is ins:
+                if cached is instruction:
                     return payload
-        payload = encode_instruction_payload(ins)
+        payload = encode_instruction_payload(instruction)
         with self._lock:
-            self._entries.insert(0, (ins, payload))
+            self._entries.insert(0, (instruction, payload))
             del self._entries[self._size :]
         return payload
 
+    def clear(self) -> None:
+        """Forget every entry (and the models they hold)."""
+        with self._lock:
+            self._entries.clear()
 
-_encode_cache = _EncodeCache()
+
+_encode_cache = EncodeCache()
 _sequence = itertools.count(1)  # next() is atomic under the GIL: instructions in submit order
 
 

@@ -14,7 +14,6 @@ transports: whatever could not travel over the network fails here too.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
@@ -22,17 +21,8 @@ from typing import TYPE_CHECKING, TypeAlias
 from ..client.dispatch import ClientFn, handle
 from ..context import Context, RecordSet
 from ..errors import ClientAppError, ConnectionLost, DecodeError, ProtocolError, StamenError
-from ..messages import (
-    DisconnectRes,
-    EvaluateIns,
-    FitIns,
-    GetParametersIns,
-    GetPropertiesIns,
-    Instruction,
-    ReconnectIns,
-    Reply,
-)
-from ..server.client_proxy import ClientProxy, expected_reply_type
+from ..messages import EXCHANGES, DisconnectRes, Instruction, ReconnectIns, Reply
+from ..server.client_proxy import ClientProxy, EncodeCache, expected_reply_type
 from ..typing import UserConfig
 from ..wire import decode_instruction, decode_reply, encode_instruction, encode_reply
 
@@ -52,17 +42,12 @@ __all__ = [
 CallResult: TypeAlias = tuple[Reply | bytes, RecordSet]
 """What a backend returns for a call: the reply (encoded if serialized) and the state."""
 
-_STAGES: dict[type, str] = {
-    FitIns: "fit",
-    EvaluateIns: "evaluate",
-    GetParametersIns: "get_parameters",
-    GetPropertiesIns: "get_properties",
-}
-
 
 def stage_of(instruction: Instruction) -> str:
     """The client method that handles ``instruction`` (``"fit"``, ``"evaluate"``, ...)."""
-    return _STAGES.get(type(instruction), type(instruction).__name__)
+    exchange = EXCHANGES.get(type(instruction))
+    method = None if exchange is None else exchange.method
+    return type(instruction).__name__ if method is None else method
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,39 +89,6 @@ def run_virtual_call(
         reply = handle(client_fn, context, decode_instruction(instruction))
         return encode_reply(reply), context.state
     return handle(client_fn, context, instruction), context.state
-
-
-class EncodeCache:
-    """Encodes an instruction once when the same object goes to many virtual nodes.
-
-    The strategy sends one ``FitIns`` object to every node it samples in a round; the
-    cache keeps the bytes of the last few instruction objects, by identity.
-
-    Args:
-        size: Number of instructions remembered.
-    """
-
-    def __init__(self, size: int = 2) -> None:
-        self._lock = threading.Lock()
-        self._entries: list[tuple[Instruction, bytes]] = []
-        self._size = size
-
-    def encode(self, instruction: Instruction) -> bytes:
-        """The wire encoding of ``instruction``."""
-        with self._lock:
-            for cached, payload in self._entries:
-                if cached is instruction:
-                    return payload
-        payload = encode_instruction(instruction)
-        with self._lock:
-            self._entries.insert(0, (instruction, payload))
-            del self._entries[self._size :]
-        return payload
-
-    def clear(self) -> None:
-        """Forget every entry (and the models they hold)."""
-        with self._lock:
-            self._entries.clear()
 
 
 class VirtualClientProxy(ClientProxy):
@@ -212,7 +164,9 @@ class VirtualClientProxy(ClientProxy):
             payload: Instruction | bytes = ins
             if self.serialize:
                 cache = self._encode_cache
-                payload = cache.encode(ins) if cache is not None else encode_instruction(ins)
+                payload = (
+                    cache.encode(ins).tobytes() if cache is not None else encode_instruction(ins)
+                )
             call = VirtualCall(self.cid, stage, self._client_fn, self.context, payload)
             inner = self._backend.submit(call, timeout)
         except RuntimeError as exc:  # the backend is closed

@@ -1,9 +1,21 @@
 """The transport conformance suite: one behaviour, every transport.
 
-Each ``check_*`` function runs a real server on 127.0.0.1 and real client nodes over the
-given transport(s) and raises AssertionError when the behaviour differs from the contract.
-``tests/conformance/`` runs every check for grpc-bidi, grpc-rere and rest; anyone adding
-a transport runs the same checks.
+Each ``check_*`` function runs a real Stamen server on 127.0.0.1 and real client nodes
+over the given transport(s) and raises AssertionError when the behaviour differs from the
+contract. A transport is given as a :class:`TransportUnderTest` (a factory
+``TransportSettings -> ClientTransport`` and the server port its nodes connect to), so a
+transport of your own runs the same checks as the built-in ones::
+
+    from stamen.testing import conformance
+
+    mine = conformance.TransportUnderTest(MyTransport, listener="rest")
+    conformance.check_fedavg_identical([mine])
+    conformance.check_end_of_run(mine)
+
+A name registered with :func:`stamen.transport.register_transport` (``"grpc-bidi"``,
+``"grpc-rere"``, ``"rest"``, or yours) works too: its nodes are then started with
+``start_client(transport=name)``. ``tests/conformance/`` runs every check on the built-in
+transports and on a transport defined in a test (docs/transports.md).
 """
 
 from __future__ import annotations
@@ -13,7 +25,8 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,13 +36,20 @@ from ..client.numpy_client import NumPyClient
 from ..errors import ConnectError, ConnectionLost, Timeout
 from ..messages import Code, FitIns, FitRes, Parameters, ReconnectIns
 from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
+from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from ..protocol.fleet import CreateNodeRequest, PullRequest
 from ..server.client_manager import SimpleClientManager
 from ..server.fleet.handler import FleetTiming
 from ..server.server import ServerConfig
 from ..server.strategy import FedAvg
 from ..server.strategy.strategy import FitFailures, FitResults
-from ..transport.base import TransportSettings
+from ..transport import (
+    BUILT_IN_TRANSPORTS,
+    TransportFactory,
+    transport_factory,
+    transport_url_schemes,
+)
+from ..transport.base import ClientTransport, TransportSettings
 from ..transport.fleet import Requester
 from ..transport.grpc_rere import GrpcRereRequester
 from ..transport.rest import RestRequester
@@ -43,6 +63,7 @@ __all__ = [
     "TRANSPORTS",
     "AddClient",
     "RecordingFedAvg",
+    "TransportUnderTest",
     "check_client_exception_is_failure",
     "check_end_of_run",
     "check_fedavg_identical",
@@ -52,10 +73,51 @@ __all__ = [
     "check_reconnect_later",
     "check_round_timeout",
     "check_server_restart",
+    "under_test",
 ]
 
-TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
+TRANSPORTS = BUILT_IN_TRANSPORTS
+"""The built-in transports' names (each is a valid argument of every check)."""
+
 _WAIT = 30.0
+
+
+@dataclass(frozen=True)
+class TransportUnderTest:
+    """A client transport the checks run on.
+
+    Attributes:
+        factory: Builds the transport from a node's settings (``settings.address`` is
+            ``host:port`` of the server port named by ``listener``).
+        listener: The server port its nodes connect to: ``"grpc"`` (grpc-bidi and the
+            Fleet protocol over gRPC) or ``"rest"`` (the Fleet protocol over HTTP).
+        name: Its name in messages; for a registered transport, the registered name.
+        registered: Start its nodes with ``start_client(transport=name)`` (the name is
+            registered) instead of with ``factory`` directly.
+    """
+
+    factory: TransportFactory
+    listener: Literal["grpc", "rest"] = "grpc"
+    name: str = "custom"
+    registered: bool = False
+
+
+def under_test(transport: TransportUnderTest | str) -> TransportUnderTest:
+    """``transport`` as a :class:`TransportUnderTest`; a registered name's nodes connect
+    to the REST port when its addresses may be ``http://`` URLs, else to the gRPC port.
+
+    Raises:
+        ConfigError: a name that is not registered.
+    """
+    if isinstance(transport, TransportUnderTest):
+        return transport
+    schemes = transport_url_schemes(transport)
+
+    def build(settings: TransportSettings) -> ClientTransport:
+        return transport_factory(transport)(settings)
+
+    listener: Literal["grpc", "rest"] = "rest" if "http" in schemes else "grpc"
+    return TransportUnderTest(build, listener, transport, registered=True)
 
 
 class AddClient(NumPyClient):
@@ -101,16 +163,30 @@ def _strategy(n: int, **kwargs: Any) -> RecordingFedAvg:
     )
 
 
+def _address(srv: RunningServer, transport: TransportUnderTest) -> str:
+    if transport.listener == "grpc":
+        return srv.address
+    if transport.registered:
+        return srv.rest_url
+    return f"{srv.host}:{srv.rest_port}"
+
+
 def _start(
-    srv: RunningServer, transport: str, client: Client, nodes: list[NodeThread], **kwargs: Any
+    srv: RunningServer,
+    transport: TransportUnderTest | str,
+    client: Client,
+    nodes: list[NodeThread],
+    **kwargs: Any,
 ) -> NodeThread:
+    spec = under_test(transport)
     node = NodeThread(
         {
-            "server_address": srv.address_for(transport),
-            "transport": transport,
+            "server_address": _address(srv, spec),
+            "transport": spec.name,
             "client": client,
             **kwargs,
-        }
+        },
+        transport_factory=None if spec.registered else spec.factory,
     ).start()
     nodes.append(node)
     return node
@@ -122,7 +198,7 @@ def _expect_clean_exit(nodes: Sequence[NodeThread]) -> None:
         assert outcome is None, f"start_client raised {outcome!r}"
 
 
-def check_fedavg_identical(transports: Sequence[str]) -> NDArrays:
+def check_fedavg_identical(transports: Sequence[TransportUnderTest | str]) -> NDArrays:
     """3 rounds of FedAvg with 3 nodes (node i on ``transports[i % len]``) give the exact
     weighted mean, and every node's start_client returns normally at the end of the run."""
     strategy = _strategy(3)
@@ -143,7 +219,7 @@ def check_fedavg_identical(transports: Sequence[str]) -> NDArrays:
     return params
 
 
-def check_client_exception_is_failure(transport: str) -> None:
+def check_client_exception_is_failure(transport: TransportUnderTest | str) -> None:
     """An exception in fit is a failure of that round with CLIENT_ERROR naming the error;
     the round aggregates the others and the node serves the next round."""
     strategy = _strategy(2)
@@ -164,7 +240,7 @@ def check_client_exception_is_failure(transport: str) -> None:
     assert len(r2_ok) == 2 and not r2_failed
 
 
-def check_round_timeout(transport: str) -> None:
+def check_round_timeout(transport: TransportUnderTest | str) -> None:
     """round_timeout makes a node that does not answer in time a failure (Timeout) and
     the round completes with the others; the slow node still exits cleanly."""
     release = threading.Event()
@@ -213,7 +289,7 @@ def _wait_for_node(manager: SimpleClientManager) -> Any:
     return proxy
 
 
-def check_message_limits(transport: str) -> None:
+def check_message_limits(transport: TransportUnderTest | str) -> None:
     """grpc_max_message_length bounds every message, and nothing larger is refused: an
     instruction and a reply many times the bound travel in frames and arrive intact, when
     the server's bound is the smaller one and when the node's is."""
@@ -229,7 +305,7 @@ def check_message_limits(transport: str) -> None:
             repeat = int(config.get("repeat", 1))
             return [np.tile(a + 1, repeat) for a in parameters], 1, {}
 
-    default = 536_870_912
+    default = GRPC_MAX_MESSAGE_LENGTH
     for server_limit, node_limit in ((8192, default), (default, 8192)):
         manager = SimpleClientManager(wait_timeout=_WAIT)
         with (
@@ -256,7 +332,7 @@ def check_message_limits(transport: str) -> None:
             assert node.join(_WAIT) is None
 
 
-def check_reconnect_later(transport: str) -> None:
+def check_reconnect_later(transport: TransportUnderTest | str) -> None:
     """ReconnectIns(seconds=1): the node answers RECONNECT, leaves, and rejoins after the
     delay as a new node; ReconnectIns(0) then ends start_client normally."""
     manager = SimpleClientManager(wait_timeout=_WAIT)
@@ -274,7 +350,7 @@ def check_reconnect_later(transport: str) -> None:
         assert manager.num_available() == 0
 
 
-def check_end_of_run(transport: str) -> None:
+def check_end_of_run(transport: TransportUnderTest | str) -> None:
     """At the end of a run the server tells each node, and start_client returns (Flower's
     grpc-rere and rest nodes never stop on their own); the server forgets the node."""
     init = ndarrays_to_parameters([np.zeros(2, dtype=np.float32)])
@@ -303,21 +379,18 @@ def _dead_address() -> Iterator[str]:
         sock.close()
 
 
-def check_max_retries(transport: str) -> None:
+def check_max_retries(transport: TransportUnderTest | str) -> None:
     """max_retries=2 against an address where nothing listens: exactly 3 attempts over
     real sockets, waits of full jitter under 1 s then 2 s, then ConnectError."""
+    spec = under_test(transport)
     with _dead_address() as address:
         config = make_node_config(
             server_address=address,
-            client_fn=None,
             client=AddClient(1).to_client(),
             grpc_max_message_length=1 << 20,
-            root_certificates=None,
-            insecure=None,
-            transport=transport,
-            authentication_keys=None,
+            transport=spec.name,
             max_retries=2,
-            max_wait_time=None,
+            transport_factory=None if spec.registered else spec.factory,
         )
         attempts: list[int] = []
 
@@ -335,7 +408,7 @@ def check_max_retries(transport: str) -> None:
     assert len(clock.sleeps) == 2 and clock.sleeps[0] <= 1.0 and clock.sleeps[1] <= 2.0
 
 
-def check_server_restart(transport: str) -> None:
+def check_server_restart(transport: TransportUnderTest | str) -> None:
     """The server dies mid-run and a new one starts on the same port(s): every node
     reconnects (re-registering where the server forgot it) and finishes the new run."""
     manager = SimpleClientManager(wait_timeout=_WAIT)
@@ -363,14 +436,14 @@ def check_server_restart(transport: str) -> None:
     np.testing.assert_array_equal(params[0], np.full(2, 5.0, np.float32))  # 2 x 2.5
 
 
-def _requester(transport: str, srv: RunningServer) -> Requester:
-    settings = TransportSettings(srv.address_for(transport), max_message_length=1 << 20)
-    if transport == "grpc-rere":
-        return GrpcRereRequester(settings)
-    return RestRequester(settings)
+def _requester(transport: TransportUnderTest, srv: RunningServer) -> Requester:
+    """A built-in Fleet requester to the port the transport's nodes use."""
+    if transport.listener == "grpc":
+        return GrpcRereRequester(TransportSettings(srv.address, max_message_length=1 << 20))
+    return RestRequester(TransportSettings(srv.rest_url, max_message_length=1 << 20))
 
 
-def check_liveness(transport: str) -> None:
+def check_liveness(transport: TransportUnderTest | str) -> None:
     """Pull-based transports: a busy node's heartbeats keep it registered through a fit
     longer than the heartbeat timeout; a node that vanishes while holding an instruction
     is dropped after the heartbeat timeout and that instruction fails at once with
@@ -396,7 +469,7 @@ def check_liveness(transport: str) -> None:
         proxy.reconnect(ReconnectIns(seconds=0), timeout=_WAIT)
         assert node.join(_WAIT) is None
 
-        requester = _requester(transport, srv)
+        requester = _requester(under_test(transport), srv)
         requester.open()
         try:
             created = fleet_codec.decode_create_node_response(

@@ -2,33 +2,47 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..client.app import start_client
+from ..client.app import make_node_config, run_node, start_client
+from ..clock import SystemClock
 from ..errors import Timeout
+from ..transport import TransportFactory
 
 __all__ = ["NodeThread", "node_threads"]
 
 
 @dataclass
 class NodeThread:
-    """A ``start_client`` call running in a thread, and its outcome."""
+    """A ``start_client`` call running in a thread, and its outcome.
+
+    With ``transport_factory``, the node runs as ``start_client(**kwargs)`` would, but
+    over the transport that factory builds (registered or not).
+    """
 
     kwargs: dict[str, Any]
     thread: threading.Thread | None = None
     errors: list[BaseException] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    transport_factory: TransportFactory | None = None
 
     def start(self) -> NodeThread:
         """Start the node."""
 
         def target() -> None:
             try:
-                start_client(**self.kwargs)
+                if self.transport_factory is None:
+                    start_client(**self.kwargs)
+                else:
+                    config = make_node_config(
+                        **self.kwargs, transport_factory=self.transport_factory
+                    )
+                    run_node(config, clock=SystemClock(), rng=random.random)
             except BaseException as exc:  # kept for the test: see outcome
                 self.errors.append(exc)
             finally:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..client.app import GRPC_MAX_MESSAGE_LENGTH
 from ..errors import Timeout
+from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from ..server.app import init_defaults, make_authenticator, run_server
 from ..server.client_manager import ClientManager
 from ..server.fleet.handler import FleetTiming

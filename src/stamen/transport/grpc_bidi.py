@@ -18,6 +18,9 @@ from grpc import aio
 
 from ..errors import ConnectError, ConnectionLost, MessageTooLarge
 from ..messages import Instruction, Reply
+from ..net.limits import grpc_message_options
+from ..net.loop import run_on_client_loop
+from ..net.tls import channel_credentials, diagnose_tls
 from ..wire import (
     BIDI_JOIN_METHOD,
     FRAMES_METADATA,
@@ -27,8 +30,6 @@ from ..wire import (
     frame_size,
 )
 from ._errors import map_rpc_error
-from ._loop import run_on_client_loop
-from ._tls import channel_credentials, diagnose_tls
 from .base import TransportSettings
 
 __all__ = ["GrpcBidiTransport", "channel_options", "open_channel"]
@@ -45,8 +46,7 @@ def channel_options(max_message_length: int) -> list[tuple[str, Any]]:
     ping policy of gRPC servers (Flower's included) that allow no pings without data.
     """
     return [
-        ("grpc.max_send_message_length", max_message_length),
-        ("grpc.max_receive_message_length", max_message_length),
+        *grpc_message_options(max_message_length),
         ("grpc.keepalive_time_ms", 330_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 0),
@@ -122,7 +122,7 @@ async def _until_ready(channel: aio.Channel, address: str, timeout: float) -> No
 class GrpcBidiTransport:
     """Client side of the grpc-bidi stream (see :class:`~stamen.transport.base.ClientTransport`).
 
-    The stream lives on the process's client event loop (:mod:`._loop`); the node's
+    The stream lives on the process's client event loop (:mod:`stamen.net.loop`); the node's
     thread waits on it without polling, and does the CPU work (frames, decoding) itself.
     """
 

@@ -10,10 +10,10 @@ import grpc
 from grpc import aio
 
 from ..errors import ConnectionLost, StamenError
+from ..net.loop import run_on_client_loop
 from ..protocol.fleet import ERRORS
 from ..wire import Verb
 from ._errors import map_rpc_error
-from ._loop import run_on_client_loop
 from .base import TransportSettings
 from .fleet import FleetClientTransport
 from .grpc_bidi import open_channel

@@ -15,9 +15,9 @@ from ..errors import (
     StamenError,
     Timeout,
 )
+from ..net.tls import client_ssl_context, diagnose_tls
 from ..protocol.fleet import ERRORS
 from ..wire import REST_CONTENT_TYPE, Verb
-from ._tls import client_ssl_context, diagnose_tls
 from .base import TransportSettings
 from .fleet import FleetClientTransport
 

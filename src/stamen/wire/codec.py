@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+
 from ..errors import ConfigError, DecodeError
 from ..messages import (
     Code,
@@ -81,11 +83,6 @@ def _get_scalars(source: Any) -> dict[str, Scalar]:
     return out
 
 
-def _put_parameters(target: Any, parameters: Parameters) -> None:
-    target.tensors.extend(bytes(t) for t in parameters.tensors)
-    target.tensor_type = parameters.tensor_type
-
-
 def _get_parameters(source: Any) -> Parameters:
     return Parameters(tensors=list(source.tensors), tensor_type=source.tensor_type)
 
@@ -135,13 +132,7 @@ def encode_instruction_payload(instruction: Instruction) -> Payload:
         outer = 4 if isinstance(instruction, FitIns) else 5
         return _with_parameters(outer, small.SerializeToString(), 1, instruction.parameters)
     msg = pb.ServerMessage()
-    if isinstance(instruction, FitIns):
-        _put_parameters(msg.fit_ins.parameters, instruction.parameters)
-        _put_scalars(msg.fit_ins.config, instruction.config)
-    elif isinstance(instruction, EvaluateIns):
-        _put_parameters(msg.evaluate_ins.parameters, instruction.parameters)
-        _put_scalars(msg.evaluate_ins.config, instruction.config)
-    elif isinstance(instruction, GetParametersIns):
+    if isinstance(instruction, GetParametersIns):
         msg.get_parameters_ins.SetInParent()
         _put_scalars(msg.get_parameters_ins.config, instruction.config)
     elif isinstance(instruction, GetPropertiesIns):
@@ -178,7 +169,9 @@ def _split_parameters(
                 rest.append(view[tag_start:value_end])
         carrier = carriers[outer]()
         carrier.ParseFromString(b"".join(rest))
-    except Exception:  # anything unusual: let protobuf decide
+    except (DecodeError, ProtobufDecodeError):
+        # Bytes the fast path does not take (a group, a truncated field, a field
+        # protobuf refuses): the protobuf path decides, and names the error.
         return None
     if parameters is None:
         parameters = Parameters(tensors=[], tensor_type="")
@@ -199,9 +192,7 @@ def decode_instruction(data: Data) -> Instruction:
             if outer == 4:
                 return FitIns(parameters, config)
             return EvaluateIns(parameters, config)
-        except DecodeError:
-            raise
-        except Exception as exc:
+        except ConfigError as exc:  # our validators refuse a decoded value
             raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
     msg = pb.ServerMessage()
     try:
@@ -218,9 +209,7 @@ def decode_instruction(data: Data) -> Instruction:
             return GetPropertiesIns(_get_scalars(msg.get_properties_ins.config))
         if kind == "reconnect_ins":
             return ReconnectIns(seconds=msg.reconnect_ins.seconds)
-    except DecodeError:
-        raise
-    except Exception as exc:  # protobuf and our validators: any failure means bad bytes
+    except (ProtobufDecodeError, ConfigError) as exc:  # protobuf's, or our validators'
         raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
     raise DecodeError(
         f"ServerMessage ({len(data)} bytes): expected one instruction set, received none"
@@ -242,22 +231,12 @@ def encode_reply_payload(reply: Reply) -> Payload:
         _put_status(res.status, reply.status)
         return _with_parameters(3, res.SerializeToString(), 2, reply.parameters)
     msg = pb.ClientMessage()
-    if isinstance(reply, FitRes):
-        res = msg.fit_res
-        _put_status(res.status, reply.status)
-        _put_parameters(res.parameters, reply.parameters)
-        res.num_examples = reply.num_examples
-        _put_scalars(res.metrics, reply.metrics)
-    elif isinstance(reply, EvaluateRes):
+    if isinstance(reply, EvaluateRes):
         ev = msg.evaluate_res
         _put_status(ev.status, reply.status)
         ev.loss = reply.loss
         ev.num_examples = reply.num_examples
         _put_scalars(ev.metrics, reply.metrics)
-    elif isinstance(reply, GetParametersRes):
-        gp = msg.get_parameters_res
-        _put_status(gp.status, reply.status)
-        _put_parameters(gp.parameters, reply.parameters)
     elif isinstance(reply, GetPropertiesRes):
         pr = msg.get_properties_res
         _put_status(pr.status, reply.status)
@@ -285,9 +264,7 @@ def decode_reply(data: Data) -> Reply:
                     status, parameters, carrier.num_examples, _get_scalars(carrier.metrics)
                 )
             return GetParametersRes(status, parameters)
-        except DecodeError:
-            raise
-        except Exception as exc:
+        except ConfigError as exc:  # our validators refuse a decoded value
             raise DecodeError(f"invalid ClientMessage ({len(data)} bytes): {exc}") from exc
     msg = pb.ClientMessage()
     try:
@@ -321,8 +298,6 @@ def decode_reply(data: Data) -> Reply:
                     f"DisconnectRes.reason: expected one of {[int(r) for r in Reason]}, "
                     f"received {reason}"
                 ) from exc
-    except DecodeError:
-        raise
-    except Exception as exc:  # protobuf and our validators: any failure means bad bytes
+    except (ProtobufDecodeError, ConfigError) as exc:  # protobuf's, or our validators'
         raise DecodeError(f"invalid ClientMessage ({len(data)} bytes): {exc}") from exc
     raise DecodeError(f"ClientMessage ({len(data)} bytes): expected one reply set, received none")

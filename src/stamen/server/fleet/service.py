@@ -10,13 +10,14 @@ import grpc
 
 from ...errors import ConfigError
 from ...memory import tune_allocator
-from ...transport._tls import load_pem, pem_files, server_credentials
+from ...net.address import parse_address
+from ...net.loop import LoopThread
+from ...net.tls import load_pem, pem_files, server_credentials
 from ..client_manager import ClientManager
 from .auth import NodeAuthenticator
 from .grpc_bidi import bidi_handler
 from .grpc_rere import rere_handler
 from .handler import Fleet, FleetTiming
-from .loop import LoopThread
 from .rest import RestListener
 
 __all__ = ["FleetService", "server_options"]
@@ -54,11 +55,12 @@ def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tu
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"expected 'host:port', received {address!r}")
-    return host.strip("[]"), int(port)
+    """``host:port`` or ``[v6]:port`` of the REST listener -> (host, port).
+
+    Raises:
+        ConfigError: not such an address (:func:`stamen.net.address.parse_address`).
+    """
+    return parse_address(address, field="rest_address")
 
 
 class FleetService:

@@ -10,11 +10,7 @@ import numpy as np
 from ...errors import ConfigError
 from ...messages import EvaluateIns, FitIns, FitRes, Parameters
 from ...ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
-from ...typing import NDArrays, Scalar
-from ..client_manager import ClientManager
-from ..client_proxy import ClientProxy
-from ._checks import check_count, check_number
-from .differential_privacy import (
+from ...privacy import (
     add_gaussian_noise,
     compute_clip_model_update,
     compute_stdv,
@@ -22,6 +18,10 @@ from .differential_privacy import (
     rng_state,
     set_rng_state,
 )
+from ...typing import NDArrays, Scalar
+from ..client_manager import ClientManager
+from ..client_proxy import ClientProxy
+from ._checks import check_count, check_number
 from .state import StrategyState
 from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults, Strategy
 from .validate import CheckedFitResults, ModelLayout, validate_fit_results

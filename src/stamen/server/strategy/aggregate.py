@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..._dtypes import cast_like
 from ...errors import ConfigError, RunError
 from ...ndarrays import Lease
 from ...typing import NDArray, NDArrays
@@ -52,15 +53,6 @@ __all__ = [
 def _work_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype arithmetic on a layer of ``dtype`` runs in: float64 or wider."""
     return np.result_type(dtype, np.float64)
-
-
-def cast_like(array: NDArray, dtype: np.dtype[Any]) -> NDArray:
-    """Cast a float64 result back to a layer's ``dtype``, rounding for ints and bools."""
-    if array.dtype == dtype:
-        return array
-    if np.issubdtype(dtype, np.inexact):
-        return array.astype(dtype)
-    return np.rint(array).astype(dtype)
 
 
 # --- the weighted-sum kernel -------------------------------------------------------------

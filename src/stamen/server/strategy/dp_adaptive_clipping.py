@@ -8,18 +8,18 @@ from dataclasses import replace
 from ...errors import ConfigError
 from ...messages import FitIns, Parameters
 from ...ndarrays import ndarrays_to_parameters
-from ...typing import Scalar
-from ..client_manager import ClientManager
-from ..client_proxy import ClientProxy
-from ._checks import check_fraction, check_number
-from ._dp_base import DPWrapperBase
-from .differential_privacy import (
+from ...privacy import (
     KEY_CLIPPING_NORM,
     KEY_NORM_BIT,
     adaptive_clipping_norm,
     compute_adaptive_noise_params,
     compute_clip_model_update,
 )
+from ...typing import Scalar
+from ..client_manager import ClientManager
+from ..client_proxy import ClientProxy
+from ._checks import check_fraction, check_number
+from ._dp_base import DPWrapperBase
 from .fedprox import with_config
 from .state import StrategyState
 from .strategy import FitFailures, FitResults, Strategy

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 from ...messages import FitIns, Parameters
 from ...ndarrays import ndarrays_to_parameters
+from ...privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 from ...typing import Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
 from ._checks import check_number
 from ._dp_base import DPWrapperBase
-from .differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 from .fedprox import with_config
 from .state import StrategyState
 from .strategy import FitFailures, FitResults, Strategy

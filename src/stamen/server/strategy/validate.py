@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import DecodeError, ProtocolError
+from ...errors import DecodeError, InvalidResult
 from ...messages import Code, EvaluateRes, FitRes, Parameters
 from ...ndarrays import parameters_to_views
 from ...typing import NDArray, NDArrays
@@ -57,22 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("stamen.server")
-
-
-class InvalidResult(ProtocolError):
-    """A client's result that a strategy refused; it counts as a failure of the round.
-
-    Attributes:
-        proxy: The client that sent it.
-        result: The refused ``FitRes`` or ``EvaluateRes``.
-        reason: Why it was refused.
-    """
-
-    def __init__(self, proxy: ClientProxy, result: FitRes | EvaluateRes, reason: str) -> None:
-        super().__init__(f"result of client {proxy.cid} refused: {reason}")
-        self.proxy = proxy
-        self.result = result
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""TLS material and diagnosis, in one place for every transport."""
+"""TLS material and diagnosis, in one place for every transport and both sides.
+
+grpc is imported when gRPC credentials are built, not with this module: validating a
+node's PEM arguments loads no gRPC.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, TLSError
+from .address import parse_address, strip_scheme
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = [
     "channel_credentials",
@@ -70,6 +77,8 @@ def channel_credentials(
 
     ``client_certificate`` is ``(certificate_chain, private_key)`` PEM, for mutual TLS.
     """
+    import grpc
+
     cert, key = client_certificate if client_certificate is not None else (None, None)
     return grpc.ssl_channel_credentials(
         root_certificates=root_certificates, private_key=key, certificate_chain=cert
@@ -101,6 +110,8 @@ def server_credentials(
             "certificates: expected a tuple (ca_cert, server_cert, server_key) of PEM bytes, "
             f"received {type(certificates).__name__}"
         )
+    import grpc
+
     ca_cert, server_cert, server_key = (
         load_pem(f"certificates[{i}]", v) for i, v in enumerate(certificates)
     )
@@ -109,12 +120,6 @@ def server_credentials(
         root_certificates=ca_cert,
         require_client_auth=require_client_certificate,
     )
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    address = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def diagnose_tls(
@@ -132,9 +137,9 @@ def diagnose_tls(
     This opens one TCP connection and tries the handshake with Python's ``ssl``.
     """
     try:
-        host, port = _host_port(address)
+        host, port = parse_address(strip_scheme(address)[1])
         sock = socket.create_connection((host, port), timeout=timeout)
-    except (OSError, ValueError):
+    except (OSError, ConfigError):
         return None  # unreachable: not a TLS problem
     with sock:
         if secure:
