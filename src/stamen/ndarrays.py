@@ -14,8 +14,8 @@ message makes and hands on as an argument: only a held lease turns the read-only
 the message into writable arrays over the same memory (:meth:`Lease.alias`: the node hands
 a NumPyClient the received model without copying it; the server's FedAvg turns the first
 reply into its running mean), and it runs release callbacks when that memory is freed or
-kept. A :class:`ReplyUse` says what the server does with the replies to its instructions,
-and so whose release gives a large reply's receive slot back. An array still in its
+kept (the server's fleet makes a large reply's receive slot follow it when it folds the
+reply: ``stamen.protocol.mailbox.ReplyUse``). An array still in its
 ``.npy`` place becomes a tensor again without a copy (:func:`ndarray_to_tensor`).
 """
 
@@ -27,7 +27,7 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Final, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -38,15 +38,11 @@ from .messages import Parameters
 from .typing import NDArray, NDArrays
 
 __all__ = [
-    "FOLDED_REPLIES",
-    "KEPT_REPLIES",
     "POOLED_FROM",
     "RECEIVE_POOL",
     "TENSOR_TYPE",
-    "FoldedReplies",
     "Lease",
     "ReceivedBuffer",
-    "ReplyUse",
     "bytes_to_ndarray",
     "bytes_to_ndarray_view",
     "ndarray_to_bytes",
@@ -317,39 +313,6 @@ class Lease:
     def __repr__(self) -> str:
         state = "held" if self._held else "handed on"
         return f"Lease({len(self.buffers)} buffer(s), {state})"
-
-
-class ReplyUse:
-    """What the server does with the replies to its instructions, and so when the memory
-    of a large reply it received (in frames) stops counting against its receive slots.
-
-    This base class (:data:`KEPT_REPLIES`, the default): replies are kept in the round's
-    results until the round ends; a reply's receive slot is given back as soon as the
-    reply has arrived.
-    """
-
-    def slot_lease(self, lease: Lease) -> Lease | None:
-        """The lease whose release gives back the receive slot of a reply received under
-        ``lease``; None: give the slot back now."""
-        return None
-
-
-class FoldedReplies(ReplyUse):
-    """Each reply is folded into a running aggregate and dropped at once (streaming
-    aggregation, :data:`FOLDED_REPLIES`): a reply's receive slot goes with its memory and
-    comes back when that memory is freed, or kept as the running mean, so received models
-    cannot pile up ahead of the folding."""
-
-    def slot_lease(self, lease: Lease) -> Lease | None:
-        """``lease`` itself, handed on, if it names any buffer."""
-        return lease.transfer() if lease.buffers else None
-
-
-KEPT_REPLIES: Final = ReplyUse()
-"""Replies are kept until the round ends (see :class:`ReplyUse`)."""
-
-FOLDED_REPLIES: Final = FoldedReplies()
-"""Replies are folded and dropped as they arrive (see :class:`FoldedReplies`)."""
 
 
 def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:

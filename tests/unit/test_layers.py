@@ -87,11 +87,7 @@ TREE = {
 
 # Edges that other work in progress removes: (importing module, imported module). Each
 # is named with its reason. Keep this list empty otherwise: a new edge is fixed, not listed.
-KNOWN: set[tuple[str, str]] = {
-    # protocol/mailbox.py annotates with wire.frames.Payload under TYPE_CHECKING; the
-    # mailbox is being rewritten to take the payload type from below.
-    ("stamen.protocol.mailbox", "stamen.wire.frames"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,6 @@ import pytest
 from stamen.errors import ConfigError, DecodeError
 from stamen.messages import FitIns, Parameters
 from stamen.ndarrays import (
-    FOLDED_REPLIES,
-    KEPT_REPLIES,
     TENSOR_TYPE,
     Lease,
     ReceivedBuffer,
@@ -26,6 +24,8 @@ from stamen.ndarrays import (
     parameters_to_ndarrays,
     received_buffer_of,
 )
+from stamen.protocol.mailbox import ReplyUse
+from stamen.server.fleet.handler import slot_lease
 from stamen.wire import decode_instruction, encode_instruction
 
 _STRUCTURED = np.dtype([("a", "<i4"), ("b", "<f8", (2,)), ("c", "S3")])
@@ -451,8 +451,8 @@ def test_a_lease_does_not_keep_its_buffers_alive() -> None:
 
 def test_the_reply_use_says_whether_a_slot_follows_the_memory() -> None:
     buffer = ReceivedBuffer.allocate(8)
-    assert KEPT_REPLIES.slot_lease(Lease([buffer])) is None  # the slot comes back now
-    assert FOLDED_REPLIES.slot_lease(Lease()) is None  # a reply that came as bytes
+    assert slot_lease(ReplyUse.KEPT, Lease([buffer])) is None  # the slot comes back now
+    assert slot_lease(ReplyUse.FOLDED, Lease()) is None  # a reply that came as bytes
     received = Lease([buffer])
-    held = FOLDED_REPLIES.slot_lease(received)
+    held = slot_lease(ReplyUse.FOLDED, received)
     assert held is not None and held.buffers == (buffer,) and not received.held

@@ -9,7 +9,8 @@ import gc
 import pytest
 
 from stamen.messages import GetPropertiesIns
-from stamen.ndarrays import FOLDED_REPLIES, KEPT_REPLIES, ReceivedBuffer, ReplyUse
+from stamen.ndarrays import ReceivedBuffer
+from stamen.protocol.mailbox import ReplyUse
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.fleet.handler import RECEIVE_SLOTS, Fleet
 
@@ -46,9 +47,9 @@ async def _free_slots_after_receiving(replies: ReplyUse, *, as_bytes: bool) -> l
 @pytest.mark.parametrize(
     ("replies", "as_bytes", "expected"),
     [
-        (KEPT_REPLIES, False, [RECEIVE_SLOTS, RECEIVE_SLOTS]),
-        (FOLDED_REPLIES, False, [RECEIVE_SLOTS - 1, RECEIVE_SLOTS]),
-        (FOLDED_REPLIES, True, [RECEIVE_SLOTS, RECEIVE_SLOTS]),  # in no buffer of ours
+        (ReplyUse.KEPT, False, [RECEIVE_SLOTS, RECEIVE_SLOTS]),
+        (ReplyUse.FOLDED, False, [RECEIVE_SLOTS - 1, RECEIVE_SLOTS]),
+        (ReplyUse.FOLDED, True, [RECEIVE_SLOTS, RECEIVE_SLOTS]),  # in no buffer of ours
     ],
     ids=["kept", "folded", "folded-bytes"],
 )

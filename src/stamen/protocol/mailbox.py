@@ -11,15 +11,27 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from ..errors import ConnectionLost
 from ..messages import Instruction, Reply
-from ..ndarrays import KEPT_REPLIES, ReplyUse
 
-__all__ = ["Mailbox", "Payload", "Task"]
+__all__ = ["Mailbox", "Payload", "ReplyUse", "Task"]
 
 DoneCallback = Callable[[Reply | BaseException], None]
+
+
+class ReplyUse(Enum):
+    """What the server does with the replies to its instructions, and so when the memory
+    of a large reply it received (in frames) stops counting against its receive slots."""
+
+    KEPT = "kept in the round's results until the round ends: the slot comes back at once"
+    FOLDED = (
+        "folded into a running aggregate and dropped at once (streaming aggregation): the "
+        "slot goes with the reply's memory, so received models cannot pile up ahead of "
+        "the folding"
+    )
 
 
 class Payload(Protocol):
@@ -53,7 +65,7 @@ class Task:
     seq: int = 0
     """Order of the instruction among all the server sent (large replies are received in
     this order when they compete)."""
-    replies: ReplyUse = KEPT_REPLIES
+    replies: ReplyUse = ReplyUse.KEPT
     """What the server does with the reply (kept until the round ends, or folded and
     dropped at once): says when a large reply's receive slot comes back."""
 
@@ -85,7 +97,7 @@ class Mailbox:
         on_done: DoneCallback,
         seq: int = 0,
         *,
-        replies: ReplyUse = KEPT_REPLIES,
+        replies: ReplyUse = ReplyUse.KEPT,
     ) -> int:
         """Queue an instruction (``payload`` is its encoded form); return the task id."""
         task_id = self._next_id

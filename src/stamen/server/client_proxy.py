@@ -32,8 +32,7 @@ from ..messages import (
     Reply,
     exchange_for,
 )
-from ..ndarrays import KEPT_REPLIES, ReplyUse
-from ..protocol.mailbox import Mailbox
+from ..protocol.mailbox import Mailbox, ReplyUse
 from ..typing import Properties
 from ..wire import Payload, encode_instruction_payload
 
@@ -185,7 +184,7 @@ class RemoteClientProxy(ClientProxy):
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Encode ``ins`` here, post it on the fleet loop, return the reply's future (the
         reply is kept until the round ends: see :meth:`send`)."""
-        return self.send(ins, timeout, KEPT_REPLIES)
+        return self.send(ins, timeout, ReplyUse.KEPT)
 
     def send(self, ins: Instruction, timeout: float | None, replies: ReplyUse) -> Future[Reply]:
         """:meth:`submit`; ``replies`` goes with the task to the fleet, which gives a

@@ -25,7 +25,8 @@ from ..messages import (
     Reply,
     Status,
 )
-from ..ndarrays import FOLDED_REPLIES, KEPT_REPLIES, pooled_parameters
+from ..ndarrays import pooled_parameters
+from ..protocol.mailbox import ReplyUse
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
@@ -141,7 +142,7 @@ def run_instructions(
     arrived (so in the order of ``instructions``: aggregation is reproducible whatever
     the arrival order), and what it returns is kept in its place: a reply stripped of its
     parameters lets them be freed. The proxies are told so
-    (:data:`~stamen.ndarrays.FOLDED_REPLIES`), and give a large reply's receive slot
+    (:attr:`~stamen.protocol.mailbox.ReplyUse.FOLDED`), and give a large reply's receive slot
     back only once its memory is freed.
 
     Args:
@@ -152,7 +153,7 @@ def run_instructions(
         log_level: The level at which errors are logged.
         on_result: Folds each result as it arrives (streaming aggregation).
     """
-    use = KEPT_REPLIES if on_result is None else FOLDED_REPLIES
+    use = ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED
     futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
     filed: tuple[Results[R], Failures[R]] = ([], [])
     if on_result is None:

@@ -33,7 +33,7 @@ from ...protocol.fleet_server import (
     Respond,
     Step,
 )
-from ...protocol.mailbox import Task
+from ...protocol.mailbox import ReplyUse, Task
 from ...wire import FRAMING, Verb, decode_reply
 from ...wire import fleet_codec as codec
 from ..client_manager import ClientManager
@@ -41,7 +41,7 @@ from ..client_proxy import RemoteClientProxy
 from .auth import NodeAuthenticator
 from .slots import ReceiveSlots
 
-__all__ = ["RECEIVE_SLOTS", "Fleet", "FleetTiming", "Node"]
+__all__ = ["RECEIVE_SLOTS", "Fleet", "FleetTiming", "Node", "slot_lease"]
 
 RECEIVE_SLOTS = 1
 """Large (framed) replies received at once; others wait in instruction order."""
@@ -80,6 +80,15 @@ class _Attachment:
 
 
 logger = logging.getLogger("stamen.server")
+
+
+def slot_lease(use: ReplyUse, lease: Lease) -> Lease | None:
+    """The lease whose release gives back the receive slot of a reply received under
+    ``lease``: ``lease`` itself, handed on, when the server folds and drops the reply and
+    it lies in buffers of ours; None (give the slot back now) otherwise."""
+    if use is ReplyUse.FOLDED and lease.buffers:
+        return lease.transfer()
+    return None
 
 
 class Fleet:
@@ -223,14 +232,14 @@ class Fleet:
 
     def pass_slot(self, node: Node, task_id: int, whole: bytes | memoryview) -> None:
         """A large reply was received whole. What the server does with it (its task's
-        :class:`~stamen.ndarrays.ReplyUse`) says when its slot comes back: now for a
+        :class:`~stamen.protocol.mailbox.ReplyUse`) says when its slot comes back: now for a
         reply kept until the round ends; for one folded and dropped at once (streaming
         aggregation), when its buffer is freed (or kept as the running mean), so received
         models cannot pile up ahead of the folding."""
         task = node.mailbox.in_flight(task_id)
         held = None
         if node.slot and task is not None:  # the fleet received it: the lease is its own
-            held = task.replies.slot_lease(Lease.over([whole]))
+            held = slot_lease(task.replies, Lease.over([whole]))
         if held is None:
             self.release_slot(node)
             return
