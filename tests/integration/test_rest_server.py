@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from stamen.errors import ConfigError
+from stamen.net.tls import client_ssl_context
 from stamen.protocol.fleet import CreateNodeRequest, PullRequest, SimpleRequest
 from stamen.server.fleet import rest
 from stamen.server.fleet.handler import FleetTiming
 from stamen.server.fleet.rest import RestListener, body_idle_limit
 from stamen.testing import DevCertificates, RunningServer, generate_certificates, running_server
-from stamen.transport._tls import client_ssl_context
 from stamen.wire import REST_CONTENT_TYPE, Verb
 from stamen.wire import fleet_codec as fc
 
