@@ -33,11 +33,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .client import Client, NumPyClient, start_client
-from .client.app import GRPC_MAX_MESSAGE_LENGTH
 from .context import Context
 from .errors import ConfigError, NotEnoughClients, RunError
 from .messages import Parameters
 from .ndarrays import ndarrays_to_parameters
+from .net.limits import GRPC_MAX_MESSAGE_LENGTH
 from .server.app import run_server
 from .server.client_manager import SimpleClientManager
 from .server.client_proxy import ClientProxy

@@ -117,7 +117,7 @@ def start_server(
     tune_allocator()  # process-wide malloc settings: entry points only, never at import
     parse_address(server_address)
     if rest_address is not None:
-        parse_address(rest_address)
+        parse_address(rest_address, field="rest_address")
     server, config = init_defaults(server, config, strategy, client_manager)
     if checkpoint_dir is not None:
         server.checkpointer = Checkpointer(checkpoint_dir)

@@ -11,6 +11,7 @@ import grpc
 from ...errors import ConfigError
 from ...memory import tune_allocator
 from ...net.address import parse_address
+from ...net.limits import grpc_message_options
 from ...net.loop import LoopThread
 from ...net.tls import load_pem, pem_files, server_credentials
 from ..client_manager import ClientManager
@@ -42,8 +43,7 @@ def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tu
     (``ReceiveSlots``) then has a few KiB buffered on the server, not tens of MB.
     """
     return [
-        ("grpc.max_send_message_length", max_message_length),
-        ("grpc.max_receive_message_length", max_message_length),
+        *grpc_message_options(max_message_length),
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
