@@ -11,6 +11,8 @@ decodes as :class:`UnreadableTask`, so the shell can answer or count it.
 
 Towards a Flower peer only status codes Flower 1.12 knows travel (it reads unknown codes
 as OK): :func:`reply_for_flower_peer`.
+
+(Longer than most modules: one validated dataclass per message of the API, in one place.)
 """
 
 from __future__ import annotations

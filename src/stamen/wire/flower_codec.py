@@ -30,6 +30,9 @@ and received); bytes that are not the message at all raise
 :class:`~stamen.errors.DecodeError`. Replies are encoded through
 :func:`~stamen.protocol.flower_fleet.reply_for_flower_peer`, so only status codes Flower
 knows leave.
+
+(Longer than most modules: it is the whole of one API, an encoder and a decoder for each
+of its fourteen messages beside the legacy conversion they share.)
 """
 
 from __future__ import annotations
