@@ -480,7 +480,7 @@ def _raw_exchange(port: int, data: bytes) -> bytes:
 
 raw_bytes = st.one_of(
     st.binary(max_size=2000),
-    st.binary(max_size=200).map(lambda b: b"POST /api/v0/fleet/pull-instruction HTTP/1.1\r\n" + b),
+    st.binary(max_size=200).map(lambda b: f"POST {Verb.PULL.rest_path} HTTP/1.1\r\n".encode() + b),
     st.binary(max_size=200).map(lambda b: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b),
 )
 

@@ -208,8 +208,11 @@ class GrpcBidiTransport:
         call = self._call
         if call is None:
             raise ConnectionLost("grpc-bidi: send() before connect()")
+        stamen_server = self._peer_takes_frames(call)
+        if not stamen_server:
+            reply = _for_flower_server(reply)
         payload = encode_reply_payload(reply)
-        if not self._peer_takes_frames(call):
+        if not stamen_server:
             if len(payload) > self._max_message_length:
                 raise MessageTooLarge(
                     f"reply {type(reply).__name__} is {len(payload)} bytes, over "
@@ -240,6 +243,23 @@ class GrpcBidiTransport:
             run_on_client_loop(_close(call, channel, graceful), _CLOSE_GRACE_SECONDS + 5.0)
         except Exception as exc:  # closing is best effort
             logger.debug("grpc-bidi: closing the stream to %s: %s", self._address, exc)
+
+
+def _for_flower_server(reply: Reply) -> Reply:
+    """``reply`` with a status code a Flower 1.12 server reads as it is meant.
+
+    Flower 1.12 reads Stamen's ``CLIENT_ERROR`` (5) as OK: a failed fit would count as a
+    result with no parameters and 0 examples (the global model becomes ``[]``; with every
+    node failing, FedAvg divides by zero). Towards a Flower server (one that did not
+    announce frames) a ``CLIENT_ERROR`` reply therefore carries the ``*_NOT_IMPLEMENTED``
+    code of its kind, which Flower counts as exactly one failure of the round while the
+    stream, and the model, stay as they are (see
+    :func:`stamen.protocol.flower_fleet.reply_for_flower_peer` and docs/protocol.md,
+    "Status codes towards Flower peers"). Towards a Stamen server CLIENT_ERROR stays.
+    """
+    from ..protocol.flower_fleet import reply_for_flower_peer
+
+    return reply_for_flower_peer(reply)
 
 
 async def _join(channel: aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Any:

@@ -6,7 +6,7 @@ but valid bytes raises :class:`~stamen.errors.DecodeError`.
 
 from __future__ import annotations
 
-from . import fleet_codec
+from . import fleet_codec, flower_codec
 from .codec import (
     decode_instruction,
     decode_reply,
@@ -14,6 +14,12 @@ from .codec import (
     encode_instruction_payload,
     encode_reply,
     encode_reply_payload,
+)
+from .flower_routes import (
+    FLOWER_FLEET_SERVICE_NAME,
+    FLOWER_REST_CONTENT_TYPE,
+    FLOWER_REST_PREFIX,
+    FlowerCall,
 )
 from .frames import FRAMES_METADATA, FRAMING, FrameReader, Payload, frame_size
 from .routes import (
@@ -31,10 +37,14 @@ __all__ = [
     "BIDI_METHOD_NAME",
     "BIDI_SERVICE_NAME",
     "FLEET_SERVICE_NAME",
+    "FLOWER_FLEET_SERVICE_NAME",
+    "FLOWER_REST_CONTENT_TYPE",
+    "FLOWER_REST_PREFIX",
     "FRAMES_METADATA",
     "FRAMING",
     "REST_CONTENT_TYPE",
     "REST_PREFIX",
+    "FlowerCall",
     "FrameReader",
     "Payload",
     "Verb",
@@ -45,5 +55,6 @@ __all__ = [
     "encode_reply",
     "encode_reply_payload",
     "fleet_codec",
+    "flower_codec",
     "frame_size",
 ]

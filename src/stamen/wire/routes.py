@@ -26,8 +26,9 @@ BIDI_JOIN_METHOD = f"/{BIDI_SERVICE_NAME}/{BIDI_METHOD_NAME}"
 FLEET_SERVICE_NAME = "stamen.v1.Fleet"
 """gRPC service of the Fleet protocol (grpc-rere)."""
 
-REST_PREFIX = "/api/v0/fleet"
-"""REST paths are ``POST {REST_PREFIX}/{verb}``."""
+REST_PREFIX = "/api/v0/stamen/fleet"
+"""REST paths are ``POST {REST_PREFIX}/{verb}``. Flower's Fleet API owns ``/api/v0/fleet``
+(see :mod:`.flower_routes`), so Stamen's own calls live under a prefix of their own."""
 
 REST_CONTENT_TYPE = "application/protobuf"
 
