@@ -52,8 +52,10 @@ class Code(IntEnum):
     FIT_NOT_IMPLEMENTED = 3
     EVALUATE_NOT_IMPLEMENTED = 4
     CLIENT_ERROR = 5
-    """The client's own code raised; the message says what. (Stamen extension: a Flower
-    server fails to decode it and, as it does for any error, counts a failure.)"""
+    """The client's own code raised; the message says what. (Stamen extension, sent only
+    to Stamen peers: Flower 1.12 would read this unknown code as OK, so towards a Flower
+    server a node sends the reply kind's ``*_NOT_IMPLEMENTED`` code instead, which Flower
+    counts as a failure; see docs/protocol.md.)"""
 
 
 class Reason(IntEnum):

@@ -34,7 +34,7 @@ def rest_base_url(address: str, *, secure: bool) -> str:
 
 
 class RestRequester:
-    """Sends Fleet requests as ``POST /api/v0/fleet/<verb>`` with protobuf bodies."""
+    """Sends Fleet requests as ``POST /api/v0/stamen/fleet/<verb>`` with protobuf bodies."""
 
     def __init__(self, settings: TransportSettings) -> None:
         self._settings = settings

@@ -1,7 +1,8 @@
 """The Fleet protocol over HTTP/1.1 (rest): a small server of our own, on h11.
 
-``POST /api/v0/fleet/<verb>`` with an ``application/protobuf`` body; the response is the
-protobuf response, or an error status with a ``text/plain`` reason. The server runs on the
+``POST /api/v0/stamen/fleet/<verb>`` (``wire.routes.REST_PREFIX``) with an
+``application/protobuf`` body; the response is the protobuf response, or an error status
+with a ``text/plain`` reason. The server runs on the
 fleet's own event loop, beside the gRPC server.
 
 Each connection is an :class:`asyncio.Protocol` whose state is its :class:`h11.Connection`:
