@@ -165,18 +165,7 @@ def _put_int(slot: Any, value: int) -> None:
 
 def _put_configs(record: Any, values: Mapping[str, Scalar]) -> None:
     record.SetInParent()
-    for key, value in values.items():
-        slot = record.data[key]
-        if isinstance(value, bool):
-            slot.bool = value
-        elif isinstance(value, int):
-            _put_int(slot, value)
-        elif isinstance(value, float):
-            slot.double = value
-        elif isinstance(value, str):
-            slot.string = value
-        else:
-            slot.bytes = bytes(value)
+    _put_scalars(record.data, values)  # a ConfigsRecord value has a Scalar's fields
 
 
 def _get_configs(where: str, record: Any) -> dict[str, Scalar]:
