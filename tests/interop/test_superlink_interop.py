@@ -165,7 +165,9 @@ def start_node(
     return node
 
 
-def start_serverapp(started: list[Peer], tmp_path: Path, driver: int) -> tuple[Peer, Path]:
+def start_serverapp(
+    started: list[Peer], tmp_path: Path, driver: int, ca: Path | None = None
+) -> tuple[Peer, Path]:
     app = tmp_path / "app"
     app.mkdir()
     (app / "pyproject.toml").write_text(PYPROJECT, encoding="utf-8")
@@ -179,7 +181,7 @@ def start_serverapp(started: list[Peer], tmp_path: Path, driver: int) -> tuple[P
         str(app),
         "--superlink",
         f"127.0.0.1:{driver}",
-        "--insecure",
+        *(["--root-certificates", str(ca)] if ca is not None else ["--insecure"]),
     ]
     serverapp = Peer("flower-server-app", argv, tmp_path)
     started.append(serverapp)
@@ -246,6 +248,7 @@ def run_federation(
     transport: str,
     tls: list[str] | None = None,
     node_extra: dict[int, tuple[str, ...]] | None = None,
+    ca: Path | None = None,
 ) -> tuple[dict[str, object], dict[int, list[str]], list[Peer]]:
     with peers() as started:
         fleet, driver = start_superlink(started, tmp_path, fleet_api, tls)
@@ -255,7 +258,7 @@ def run_federation(
             )
             for k in scenario.CLIENT_IDS
         }
-        serverapp, out = start_serverapp(started, tmp_path, driver)
+        serverapp, out = start_serverapp(started, tmp_path, driver, ca)
         status = serverapp.finish(SERVERAPP_TIMEOUT)
         details = "\n".join(p.describe() for p in started)
         assert status == 0, f"ServerApp exited {status}\n{details}"
@@ -353,7 +356,7 @@ def test_node_authentication_with_a_flower_superlink(tmp_path: Path) -> None:
         k: ("--root-certificates", str(ca), "--key", str(tmp_path / f"node{k}.pem"))
         for k in scenario.CLIENT_IDS
     }
-    outcome, events, nodes = run_federation(tmp_path, "grpc-rere", "grpc-rere", tls, extra)
+    outcome, events, nodes = run_federation(tmp_path, "grpc-rere", "grpc-rere", tls, extra, ca)
     assert_same(outcome, stamen_reference())
     for client_id, calls in events.items():
         assert calls == EXPECTED_EVENTS, f"client {client_id}: {calls}"

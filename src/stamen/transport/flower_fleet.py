@@ -351,13 +351,13 @@ class DetectingTransport:
             if why is None:
                 raise
             self._stamen.close(graceful=False)
-            flower = self._flower()
             logger.info(
                 "%s: %s answered %s to Stamen's CreateNode: speaking Flower 1.12's Fleet API",
                 self._name,
                 self._address,
                 why,
             )
+            flower = self._flower()
             try:
                 flower.connect()
             except BaseException:
