@@ -20,7 +20,6 @@ development CA, two authorized node keys and a third node whose key it does not 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sys
@@ -206,7 +205,9 @@ def stamen_reference() -> dict[str, object]:
             try:
                 history = handle.result(RUN_TIMEOUT)
             except Exception as exc:
-                raise AssertionError(f"Stamen run failed: {exc!r}\n{describe_nodes(nodes)}") from exc
+                raise AssertionError(
+                    f"Stamen run failed: {exc!r}\n{describe_nodes(nodes)}"
+                ) from exc
     finally:
         leftover = join_nodes(nodes, EXIT_TIMEOUT)
     assert not leftover
