@@ -126,6 +126,12 @@ class RequestSigner:
         self._hash = _hash_for(private_key)
         self._key_header = base64.b64encode(public_key_der(public_key)).decode("ascii")
 
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The node's private key (validated), for schemes that derive a key from it:
+        Flower 1.12's node authentication, against a Flower SuperLink."""
+        return self._private
+
     def headers(self, method: str, body: bytes, now: float) -> dict[str, str]:
         """The authentication headers of one request signed at Unix time ``now``."""
         timestamp_ms = int(now * 1000)

@@ -110,6 +110,7 @@ __all__ = [
     "decode_pull_task_ins_response",
     "decode_push_task_res_request",
     "decode_push_task_res_response",
+    "deterministic_request",
     "encode_create_node_request",
     "encode_create_node_response",
     "encode_delete_node_request",
@@ -769,3 +770,23 @@ def decode_get_fab_response(data: Data) -> GetFabResponse:
     return _parse(
         pb.GetFabResponse(), data, lambda m: GetFabResponse(Fab(m.fab.hash_str, m.fab.content))
     )
+
+
+# --- node authentication ---------------------------------------------------------------------
+
+
+def deterministic_request(method_name: str, data: Data) -> bytes:
+    """``data``, the request of Flower Fleet method ``method_name`` (``"PushTaskRes"``),
+    serialized again deterministically (map entries in key order).
+
+    A Flower 1.12 SuperLink with node authentication checks the HMAC of the request it
+    parsed, serialized deterministically: a node sends these bytes and signs them.
+
+    Raises:
+        ConfigError: ``method_name`` is not a Flower Fleet method.
+        DecodeError: ``data`` is not such a request.
+    """
+    message_class = getattr(pb, f"{method_name}Request", None)
+    if message_class is None:
+        raise ConfigError(f"method_name: expected a Flower Fleet method, received {method_name!r}")
+    return _parse(message_class(), data, lambda m: bytes(m.SerializeToString(deterministic=True)))
