@@ -35,7 +35,7 @@ from ..messages import (
 from .client import Client
 from .numpy_client import NumPyClient, NumPyClientAdapter
 
-__all__ = ["ClientFn", "error_reply", "handle", "normalize_client_fn"]
+__all__ = ["ClientFn", "call_client", "error_reply", "handle", "normalize_client_fn"]
 
 logger = logging.getLogger("stamen.client")
 
@@ -172,3 +172,26 @@ def handle(
     except Exception as exc:  # user code: report, keep the node serving
         logger.exception("client failed in %s", stage)
         return error_reply(instruction, f"{stage} raised {type(exc).__name__}: {exc}")
+
+
+def call_client(client_fn: ClientFn, context: Context, instruction: Instruction) -> Reply:
+    """Build a client with ``client_fn(context)`` and run ``instruction`` on it; raise.
+
+    What :func:`handle` does, minus turning errors into replies: the innermost step of
+    client mods (:class:`~stamen.client.ClientApp`), whose exceptions travel out through
+    the mods, as in Flower, and become a ``CLIENT_ERROR`` reply in :func:`handle`.
+
+    Raises:
+        Exception: whatever ``client_fn`` or the client's method raised; TypeError if the
+            method returned the wrong type of reply.
+    """
+    client = _as_client(client_fn(context))
+    client.set_context(context)
+    stage, expected = _EXPECTED[type(instruction)]
+    reply = _call(client, instruction)
+    if not isinstance(reply, expected):
+        raise TypeError(
+            f"{stage}: expected the client to return {expected.__name__}, "
+            f"received {type(reply).__name__}"
+        )
+    return reply
