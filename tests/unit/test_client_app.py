@@ -328,3 +328,40 @@ def test_start_numpy_client_forwards_and_warns_once(
     assert call["grpc_max_message_length"] == 536_870_912
     with pytest.raises(ConfigError, match="expected a NumPyClient"):
         fl.client.start_numpy_client(server_address="127.0.0.1:1", client=client.to_client())  # type: ignore[arg-type]
+
+
+def test_fixed_and_adaptive_clipping_mods_clip_the_update() -> None:
+    """fixedclipping_mod clips the fit update to config["clipping_norm"] (L2 over all
+    arrays); adaptiveclipping_mod also reports norm_bit; other messages pass through."""
+    from stamen.client.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    ins = FitIns(FIT_INS.parameters, {"lr": 1.0, "clipping_norm": 1.0})
+    fixed = fl.client.ClientApp(client_fn=client_fn, mods=[fixedclipping_mod])
+    reply = handle(fixed.to_client_fn(), _context(), ins)
+    assert isinstance(reply, FitRes)
+    update = parameters_to_ndarrays(reply.parameters)[0]
+    assert float(np.linalg.norm(update)) == pytest.approx(1.0, rel=1e-5)
+    assert "norm_bit" not in reply.metrics
+    adaptive = fl.client.ClientApp(client_fn=client_fn, mods=[adaptiveclipping_mod])
+    reply = handle(adaptive.to_client_fn(), _context(), ins)
+    assert isinstance(reply, FitRes)
+    assert reply.metrics["norm_bit"] is True
+    evaluated = handle(adaptive.to_client_fn(), _context(), EvaluateIns(FIT_INS.parameters, {}))
+    assert isinstance(evaluated, EvaluateRes) and evaluated.status.code == Code.OK
+    missing = handle(fixed.to_client_fn(), _context(), FIT_INS)
+    assert isinstance(missing, FitRes)
+    assert missing.status.code == Code.CLIENT_ERROR
+    assert "clipping_norm" in missing.status.message
+
+
+def test_size_mods_log_and_pass_through(caplog: pytest.LogCaptureFixture) -> None:
+    """message_size_mod and parameters_size_mod log sizes at INFO; the reply is unchanged."""
+    from stamen.client.mod import message_size_mod, parameters_size_mod
+
+    app = fl.client.ClientApp(client_fn=client_fn, mods=[message_size_mod, parameters_size_mod])
+    with caplog.at_level(logging.INFO, logger="stamen"):
+        reply = handle(app.to_client_fn(), _context(), FIT_INS)
+    assert isinstance(reply, FitRes) and reply.status.code == Code.OK
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("message size: ") for m in messages)
+    assert any(m.startswith("parameters: 1 array(s), ") for m in messages)

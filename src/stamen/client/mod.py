@@ -36,11 +36,6 @@ from ..recordset_compat import (
     recordset_to_fitins,
     recordset_to_fitres,
 )
-from ..server.strategy.differential_privacy import (
-    KEY_CLIPPING_NORM,
-    KEY_NORM_BIT,
-    compute_clip_model_update,
-)
 
 __all__ = [
     "ClientAppCallable",
@@ -83,6 +78,13 @@ def _wrap(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
 def _clip(
     msg: Message, context: Context, call_next: ClientAppCallable, *, adaptive: bool
 ) -> Message:
+    # The server package loads on first use of a clipping mod, not with stamen.client.
+    from ..server.strategy.differential_privacy import (
+        KEY_CLIPPING_NORM,
+        KEY_NORM_BIT,
+        compute_clip_model_update,
+    )
+
     name = "adaptiveclipping_mod" if adaptive else "fixedclipping_mod"
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
