@@ -140,6 +140,10 @@ class _Body:
 _CLOSE_WAIT = 10.0
 """Seconds to wait, at most, for aborted connections to finish closing."""
 
+_ACCEPT_TURNS = 5
+"""Loop turns an accept under way needs to make its connection (a few: the socket is
+accepted, its transport built, then the protocol told)."""
+
 
 class _Site:
     """What every connection of one listener shares: the fleet, the limits, the
@@ -191,6 +195,13 @@ class _Site:
         # but not by the grace period, which a busy machine can use up), so that no
         # socket outlives the loop that owns it.
         await self._settle(_CLOSE_WAIT)
+        # A connection whose accept was under way when the listener closed is made on
+        # the loop's next turns (and aborted at once): wait for those too.
+        for _ in range(_ACCEPT_TURNS):
+            await asyncio.sleep(0)
+        for connection in list(self.connections):
+            connection.abort()
+        await self._settle(_CLOSE_WAIT)
 
     async def _settle(self, timeout: float) -> None:
         waits = [c.lost for c in self.connections] + list(self.tasks)
@@ -240,12 +251,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream server's
+        self._site.connections.add(self)  # tracked until connection_lost, even when refused
         if self._site.stopping:
             self._transport.abort()
             return
         _no_delay(transport)
         self._peer = _peer(transport)
-        self._site.connections.add(self)
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:

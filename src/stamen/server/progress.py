@@ -1,0 +1,135 @@
+"""A run's progress as log lines: the default view of :mod:`stamen.server.events`.
+
+:class:`ProgressLog` turns each event into one line on the ``stamen.server`` logger:
+INFO for the run's and each round's course, WARNING for failures and for rounds that
+aggregated nothing, DEBUG for single nodes coming and going (a federation may have
+thousands). Where the lines go is the program's logging configuration;
+:func:`shown_progress` shows them on stderr for the length of a run when the program
+configured no logging at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from .events import (
+    NodeJoined,
+    NodeLeft,
+    ReplyArrived,
+    RoundEnded,
+    RoundStarted,
+    RunEnded,
+    RunEvent,
+    RunStarted,
+    WaitingForClients,
+)
+
+__all__ = ["ProgressLog", "shown_progress"]
+
+_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def _scalars(values: dict[str, object]) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())
+    )
+
+
+class ProgressLog:
+    """Logs each run event as one line (see the module docstring)."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._log = logger or logging.getLogger("stamen.server")
+        self._num_rounds = 0
+
+    def __call__(self, event: RunEvent) -> None:
+        """Log ``event``."""
+        log = self._log
+        if isinstance(event, RunStarted):
+            self._num_rounds = event.num_rounds
+            log.info("run started: %d round(s) of %s", event.num_rounds, event.strategy)
+        elif isinstance(event, WaitingForClients):
+            log.info("waiting for clients: %d/%d connected", event.connected, event.needed)
+        elif isinstance(event, NodeJoined):
+            log.debug("node %s connected over %s from %s", event.cid, event.transport, event.peer)
+        elif isinstance(event, NodeLeft):
+            log.debug("node %s left: %s", event.cid, event.reason or "said goodbye")
+        elif isinstance(event, RoundStarted):
+            log.info(
+                "round %d/%d: %s sent to %d node(s)",
+                event.server_round,
+                self._num_rounds,
+                event.phase,
+                event.sampled,
+            )
+        elif isinstance(event, ReplyArrived):
+            if not event.ok:
+                log.warning(
+                    "round %d: %s failed on node %s: %s",
+                    event.server_round,
+                    event.phase,
+                    event.cid,
+                    event.reason,
+                )
+        elif isinstance(event, RoundEnded):
+            self._round_ended(event)
+        elif isinstance(event, RunEnded):
+            if event.ok:
+                log.info("run completed: %d round(s) in %.2f s", event.rounds, event.seconds)
+            else:
+                log.error("run failed after %.2f s: %s", event.seconds, event.reason)
+
+    def _round_ended(self, event: RoundEnded) -> None:
+        if not event.aggregated:
+            self._log.warning(
+                "round %d: %s aggregated nothing (%d result(s), %d failure(s)): %s",
+                event.server_round,
+                event.phase,
+                event.results,
+                event.failures,
+                "; ".join(event.reasons) or "no results",
+            )
+            return
+        outcome = f" loss={event.loss:.4g}" if event.loss is not None else ""
+        if event.metrics:
+            outcome += f" {_scalars(dict(event.metrics))}"
+        self._log.info(
+            "round %d/%d: %s done in %.2f s: %d result(s), %d failure(s)%s",
+            event.server_round,
+            self._num_rounds,
+            event.phase,
+            event.seconds,
+            event.results,
+            event.failures,
+            outcome,
+        )
+
+
+def _logging_configured() -> bool:
+    """Whether the program set up logging (a handler on the root or ``stamen`` logger,
+    or a level on ``stamen``)."""
+    stamen = logging.getLogger("stamen")
+    return bool(logging.getLogger().handlers or stamen.handlers or stamen.level)
+
+
+@contextlib.contextmanager
+def shown_progress() -> Iterator[None]:
+    """Show INFO progress on stderr while the block runs, if the program configured no
+    logging; otherwise leave logging as the program set it. Nothing stays installed after
+    the block (the library keeps no handler)."""
+    if _logging_configured():
+        yield
+        return
+    stamen = logging.getLogger("stamen")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    stamen.addHandler(handler)
+    stamen.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        stamen.removeHandler(handler)
+        stamen.setLevel(logging.NOTSET)
