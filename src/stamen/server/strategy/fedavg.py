@@ -465,12 +465,6 @@ def no_valid_result(checked: CheckedFitResults) -> str:
         f"no valid result to aggregate: {len(checked.refused)} of {total} result(s) "
         "were refused (the reasons are logged above)"
     )
-    if checked.refused and checked.dtype_refusals == len(checked.refused):
-        message += (
-            "; every result differs from the global model only in dtype: build "
-            "initial_parameters with the dtypes the clients train in (e.g. "
-            "np.zeros(shape, dtype=np.float32)), or leave them out to take a client's"
-        )
     return message
 
 
