@@ -1,4 +1,4 @@
-"""Simulation benchmark: Stamen (threads, ray) against Flower 1.12's start_simulation.
+"""Simulation benchmark: Stamen (processes, threads, ray) against Flower 1.12's start_simulation.
 
 Runs each case in a fresh process, samples the memory of its whole process tree (the
 driver plus, on Ray, the raylet, GCS and worker processes) every 50 ms, and reports
@@ -12,13 +12,16 @@ Usage::
 
 Without ``$STAMEN_FLWR_SIM_PYTHON`` only the Stamen cases run (no ratios). Stamen's cases
 run with this interpreter, which needs Stamen, Ray (``stamen[ray]``) and scikit-learn.
-Before timing, the Flower-style script of ``tests/integration/sim`` is run by both
-frameworks, and its output must match.
+Before timing, the Flower-style scripts of ``tests/integration/sim`` are run by both
+frameworks, and their outputs must match: ``sim_flower_script.py`` exactly, and
+``sim_module_global_script.py`` (a model kept in a module global, on Stamen's default
+backend) to 1e-9 relative.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -32,7 +35,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SCRIPT = REPO / "tests" / "integration" / "sim" / "sim_flower_script.py"
-CASES = [("stamen", "threads"), ("stamen", "ray"), ("flwr", "ray")]
+GLOBAL_SCRIPT = REPO / "tests" / "integration" / "sim" / "sim_module_global_script.py"
+CASES = [("stamen", "processes"), ("stamen", "threads"), ("stamen", "ray"), ("flwr", "ray")]
 TIMEOUT = 1800.0
 
 
@@ -146,6 +150,32 @@ def check_same_output(flwr_python: str) -> str:
     return outputs["stamen"]
 
 
+def check_module_global(flwr_python: str) -> list[list[float]]:
+    """A model kept in a module global trains the same on Stamen's default backend as on
+    Flower 1.12 (losses within 1e-9 relative); returns both frameworks' losses."""
+    losses = []
+    for name, python in (("stamen", sys.executable), ("flwr", flwr_python)):
+        env = dict(os.environ, SIM_FRAMEWORK=name, FLWR_TELEMETRY_ENABLED="0")
+        done = subprocess.run(
+            [python, str(GLOBAL_SCRIPT)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env=env,
+        )
+        line = next((x for x in done.stdout.splitlines() if x.startswith("LOSSES ")), None)
+        if done.returncode != 0 or line is None:
+            raise RuntimeError(f"{name} could not run {GLOBAL_SCRIPT.name}:\n{done.stderr[-4000:]}")
+        losses.append([float(v) for _, v in ast.literal_eval(line[len("LOSSES ") :])])
+    ours, theirs = losses
+    if len(ours) != len(theirs) or any(
+        abs(a - b) > 1e-9 * abs(b) for a, b in zip(ours, theirs, strict=True)
+    ):
+        raise RuntimeError(f"{GLOBAL_SCRIPT.name}: Stamen {ours}, Flower {theirs}")
+    return losses
+
+
 def _write_digits(path: Path) -> None:
     import numpy as np
     from sklearn.datasets import load_digits
@@ -186,6 +216,7 @@ def main() -> None:
     }
     if flwr_python:
         report["same_output_as_flower"] = check_same_output(flwr_python)
+        report["module_global_losses_stamen_flower"] = check_module_global(flwr_python)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "digits.npz"
         _write_digits(data)

@@ -43,6 +43,7 @@ __all__ = [
     "TENSOR_TYPE",
     "Lease",
     "ReceivedBuffer",
+    "as_ndarray",
     "bytes_to_ndarray",
     "bytes_to_ndarray_view",
     "ndarray_to_bytes",
@@ -65,15 +66,45 @@ RECEIVE_POOL = BufferPool()
 """Where large received messages and encoded tensors land (one pool per process)."""
 
 
+def as_ndarray(value: object) -> NDArray:
+    """``value`` as an array, as ``np.save`` (so Flower) takes it: ``np.asarray``.
+
+    A NumPy scalar (``np.float64``, ``np.int64``) or a Python number gives a 0-d array,
+    a (nested) list a 1-d or n-d array of NumPy's dtype for it (``[1, 2]``: int64).
+
+    Raises:
+        ConfigError: ``value`` does not make an array (a ragged list), or makes an array
+            of Python objects (``None``, mixed types), which only pickle could send.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"expected an array or array-like, received a {type(value).__name__} that NumPy "
+            f"cannot make an array of: {exc}"
+        ) from exc
+    if array.dtype.hasobject:
+        raise ConfigError(
+            f"expected an array or array-like, received a {type(value).__name__} that makes "
+            "an array of Python objects, which cannot be sent without pickle; convert it to "
+            "a numeric array"
+        )
+    return array
+
+
 def ndarray_to_bytes(ndarray: NDArray) -> bytes:
     """Serialize one array to ``.npy`` bytes.
 
+    Like Flower's (``np.save``), it takes any array-like: a NumPy scalar, a number, a
+    (nested) list (:func:`as_ndarray`).
+
     Raises:
-        ConfigError: ``ndarray`` is not a NumPy array, or holds Python objects (which
-            could only travel as pickle).
+        ConfigError: ``ndarray`` is not array-like, or holds Python objects (which could
+            only travel as pickle).
     """
-    if not isinstance(ndarray, np.ndarray):
-        raise ConfigError(f"expected a numpy.ndarray, received {type(ndarray).__name__}")
+    ndarray = as_ndarray(ndarray)
     if ndarray.dtype.hasobject:
         raise ConfigError(
             f"arrays of dtype {ndarray.dtype} hold Python objects and cannot be sent "
@@ -321,6 +352,7 @@ def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
     header this array would get): the tensor is then a read-only view of that blob and
     ``ndarray`` becomes read-only, so the tensor cannot change under its readers.
     """
+    ndarray = as_ndarray(ndarray)
     root = received_buffer_of(ndarray)
     if root is None or not ndarray.flags.c_contiguous or ndarray.dtype.hasobject:
         return ndarray_to_sendable(ndarray)
@@ -495,7 +527,8 @@ def ndarrays_to_parameters(
     """Convert a list of arrays to :class:`Parameters` (``tensor_type="numpy.ndarray"``).
 
     Args:
-        ndarrays: The arrays (as in Flower, a bare array is taken as its rows).
+        ndarrays: The arrays (as in Flower, a bare array is taken as its rows, and each
+            item may be any array-like: a NumPy scalar, a number, a list of lists).
         into: For Parameters that are only sent (the node's own reply): large tensors are
             then read-only memoryviews over memory of this pool
             (:func:`ndarray_to_sendable`). Default: every tensor is ``bytes``.

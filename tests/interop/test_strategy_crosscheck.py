@@ -143,6 +143,78 @@ SCENARIOS = [
         },
     ),
     scenario("xgb", "FedXgbBagging", num_clients=3, rounds=2),
+    # dtype changes: the results' dtypes differ from the global model's (Flower promotes).
+    scenario(
+        "fedavg_int64_initial_f64_results",
+        "FedAvg",
+        initial=True,
+        initial_dtype="int64",
+        dtype="float64",
+    ),
+    scenario(
+        "fedavg_f64_initial_f32_results",
+        "FedAvg",
+        initial=True,
+        dtype="float64",
+        result_dtype="float32",
+        num_examples=[1, 3, 4],
+    ),
+    scenario(
+        "fedavg_no_initial_f32_results",
+        "FedAvg",
+        dtype="float64",
+        result_dtype="float32",
+    ),
+    scenario(
+        "fedprox_f64_initial_f32_results",
+        "FedProx",
+        initial=True,
+        dtype="float64",
+        result_dtype="float32",
+        kwargs={"proximal_mu": 0.1},
+    ),
+    scenario(
+        "fedadam_f64_initial_f32_results",
+        "FedAdam",
+        initial=True,
+        rounds=4,
+        dtype="float64",
+        result_dtype="float32",
+    ),
+    scenario(
+        "fedadam_int64_initial_f64_results",
+        "FedAdam",
+        initial=True,
+        rounds=3,
+        initial_dtype="int64",
+        dtype="float64",
+    ),
+    scenario(
+        "fedavgm_int64_initial_f64_results",
+        "FedAvgM",
+        initial=True,
+        initial_dtype="int64",
+        dtype="float64",
+        kwargs={"server_learning_rate": 0.7, "server_momentum": 0.9},
+    ),
+    scenario(
+        "fedmedian_f64_initial_f32_results",
+        "FedMedian",
+        initial=True,
+        num_clients=5,
+        dtype="float64",
+        result_dtype="float32",
+    ),
+    scenario(
+        "krum_f64_initial_f32_results",
+        "Krum",
+        initial=True,
+        num_clients=6,
+        outliers=1,
+        dtype="float64",
+        result_dtype="float32",
+        kwargs={"num_malicious_clients": 1},
+    ),
 ]
 
 
@@ -183,8 +255,9 @@ def write_inputs(directory: Path) -> None:
                     (folder / f"trees_r{r}_c{k}.json").write_text(json.dumps(model))
             continue
         dtype = np.dtype(spec["dtype"])
+        initial_dtype = np.dtype(spec.get("initial_dtype", spec["dtype"]))
         for i, shape in enumerate(SHAPES):
-            initial = rng.normal(0.0, 1.0, shape).astype(dtype)
+            initial = rng.normal(0.0, 1.0, shape).astype(initial_dtype)
             np.save(folder / f"initial_l{i}.npy", initial, allow_pickle=False)
         scales = spec["delta_scale"]
         for r in range(1, spec["rounds"] + 1):
@@ -268,6 +341,8 @@ def run_stamen(spec: dict[str, Any], inputs: Path) -> list[dict[str, Any]]:
             elif spec.get("client_clipping") == "adaptive":
                 client = AdaptiveClippingNumPyClient(client)
             model, _, metrics = client.fit([a.copy() for a in global_arrays], config)
+            if spec.get("result_dtype"):  # a client that trains in its own dtype
+                model = [np.asarray(m, dtype=spec["result_dtype"]) for m in model]
             fit_res = FitRes(
                 Status(Code.OK, ""), ndarrays_to_parameters(model), spec["num_examples"][k], metrics
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from concurrent.futures import Future
 from typing import Any
 
@@ -532,10 +533,86 @@ def test_server_asks_a_client_for_initial_parameters() -> None:
     assert history.losses_distributed == []
 
 
-def test_initial_parameters_from_a_failing_client_is_a_run_error() -> None:
-    """If the client asked for initial parameters fails, the run stops with RunError."""
-    server = Server(client_manager=_manager(FakeProxy("x", Client())), strategy=FedAvg())
+def test_a_client_without_get_parameters_gives_empty_initial_parameters(caplog: Any) -> None:
+    """No initial_parameters, and the client asked does not implement get_parameters: as in
+    Flower 1.12, a WARNING says empty initial parameters will be used, and the run trains
+    (a client that starts from its own model when it receives an empty one)."""
+
+    class OwnStart(NumPyClient):
+        def fit(self, parameters: Any, config: Any) -> Any:
+            start = parameters if parameters else [np.zeros(2)]
+            return [p + 1.0 for p in start], 1, {}
+
+    proxies = [FakeProxy(c, OwnStart().to_client()) for c in ("a", "b")]
+    server = Server(client_manager=_manager(*proxies), strategy=FedAvg(fraction_evaluate=0.0))
+    with caplog.at_level(logging.WARNING, logger="stamen.server"):
+        server.fit(num_rounds=2, timeout=None)
+    assert "empty initial parameters will be used" in caplog.text
+    assert parameters_to_ndarrays(server.parameters)[0].tolist() == [2.0, 2.0]
+
+
+def test_initial_parameters_from_an_unreachable_client_is_a_run_error() -> None:
+    """If the client asked for initial parameters cannot be reached, the run stops with
+    RunError (Flower raises too)."""
+    server = Server(
+        client_manager=_manager(FakeProxy("x", error=ConnectionLost("gone"))), strategy=FedAvg()
+    )
     with pytest.raises(RunError, match="initial parameters"):
+        server.fit(num_rounds=1, timeout=None)
+
+
+def test_a_round_that_aggregates_nothing_is_a_warning_with_the_reason(caplog: Any) -> None:
+    """One round of two fails in every client: a WARNING names the failures; the run goes
+    on and the other round trains."""
+    flaky = Shift(delta=1.0, n=1, loss=1.0)
+    proxies = [FakeProxy(c, flaky.to_client()) for c in ("a", "b")]
+    strategy = FedAvg(
+        initial_parameters=ndarrays_to_parameters([np.zeros(2)]),
+        fraction_evaluate=0.0,
+        on_fit_config_fn=lambda r: {"round": r},
+    )
+    original = Shift.fit
+
+    def fit(self: Shift, parameters: Any, config: Any) -> Any:
+        if config["round"] == 1:
+            raise RuntimeError("no data yet")
+        return original(self, parameters, config)
+
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    with caplog.at_level(logging.WARNING, logger="stamen.server"):
+        Shift.fit = fit  # type: ignore[method-assign]
+        try:
+            server.fit(num_rounds=2, timeout=None)
+        finally:
+            Shift.fit = original  # type: ignore[method-assign]
+    warnings = [r.getMessage() for r in caplog.records if "nothing aggregated" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("round 1: nothing aggregated: 2 failure(s): client ")
+    assert "CLIENT_ERROR" in warnings[0]
+    assert parameters_to_ndarrays(server.parameters)[0].tolist() == [1.0, 1.0]
+
+
+def test_a_run_in_which_no_round_aggregated_is_a_run_error() -> None:
+    """Every fit fails in every round: the run ends with RunError naming each round's
+    failures, instead of returning as if it had trained."""
+    proxies = [FakeProxy(c, Shift(1.0, 1, 1.0, fail=True).to_client()) for c in ("a", "b")]
+    strategy = FedAvg(initial_parameters=ndarrays_to_parameters([np.zeros(2)]))
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    with pytest.raises(RunError, match="none of its 3 fit round") as info:
+        server.fit(num_rounds=3, timeout=None)
+    assert "round 1: 2 failure(s)" in str(info.value)
+    assert "fit failed on purpose" in str(info.value)
+    assert "round 3:" in str(info.value)
+
+
+def test_a_run_whose_results_are_all_refused_is_a_run_error() -> None:
+    """Results that are all refused (0 examples): nothing trained, so the run fails."""
+    proxies = [FakeProxy(c, Shift(1.0, 0, 1.0).to_client()) for c in ("a", "b")]
+    strategy = FedAvg(
+        initial_parameters=ndarrays_to_parameters([np.zeros(2)]), fraction_evaluate=0.0
+    )
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    with pytest.raises(RunError, match=r"2 result\(s\) not aggregated by the strategy"):
         server.fit(num_rounds=1, timeout=None)
 
 

@@ -1,7 +1,10 @@
 """``ClientProxy``: the server's handle on one client node.
 
-The abstract :class:`ClientProxy` has one primitive, :meth:`ClientProxy.submit`, which
-returns a future; Flower's blocking methods (``fit``, ``evaluate``, ...) are built on it.
+:class:`ClientProxy` has one primitive, :meth:`ClientProxy.send` (and
+:meth:`ClientProxy.submit`, the same without saying what the server does with the reply),
+which returns a future. A subclass implements either that primitive or Flower's blocking
+methods (``get_properties``, ``get_parameters``, ``fit``, ``evaluate``, ``reconnect``);
+each half is built on the other (see the class docstring).
 :class:`RemoteClientProxy` is the one implementation for every network transport: it posts
 the encoded instruction into the node's mailbox on the fleet event loop, and the reply
 resolves the future. Nothing polls and no thread waits per client.
@@ -12,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from abc import ABC, abstractmethod
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, TypeVar
+from abc import ABC
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..errors import ConnectionLost, MessageTooLarge, ProtocolError, Timeout
 from ..messages import (
@@ -49,40 +52,142 @@ def expected_reply_type(instruction: Instruction) -> type:
     return exchange_for(instruction).reply
 
 
+_BLOCKING_METHODS: dict[type, str] = {
+    GetPropertiesIns: "get_properties",
+    GetParametersIns: "get_parameters",
+    FitIns: "fit",
+    EvaluateIns: "evaluate",
+    ReconnectIns: "reconnect",
+}
+"""Flower's blocking method that answers each kind of instruction."""
+
+
+def _overridden(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(ClientProxy, name)
+
+
+def _resolve(future: Future[Reply], outcome: Reply | BaseException) -> None:
+    """Complete ``future`` with ``outcome`` unless it is already done (a timeout won)."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass
+
+
 class ClientProxy(ABC):
     """The server's handle on one client node.
+
+    **The contract.** A subclass implements one of two halves, and gets the other:
+
+    * the primitive :meth:`send` (or :meth:`submit`): send an instruction without
+      blocking and return a future of the reply. Flower's blocking methods are then
+      built on it (``fit(ins, timeout)`` is ``send(ins, timeout).result()``).
+      :class:`RemoteClientProxy` (every network transport) and the simulation's
+      ``VirtualClientProxy`` do so.
+    * or Flower's blocking methods ``get_properties``, ``get_parameters``, ``fit``,
+      ``evaluate`` and ``reconnect`` (each ``(ins, timeout, group_id) -> Res``), as
+      Flower's ``ClientProxy`` subclasses do. :meth:`send` then runs the method that
+      answers the instruction on a thread of its own, off the round's thread, so the
+      clients of a round work at once; the future fails with
+      :class:`~stamen.errors.Timeout` after ``timeout`` seconds even if the method has
+      not returned (its late reply is dropped), with the method's exception if it
+      raises, and with :class:`~stamen.errors.ProtocolError` for an instruction whose
+      method the subclass does not implement or a reply of the wrong kind.
+      ``group_id`` is None.
+
+    A subclass that implements neither half cannot be instantiated (``TypeError``
+    naming the methods), so the two halves never call each other in a loop.
 
     Attributes:
         cid: Unique id of the node within this server.
         properties: Free-form properties (Flower compatibility).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ClientProxy:
+        primitive = _overridden(cls, "send") or _overridden(cls, "submit")
+        if not primitive and not any(_overridden(cls, m) for m in _BLOCKING_METHODS.values()):
+            raise TypeError(
+                f"Can't instantiate {cls.__name__}: a ClientProxy implements send() or "
+                "submit() (returning a future of the reply), or Flower's blocking methods "
+                "get_properties, get_parameters, fit, evaluate and reconnect"
+            )
+        return super().__new__(cls)
+
     def __init__(self, cid: str) -> None:
         self.cid = cid
         self.properties: Properties = {}
 
-    @abstractmethod
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Send ``ins`` without blocking; the future resolves to the reply.
 
         The future fails with :class:`~stamen.errors.Timeout` after ``timeout`` seconds,
         with :class:`~stamen.errors.ConnectionLost` if the node goes away, and with
         :class:`~stamen.errors.ProtocolError` on a reply of the wrong kind.
+
+        This default is :meth:`send` with the reply kept until the round ends.
         """
+        return self.send(ins, timeout, ReplyUse.KEPT)
 
     def send(self, ins: Instruction, timeout: float | None, replies: ReplyUse) -> Future[Reply]:
         """:meth:`submit`, saying what the server does with the reply (``replies``: kept
         until the round ends, or folded and dropped at once), which tells a proxy that
         receives large replies into memory of its own how long that memory is in use.
 
-        This default ignores ``replies`` and calls :meth:`submit`, so that a subclass
-        need only implement :meth:`submit`.
+        This default calls the subclass's :meth:`submit` if it has one, and otherwise
+        runs the subclass's blocking method for ``ins`` on a thread (see the class
+        docstring); ``replies`` is not used.
         """
-        return self.submit(ins, timeout)
+        if _overridden(type(self), "submit"):
+            return self.submit(ins, timeout)
+        return self._run_blocking(ins, timeout)
+
+    def _run_blocking(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
+        future: Future[Reply] = Future()
+        future.set_running_or_notify_cancel()
+        name = _BLOCKING_METHODS.get(type(ins))
+        if name is None or not _overridden(type(self), name):
+            future.set_exception(
+                ProtocolError(
+                    f"client {self.cid}: {type(self).__name__} implements no "
+                    f"{name or 'method'} for {type(ins).__name__}"
+                )
+            )
+            return future
+        expected = expected_reply_type(ins)
+        method = getattr(self, name)
+
+        def run() -> None:
+            try:
+                reply = method(ins, timeout, None)
+            except BaseException as exc:  # reported on the future, like a network failure
+                _resolve(future, exc)
+                return
+            if not isinstance(reply, expected):
+                _resolve(
+                    future,
+                    ProtocolError(
+                        f"client {self.cid}: {type(self).__name__}.{name} returned "
+                        f"{type(reply).__name__}, expected {expected.__name__}"
+                    ),
+                )
+                return
+            _resolve(future, cast(Reply, reply))
+
+        if timeout is not None:
+            error = Timeout(f"client {self.cid}: no reply to {type(ins).__name__} in {timeout:g} s")
+            timer = threading.Timer(timeout, _resolve, (future, error))
+            timer.daemon = True
+            timer.start()
+            future.add_done_callback(lambda _: timer.cancel())
+        threading.Thread(target=run, name=f"stamen-proxy-{self.cid}-{name}", daemon=True).start()
+        return future
 
     def _call(self, ins: Instruction, timeout: float | None, expected: type[_R]) -> _R:
-        reply = self.submit(ins, timeout).result()
-        if not isinstance(reply, expected):  # submit already checks; keeps mypy honest
+        reply = self.send(ins, timeout, ReplyUse.KEPT).result()
+        if not isinstance(reply, expected):  # send already checks; keeps mypy honest
             raise ProtocolError(f"expected {expected.__name__}, received {type(reply).__name__}")
         return reply
 

@@ -178,6 +178,40 @@ def run_instructions(
     return filed
 
 
+_REASONS_SHOWN = 3
+"""Failures described one by one in the warning of a round that aggregated nothing."""
+
+
+def _describe_failure(failure: tuple[ClientProxy, Reply] | BaseException) -> str:
+    if isinstance(failure, BaseException):
+        return f"{type(failure).__name__}: {failure}"
+    proxy, reply = failure
+    status: Status | None = getattr(reply, "status", None)
+    if status is None:
+        return f"client {proxy.cid}: {type(reply).__name__}"
+    return f"client {proxy.cid} answered {status.code.name}: {status.message}"
+
+
+def _nothing_aggregated(
+    results: Sequence[tuple[ClientProxy, Reply]], failures: Sequence[Any]
+) -> str:
+    """Why a fit round aggregated nothing, from its results and failures."""
+    if not results and not failures:
+        return "no results"
+    parts = []
+    if results:
+        parts.append(
+            f"{len(results)} result(s) not aggregated by the strategy (its reasons are logged)"
+        )
+    if failures:
+        shown = "; ".join(_describe_failure(f) for f in failures[:_REASONS_SHOWN])
+        more = (
+            f"; and {len(failures) - _REASONS_SHOWN} more" if len(failures) > _REASONS_SHOWN else ""
+        )
+        parts.append(f"{len(failures)} failure(s): {shown}{more}")
+    return ", ".join(parts)
+
+
 def _folder(accumulator: FitAccumulator) -> Callable[[ClientProxy, FitRes], FitRes]:
     """Streaming aggregation: fold each fit result as it arrives, keep it without its
     parameters (so no client's model outlives its arrival)."""
@@ -227,18 +261,30 @@ class Server:
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         """Run ``num_rounds`` rounds; return the History and the elapsed seconds.
 
+        A fit round in which nothing is aggregated keeps the current model and logs a
+        WARNING with the reason (which clients failed and how, or no results). A run in
+        which no fit round aggregated anything fails: it raises :class:`RunError` with
+        the reasons, after its last round (Flower ends such a run as if it had trained).
+
         With a checkpointer, the run resumes after the newest good checkpoint (global
         parameters, History and strategy state as they were), and a checkpoint is written
         after every round.
         """
         start = time.monotonic()
         history, first_round = self._start_or_resume(timeout)
+        not_aggregated: list[str] = []  # why, for each fit round that aggregated nothing
+        fit_rounds = 0
         for server_round in range(first_round, num_rounds + 1):
             fitted = self.fit_round(server_round, timeout)
             if fitted is not None:
-                parameters, fit_metrics, _ = fitted
+                parameters, fit_metrics, (results, failures) = fitted
+                fit_rounds += 1
                 if parameters is not None:
                     self.parameters = parameters
+                else:
+                    reason = _nothing_aggregated(results, failures)
+                    logger.warning("round %d: nothing aggregated: %s", server_round, reason)
+                    not_aggregated.append(f"round {server_round}: {reason}")
                 history.add_metrics_distributed_fit(server_round, fit_metrics)
             self._evaluate_centralized(server_round, history)
             evaluated = self.evaluate_round(server_round, timeout)
@@ -251,6 +297,11 @@ class Server:
                 state = self.strategy.state_dict()
                 self.checkpointer.save(Checkpoint(server_round, self.parameters, history, state))
         elapsed = time.monotonic() - start
+        if fit_rounds and len(not_aggregated) == fit_rounds:
+            raise RunError(
+                f"the run failed: none of its {fit_rounds} fit round(s) aggregated anything, "
+                "so the model never trained; " + " | ".join(not_aggregated)
+            )
         logger.info("run finished: %d round(s) in %.2f s", num_rounds, elapsed)
         return history, elapsed
 
@@ -325,11 +376,26 @@ class Server:
             return parameters
         logger.info("asking one random client for initial parameters")
         client = self._client_manager.sample(1)[0]
-        reply = client.submit(GetParametersIns(config={}), timeout).result()
-        if not isinstance(reply, GetParametersRes) or reply.status.code != Code.OK:
+        try:
+            reply = client.submit(GetParametersIns(config={}), timeout).result()
+        except Exception as exc:  # no answer at all: as in Flower, the run cannot start
             raise RunError(
                 f"client {client.cid} could not give initial parameters: "
-                f"{getattr(reply, 'status', reply)}"
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(reply, GetParametersRes):
+            raise RunError(
+                f"client {client.cid} could not give initial parameters: expected "
+                f"GetParametersRes, received {type(reply).__name__}"
+            )
+        if reply.status.code != Code.OK:
+            # Flower 1.12 goes on with the (empty) parameters of the reply; so do we.
+            logger.warning(
+                "client %s could not give initial parameters (%s: %s): empty initial "
+                "parameters will be used",
+                client.cid,
+                reply.status.code.name,
+                reply.status.message,
             )
         return reply.parameters
 

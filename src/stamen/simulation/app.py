@@ -24,15 +24,35 @@ from ..server.history import History
 from ..server.server import Server, ServerConfig
 from ..server.strategy import Strategy
 from ._ray import RayBackend
-from .backends import Backend, SequentialBackend, ThreadsBackend
+from .backends import (
+    Backend,
+    ProcessesBackend,
+    SequentialBackend,
+    ThreadsBackend,
+    fork_available,
+)
 from .proxy import EncodeCache, VirtualClientProxy
 
-__all__ = ["BACKENDS", "NUM_PARTITIONS_KEY", "PARTITION_ID_KEY", "start_simulation", "threads_for"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "NUM_PARTITIONS_KEY",
+    "PARTITION_ID_KEY",
+    "make_backend",
+    "start_simulation",
+    "threads_for",
+]
 
 logger = logging.getLogger("stamen.simulation")
 
-BACKENDS = ("threads", "sequential", "ray")
+BACKENDS = ("processes", "threads", "sequential", "ray")
 """Names accepted by ``start_simulation(backend=...)``."""
+
+DEFAULT_BACKEND = "processes"
+"""The backend of a simulation that names none: worker processes, one client at a time
+each, reused across rounds -- the isolation Flower's users get from Ray's actors (a model
+kept in a module global is never shared by two clients at once). Where processes cannot
+be forked (Windows), the threads backend stands in, with a WARNING."""
 
 PARTITION_ID_KEY = "partition-id"
 """Key of the node's partition index in ``Context.node_config`` (as in Flower)."""
@@ -116,13 +136,27 @@ def _check_arguments(
     return num_clients
 
 
-def _make_backend(
-    backend: str | Backend,
-    resources: dict[str, float],
-    ray_init_args: dict[str, Any] | None,
-    keep_initialised: bool,
-    actor_scheduling: Any,
+def make_backend(
+    backend: str | Backend = DEFAULT_BACKEND,
+    resources: dict[str, float] | None = None,
+    ray_init_args: dict[str, Any] | None = None,
+    keep_initialised: bool = False,
+    actor_scheduling: Any = "DEFAULT",
 ) -> Backend:
+    """The backend ``start_simulation(backend=...)`` runs on (not started yet).
+
+    Args:
+        backend: A name of :data:`BACKENDS` (default :data:`DEFAULT_BACKEND`) or a
+            :class:`Backend`, returned as it is.
+        resources: What one client call needs (default ``{"num_cpus": 1}``).
+        ray_init_args: Ray's arguments; for the other backends only ``num_cpus`` counts.
+        keep_initialised: Ray backend only.
+        actor_scheduling: Ray backend only.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    resources = {"num_cpus": 1} if resources is None else resources
     if isinstance(backend, Backend):
         return backend
     if backend == "ray":
@@ -148,7 +182,15 @@ def _make_backend(
     total = ray_init_args.get("num_cpus") if ray_init_args else None
     if isinstance(total, bool) or not isinstance(total, int | float) or total <= 0:
         total = None
-    return ThreadsBackend(threads_for(resources, total))
+    workers = threads_for(resources, total)
+    if backend == "processes":
+        if fork_available():
+            return ProcessesBackend(workers)
+        logger.warning(
+            "backend='processes' needs the fork start method, which this platform lacks: "
+            "running on threads, where virtual clients share this process's module globals"
+        )
+    return ThreadsBackend(workers)
 
 
 def start_simulation(
@@ -166,7 +208,7 @@ def start_simulation(
     actor_type: Any = None,
     actor_kwargs: dict[str, Any] | None = None,
     actor_scheduling: Any = "DEFAULT",
-    backend: str | Backend = "threads",
+    backend: str | Backend = DEFAULT_BACKEND,
     serialize: bool = False,
 ) -> History:
     """Run a strategy over ``num_clients`` virtual client nodes.
@@ -189,8 +231,8 @@ def start_simulation(
         num_clients: Number of virtual client nodes (>= 1).
         clients_ids: Unsupported, as in Flower 1.12 (raises ConfigError; Flower exits).
         client_resources: What one client call needs (default
-            ``{"num_cpus": 1, "num_gpus": 0.0}``). Ray honours every key; the threads
-            backend runs ``total CPUs // num_cpus`` calls at once.
+            ``{"num_cpus": 1, "num_gpus": 0.0}``). Ray honours every key; the processes
+            and threads backends run ``total CPUs // num_cpus`` calls at once.
         server: A Server (default: one with ``strategy`` and ``client_manager``).
         config: Rounds and round timeout (default ``ServerConfig()``, 1 round).
         strategy: The strategy (default FedAvg).
@@ -200,17 +242,20 @@ def start_simulation(
             24 hours).
         ray_init_args: Arguments of ``ray.init`` (ray backend); None or ``{}``:
             ``{"ignore_reinit_error": True, "include_dashboard": False}``.
-            ``{"address": "auto"}`` joins an existing Ray cluster. With the threads
-            backend only ``num_cpus`` is used (the CPUs to share).
+            ``{"address": "auto"}`` joins an existing Ray cluster. With the processes
+            and threads backends only ``num_cpus`` is used (the CPUs to share).
         keep_initialised: Ray backend: reuse a Ray already initialised in this process and
             leave it running (otherwise Ray is re-initialised, and shut down at the end).
         actor_type: Flower's actor class: unsupported (raises ConfigError if given).
         actor_kwargs: Unsupported, as ``actor_type``.
         actor_scheduling: Ray backend: ``"DEFAULT"``, ``"SPREAD"`` or a Ray scheduling
             strategy for the tasks.
-        backend: ``"threads"`` (default: a bounded pool in this process),
-            ``"sequential"`` (one call at a time in this thread, for debugging), ``"ray"``
-            (``pip install 'stamen[ray]'``), or a :class:`Backend` instance.
+        backend: ``"processes"`` (default, :data:`DEFAULT_BACKEND`: worker processes
+            forked from this one, one client at a time each, reused across rounds, so
+            clients never share module globals), ``"threads"`` (a bounded pool in this
+            process: faster to start, but the clients share module-level models and
+            data), ``"sequential"`` (one call at a time in this thread, for debugging),
+            ``"ray"`` (``pip install 'stamen[ray]'``), or a :class:`Backend` instance.
         serialize: Round-trip every instruction and reply through the wire codec, to
             catch what would not survive the network.
 
@@ -232,7 +277,7 @@ def start_simulation(
         # Every virtual client is registered before round 1: waiting for more is pointless.
         client_manager = SimpleClientManager(wait_timeout=_WAIT_FOR_CLIENTS)
     server, config = init_defaults(server, config, strategy, client_manager)
-    engine = _make_backend(backend, resources, ray_init_args, keep_initialised, actor_scheduling)
+    engine = make_backend(backend, resources, ray_init_args, keep_initialised, actor_scheduling)
     engine.start()
     manager = server.client_manager()
     cache = EncodeCache() if serialize else None

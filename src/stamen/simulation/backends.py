@@ -1,8 +1,12 @@
 """Backends: where the calls of virtual client nodes run.
 
-* :class:`ThreadsBackend` (``"threads"``, the default): a bounded pool of threads in this
+* :class:`ProcessesBackend` (``"processes"``, the default): a pool of worker processes,
+  each running one call at a time and reused across rounds, as Ray's actors are. Each
+  worker has its own copy of the user's modules, so a model or data set kept in a module
+  global (common in Flower's examples) is never shared by two clients at once.
+* :class:`ThreadsBackend` (``"threads"``, opt-in): a bounded pool of threads in this
   process. No extra dependency; NumPy, PyTorch and most native code release the GIL, so
-  the calls of a round overlap.
+  the calls of a round overlap -- but the clients share this process's module globals.
 * :class:`SequentialBackend` (``"sequential"``): every call runs at once in the server's
   thread, one after the other. For debugging: breakpoints work, logs come in order, and
   a run is reproducible call by call.
@@ -14,6 +18,9 @@ A backend turns a :class:`~stamen.simulation.proxy.VirtualCall` into a future of
 timeout from the moment a call starts running (time spent queued for a free worker is
 the simulator's, not the simulated node's) and fails the future with
 :class:`~stamen.errors.Timeout`, which the server counts as a failure, as over the network.
+
+(The module is longer than most: it holds the three in-process backends side by side, so
+that they keep one behaviour.)
 """
 
 from __future__ import annotations
@@ -21,21 +28,38 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import json
 import logging
+import multiprocessing
+import queue
 import threading
 import time
+import warnings
+import zlib
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
+from multiprocessing.connection import Connection
 from types import TracebackType
+from typing import Any
 
 from .._ast_guard import serialize_ast_parse
-from ..errors import ConfigError, ConnectionLost, DecodeError, Timeout
-from ..messages import Code, Reply
-from ..wire import decode_reply
+from ..client.dispatch import ClientFn, handle
+from ..context import Context, RecordSet
+from ..errors import ClientAppError, ConfigError, ConnectionLost, DecodeError, Timeout
+from ..messages import Code, EvaluateRes, Reply
+from ..server.client_proxy import EncodeCache
+from ..wire import decode_instruction, decode_reply, encode_reply
 from ._deadlines import Deadline, Deadlines
 from .proxy import CallResult, VirtualCall, named_error, run_virtual_call
 
-__all__ = ["Backend", "SequentialBackend", "ThreadsBackend", "timeout_error"]
+__all__ = [
+    "Backend",
+    "ProcessesBackend",
+    "SequentialBackend",
+    "ThreadsBackend",
+    "fork_available",
+    "timeout_error",
+]
 
 logger = logging.getLogger("stamen.simulation")
 
@@ -301,3 +325,304 @@ class ThreadsBackend(Backend):
                 self._spawn()
         assert job.timeout is not None
         job.future.set_exception(timeout_error(job.call, job.timeout))
+
+
+# --- worker processes ---------------------------------------------------------------------
+#
+# A worker is forked from this process when the first call of a run arrives, so it starts
+# with the user's modules already imported and ``client_fn`` in memory: nothing about the
+# user's code is pickled, and a script without an ``if __name__ == "__main__"`` guard works.
+# Each virtual node is pinned to one worker, which keeps the node's Context (its state
+# persists there across rounds, as on a real node). A call travels as one message: a
+# 4-byte header length, a JSON header (the node's ids and configs) and the instruction in
+# the wire codec; the reply comes back the same way (with an EvaluateRes's loss in the
+# header at full precision: the wire carries it as a 32-bit float).
+
+
+def fork_available() -> bool:
+    """True where worker processes can be forked (Linux, macOS; not Windows)."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _frame(header: dict[str, Any], body: bytes | memoryview) -> list[bytes | memoryview]:
+    encoded = json.dumps(header).encode()
+    return [len(encoded).to_bytes(4, "big"), encoded, body]
+
+
+def _unframe(data: bytes) -> tuple[dict[str, Any], memoryview]:
+    size = int.from_bytes(data[:4], "big")
+    view = memoryview(data)
+    return json.loads(bytes(view[4 : 4 + size])), view[4 + size :]
+
+
+def _send(conn: Connection, parts: list[bytes | memoryview]) -> None:
+    conn.send_bytes(b"".join(parts))
+
+
+def _worker_main(conn: Connection, client_fn: ClientFn, inherited: list[Connection]) -> None:
+    """The loop of a worker process: one call at a time until the pipe closes.
+
+    ``inherited`` are the server's ends of the pipes, copied by the fork: closed here, so
+    that a worker sees its pipe close when the server closes its end.
+    """
+    for other in inherited:
+        other.close()
+    contexts: dict[str, Context] = {}
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        header, body = _unframe(data)
+        cid = header["cid"]
+        context = contexts.get(cid)
+        if context is None:
+            context = Context(
+                node_id=header["node_id"],
+                node_config=header["node_config"],
+                state=RecordSet(),
+                run_config=header["run_config"],
+            )
+            contexts[cid] = context
+        out: dict[str, Any] = {}
+        encoded: bytes = b""
+        try:
+            reply = handle(client_fn, context, decode_instruction(body))
+            encoded = encode_reply(reply)
+            if isinstance(reply, EvaluateRes) and not header["serialize"]:
+                out["loss"] = reply.loss
+        except BaseException as exc:  # reported to the server: the call failed
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            _send(conn, _frame(out, encoded))
+        except (OSError, ValueError):
+            return
+
+
+class _WorkerSlot:
+    """One worker process and the thread of this process that feeds it, one call at a time."""
+
+    def __init__(self, backend: ProcessesBackend, index: int) -> None:
+        self.backend = backend
+        self.index = index
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.process: Any = None  # a multiprocessing Process (the fork context's)
+        self.conn: Connection | None = None
+        self.client_fn: ClientFn | None = None
+        self.nodes: set[str] = set()
+        self.thread = threading.Thread(
+            target=self._serve, name=f"stamen-sim-process-{index}", daemon=True
+        )
+
+    def fork(self, client_fn: ClientFn) -> None:
+        """Start (or restart) the worker process with ``client_fn``."""
+        self.stop_process()
+        parent, child = multiprocessing.Pipe()
+        # The worker closes its copies of the server's ends of every pipe (its own too),
+        # so that it sees its pipe close when the server closes it.
+        inherited = [s.conn for s in self.backend.slots if s is not self and s.conn is not None]
+        inherited.append(parent)
+        context = multiprocessing.get_context("fork")
+        process = context.Process(
+            target=_worker_main,
+            args=(child, client_fn, inherited),
+            name=f"stamen-sim-worker-{self.index}",
+            daemon=True,
+        )
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork with threads running:
+            warnings.simplefilter("ignore", DeprecationWarning)  # the child runs only our loop
+            process.start()
+        child.close()
+        self.process, self.conn, self.client_fn = process, parent, client_fn
+        self.nodes = set()
+
+    def stop_process(self, kill: bool = False) -> None:
+        """End the worker process: close its pipe (it exits), or kill it."""
+        process, conn = self.process, self.conn
+        self.process = self.conn = None
+        if conn is not None:
+            conn.close()
+        if process is None:
+            return
+        if kill:
+            process.kill()
+        process.join(5.0)
+        if process.is_alive():
+            process.kill()
+            process.join(5.0)
+
+    def _serve(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                outcome: CallResult | BaseException = self._run(job)
+            except BaseException as exc:  # reported on the future; the slot goes on
+                outcome = named_error(job.call.cid, job.call.stage, exc)
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    def _run(self, job: _Job) -> CallResult | BaseException:
+        call = job.call
+        if self.conn is None or self.client_fn is not call.client_fn:
+            self.fork(call.client_fn)
+        assert self.conn is not None
+        serialize = isinstance(call.instruction, bytes)
+        body = call.instruction if serialize else self.backend.encode(call.instruction)
+        header = {
+            "cid": call.cid,
+            "node_id": call.context.node_id,
+            "node_config": call.context.node_config,
+            "run_config": call.context.run_config,
+            "serialize": serialize,
+        }
+        try:
+            _send(self.conn, _frame(header, body))  # type: ignore[arg-type]
+            if not self.conn.poll(job.timeout):
+                self._lose_nodes(call, "it ran longer than its timeout")
+                self.stop_process(kill=True)
+                assert job.timeout is not None
+                return timeout_error(call, job.timeout)
+            data = self.conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            code = None if self.process is None else self.process.exitcode
+            self._lose_nodes(call, f"its worker process ended (exit code {code})")
+            self.stop_process(kill=True)
+            return ConnectionLost(
+                f"virtual client {call.cid}: {call.stage}: the worker process running it "
+                f"ended (exit code {code}): {type(exc).__name__}"
+            )
+        self.nodes.add(call.cid)
+        out, reply_bytes = _unframe(data)
+        if "error" in out:
+            return ClientAppError(f"virtual client {call.cid}, {call.stage}: {out['error']}")
+        if serialize:
+            return bytes(reply_bytes), call.context.state
+        reply = decode_reply(reply_bytes)
+        if "loss" in out and isinstance(reply, EvaluateRes):
+            reply = EvaluateRes(reply.status, float(out["loss"]), reply.num_examples, reply.metrics)
+        _log_client_error(call, reply)
+        return reply, call.context.state
+
+    def _lose_nodes(self, call: VirtualCall, why: str) -> None:
+        lost = sorted(self.nodes - {call.cid})
+        if lost:
+            logger.warning(
+                "worker process %d restarts because virtual client %s's %s failed (%s): "
+                "the state kept there by %d other virtual client(s) is lost",
+                self.index,
+                call.cid,
+                call.stage,
+                why,
+                len(lost),
+            )
+
+
+class ProcessesBackend(Backend):
+    """Runs calls on ``max_workers`` worker processes, one call at a time each.
+
+    The isolation Flower's users get from Ray's actors, without Ray: each worker is a
+    process of its own (forked from this one when the run's first call arrives, so with
+    the user's modules and ``client_fn`` already loaded), runs one client at a time, and
+    is reused across rounds. Two clients never share a module-level model or data set at
+    the same time; clients on one worker use it in turn, as on one of Flower's actors.
+
+    Each virtual node is pinned to one worker (``partition-id % max_workers``), which
+    keeps its ``context.state`` across rounds. A call that outlives its timeout fails
+    with :class:`~stamen.errors.Timeout` and its worker is killed and replaced (the
+    states kept there are lost; a WARNING says so). A worker that dies fails its call
+    with :class:`~stamen.errors.ConnectionLost`.
+
+    Instructions and replies travel in the wire codec of the network transports (no
+    pickle), so a reply must be what a network node could send: metrics of wire scalar
+    types, for instance. An ``EvaluateRes`` loss keeps its full precision.
+
+    Needs the ``fork`` start method (Linux, macOS); see :func:`fork_available`.
+
+    Args:
+        max_workers: Number of worker processes (>= 1).
+    """
+
+    name = "processes"
+
+    def __init__(self, max_workers: int) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ConfigError(f"max_workers: expected an int >= 1, received {max_workers!r}")
+        if not fork_available():
+            raise ConfigError(
+                "backend='processes' needs the fork start method, which this platform "
+                "lacks; pass backend='threads'"
+            )
+        self._max_workers = max_workers
+        self.slots = [_WorkerSlot(self, i) for i in range(max_workers)]
+        """The workers (one slot each), in the order nodes are pinned to them."""
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._encode_cache = EncodeCache(size=2)
+
+    @property
+    def concurrency(self) -> int:
+        """``max_workers``."""
+        return self._max_workers
+
+    def encode(self, instruction: Any) -> bytes:
+        """The wire encoding of ``instruction`` (once per instruction object)."""
+        return self._encode_cache.encode(instruction).tobytes()
+
+    def _slot_of(self, cid: str) -> _WorkerSlot:
+        number = int(cid) if cid.isdigit() else zlib.crc32(cid.encode())
+        return self.slots[number % self._max_workers]
+
+    def submit(self, call: VirtualCall, timeout: float | None) -> Future[CallResult]:
+        """Queue ``call`` for the worker its node is pinned to."""
+        job = _Job(call, timeout)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the processes backend is closed")
+            if not self._started:
+                self._started = True
+                for slot in self.slots:  # fork every worker now, from the submitting thread
+                    slot.fork(call.client_fn)
+                for slot in self.slots:
+                    slot.thread.start()
+        self._slot_of(call.cid).jobs.put(job)
+        return job.future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail queued calls, let running ones finish (bounded), end the workers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            started = self._started
+        for slot in self.slots:
+            while True:
+                try:
+                    job = slot.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(
+                        ConnectionLost(
+                            f"virtual client {job.call.cid}: the simulation ended before "
+                            f"{job.call.stage} ran"
+                        )
+                    )
+            slot.jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for slot in self.slots:
+            if started and slot.thread is not threading.current_thread():
+                slot.thread.join(max(0.0, deadline - time.monotonic()))
+            slot.stop_process(kill=slot.thread.is_alive())
+        self._encode_cache.clear()
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the live workers (for tests and diagnostics)."""
+        return [
+            slot.process.pid
+            for slot in self.slots
+            if slot.process is not None and slot.process.pid is not None
+        ]

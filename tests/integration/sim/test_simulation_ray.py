@@ -51,7 +51,7 @@ def test_ray_backend_trains_a_thousand_clients_to_the_threads_backends_parameter
     in a Ray worker process: the final model is bit for bit the threads backend's, and so
     is every round's metrics -- including the per-node state (fit counts) kept across
     rounds."""
-    threads_history, threads_final = _run()
+    threads_history, threads_final = _run(backend="threads")
     with caplog.at_level(logging.INFO, logger="stamen.simulation"):
         ray_history, ray_final = _run(backend="ray", **RAY_ARGS)
     for got, want in zip(ray_final.parameters, threads_final.parameters, strict=True):

@@ -97,6 +97,8 @@ def run_numpy(spec: dict[str, Any], inputs: Path, outputs: Path) -> list[dict[st
                 load(folder / f"delta_r{server_round}_c{k}_l{i}.npy") for i in range(spec["layers"])
             ]
             model = [g + d for g, d in zip(global_arrays, deltas, strict=True)]
+            if spec.get("result_dtype"):  # a client that trains in its own dtype
+                model = [np.asarray(m, dtype=spec["result_dtype"]) for m in model]
             metrics: dict[str, Any] = {}
             if spec.get("client_clipping") == "fixed":
                 compute_clip_model_update(model, global_arrays, float(config["clipping_norm"]))

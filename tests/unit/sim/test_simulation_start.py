@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stamen.client import Client, NumPyClient
-from stamen.context import Context, MetricsRecord
+from stamen.context import Context, MetricsRecord, RecordSet
 from stamen.errors import ConfigError, NotEnoughClients, Timeout
 from stamen.messages import Code, FitRes, Parameters
 from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
@@ -189,7 +189,7 @@ def test_legacy_client_fn_gets_the_partition_id_as_cid() -> None:
     def legacy(cid: str) -> Client:
         seen.append(cid)
         return Toy(
-            Context(node_id=0, node_config={"partition-id": cid}, state=None, run_config={})  # type: ignore[arg-type]
+            Context(node_id=0, node_config={"partition-id": cid}, state=RecordSet(), run_config={})
         ).to_client()
 
     with pytest.warns(DeprecationWarning, match=r"client_fn\(cid: str\) is deprecated"):

@@ -149,7 +149,8 @@ def test_state_names_what_each_strategy_keeps(kit: Any) -> None:
     run(wrapper, init, range(1, 2), kit)
     state = wrapper.state_dict()
     assert sorted(state.arrays) == ["strategy/current_weights", "strategy/m_t", "strategy/v_t"]
-    assert list(state.values) == ["clipping_norm"]
+    assert sorted(state.values) == ["clipping_norm", "strategy/model_dtypes"]
+    assert state.values["strategy/model_dtypes"] == ["<f4", "<f4"]
     assert state.values["clipping_norm"] == wrapper.clipping_norm
 
 

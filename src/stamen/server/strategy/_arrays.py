@@ -20,7 +20,9 @@ __all__ = [
     "cast_all",
     "check_same_layout",
     "decode_model",
+    "dtypes_of_state",
     "load_arrays",
+    "step_dtypes",
 ]
 
 
@@ -68,3 +70,34 @@ def load_arrays(owner: str, state: StrategyState, name: str) -> NDArrays | None:
                 f"{owner}.load_state_dict: {name} must hold numeric arrays, received {array.dtype}"
             )
     return as_work(arrays)
+
+
+def step_dtypes(model: list[np.dtype[Any]] | None, aggregated: NDArrays) -> list[np.dtype[Any]]:
+    """The dtypes of a server optimizer's new model ``x_t + step(aggregate - x_t)``.
+
+    As in Flower's arithmetic: the model's dtype promoted with the aggregate's, and float64
+    for integer or boolean results (the step multiplies by float learning rates).
+    ``model`` None (unknown): the aggregate's dtypes take its place.
+    """
+    base = [a.dtype for a in aggregated] if model is None else model
+    out: list[np.dtype[Any]] = []
+    for dtype, array in zip(base, aggregated, strict=True):
+        promoted: np.dtype[Any] = np.result_type(dtype, array.dtype)
+        out.append(promoted if promoted.kind in "fc" else np.dtype(np.float64))
+    return out
+
+
+def dtypes_of_state(owner: str, state: StrategyState) -> list[np.dtype[Any]] | None:
+    """The model dtypes saved in ``state.values["model_dtypes"]``, or None if absent."""
+    names = state.values.get("model_dtypes")
+    if names is None:
+        return None
+    try:
+        if not isinstance(names, list):
+            raise TypeError(names)
+        return [np.dtype(str(name)) for name in names]
+    except TypeError as exc:
+        raise ConfigError(
+            f"{owner}.load_state_dict: model_dtypes must be a list of dtype names, "
+            f"received {names!r}"
+        ) from exc

@@ -1,9 +1,12 @@
 """Pure NumPy aggregation functions shared by the strategies.
 
 Every function takes decoded models (lists of arrays) and returns a model whose layers
-keep the dtypes of the input layers: the arithmetic runs in float64 (complex128 for complex
-layers) and the result is cast back once, integer and boolean layers after rounding to the
-nearest value. So a model's layout never drifts from round to round.
+have the dtypes of the input layers (:func:`mean_dtype`): the arithmetic runs in float64
+(complex128 for complex layers) and the result is cast once, integer and boolean layers
+after rounding to the nearest value. When the inputs of a layer differ in dtype (float32
+results of a float64 model, float64 results of an int64 one), the result takes NumPy's
+promotion of their dtypes, as Flower's ``aggregate`` does (integers: float64, the dtype of
+a true division).
 
 Memory and speed: :func:`aggregate` and :class:`WeightedSum` run in blocks that stay in the
 CPU cache (see :data:`BLOCK`), with no temporary of a model's size (large layers optionally
@@ -45,6 +48,7 @@ __all__ = [
     "cast_like",
     "check_bulyan_rule",
     "krum_scores",
+    "mean_dtype",
     "pairwise_squared_distances",
     "weighted_loss_avg",
 ]
@@ -53,6 +57,26 @@ __all__ = [
 def _work_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype arithmetic on a layer of ``dtype`` runs in: float64 or wider."""
     return np.result_type(dtype, np.float64)
+
+
+def mean_dtype(dtypes: Iterable[np.dtype[Any]]) -> np.dtype[Any]:
+    """The dtype of a mean of layers of ``dtypes``.
+
+    Layers of one dtype keep it (integer and boolean means are rounded), so a model's
+    layout never drifts. Layers of several dtypes give NumPy's promotion of them, and
+    float64 when that is an integer or boolean dtype (a true division): what Flower 1.12's
+    ``aggregate`` gives (``reduce(np.add, [layer * n_k]) / total``).
+    """
+    unique: list[np.dtype[Any]] = []
+    for dtype in dtypes:
+        if dtype not in unique:
+            unique.append(np.dtype(dtype))
+    if not unique:
+        raise RunError("aggregate: expected at least one layer, received none")
+    if len(unique) == 1:
+        return unique[0]
+    promoted: np.dtype[Any] = np.result_type(*unique)
+    return promoted if promoted.kind in "fc" else np.dtype(np.float64)
 
 
 # --- the weighted-sum kernel -------------------------------------------------------------
@@ -237,25 +261,49 @@ class WeightedSum:
     """A running weighted sum of models: one accumulator, whatever the number of models.
 
     ``add(w_k, n_k)`` for each model, then :meth:`mean` returns ``sum_k n_k w_k / sum_k n_k``
-    (:meth:`sum` the raw ``sum_k n_k w_k``), in the dtypes of the first model. The sum is
-    kept in float64 (complex128 for complex layers); each :meth:`add` folds its model in
-    block by block, so it allocates nothing of the model's size and keeps no reference to
-    ``arrays`` (read-only views, e.g. :func:`~stamen.ndarrays.parameters_to_views`, are
-    fine).
+    (:meth:`sum` the raw ``sum_k n_k w_k``), each layer in the :func:`mean_dtype` of the
+    layers added. The sum is kept in float64 (complex128 for complex layers); each
+    :meth:`add` folds its model in block by block, so it allocates nothing of the model's
+    size and keeps no reference to ``arrays`` (read-only views, e.g.
+    :func:`~stamen.ndarrays.parameters_to_views`, are fine).
 
     ``compact=True`` (the server's streaming aggregation) halves the memory of float32 and
     float16 layers: they are kept as a running weighted *mean* in their own dtype, each
     update ``m += (n_k / N_k) (w_k - m)`` computed in float64 and rounded once. The mean of
     one model is that model exactly; with several, results may differ from the float64
-    sum in the last bit (Flower sums float32 layers in float32).
+    sum in the last bit (Flower sums float32 layers in float32). A running mean that
+    receives a layer of a wider dtype (a float64 result after float32 ones) becomes a
+    float64 sum from there on (``m * N``), so the mean is computed in the promoted dtype.
     """
 
     def __init__(self, *, compact: bool = False) -> None:
         self._acc: list[NDArray] | None = None
-        self._dtypes: list[np.dtype[Any]] = []
+        self._seen: list[list[np.dtype[Any]]] = []
+        self._running: list[bool] = []
         self._compact = compact
         self.total_weight: float = 0
         self.count = 0
+
+    def _widen(self, arrays: NDArrays) -> None:
+        """Make each accumulator able to take its layer of ``arrays`` (a dtype change)."""
+        assert self._acc is not None
+        for index, array in enumerate(arrays):
+            seen = self._seen[index]
+            if array.dtype in seen:
+                continue
+            seen.append(array.dtype)
+            layer = self._acc[index]
+            target = mean_dtype(seen)
+            if self._running[index]:
+                if target == layer.dtype:
+                    continue  # a narrower float (float16 into a float32 mean) folds in
+                work = _work_dtype(target)
+                widened = np.empty(layer.shape, dtype=work, order=_order(layer))
+                np.multiply(layer, work.type(self.total_weight), out=widened)
+                self._acc[index] = widened
+                self._running[index] = False
+            elif _work_dtype(target) != layer.dtype:
+                self._acc[index] = layer.astype(_work_dtype(target), order="K")
 
     def add(self, arrays: NDArrays, weight: float = 1, *, lease: Lease | None = None) -> None:
         """Add ``weight * arrays``.
@@ -276,8 +324,10 @@ class WeightedSum:
         adopted: list[bool] = [False] * len(arrays)
         if self._acc is None:
             self._acc = []
+            self._running = []
             for index, a in enumerate(arrays):
                 compact = self._compact and _compact(a.dtype)
+                self._running.append(compact)
                 alias = lease.alias(a) if compact and lease is not None else None
                 if alias is not None:
                     self._acc.append(alias)
@@ -285,7 +335,7 @@ class WeightedSum:
                     continue
                 dtype = a.dtype if compact else _work_dtype(a.dtype)
                 self._acc.append(np.empty(a.shape, dtype=dtype, order=_order(a)))
-            self._dtypes = [a.dtype for a in arrays]
+            self._seen = [[a.dtype] for a in arrays]
             if lease is not None and any(adopted):  # slots are not held until round end
                 lease.keep()
         elif len(arrays) != len(self._acc) or any(
@@ -295,14 +345,15 @@ class WeightedSum:
                 f"aggregate: result {self.count} has layers {[a.shape for a in arrays]}, "
                 f"expected {[s.shape for s in self._acc]}"
             )
+        else:
+            self._widen(arrays)
         total = self.total_weight + weight
-        for layer, array, dtype, in_place in zip(
-            self._acc, arrays, self._dtypes, adopted, strict=True
-        ):
+        for index, (array, in_place) in enumerate(zip(arrays, adopted, strict=True)):
             if in_place:
                 continue  # the running mean of one model is that model, where it lies
+            layer = self._acc[index]
             order = _order(layer)
-            if layer.dtype == dtype and _compact(dtype):  # a running mean
+            if self._running[index]:
                 if total <= 0:
                     raise RunError(f"aggregate: weights add up to {total}; cannot weight by it")
                 _fold_mean_layer(_flat(layer, order), _flat(array, order), weight / total, first)
@@ -321,14 +372,12 @@ class WeightedSum:
         if self._acc is None:
             raise RunError("aggregate: expected at least one result, received none")
         return [
-            layer * np.float64(self.total_weight)
-            if layer.dtype == dtype and _compact(dtype)
-            else layer.copy()
-            for layer, dtype in zip(self._acc, self._dtypes, strict=True)
+            layer * np.float64(self.total_weight) if running else layer.copy()
+            for layer, running in zip(self._acc, self._running, strict=True)
         ]
 
     def mean(self, *, consume: bool = False) -> NDArrays:
-        """``sum_k n_k w_k / sum_k n_k``, in the dtypes of the first model.
+        """``sum_k n_k w_k / sum_k n_k``, each layer in the :func:`mean_dtype` of its inputs.
 
         ``consume=True``: the sum is not needed afterwards, so running means are handed
         out as they are and each float64 sum is freed once its layer is done (the peak
@@ -344,11 +393,12 @@ class WeightedSum:
         layers = self._acc
         if consume:
             self._acc = None
-        for index, dtype in enumerate(self._dtypes):
+        for index, seen in enumerate(self._seen):
+            dtype = mean_dtype(seen)
             layer = layers[index]
             if consume:
                 layers[index] = np.empty(0)  # drop our reference as we go
-            if layer.dtype == dtype and _compact(dtype):
+            if self._running[index] and layer.dtype == dtype:
                 out.append(layer if consume else layer.copy())
                 continue
             order = _order(layer)
@@ -367,15 +417,16 @@ def _check_total(total: float) -> None:
 
 
 def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: float) -> NDArray:
-    """``sum_k weights[k] * arrays[k] / total`` in ``arrays[0]``'s dtype, block by block.
+    """``sum_k weights[k] * arrays[k] / total`` in :func:`mean_dtype`, block by block.
 
     For each block of the result, every term is folded into one cached float64 block, so
     each input value is read once and each result value written once.
     """
     first = arrays[0]
-    work_dtype = _work_dtype(first.dtype)
+    out_dtype = mean_dtype(a.dtype for a in arrays)
+    work_dtype = _work_dtype(out_dtype)
     order = _order(first)
-    result = np.empty(first.shape, dtype=first.dtype, order=order)
+    result = np.empty(first.shape, dtype=out_dtype, order=order)
     target = _flat(result, order)
     flats = [_flat(a, order) for a in arrays]
     factors = [work_dtype.type(w) for w in weights]
@@ -465,9 +516,14 @@ def _models(results: Sequence[tuple[NDArrays, int]], rule: str) -> list[NDArrays
     return models
 
 
+def _layer_dtype(models: Sequence[NDArrays], layer: int) -> np.dtype[Any]:
+    """The :func:`mean_dtype` of layer ``layer`` over ``models``."""
+    return mean_dtype(m[layer].dtype for m in models)
+
+
 def _stack(models: list[NDArrays], layer: int) -> NDArray:
     """Layer ``layer`` of every model, stacked on a new axis 0, in float64."""
-    dtype = _work_dtype(models[0][layer].dtype)
+    dtype = _work_dtype(_layer_dtype(models, layer))
     return np.stack([np.asarray(m[layer], dtype=dtype) for m in models])
 
 
@@ -479,7 +535,7 @@ def aggregate_median(results: Sequence[tuple[NDArrays, int]]) -> NDArrays:
     """
     models = _models(results, "aggregate_median")
     return [
-        cast_like(np.median(_stack(models, layer), axis=0), models[0][layer].dtype)
+        cast_like(np.median(_stack(models, layer), axis=0), _layer_dtype(models, layer))
         for layer in range(len(models[0]))
     ]
 
@@ -507,7 +563,7 @@ def aggregate_trimmed_avg(
     for layer in range(len(models[0])):
         ranked = np.sort(_stack(models, layer), axis=0)
         kept = ranked[cut : len(models) - cut]
-        trimmed.append(cast_like(kept.mean(axis=0), models[0][layer].dtype))
+        trimmed.append(cast_like(kept.mean(axis=0), _layer_dtype(models, layer)))
     return trimmed
 
 
@@ -600,7 +656,7 @@ def aggregate_bulyan(
         median = np.median(stacked, axis=0)
         closest = np.argsort(np.abs(stacked - median), axis=0, kind="stable")[:beta]
         mean = np.take_along_axis(stacked, closest, axis=0).mean(axis=0)
-        out.append(cast_like(mean, models[0][layer].dtype))
+        out.append(cast_like(mean, _layer_dtype(selected, layer)))
     return out
 
 

@@ -55,7 +55,9 @@ class FedAvg(Strategy):
       result whose arrays do not match the global model, hold NaN/Inf, or that reports
       ``num_examples <= 0`` is refused and logged, and counts as a failure.
     * Memory and speed: the results are read in place (read-only views over their bytes)
-      and averaged in float64 block by block in the CPU cache; each layer keeps its dtype.
+      and averaged in float64 block by block in the CPU cache; each layer keeps its dtype,
+      or takes NumPy's promotion of the results' dtypes when they differ from it (as
+      Flower's ``aggregate``: float32 results of a float64 model give float32).
       :meth:`fit_accumulator` lets the server fold each result in as it arrives, so that
       it never holds all the clients' models at once.
     * If no result can be aggregated (all refused, e.g. all report 0 examples), the round
@@ -465,12 +467,6 @@ def no_valid_result(checked: CheckedFitResults) -> str:
         f"no valid result to aggregate: {len(checked.refused)} of {total} result(s) "
         "were refused (the reasons are logged above)"
     )
-    if checked.refused and checked.dtype_refusals == len(checked.refused):
-        message += (
-            "; every result differs from the global model only in dtype: build "
-            "initial_parameters with the dtypes the clients train in (e.g. "
-            "np.zeros(shape, dtype=np.float32)), or leave them out to take a client's"
-        )
     return message
 
 

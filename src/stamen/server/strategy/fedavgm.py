@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from ...errors import RunError
 from ...messages import Parameters
 from ...typing import Config, MetricsAggregationFn, NDArrays
-from ._arrays import arrays_of, as_work, cast_all, check_same_layout, decode_model, load_arrays
+from ._arrays import (
+    arrays_of,
+    as_work,
+    check_same_layout,
+    decode_model,
+    dtypes_of_state,
+    load_arrays,
+    step_dtypes,
+)
 from ._checks import check_number
+from .aggregate import cast_like
 from .fedavg import EvaluateFn, FedAvg
 from .state import StrategyState
 
@@ -83,14 +95,19 @@ class FedAvgM(FedAvg):
         self.server_opt: bool = server_momentum != 0.0 or server_learning_rate != 1.0
         self.momentum_vector: NDArrays | None = None
         self.current_weights: NDArrays | None = None
+        self.model_dtypes: list[np.dtype[Any]] | None = None
         if initial_parameters is not None and self.server_opt:
-            self.current_weights = as_work(decode_model("initial_parameters", initial_parameters))
+            initial = decode_model("initial_parameters", initial_parameters)
+            self.current_weights = as_work(initial)
+            self.model_dtypes = [a.dtype for a in initial]
 
     def observe_global_model(self, parameters: Parameters) -> None:
         """Remember the global model; the first one starts ``w_t`` if none was given."""
         super().observe_global_model(parameters)
         if self.server_opt and self.current_weights is None:
-            self.current_weights = as_work(decode_model("global model", parameters))
+            model = decode_model("global model", parameters)
+            self.current_weights = as_work(model)
+            self.model_dtypes = [a.dtype for a in model]
 
     def server_update(self, server_round: int, aggregated: NDArrays) -> NDArrays:
         """The momentum step from the FedAvg mean to ``w_{t+1}``."""
@@ -116,7 +133,10 @@ class FedAvgM(FedAvg):
         self.current_weights = arrays_of(
             w - self.server_learning_rate * g for w, g in zip(current, gradient, strict=True)
         )
-        return cast_all(self.current_weights, aggregated)
+        self.model_dtypes = step_dtypes(self.model_dtypes, aggregated)
+        return [
+            cast_like(w, d) for w, d in zip(self.current_weights, self.model_dtypes, strict=True)
+        ]
 
     def state_dict(self) -> StrategyState:
         """``current_weights`` and ``momentum_vector`` (each when set), in float64."""
@@ -125,14 +145,19 @@ class FedAvgM(FedAvg):
             state.arrays["current_weights"] = [a.copy() for a in self.current_weights]
         if self.momentum_vector is not None:
             state.arrays["momentum_vector"] = [a.copy() for a in self.momentum_vector]
+        if self.model_dtypes is not None:
+            state.values["model_dtypes"] = [d.str for d in self.model_dtypes]
         return state
 
     def load_state_dict(self, state: StrategyState) -> None:
         """Restore ``current_weights`` and ``momentum_vector``."""
-        state.check_keys("FedAvgM", arrays={"current_weights", "momentum_vector"}, values=set())
+        state.check_keys(
+            "FedAvgM", arrays={"current_weights", "momentum_vector"}, values={"model_dtypes"}
+        )
         current = load_arrays("FedAvgM", state, "current_weights")
         momentum = load_arrays("FedAvgM", state, "momentum_vector")
         if current is not None and momentum is not None:
             check_same_layout("FedAvgM.load_state_dict", momentum, current)
         self.current_weights = current
         self.momentum_vector = momentum
+        self.model_dtypes = dtypes_of_state("FedAvgM", state)

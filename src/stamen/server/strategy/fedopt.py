@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ...errors import ConfigError, RunError
 from ...messages import Parameters
 from ...typing import Config, MetricsAggregationFn, NDArray, NDArrays
-from ._arrays import arrays_of, as_work, cast_all, check_same_layout, decode_model, load_arrays
+from ._arrays import (
+    arrays_of,
+    as_work,
+    check_same_layout,
+    decode_model,
+    dtypes_of_state,
+    load_arrays,
+    step_dtypes,
+)
 from ._checks import check_number
+from .aggregate import cast_like
 from .fedavg import EvaluateFn, FedAvg
 from .state import StrategyState
 
@@ -89,9 +99,9 @@ class FedOpt(FedAvg):
         check_number("beta_1", beta_1, minimum=0.0, maximum=1.0)
         check_number("beta_2", beta_2, minimum=0.0, maximum=1.0)
         check_number("tau", tau, minimum=0.0, exclusive_minimum=True)
-        self.current_weights: NDArrays = as_work(
-            decode_model("initial_parameters", initial_parameters)
-        )
+        initial = decode_model("initial_parameters", initial_parameters)
+        self.current_weights: NDArrays = as_work(initial)
+        self.model_dtypes: list[np.dtype[Any]] | None = [a.dtype for a in initial]
         self.eta = eta
         self.eta_l = eta_l
         self.tau = tau
@@ -132,7 +142,10 @@ class FedOpt(FedAvg):
             x + self.eta * m / (np.sqrt(v) + self.tau)
             for x, m, v in zip(current, self.m_t, self.v_t, strict=True)
         )
-        return cast_all(self.current_weights, aggregated)
+        self.model_dtypes = step_dtypes(self.model_dtypes, aggregated)
+        return [
+            cast_like(x, d) for x, d in zip(self.current_weights, self.model_dtypes, strict=True)
+        ]
 
     def state_dict(self) -> StrategyState:
         """``current_weights``, ``m_t`` and ``v_t`` (the moments once set), in float64."""
@@ -141,12 +154,14 @@ class FedOpt(FedAvg):
             state.arrays["m_t"] = [a.copy() for a in self.m_t]
         if self.v_t is not None:
             state.arrays["v_t"] = [a.copy() for a in self.v_t]
+        if self.model_dtypes is not None:
+            state.values["model_dtypes"] = [d.str for d in self.model_dtypes]
         return state
 
     def load_state_dict(self, state: StrategyState) -> None:
         """Restore ``current_weights``, ``m_t`` and ``v_t``."""
         name = type(self).__name__
-        state.check_keys(name, arrays={"current_weights", "m_t", "v_t"}, values=set())
+        state.check_keys(name, arrays={"current_weights", "m_t", "v_t"}, values={"model_dtypes"})
         current = load_arrays(name, state, "current_weights")
         if current is None:
             raise ConfigError(f"{name}.load_state_dict: the state has no current_weights")
@@ -156,3 +171,4 @@ class FedOpt(FedAvg):
             if moment is not None:
                 check_same_layout(f"{name}.load_state_dict", moment, current)
         self.current_weights, self.m_t, self.v_t = current, m_t, v_t
+        self.model_dtypes = dtypes_of_state(name, state)

@@ -8,15 +8,21 @@ and never a crash. A fit result is refused when:
 * its status is not OK;
 * it reports ``num_examples <= 0``;
 * its tensors do not decode as ``.npy`` arrays;
-* its arrays do not match the reference layout (the global model's number of arrays,
-  shapes and dtypes);
+* its arrays do not match the reference layout (the global model's number of arrays and
+  their shapes);
+* an array is not numeric (bool, integer, floating-point or complex);
 * a floating-point array holds NaN or Inf.
+
+A result whose dtypes differ from the global model's is **accepted**, as Flower accepts it:
+a client may train in float32 a model that started as float64 zeros, or return float64
+weights for an int64 initial model. The aggregate then follows NumPy's type promotion
+over the results (see :func:`~stamen.server.strategy.aggregate.aggregate`).
 
 **The reference layout** is the layout of the global model the strategy sent to the
 clients (FedAvg records it in ``configure_fit``, and from ``initial_parameters``). When
 there is none — ``aggregate_fit`` called without ``configure_fit``, or an empty global
-model — the results are checked against each other instead: the layout shared by the most
-results (the earliest on a tie) is the reference, and the results of other layouts are
+model — the results are checked against each other instead: the shapes shared by the most
+results (the earliest on a tie) are the reference, and the results of other layouts are
 refused. That costs one more pass over the results' headers.
 
 Decoding makes read-only views over the tensor bytes
@@ -61,7 +67,11 @@ logger = logging.getLogger("stamen.server")
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """The number, shapes and dtypes of a model's arrays."""
+    """The number, shapes and dtypes of a model's arrays.
+
+    Results are checked against the number and shapes only (:meth:`mismatch`); the dtypes
+    say what the global model was.
+    """
 
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype[Any], ...]
@@ -80,25 +90,31 @@ class ModelLayout:
             return None
         return cls.of(ndarrays) if ndarrays else None
 
-    def differs_only_in_dtype(self, ndarrays: NDArrays) -> bool:
-        """True if ``ndarrays`` has this layout's shapes but not all of its dtypes."""
-        return [a.shape for a in ndarrays] == list(self.shapes) and any(
-            a.dtype != dtype for a, dtype in zip(ndarrays, self.dtypes, strict=True)
-        )
-
     def mismatch(self, ndarrays: NDArrays) -> str | None:
-        """None if ``ndarrays`` has this layout, else what differs (first difference)."""
+        """None if ``ndarrays`` has this layout's number of arrays and shapes, else what
+        differs (first difference). Dtypes may differ: they are promoted when aggregating."""
         if len(ndarrays) != len(self.shapes):
             return f"{len(ndarrays)} arrays, expected {len(self.shapes)} (the global model's)"
         for index, (array, shape, dtype) in enumerate(
             zip(ndarrays, self.shapes, self.dtypes, strict=True)
         ):
-            if array.shape != shape or array.dtype != dtype:
+            if array.shape != shape:
                 return (
                     f"array {index} is {array.dtype}{list(array.shape)}, expected "
                     f"{dtype}{list(shape)} (the global model's)"
                 )
         return None
+
+
+_NUMERIC_KINDS = "biufc"
+"""NumPy dtype kinds that can be averaged: bool, integers, floating-point, complex."""
+
+
+def _not_numeric(ndarrays: NDArrays) -> str | None:
+    for index, array in enumerate(ndarrays):
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            return f"array {index} is of dtype {array.dtype}, which cannot be averaged"
+    return None
 
 
 _FINITE_BLOCK = 1 << 16
@@ -182,7 +198,6 @@ class CheckedFitResults:
         accepted: The results yielded so far.
         refused: The refused results.
         stopped: True if iteration stopped at a refused result.
-        dtype_refusals: How many results were refused only for their dtypes.
         reference: The layout the results are checked against.
     """
 
@@ -202,21 +217,24 @@ class CheckedFitResults:
         self.accepted: FitResults = []
         self.refused: list[InvalidResult] = []
         self.stopped = False
-        self.dtype_refusals = 0
         self._stop_on_refusal = stop_on_refusal
         self._keep_tensors = keep_tensors
         self._iterated = False
         self.reference = reference if reference is not None else self._majority_layout()
 
     def _majority_layout(self) -> ModelLayout | None:
-        counts: Counter[ModelLayout] = Counter()
+        counts: Counter[tuple[tuple[int, ...], ...]] = Counter()
+        layouts: dict[tuple[tuple[int, ...], ...], ModelLayout] = {}
         for _, fit_res in self._results:
             arrays, _ = _decode(fit_res)  # views: only the headers are read
             if arrays is not None:
-                counts[ModelLayout.of(arrays)] += 1
+                layout = ModelLayout.of(arrays)
+                layouts.setdefault(layout.shapes, layout)
+                counts[layout.shapes] += 1
         if not counts:
             return None
-        layout, count = counts.most_common(1)[0]  # most_common keeps first-seen order on ties
+        shapes, count = counts.most_common(1)[0]  # most_common keeps first-seen order on ties
+        layout = layouts[shapes]
         if len(counts) > 1:
             logger.warning(
                 "round %s: no global model to check results against; %d of %d results "
@@ -234,10 +252,8 @@ class CheckedFitResults:
         if self.reference is not None:
             reason = self.reference.mismatch(arrays)
             if reason is not None:
-                if self.reference.differs_only_in_dtype(arrays):
-                    self.dtype_refusals += 1
                 return None, reason
-        reason = _non_finite(arrays)
+        reason = _not_numeric(arrays) or _non_finite(arrays)
         return (None, reason) if reason is not None else (arrays, None)
 
     def check(self, proxy: ClientProxy, fit_res: FitRes) -> NDArrays | None:
