@@ -4,7 +4,9 @@
 unchanged. The rounds run on the same Server, strategies and client manager as a real
 deployment; only the client proxy differs: a :class:`VirtualClientProxy` calls the one
 dispatch function of client nodes (:func:`stamen.client.dispatch.handle`) on a backend --
-``"threads"`` (default), ``"sequential"`` (debugging) or ``"ray"`` (``stamen[ray]``).
+``"processes"`` (default: worker processes, one client at a time each, isolated as
+Flower's Ray actors are), ``"threads"`` (opt-in: clients share the process's module-level
+objects), ``"sequential"`` (debugging) or ``"ray"`` (``stamen[ray]``).
 Ray is imported only when the Ray backend starts.
 
 ``stamen.simulation.run_simulation`` runs Flower 1.12's ``ServerApp`` and ``ClientApp``

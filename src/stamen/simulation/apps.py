@@ -30,7 +30,7 @@ from ..context import Context
 from ..errors import ConfigError
 from ..server.history import History
 from ..server.server_app import ServerApp, server_context
-from .app import BACKENDS, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, start_simulation
+from .app import BACKENDS, DEFAULT_BACKEND, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, start_simulation
 
 __all__ = [
     "DEFAULT_BACKEND",
@@ -41,8 +41,6 @@ __all__ = [
 
 _logger = logging.getLogger("stamen.simulation")
 
-DEFAULT_BACKEND = "threads"
-"""The backend ``run_simulation`` uses when ``"ray"`` is asked for without Ray installed."""
 
 DEFAULT_CLIENT_RESOURCES: dict[str, float] = {"num_cpus": 2, "num_gpus": 0.0}
 """What one client call needs when ``backend_config`` names nothing (Flower 1.12's value)."""

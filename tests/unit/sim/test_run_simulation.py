@@ -66,6 +66,7 @@ def test_run_simulation_gives_flowers_contexts_and_the_start_simulation_result()
         server_app=fl.server.ServerApp(server_fn=recording_server_fn),
         client_app=fl.client.ClientApp(client_fn=client_fn),
         num_supernodes=3,
+        backend_name="threads",  # the contexts are recorded in this process
     )
     configs = {tuple(sorted(c.node_config.items())) for c in contexts}
     assert configs == {(("num-partitions", 3), ("partition-id", i)) for i in range(3)}
