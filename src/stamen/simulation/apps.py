@@ -33,7 +33,6 @@ from ..server.server_app import ServerApp, server_context
 from .app import BACKENDS, DEFAULT_BACKEND, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, start_simulation
 
 __all__ = [
-    "DEFAULT_BACKEND",
     "DEFAULT_CLIENT_RESOURCES",
     "backend_for",
     "run_simulation",
