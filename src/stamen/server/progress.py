@@ -85,11 +85,9 @@ class ProgressLog:
     def _round_ended(self, event: RoundEnded) -> None:
         if not event.aggregated:
             self._log.warning(
-                "round %d: %s aggregated nothing (%d result(s), %d failure(s)): %s",
+                "round %d: nothing aggregated%s: %s",
                 event.server_round,
-                event.phase,
-                event.results,
-                event.failures,
+                "" if event.phase == "fit" else f" ({event.phase})",
                 "; ".join(event.reasons) or "no results",
             )
             return

@@ -31,7 +31,9 @@ from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
 from .client_proxy import ClientProxy
+from .events import ReplyArrived, RoundEnded, RoundStarted, RunEnded, RunEvents, RunStarted
 from .history import History
+from .progress import ProgressLog
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
 
@@ -120,6 +122,30 @@ def _file(proxy: ClientProxy, reply: R, filed: tuple[Results[R], Failures[R]]) -
     return reply
 
 
+def _observer(
+    observe: Callable[[ClientProxy, Future[Reply]], None], proxy: ClientProxy
+) -> Callable[[Future[Reply]], None]:
+    """A done-callback that tells ``observe`` which proxy's future ended."""
+    return lambda future: observe(proxy, future)
+
+
+def _reply_event(
+    server_round: int, phase: str, proxy: ClientProxy, future: Future[Reply]
+) -> ReplyArrived:
+    """What one ended call says about its node: a result, or a failure and why."""
+    error = future.exception()
+    if error is not None:
+        return ReplyArrived(
+            server_round, phase, proxy.cid, False, f"{type(error).__name__}: {error}"
+        )
+    status: Status | None = getattr(future.result(), "status", None)
+    if status is not None and status.code != Code.OK:
+        return ReplyArrived(
+            server_round, phase, proxy.cid, False, f"{status.code.name}: {status.message}"
+        )
+    return ReplyArrived(server_round, phase, proxy.cid, True)
+
+
 def _signal(done: queue.SimpleQueue[int], index: int) -> Callable[[Future[Any]], None]:
     """A done-callback that puts ``index`` in ``done``."""
     return lambda _future: done.put(index)
@@ -132,6 +158,7 @@ def run_instructions(
     expect: type[R],
     log_level: int = logging.WARNING,
     on_result: Callable[[ClientProxy, R], R] | None = None,
+    observe: Callable[[ClientProxy, Future[Reply]], None] | None = None,
 ) -> tuple[Results[R], Failures[R]]:
     """Send every instruction at once and wait for all replies.
 
@@ -152,9 +179,14 @@ def run_instructions(
         expect: The reply class that answers the instructions (``FitRes`` for ``FitIns``).
         log_level: The level at which errors are logged.
         on_result: Folds each result as it arrives (streaming aggregation).
+        observe: Told of each reply's future as soon as it ends, in arrival order, on
+            whichever thread ends it (progress views); must not block.
     """
     use = ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED
     futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
+    if observe is not None:
+        for proxy, future in futures:
+            future.add_done_callback(_observer(observe, proxy))
     filed: tuple[Results[R], Failures[R]] = ([], [])
     if on_result is None:
         concurrent.futures.wait([f for _, f in futures])
@@ -245,6 +277,10 @@ class Server:
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")
         self.max_workers: int | None = None
+        self.events = RunEvents()
+        """What happens in the run, as :mod:`~stamen.server.events` (progress views
+        subscribe here); a :class:`~stamen.server.progress.ProgressLog` logs it."""
+        self.events.subscribe(ProgressLog())
 
     def set_max_workers(self, max_workers: int | None) -> None:
         """Accepted for compatibility: client calls need no worker threads here."""
@@ -271,7 +307,22 @@ class Server:
         after every round.
         """
         start = time.monotonic()
+        try:
+            history = self._fit(num_rounds, timeout, start)
+        except BaseException as exc:
+            self.events.publish(
+                RunEnded(
+                    False, num_rounds, time.monotonic() - start, f"{type(exc).__name__}: {exc}"
+                )
+            )
+            raise
+        elapsed = time.monotonic() - start
+        self.events.publish(RunEnded(True, num_rounds, elapsed))
+        return history, elapsed
+
+    def _fit(self, num_rounds: int, timeout: float | None, start: float) -> History:
         history, first_round = self._start_or_resume(timeout)
+        self.events.publish(RunStarted(num_rounds, type(self.strategy).__name__, first_round))
         not_aggregated: list[str] = []  # why, for each fit round that aggregated nothing
         fit_rounds = 0
         for server_round in range(first_round, num_rounds + 1):
@@ -283,7 +334,6 @@ class Server:
                     self.parameters = parameters
                 else:
                     reason = _nothing_aggregated(results, failures)
-                    logger.warning("round %d: nothing aggregated: %s", server_round, reason)
                     not_aggregated.append(f"round {server_round}: {reason}")
                 history.add_metrics_distributed_fit(server_round, fit_metrics)
             self._evaluate_centralized(server_round, history)
@@ -296,14 +346,12 @@ class Server:
             if self.checkpointer is not None:
                 state = self.strategy.state_dict()
                 self.checkpointer.save(Checkpoint(server_round, self.parameters, history, state))
-        elapsed = time.monotonic() - start
         if fit_rounds and len(not_aggregated) == fit_rounds:
             raise RunError(
                 f"the run failed: none of its {fit_rounds} fit round(s) aggregated anything, "
                 "so the model never trained; " + " | ".join(not_aggregated)
             )
-        logger.info("run finished: %d round(s) in %.2f s", num_rounds, elapsed)
-        return history, elapsed
+        return history
 
     def _start_or_resume(self, timeout: float | None) -> tuple[History, int]:
         resumed = None if self.checkpointer is None else self.checkpointer.load_latest()
@@ -341,16 +389,41 @@ class Server:
             return None
         accumulator = self.strategy.fit_accumulator(server_round)
         fold = None if accumulator is None else _folder(accumulator)
-        results, failures = run_instructions(instructions, timeout, expect=FitRes, on_result=fold)
-        logger.info(
-            "round %d: fit %d result(s), %d failure(s)", server_round, len(results), len(failures)
+        began = time.monotonic()
+        self.events.publish(RoundStarted(server_round, "fit", len(instructions)))
+        results, failures = run_instructions(
+            instructions,
+            timeout,
+            expect=FitRes,
+            on_result=fold,
+            observe=self._observer(server_round, "fit"),
         )
         if accumulator is not None:
             parameters, metrics = accumulator.finish(failures)
         else:
             # A list of its own: the strategy may reorder or trim it.
             parameters, metrics = self.strategy.aggregate_fit(server_round, list(results), failures)
+        self.events.publish(
+            RoundEnded(
+                server_round,
+                "fit",
+                len(results),
+                len(failures),
+                time.monotonic() - began,
+                aggregated=parameters is not None,
+                metrics=dict(metrics),
+                reasons=() if parameters is not None else (_nothing_aggregated(results, failures),),
+            )
+        )
         return parameters, metrics, (results, failures)
+
+    def _observer(
+        self, server_round: int, phase: str
+    ) -> Callable[[ClientProxy, Future[Reply]], None]:
+        """Publishes each reply of a round as it arrives."""
+        return lambda proxy, future: self.events.publish(
+            _reply_event(server_round, phase, proxy, future)
+        )
 
     def evaluate_round(
         self, server_round: int, timeout: float | None
@@ -364,9 +437,28 @@ class Server:
         )
         if not instructions:
             return None
-        results, failures = run_instructions(instructions, timeout, expect=EvaluateRes)
+        began = time.monotonic()
+        self.events.publish(RoundStarted(server_round, "evaluate", len(instructions)))
+        results, failures = run_instructions(
+            instructions,
+            timeout,
+            expect=EvaluateRes,
+            observe=self._observer(server_round, "evaluate"),
+        )
         loss, metrics = self.strategy.aggregate_evaluate(server_round, list(results), failures)
-        logger.info("round %d: distributed loss %s %s", server_round, loss, metrics)
+        self.events.publish(
+            RoundEnded(
+                server_round,
+                "evaluate",
+                len(results),
+                len(failures),
+                time.monotonic() - began,
+                aggregated=loss is not None,
+                loss=loss,
+                metrics=dict(metrics),
+                reasons=() if loss is not None else (_nothing_aggregated(results, failures),),
+            )
+        )
         return loss, metrics, (results, failures)
 
     def _get_initial_parameters(self, timeout: float | None) -> Parameters:
