@@ -19,11 +19,12 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Real Flower, only as a test peer, in a virtualenv of its own (never a Stamen dependency).
+# Real Flower, only as a test peer, in a virtualenv of its own (never a Stamen dependency);
+# the rest extra for Flower's REST node.
 $(FLWR_VENV)/.installed:
 	$(PYTHON) -m venv $(FLWR_VENV)
 	$(FLWR_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLWR_VENV)/bin/python -m pip install -q 'flwr==$(FLWR_VERSION)'
+	$(FLWR_VENV)/bin/python -m pip install -q 'flwr[rest]==$(FLWR_VERSION)'
 	touch $@
 
 interop-venv: $(FLWR_VENV)/.installed

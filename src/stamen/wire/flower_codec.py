@@ -83,6 +83,7 @@ from ..protocol.flower_fleet import (
     PushTaskResRequest,
     PushTaskResResponse,
     Reconnect,
+    ReconnectTask,
     Run,
     TaskIns,
     TaskMeta,
@@ -96,6 +97,7 @@ from ._pb import stamen_flower_fleet_pb2 as pb
 __all__ = [
     "EMPTY_TENSOR_KEY",
     "NUMPY_STYPE",
+    "canonical_request_bytes",
     "decode_create_node_request",
     "decode_create_node_response",
     "decode_delete_node_request",
@@ -124,6 +126,7 @@ __all__ = [
     "encode_pull_task_ins_response",
     "encode_push_task_res_request",
     "encode_push_task_res_response",
+    "encode_reconnect_pull_response",
 ]
 
 Data = bytes | bytearray | memoryview
@@ -780,3 +783,40 @@ def decode_get_fab_response(data: Data) -> GetFabResponse:
     return _parse(
         pb.GetFabResponse(), data, lambda m: GetFabResponse(Fab(m.fab.hash_str, m.fab.content))
     )
+
+
+# --- server side: control messages and request bytes --------------------------------------
+
+
+def encode_reconnect_pull_response(task: ReconnectTask) -> bytes:
+    """Serialize a PullTaskInsResponse holding one TaskIns of type ``reconnect``: configs
+    record ``config`` = ``{"seconds": task.seconds}`` (what Flower 1.12's node reads as a
+    ``ReconnectIns``)."""
+    msg = pb.PullTaskInsResponse()
+    target = msg.task_ins_list.add()
+    meta = _put_meta(target, task.meta)
+    meta.recordset.SetInParent()
+    _put_configs(meta.recordset.configs["config"], {"seconds": task.seconds})
+    return msg.SerializeToString()
+
+
+def canonical_request_bytes(method_name: str, data: Data) -> bytes:
+    """The deterministic serialization of the request of Flower call ``method_name``
+    (``"PushTaskRes"``: a ``PushTaskResRequest``) read from ``data``: map entries in key
+    order, what Flower 1.12's node authenticates (its HMAC covers
+    ``SerializeToString(deterministic=True)`` while the bytes sent may order map entries
+    otherwise).
+
+    Raises:
+        DecodeError: ``data`` is not such a request, or ``method_name`` is no Flower call.
+    """
+    kind = getattr(pb, f"{method_name}Request", None)
+    if kind is None:
+        raise DecodeError(f"no Flower Fleet API call named {method_name!r}")
+    message = kind()
+    try:
+        message.ParseFromString(bytes(data))
+    except Exception as exc:  # protobuf's DecodeError: bad bytes
+        raise DecodeError(f"invalid {method_name}Request ({len(data)} bytes): {exc}") from exc
+    serialized: bytes = message.SerializeToString(deterministic=True)
+    return serialized
