@@ -309,6 +309,7 @@ def test_flower_node_authentication_on_grpc_rere(server_keys: str, tmp_path: Pat
     assert events_from_stdout(peers[0].stdout_lines) == TRAINING_EVENTS, peers[0].describe()
     assert nodes[0].events == TRAINING_EVENTS
     # The stranger gave up untrained.
+    assert stranger is not None
     assert events_from_stdout(stranger.stdout_lines) == [], stranger.describe()
     log = (tmp_path / f"{stranger.name}.stderr.log").read_text(encoding="utf-8", errors="replace")
     assert "UNAUTHENTICATED" in log and "is not authorized" in log, stranger.describe()
@@ -318,3 +319,64 @@ def test_flower_node_authentication_on_grpc_rere(server_keys: str, tmp_path: Pat
     for got, start in zip(final, mixed.initial_ndarrays(), strict=True):
         np.testing.assert_array_equal(got, start + np.float32(3.0))
     assert len(history.losses_distributed) == 2
+
+
+# --- flower-supernode ------------------------------------------------------------------------
+
+
+class FailureRecorder(RecordingFedAvg):
+    """RecordingFedAvg that keeps each fit failure's text."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failure_texts: list[str] = []
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        self.failure_texts += [str(f if isinstance(f, BaseException) else f[1]) for f in failures]
+        return super().aggregate_fit(server_round, results, failures)
+
+
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_flower_supernode_registers_reports_it_has_no_app_and_exits_0(
+    transport: str, tmp_path: Path
+) -> None:
+    """Flower 1.12's ``flower-supernode`` (grpc-rere or rest) registers with a Stamen
+    server like any node. A Stamen server runs a legacy run (GetRun names no app bundle),
+    for which the SuperNode cannot load a ClientApp: it answers each task with Flower's
+    error (LOAD_CLIENT_APP_EXCEPTION), which the round counts as a failure naming it. When
+    the run ends the SuperNode unregisters and exits 0."""
+    python = flower_python()
+    supernode = python.parent / "flower-supernode"
+    strategy = FailureRecorder(
+        min_fit_clients=1,
+        min_evaluate_clients=1,
+        min_available_clients=1,
+        initial_parameters=ndarrays_to_parameters(mixed.initial_ndarrays()),
+    )
+    peer: Peer | None = None
+    with running_server(
+        config=fl.server.ServerConfig(num_rounds=1, round_timeout=ROUND_TIMEOUT),
+        strategy=strategy,
+        client_manager=SimpleClientManager(wait_timeout=CLIENT_WAIT_TIMEOUT),
+        rest=True,
+    ) as handle:
+        argv = [
+            str(supernode),
+            "--insecure",
+            f"--{transport}",
+            "--superlink",
+            handle.address_for(transport),
+            "--flwr-dir",
+            str(tmp_path / "flwr"),
+        ]
+        try:
+            peer = Peer(f"flower-supernode-{transport}", argv, tmp_path)
+            history = run_result(handle, [peer], [])
+            assert peer.finish(EXIT_TIMEOUT) == 0, peer.describe()
+        finally:
+            if peer is not None:
+                peer.stop()
+    assert strategy.fit_failures == [1]
+    assert history.losses_distributed == []
+    assert strategy.failure_texts, strategy.failure_texts
+    assert all("error code 1" in t and "ClientApp" in t for t in strategy.failure_texts)
