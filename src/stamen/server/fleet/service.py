@@ -158,13 +158,12 @@ class FleetService:
         except BaseException:
             self.stop()
             raise
-        logger.info(
-            "serving grpc-bidi, grpc-rere and Flower's Fleet API on %s (port %d)",
-            self._address,
-            self.port,
-        )
+        logger.info("serving grpc-bidi and grpc-rere on %s (port %d)", self._address, self.port)
         if self.rest_port is not None:
             logger.info("serving rest on %s (port %d)", self._rest_address, self.rest_port)
+        logger.info(
+            "Flower 1.12 nodes are served on the same port(s): flwr.proto.Fleet, /api/v0/fleet"
+        )
         return self.port
 
     async def _start(self) -> int:
