@@ -346,3 +346,16 @@ def test_failing_a_task_forgets_its_flower_id() -> None:
     link.fail(node, task_id, ConnectionLost("x"))
     assert node.flower_tasks == {}
     assert isinstance(outcomes.done[task_id], ConnectionLost)
+
+
+def test_flower_nodes_are_invisible_to_stamen_calls() -> None:
+    """Stamen's Fleet calls cannot pull for, push to or delete a Flower node."""
+    from stamen.protocol.fleet import PullRequest, SimpleRequest
+
+    link = _link(FakeClock())
+    node_id = _register(link)
+    with pytest.raises(FleetError) as caught:
+        link.state.request("PULL", PullRequest(node_id), GRPC)
+    assert caught.value.kind is ErrorKind.UNKNOWN_NODE
+    link.state.request("DELETE_NODE", SimpleRequest(node_id), GRPC)
+    assert link.state.get(str(node_id)) is not None

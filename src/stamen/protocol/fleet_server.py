@@ -407,7 +407,7 @@ class FleetState:
         """
         self._check_version(version)
         node = self._nodes.get(str(node_id))
-        if node is None or not node.pull_based:
+        if node is None or not node.pull_based or node.flower:  # Flower's: its own calls
             raise FleetError(ErrorKind.UNKNOWN_NODE, f"node {node_id} is not registered")
         if node.key != key:
             raise FleetError(ErrorKind.UNAUTHENTICATED, f"node {node_id} belongs to another key")
@@ -474,7 +474,7 @@ class FleetState:
         gone = _expect(SimpleRequest, request)
         self._check_version(gone.protocol_version)
         node = self._nodes.get(str(gone.node_id))
-        if node is not None and node.pull_based and node.key == caller.key:
+        if node is not None and node.pull_based and not node.flower and node.key == caller.key:
             self.close(node, ConnectionLost(f"node {gone.node_id} left"))
         return Respond()
 
