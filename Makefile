@@ -19,8 +19,8 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Real Flower, only as a test peer, in a virtualenv of its own (never a Stamen dependency);
-# the rest extra for Flower's REST node.
+# Real Flower (with its REST extra), only as a test peer, in a virtualenv of its own (never a
+# Stamen dependency).
 $(FLWR_VENV)/.installed:
 	$(PYTHON) -m venv $(FLWR_VENV)
 	$(FLWR_VENV)/bin/python -m pip install -q --upgrade pip

@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "ClientApp",
     "NumPyClient",
+    "ServerApp",
     "ServerConfig",
     "__version__",
     "client",
@@ -29,7 +31,9 @@ __all__ = [
 _SUBMODULES = {"client", "common", "errors", "server", "simulation"}
 _NAMES = {
     "Client": "client",
+    "ClientApp": "client",
     "NumPyClient": "client",
+    "ServerApp": "server",
     "start_client": "client",
     "ServerConfig": "server",
     "start_server": "server",
@@ -37,8 +41,8 @@ _NAMES = {
 
 if TYPE_CHECKING:
     from . import client, common, errors, server, simulation
-    from .client import Client, NumPyClient, start_client
-    from .server import ServerConfig, start_server
+    from .client import Client, ClientApp, NumPyClient, start_client
+    from .server import ServerApp, ServerConfig, start_server
 
 
 def __getattr__(name: str) -> Any:

@@ -6,9 +6,15 @@ exit codes. Subcommands:
 * ``stamen demo``: federated softmax regression on scikit-learn's digits, with a server
   and 10 client nodes on 127.0.0.1 (see :mod:`stamen.demo`);
 * ``stamen keys generate``: a node key pair for ``authentication_keys``;
-* ``stamen certs generate``: a development CA, server and client certificates.
+* ``stamen certs generate``: a development CA, server and client certificates;
+* ``stamen server module:app``: run a ServerApp (Flower 1.12's app API) as a server, on
+  every transport (as Flower's ``flower-superlink`` + ``flower-server-app``);
+* ``stamen node module:app --server HOST:PORT``: run a ClientApp as a client node (as
+  Flower's ``flower-supernode``).
 
-Exit codes: 0 success, 1 the command failed, 2 usage error, 130 interrupted (Ctrl-C).
+Exit codes: 0 success (``server``/``node``: the run completed), 1 the command or the run
+failed, 2 usage or configuration error (a bad ``module:attr`` included), 3 ``node`` gave
+up connecting to its server, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = ["build_parser", "main"]
 _EXIT_OK = 0
 _EXIT_FAILURE = 1
 _EXIT_USAGE = 2
+_EXIT_GAVE_UP = 3
 _EXIT_INTERRUPTED = 130
 
 
@@ -169,7 +176,119 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs_generate.add_argument("--days", type=_int_in(1, 3650), default=365, metavar="N")
     certs_generate.set_defaults(handler=_certs_generate)
+    _add_app_commands(commands)
     return parser
+
+
+def _add_app_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    """The ``server`` and ``node`` subcommands: run a ServerApp or a ClientApp."""
+    server = commands.add_parser(
+        "server",
+        help="run a ServerApp (module:attribute) as a server on every transport",
+        description=(
+            "Load a ServerApp ('module:attribute', importable from the current directory) and "
+            "serve client nodes on --address (grpc-bidi and grpc-rere) and --rest-address "
+            "(rest), running the app's rounds. Exits 0 when the run completed, 1 if it "
+            "failed, 2 on a configuration error."
+        ),
+    )
+    _add_verbose(server, "command_verbose")
+    server.add_argument("app", metavar="MODULE:ATTR", help="the ServerApp, e.g. app:server_app")
+    server.add_argument(
+        "--address",
+        default="[::]:8080",
+        metavar="HOST:PORT",
+        help="gRPC address for grpc-bidi and grpc-rere (default: [::]:8080; port 0: a free one)",
+    )
+    server.add_argument(
+        "--rest-address", metavar="HOST:PORT", help="also serve the rest transport here"
+    )
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without TLS (the default without certificates)",
+    )
+    for flag, what in (
+        ("--ssl-ca-certfile", "the CA certificate"),
+        ("--ssl-certfile", "the server certificate"),
+        ("--ssl-keyfile", "the server's private key"),
+    ):
+        server.add_argument(flag, metavar="PATH", help=f"PEM file of {what} (TLS: give all three)")
+    server.add_argument(
+        "--require-client-certificate",
+        action="store_true",
+        help="mutual TLS: refuse nodes without a certificate signed by the CA",
+    )
+    server.add_argument(
+        "--authorized-keys", metavar="PATH", help="node authentication: file of allowed public keys"
+    )
+    server.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="checkpoint every round here; resume from it"
+    )
+    server.add_argument(
+        "--run-config",
+        metavar="'KEY=VALUE ...'",
+        help="the run config the ServerApp's server_fn receives in context.run_config",
+    )
+    server.add_argument("--history", metavar="PATH", help="write the run's History as JSON here")
+    server.set_defaults(handler=_server)
+
+    node = commands.add_parser(
+        "node",
+        help="run a ClientApp (module:attribute) as a client node",
+        description=(
+            "Load a ClientApp ('module:attribute', importable from the current directory) and "
+            "serve a server with it until the run ends. Exits 0 when the run completed, 1 if "
+            "the node failed, 2 on a configuration error, 3 if it gave up connecting."
+        ),
+    )
+    _add_verbose(node, "command_verbose")
+    node.add_argument("app", metavar="MODULE:ATTR", help="the ClientApp, e.g. app:client_app")
+    node.add_argument(
+        "--server",
+        "--superlink",
+        dest="server",
+        required=True,
+        metavar="HOST:PORT",
+        help="the server's address (rest: http://HOST:PORT or https://HOST:PORT)",
+    )
+    node.add_argument(
+        "--transport",
+        choices=("grpc-bidi", "grpc-rere", "rest"),
+        default="grpc-bidi",
+        help="default: grpc-bidi",
+    )
+    node.add_argument("--insecure", action="store_true", help="connect without TLS")
+    node.add_argument(
+        "--root-certificates", metavar="PATH", help="PEM file of the CAs to trust (TLS)"
+    )
+    node.add_argument(
+        "--client-certificate",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="PEM files of this node's certificate and key, for mutual TLS",
+    )
+    node.add_argument(
+        "--auth-supernode-private-key", metavar="PATH", help="node authentication: private key"
+    )
+    node.add_argument(
+        "--auth-supernode-public-key", metavar="PATH", help="node authentication: public key"
+    )
+    node.add_argument(
+        "--max-retries", type=_int_in(0), metavar="N", help="give up after N failed attempts"
+    )
+    node.add_argument(
+        "--max-wait-time",
+        type=float,
+        metavar="SECONDS",
+        help="give up after this long without a connection",
+    )
+    node.add_argument(
+        "--node-config",
+        metavar="'KEY=VALUE ...'",
+        help="added to context.node_config, e.g. 'partition-id=0 num-partitions=2'",
+    )
+    node.set_defaults(handler=_node)
 
 
 _CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
@@ -284,6 +403,120 @@ def _demo(args: argparse.Namespace) -> int:
     return _EXIT_OK
 
 
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path!r}: {exc.strerror}") from exc
+
+
+def _server_certificates(args: argparse.Namespace) -> tuple[bytes, bytes, bytes] | None:
+    files = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
+    if all(f is None for f in files):
+        return None
+    if any(f is None for f in files) or args.insecure:
+        raise ConfigError(
+            "TLS: expected all of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile (and no "
+            f"--insecure), received {[f for f in files if f is not None]}"
+            + (" with --insecure" if args.insecure else "")
+        )
+    ca = _read(args.ssl_ca_certfile, "--ssl-ca-certfile")
+    cert = _read(args.ssl_certfile, "--ssl-certfile")
+    key = _read(args.ssl_keyfile, "--ssl-keyfile")
+    assert ca is not None and cert is not None and key is not None
+    return ca, cert, key
+
+
+def _server(args: argparse.Namespace) -> int:
+    """Run ``stamen server``: the ServerApp's run on every transport."""
+    from .app_loader import load_app, parse_config
+    from .server import ServerApp, start_server
+    from .server.server_app import server_context
+
+    app = load_app(args.app, ServerApp)
+    certificates = _server_certificates(args)
+    components = app.components(server_context(parse_config(args.run_config)))
+    try:
+        history = start_server(
+            server_address=args.address,
+            server=components.server,
+            config=components.config,
+            strategy=components.strategy,
+            client_manager=components.client_manager,
+            certificates=certificates,
+            rest_address=args.rest_address,
+            require_client_certificate=args.require_client_certificate,
+            authorized_keys=args.authorized_keys,
+            checkpoint_dir=args.checkpoint_dir,
+        )
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the run failed, in Stamen or in the app's code
+        print(f"stamen server: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return _EXIT_FAILURE
+    if args.history:
+        Path(args.history).write_text(history.to_json() + "\n", encoding="utf-8")
+    print(f"stamen server: run completed: {history!r}", flush=True)
+    return _EXIT_OK
+
+
+def _node_keys(args: argparse.Namespace) -> tuple[object, object] | None:
+    private_path, public_path = args.auth_supernode_private_key, args.auth_supernode_public_key
+    if private_path is None and public_path is None:
+        return None
+    if private_path is None or public_path is None:
+        raise ConfigError(
+            "node authentication: expected both --auth-supernode-private-key and "
+            "--auth-supernode-public-key, received only one"
+        )
+    private_pem = _read(private_path, "--auth-supernode-private-key")
+    public_pem = _read(public_path, "--auth-supernode-public-key")
+    assert private_pem is not None and public_pem is not None
+    try:
+        private = serialization.load_pem_private_key(private_pem, password=None)
+        if public_pem.startswith(b"ecdsa-"):
+            public: object = serialization.load_ssh_public_key(public_pem)
+        else:
+            public = serialization.load_pem_public_key(public_pem)
+    except ValueError as exc:
+        raise ConfigError(f"node authentication: cannot load the keys: {exc}") from exc
+    return private, public
+
+
+def _node(args: argparse.Namespace) -> int:
+    """Run ``stamen node``: serve the server with the ClientApp until the run ends."""
+    from .app_loader import load_app, parse_config
+    from .client import ClientApp, start_client
+    from .errors import ConnectError
+
+    app = load_app(args.app, ClientApp)
+    client_fn = app.to_client_fn(parse_config(args.node_config))
+    try:
+        start_client(
+            server_address=args.server,
+            client_fn=client_fn,
+            root_certificates=args.root_certificates,
+            insecure=True if args.insecure else None,
+            transport=args.transport,
+            authentication_keys=_node_keys(args),
+            max_retries=args.max_retries,
+            max_wait_time=args.max_wait_time,
+            client_certificates=tuple(args.client_certificate) if args.client_certificate else None,
+        )
+    except ConnectError as exc:
+        print(f"stamen node: gave up connecting: {exc}", file=sys.stderr)
+        return _EXIT_GAVE_UP
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the node failed (protocol, authentication, ...)
+        print(f"stamen node: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return _EXIT_FAILURE
+    print("stamen node: run completed", flush=True)
+    return _EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``stamen`` command line; return the exit code.
 
@@ -291,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments after the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 if the command failed, 2 on a usage error, 130 on Ctrl-C.
+        0 on success, 1 if the command failed, 2 on a usage or configuration error, 3 if
+        ``stamen node`` gave up connecting, 130 on Ctrl-C.
     """
     parser = build_parser()
     try:

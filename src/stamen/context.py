@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from .typing import Scalar, UserConfig
+# The record types live in stamen.records; they stay importable from here.
+from .records import ConfigsRecord as ConfigsRecord
+from .records import MetricsRecord as MetricsRecord
+from .records import ParametersRecord as ParametersRecord
+from .records import RecordSet as RecordSet
+from .typing import UserConfig
 
-__all__ = ["ConfigsRecord", "Context", "MetricsRecord", "ParametersRecord", "RecordSet"]
-
-
-class MetricsRecord(dict[str, Scalar]):
-    """Named metrics kept in :attr:`RecordSet.metrics_records`."""
-
-
-class ConfigsRecord(dict[str, Scalar]):
-    """Named configuration values kept in :attr:`RecordSet.configs_records`."""
-
-
-class ParametersRecord(dict[str, Any]):
-    """Named arrays kept in :attr:`RecordSet.parameters_records`."""
-
-
-@dataclass
-class RecordSet:
-    """State a client keeps between the messages of one run (per node, per run)."""
-
-    parameters_records: dict[str, ParametersRecord] = field(default_factory=dict)
-    metrics_records: dict[str, MetricsRecord] = field(default_factory=dict)
-    configs_records: dict[str, ConfigsRecord] = field(default_factory=dict)
+__all__ = ["Context"]
 
 
 @dataclass
@@ -39,7 +22,8 @@ class Context:
         node_id: The id of this node. ``-1`` on grpc-bidi (as in Flower): the stream has
             no node identity; the id the server assigns on grpc-rere and rest.
         node_config: Configuration of this node (``partition-id`` etc. in simulation).
-        state: Persists across all messages of one run in this process.
+        state: Persists across all messages of one run in this process: a
+            :class:`~stamen.records.RecordSet` of typed records, as in Flower 1.12.
         run_config: Configuration of the run.
     """
 

@@ -78,6 +78,27 @@ def test_unknown_key_missing_and_malformed_headers() -> None:
         verifier.verify("/m", b"", {**headers, HEADER_NONCE: "x" * 32}, NOW)
 
 
+@pytest.mark.parametrize(
+    ("header", "value", "expected"),
+    [
+        (HEADER_TIMESTAMP, "9" * 400, "at most 16 characters"),
+        (HEADER_TIMESTAMP, "-1000", "milliseconds since the epoch"),
+        (HEADER_TIMESTAMP, "\u0661\u0662", "milliseconds since the epoch"),
+        (HEADER_SIGNATURE, "A" * 1_000_000, "at most 512 characters"),
+    ],
+    ids=["400-digit-timestamp", "negative", "non-ascii-digits", "megabyte-signature"],
+)
+def test_oversized_or_odd_headers_are_refused_before_decoding(
+    header: str, value: str, expected: str
+) -> None:
+    """A 400-digit timestamp (which would overflow a float: a 500 before) or a megabyte
+    of base64 is an AuthError naming the header, before anything is decoded."""
+    private, public = _pair(ec.SECP256R1())
+    headers = {**RequestSigner(private, public).headers("/m", b"", NOW), header: value}
+    with pytest.raises(AuthError, match=expected):
+        _verifier(public).verify("/m", b"", headers, NOW)
+
+
 def test_nonces_are_forgotten_after_the_window() -> None:
     """Memory for nonces is bounded by the window: expired nonces are dropped."""
     private, public = _pair(ec.SECP256R1())

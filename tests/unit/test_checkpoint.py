@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
@@ -93,12 +95,17 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(
 
 
 def test_manifest_cannot_point_outside_the_checkpoint(tmp_path: Path) -> None:
-    """A manifest naming a file outside its folder is refused as corrupt."""
-    keeper = Checkpointer(tmp_path)
+    """A manifest naming a file outside its folder is refused as corrupt, even when it
+    is signed with the right key."""
+    key = b"k" * 32
+    keeper = Checkpointer(tmp_path, key=key)
     newest = keeper.save(_checkpoint(1))
-    manifest = json.loads((newest / "manifest.json").read_text())
-    manifest["files"]["../../etc/passwd"] = {"sha256": "0", "size": 0}
-    (newest / "manifest.json").write_text(json.dumps(manifest))
+    signed = json.loads((newest / "manifest.json").read_text())
+    manifest = signed["manifest"]
+    manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "size": 0}
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    signed["hmac"] = hmac.new(key, body, hashlib.sha256).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(signed))
     assert keeper.load_latest() is None
     assert "bad file name" in keeper.problems[0]
 

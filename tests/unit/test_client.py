@@ -404,7 +404,7 @@ def test_client_fn_called_once_per_message_and_state_persists() -> None:
     class Counting(NumPyClient):
         def fit(self, parameters: Any, config: Any) -> Any:
             state = self.get_context().state
-            record = state.metrics_records.setdefault("counter", MetricsRecord(n=0))
+            record = state.metrics_records.setdefault("counter", MetricsRecord({"n": 0}))
             record["n"] = int(record["n"]) + 1
             return parameters, 1, {"n": record["n"]}
 

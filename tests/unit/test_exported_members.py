@@ -62,6 +62,18 @@ MODULES = {
     "stamen.ndarrays": False,
     "stamen.context": False,
     "stamen.typing": False,
+    "stamen.records": False,
+    "stamen.message": False,
+    "stamen.recordset_compat": False,
+    "stamen.logger": False,
+    "stamen.app_loader": False,
+    "stamen.common.logger": True,
+    "stamen.common.recordset_compat": True,
+    "stamen.common.typing": True,
+    "stamen.client.client_app": False,
+    "stamen.client.mod": False,
+    "stamen.server.server_app": False,
+    "stamen.simulation.apps": False,
 }
 
 

@@ -37,8 +37,9 @@ RANKS: dict[str, int] = {
     "typing": 1,
     "clock": 1,
     "memory": 1,
+    "logger": 1,
     "_ast_guard": 1,
-    "context": 2,
+    "app_loader": 2,
     "_dtypes": 2,
     "messages": 3,
     # pure computation on messages and arrays, sans-IO protocol state machines
@@ -48,6 +49,10 @@ RANKS: dict[str, int] = {
     # bytes on the wire; networking helpers shared by both sides (address, TLS, loop)
     "wire": 5,
     "net": 5,
+    "records": 5,  # Flower's RecordSet types: arrays travel as .npy (ndarrays)
+    "context": 6,  # a node's Context holds a RecordSet
+    "message": 6,
+    "recordset_compat": 6,
     "transport": 6,
     # the two sides: neither imports the other
     "client": 7,

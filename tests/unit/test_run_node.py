@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stamen.client import Client, NumPyClient
-from stamen.client.app import NodeConfig, make_node_config, run_node
+from stamen.client.app import MAX_RECONNECT_SECONDS, NodeConfig, make_node_config, run_node
 from stamen.context import Context
 from stamen.errors import (
     AuthError,
@@ -261,6 +261,21 @@ def test_reconnect_later_sleeps_and_reconnects() -> None:
     assert isinstance(network.sent[1], GetPropertiesRes)
     assert network.sent[2] == DisconnectRes(reason="RECONNECT")
     assert network.closes == [True, True]
+
+
+@pytest.mark.parametrize("seconds", [10**9, 2**63 - 1])
+def test_a_server_cannot_put_a_node_to_sleep_for_years(
+    seconds: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ReconnectIns(10**9) (31 years) or 2**63-1 (no clock can sleep that: an
+    OverflowError before) makes the node wait at most MAX_RECONNECT_SECONDS, with a
+    warning, then reconnect."""
+    network = FakeNetwork(Link(inbox=[ReconnectIns(seconds=seconds)]), Link(inbox=[BYE]))
+    clock = FakeClock()
+    _run(network, _config(max_retries=0), clock)
+    assert clock.sleeps == [MAX_RECONNECT_SECONDS]
+    assert network.connects == 2
+    assert "waiting the maximum" in caplog.text
 
 
 def test_decode_error_is_raised_at_once_without_retry() -> None:

@@ -29,6 +29,24 @@ __all__ = ["GRPC_MAX_MESSAGE_LENGTH", "start_client"]
 
 logger = logging.getLogger("stamen.client")
 
+MAX_RECONNECT_SECONDS = 3600
+"""The longest wait a server's ``ReconnectIns(seconds)`` can impose on a node (one hour):
+a hostile or broken server could otherwise put a node to sleep for years, or crash it
+with a value no clock can sleep."""
+
+
+def reconnect_delay(seconds: int) -> float:
+    """How long a node waits before it reconnects, when told to in ``seconds``: at most
+    :data:`MAX_RECONNECT_SECONDS`, with a warning when the server asked for more."""
+    if seconds > MAX_RECONNECT_SECONDS:
+        logger.warning(
+            "server asked to reconnect in %d s; waiting the maximum %d s instead",
+            seconds,
+            MAX_RECONNECT_SECONDS,
+        )
+        return float(MAX_RECONNECT_SECONDS)
+    return float(max(seconds, 0))
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -208,8 +226,9 @@ def run_node(
                     if not come_back:
                         logger.info("server ended the session; node shuts down")
                         return
-                    logger.info("server asked to reconnect in %s s", seconds)
-                    clock.sleep(seconds)
+                    wait = reconnect_delay(seconds)
+                    logger.info("server asked to reconnect in %s s; waiting %g s", seconds, wait)
+                    clock.sleep(wait)
                     break
                 # The instruction is ours alone: its NumPy arrays need not be copied.
                 reply = handle(config.client_fn, context, instruction, received(instruction))

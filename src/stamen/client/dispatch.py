@@ -31,7 +31,7 @@ from ..ndarrays import Lease
 from .client import Client
 from .numpy_client import NumPyClient, TakesLease
 
-__all__ = ["ClientFn", "error_reply", "handle", "normalize_client_fn", "received"]
+__all__ = ["ClientFn", "call_client", "error_reply", "handle", "normalize_client_fn", "received"]
 
 logger = logging.getLogger("stamen.client")
 
@@ -149,23 +149,34 @@ def handle(
     try:
         client = _as_client(client_fn(context))
         client.set_context(context)
-        stage, expected = _EXPECTED[type(instruction)]
-        if lease is not None and isinstance(client, TakesLease):
-            reply = client.handle_received(instruction, lease)
-        else:
-            reply = _call(client, instruction)
-        if not isinstance(reply, expected):
-            raise TypeError(
-                f"{stage}: expected the client to return {expected.__name__}, "
-                f"received {type(reply).__name__}"
-            )
-        return reply
+        stage = _EXPECTED[type(instruction)][0]
+        return _answer(client, instruction, lease)
     except Exception as exc:  # user code: report, keep the node serving
         logger.exception("client failed in %s", stage)
         return error_reply(instruction, f"{stage} raised {type(exc).__name__}: {exc}")
     finally:
         if lease is not None:
             lease.end()
+
+
+def _answer(client: Client, instruction: Instruction, lease: Lease | None) -> Reply:
+    """Run ``instruction`` on ``client`` (with ``lease``, if the client takes one); the
+    reply, checked to be of the instruction's reply type.
+
+    Raises:
+        TypeError: the client returned another kind of reply.
+    """
+    stage, expected = _EXPECTED[type(instruction)]
+    if lease is not None and isinstance(client, TakesLease):
+        reply = client.handle_received(instruction, lease)
+    else:
+        reply = _call(client, instruction)
+    if not isinstance(reply, expected):
+        raise TypeError(
+            f"{stage}: expected the client to return {expected.__name__}, "
+            f"received {type(reply).__name__}"
+        )
+    return reply
 
 
 def received(instruction: Instruction) -> Lease:
@@ -175,3 +186,19 @@ def received(instruction: Instruction) -> Lease:
     if isinstance(instruction, FitIns | EvaluateIns):
         return Lease.over(instruction.parameters.tensors)
     return Lease()
+
+
+def call_client(client_fn: ClientFn, context: Context, instruction: Instruction) -> Reply:
+    """Build a client with ``client_fn(context)`` and run ``instruction`` on it; raise.
+
+    What :func:`handle` does, minus turning errors into replies: the innermost step of
+    client mods (:class:`~stamen.client.ClientApp`), whose exceptions travel out through
+    the mods, as in Flower, and become a ``CLIENT_ERROR`` reply in :func:`handle`.
+
+    Raises:
+        Exception: whatever ``client_fn`` or the client's method raised; TypeError if the
+            method returned the wrong type of reply.
+    """
+    client = _as_client(client_fn(context))
+    client.set_context(context)
+    return _answer(client, instruction, None)

@@ -52,6 +52,17 @@ HEADER_KEY = "x-stamen-node-key"
 HEADER_TIMESTAMP = "x-stamen-timestamp"
 HEADER_NONCE = "x-stamen-nonce"
 HEADER_SIGNATURE = "x-stamen-signature"
+
+_HEADER_LIMITS = {
+    HEADER_KEY: 1024,  # base64 of a P-521 public key's DER is about 212 characters
+    HEADER_TIMESTAMP: 16,  # milliseconds: 13 digits until the year 2286
+    HEADER_NONCE: 64,
+    HEADER_SIGNATURE: 512,  # base64 of a P-521 ECDSA signature is at most 188
+}
+"""Longest value each authentication header may have: anything longer is refused before
+it is decoded (a 400-digit timestamp would overflow a float; a megabyte of base64 costs
+time)."""
+
 _VERSION = b"stamen-auth-v1"
 
 _HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -115,6 +126,12 @@ class RequestSigner:
         self._hash = _hash_for(private_key)
         self._key_header = base64.b64encode(public_key_der(public_key)).decode("ascii")
 
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The node's private key (validated), for schemes that derive a key from it:
+        Flower 1.12's node authentication, against a Flower SuperLink."""
+        return self._private
+
     def headers(self, method: str, body: bytes, now: float) -> dict[str, str]:
         """The authentication headers of one request signed at Unix time ``now``."""
         timestamp_ms = int(now * 1000)
@@ -170,12 +187,25 @@ class RequestVerifier:
             AuthError: the reason the request is refused.
         """
         try:
-            key_der = base64.b64decode(headers[HEADER_KEY], validate=True)
-            timestamp_ms = int(headers[HEADER_TIMESTAMP])
-            nonce = headers[HEADER_NONCE]
-            signature = base64.b64decode(headers[HEADER_SIGNATURE], validate=True)
+            texts = {name: headers[name] for name in _HEADER_LIMITS}
         except KeyError as exc:
             raise AuthError(f"authentication required: missing header {exc.args[0]}") from None
+        for name, limit in _HEADER_LIMITS.items():  # bounded before anything is parsed
+            if len(texts[name]) > limit:
+                raise AuthError(
+                    f"malformed authentication headers: {name}: expected at most {limit} "
+                    f"characters, received {len(texts[name])}"
+                )
+        if not texts[HEADER_TIMESTAMP].isascii() or not texts[HEADER_TIMESTAMP].isdigit():
+            raise AuthError(
+                f"malformed authentication headers: {HEADER_TIMESTAMP}: expected milliseconds "
+                f"since the epoch, received {texts[HEADER_TIMESTAMP]!r}"
+            )
+        try:
+            key_der = base64.b64decode(texts[HEADER_KEY], validate=True)
+            timestamp_ms = int(texts[HEADER_TIMESTAMP])
+            nonce = texts[HEADER_NONCE]
+            signature = base64.b64decode(texts[HEADER_SIGNATURE], validate=True)
         except (ValueError, binascii.Error) as exc:
             raise AuthError(f"malformed authentication headers: {exc}") from None
         key = self._lookup(key_der)

@@ -1,4 +1,5 @@
-"""Server: ``start_server``, ``Server``, ``ServerConfig``, ``ClientManager``, ``History``."""
+"""Server: ``start_server``, ``Server``, ``ServerConfig``, ``ClientManager``, ``History``,
+``ServerApp`` and ``ServerAppComponents``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from .client_manager import ClientManager, SimpleClientManager
 from .client_proxy import ClientProxy
 from .history import History
 from .server import Server, ServerConfig
+from .server_app import Driver, ServerApp, ServerAppComponents
 
 __all__ = [
     "ClientManager",
     "ClientProxy",
+    "Driver",
     "History",
     "Server",
+    "ServerApp",
+    "ServerAppComponents",
     "ServerConfig",
     "SimpleClientManager",
     "start_server",

@@ -6,12 +6,16 @@ deployment; only the client proxy differs: a :class:`VirtualClientProxy` calls t
 dispatch function of client nodes (:func:`stamen.client.dispatch.handle`) on a backend --
 ``"threads"`` (default), ``"sequential"`` (debugging) or ``"ray"`` (``stamen[ray]``).
 Ray is imported only when the Ray backend starts.
+
+``stamen.simulation.run_simulation`` runs Flower 1.12's ``ServerApp`` and ``ClientApp``
+on the same machinery (see :mod:`stamen.simulation.apps`).
 """
 
 from __future__ import annotations
 
 from ._ray import RayBackend
 from .app import BACKENDS, start_simulation
+from .apps import run_simulation
 from .backends import Backend, SequentialBackend, ThreadsBackend
 from .proxy import VirtualClientProxy
 
@@ -22,5 +26,6 @@ __all__ = [
     "SequentialBackend",
     "ThreadsBackend",
     "VirtualClientProxy",
+    "run_simulation",
     "start_simulation",
 ]

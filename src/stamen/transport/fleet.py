@@ -63,6 +63,13 @@ class FleetClientTransport:
         """The id the server assigned at registration."""
         return self._state.node_id
 
+    @property
+    def foreign_peer(self) -> str | None:
+        """Why the server seems not to speak Stamen's Fleet protocol (what it answered to
+        CreateNode), or None. Set by requesters that can tell (``foreign_peer``)."""
+        why = getattr(self._requester, "foreign_peer", None)
+        return why if isinstance(why, str) else None
+
     def connect(self) -> None:
         """Reach the server and register this node."""
         self._requester.open()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 
 import httpx
 
 from ..errors import (
+    ConfigError,
     ConnectError,
     ConnectionLost,
     MessageTooLarge,
@@ -17,11 +19,14 @@ from ..errors import (
 )
 from ..net.tls import client_ssl_context, diagnose_tls
 from ..protocol.fleet import ERRORS
-from ..wire import REST_CONTENT_TYPE, Verb
+from ..wire import FLOWER_REST_CONTENT_TYPE, REST_CONTENT_TYPE, FlowerCall, Verb
 from .base import TransportSettings
 from .fleet import FleetClientTransport
+from .flower_fleet import DetectingTransport, FlowerFleetTransport
 
-__all__ = ["RestRequester", "rest_base_url", "rest_transport"]
+__all__ = ["FlowerRestRequester", "RestRequester", "rest_base_url", "rest_transport"]
+
+logger = logging.getLogger("stamen.client")
 
 _BY_HTTP_STATUS = {spec.http_status: spec.exception for spec in ERRORS.values()}
 
@@ -41,9 +46,12 @@ class RestRequester:
         self._base_url = rest_base_url(settings.address, secure=settings.secure)
         self._max_message_length = settings.max_message_length
         self._client: httpx.Client | None = None
+        self.foreign_peer: str | None = None
+        """``HTTP 404 (...)`` when the server does not serve Stamen's CreateNode path."""
 
     def open(self) -> None:
         """Create the HTTP client (connections are made on the first request)."""
+        self.foreign_peer = None
         settings = self._settings
         verify: ssl.SSLContext | bool = False
         if self._base_url.startswith("https://"):
@@ -73,17 +81,42 @@ class RestRequester:
         server that trickles its body, or never ends it, would otherwise hold the node and
         fill its memory for ever.
         """
-        if self._client is None:
-            raise ConnectionLost(f"rest: {verb.name} on a closed client")
-        where = f"rest {verb.rest_path} at {self._base_url}"
         headers = None
         if self._settings.signer is not None:
             headers = self._settings.signer.headers(f"POST {verb.rest_path}", body, time.time())
+        status, content, where = self.post(verb.rest_path, body, timeout, headers)
+        if status == 200:
+            return content
+        reason = content[:300].decode("utf-8", errors="replace")
+        text = f"{where}: HTTP {status}: {reason}"
+        if verb is Verb.CREATE_NODE and status == 404:
+            # Registration needs no node id: a 404 means the path is not served.
+            self.foreign_peer = f"HTTP 404 ({reason.strip()[:80]})"
+            raise ProtocolError(f"{text} (not a Stamen Fleet server)")
+        mapped = _BY_HTTP_STATUS.get(status)
+        if mapped is not None:
+            raise mapped(text)
+        if status >= 500:
+            raise ConnectionLost(text)
+        raise ProtocolError(text)
+
+    def post(
+        self, path: str, body: bytes, timeout: float, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, str]:
+        """``POST path``: the status, the body (bounded, see :meth:`call`) and a
+        description of the request for error messages.
+
+        Raises:
+            ConnectError, ConnectionLost, Timeout, MessageTooLarge, TLSError.
+        """
+        if self._client is None:
+            raise ConnectionLost(f"rest: POST {path} on a closed client")
+        where = f"rest {path} at {self._base_url}"
         deadline = time.monotonic() + timeout
         try:
             with self._client.stream(
                 "POST",
-                verb.rest_path,
+                path,
                 content=body,
                 headers=headers,
                 timeout=httpx.Timeout(timeout, connect=self._settings.connect_timeout),
@@ -96,16 +129,7 @@ class RestRequester:
         except httpx.TransportError as exc:
             lost = ConnectionLost(f"{where}: {type(exc).__name__}: {exc}")
             raise self._tls_or(lost, exc) from exc
-        if response.status_code == 200:
-            return content
-        mapped = _BY_HTTP_STATUS.get(response.status_code)
-        reason = content[:300].decode("utf-8", errors="replace")
-        text = f"{where}: HTTP {response.status_code}: {reason}"
-        if mapped is not None:
-            raise mapped(text)
-        if response.status_code >= 500:
-            raise ConnectionLost(text)
-        raise ProtocolError(text)
+        return response.status_code, content, where
 
     def _read(self, response: httpx.Response, where: str, timeout: float, deadline: float) -> bytes:
         """The response body, bounded in size and in time."""
@@ -136,8 +160,49 @@ class RestRequester:
             client.close()
 
 
-def rest_transport(settings: TransportSettings) -> FleetClientTransport:
-    """A rest node transport."""
-    return FleetClientTransport(
+class FlowerRestRequester:
+    """Sends Flower 1.12 Fleet API calls as ``POST /api/v0/fleet/<path>`` with protobuf
+    bodies (same TLS settings and bounds as :class:`RestRequester`)."""
+
+    def __init__(self, settings: TransportSettings) -> None:
+        self._http = RestRequester(settings)
+
+    def open(self) -> None:
+        """Create the HTTP client."""
+        self._http.open()
+
+    def call(self, call: FlowerCall, body: bytes, timeout: float) -> bytes:
+        """One POST; an error status is a ConnectionLost (5xx) or a ProtocolError."""
+        headers = {"content-type": FLOWER_REST_CONTENT_TYPE, "accept": FLOWER_REST_CONTENT_TYPE}
+        status, content, where = self._http.post(call.rest_path, body, timeout, headers)
+        if status == 200:
+            return content
+        text = f"{where}: HTTP {status}: {content[:300].decode('utf-8', errors='replace')}"
+        if status >= 500:
+            raise ConnectionLost(text)
+        raise ProtocolError(text)
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._http.close()
+
+
+def _flower_node(settings: TransportSettings) -> FlowerFleetTransport:
+    if settings.signer is not None:
+        raise ConfigError(
+            f"authentication_keys: the server at {settings.address} is a Flower SuperLink on "
+            "REST, and Flower 1.12's REST Fleet API has no node authentication; refusing to "
+            "connect unauthenticated (use transport='grpc-rere', or no authentication_keys)"
+        )
+    return FlowerFleetTransport(
+        FlowerRestRequester(settings), max_message_length=settings.max_message_length
+    )
+
+
+def rest_transport(settings: TransportSettings) -> DetectingTransport:
+    """A rest node transport: Stamen's Fleet protocol, or Flower 1.12's Fleet API when
+    the server is a Flower SuperLink."""
+    stamen = FleetClientTransport(
         RestRequester(settings), max_message_length=settings.max_message_length
     )
+    return DetectingTransport("rest", settings.address, stamen, lambda: _flower_node(settings))

@@ -97,7 +97,6 @@ from ._pb import stamen_flower_fleet_pb2 as pb
 __all__ = [
     "EMPTY_TENSOR_KEY",
     "NUMPY_STYPE",
-    "canonical_request_bytes",
     "decode_create_node_request",
     "decode_create_node_response",
     "decode_delete_node_request",
@@ -112,6 +111,7 @@ __all__ = [
     "decode_pull_task_ins_response",
     "decode_push_task_res_request",
     "decode_push_task_res_response",
+    "deterministic_request",
     "encode_create_node_request",
     "encode_create_node_response",
     "encode_delete_node_request",
@@ -168,18 +168,7 @@ def _put_int(slot: Any, value: int) -> None:
 
 def _put_configs(record: Any, values: Mapping[str, Scalar]) -> None:
     record.SetInParent()
-    for key, value in values.items():
-        slot = record.data[key]
-        if isinstance(value, bool):
-            slot.bool = value
-        elif isinstance(value, int):
-            _put_int(slot, value)
-        elif isinstance(value, float):
-            slot.double = value
-        elif isinstance(value, str):
-            slot.string = value
-        else:
-            slot.bytes = bytes(value)
+    _put_scalars(record.data, values)  # a ConfigsRecord value has a Scalar's fields
 
 
 def _get_configs(where: str, record: Any) -> dict[str, Scalar]:
@@ -785,7 +774,7 @@ def decode_get_fab_response(data: Data) -> GetFabResponse:
     )
 
 
-# --- server side: control messages and request bytes --------------------------------------
+# --- server side: control messages ---------------------------------------------------------
 
 
 def encode_reconnect_pull_response(task: ReconnectTask) -> bytes:
@@ -800,23 +789,21 @@ def encode_reconnect_pull_response(task: ReconnectTask) -> bytes:
     return msg.SerializeToString()
 
 
-def canonical_request_bytes(method_name: str, data: Data) -> bytes:
-    """The deterministic serialization of the request of Flower call ``method_name``
-    (``"PushTaskRes"``: a ``PushTaskResRequest``) read from ``data``: map entries in key
-    order, what Flower 1.12's node authenticates (its HMAC covers
-    ``SerializeToString(deterministic=True)`` while the bytes sent may order map entries
-    otherwise).
+# --- node authentication ---------------------------------------------------------------------
+
+
+def deterministic_request(method_name: str, data: Data) -> bytes:
+    """``data``, the request of Flower Fleet method ``method_name`` (``"PushTaskRes"``),
+    serialized again deterministically (map entries in key order).
+
+    A Flower 1.12 SuperLink with node authentication checks the HMAC of the request it
+    parsed, serialized deterministically: a node sends these bytes and signs them.
 
     Raises:
-        DecodeError: ``data`` is not such a request, or ``method_name`` is no Flower call.
+        ConfigError: ``method_name`` is not a Flower Fleet method.
+        DecodeError: ``data`` is not such a request.
     """
-    kind = getattr(pb, f"{method_name}Request", None)
-    if kind is None:
-        raise DecodeError(f"no Flower Fleet API call named {method_name!r}")
-    message = kind()
-    try:
-        message.ParseFromString(bytes(data))
-    except Exception as exc:  # protobuf's DecodeError: bad bytes
-        raise DecodeError(f"invalid {method_name}Request ({len(data)} bytes): {exc}") from exc
-    serialized: bytes = message.SerializeToString(deterministic=True)
-    return serialized
+    message_class = getattr(pb, f"{method_name}Request", None)
+    if message_class is None:
+        raise ConfigError(f"method_name: expected a Flower Fleet method, received {method_name!r}")
+    return _parse(message_class(), data, lambda m: bytes(m.SerializeToString(deterministic=True)))

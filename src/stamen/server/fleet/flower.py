@@ -103,7 +103,7 @@ class FlowerFleet:
             return self.authenticator.verify(
                 call is FlowerCall.CREATE_NODE,
                 body,
-                lambda: codec.canonical_request_bytes(call.method_name, body),
+                lambda: codec.deterministic_request(call.method_name, body),
                 headers,
             )
         except AuthError as exc:

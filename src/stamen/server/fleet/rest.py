@@ -148,6 +148,10 @@ class _Body:
     size: int = 0
 
 
+_CLOSE_WAIT = 10.0
+"""Seconds to wait, at most, for aborted connections to finish closing."""
+
+
 class _Site:
     """What every connection of one listener shares: the fleet, the limits, the
     connections and requests being served, and whether the listener is stopping."""
@@ -208,7 +212,10 @@ class _Site:
             connection.abort()
         for task in self.tasks:
             task.cancel()
-        await self._settle(grace)
+        # Aborted connections close on the loop's next turns: wait for them (bounded,
+        # but not by the grace period, which a busy machine can use up), so that no
+        # socket outlives the loop that owns it.
+        await self._settle(_CLOSE_WAIT)
 
     async def _settle(self, timeout: float) -> None:
         waits = [c.lost for c in self.connections] + list(self.tasks)

@@ -1,9 +1,8 @@
-"""Flower-compatible facade (``flwr.common``): re-exports only."""
+"""Flower's ``flwr.common.typing``: the type aliases and message types, by Flower's names."""
 
 from __future__ import annotations
 
-from .context import ConfigsRecord, Context, MetricsRecord, ParametersRecord, RecordSet
-from .messages import (
+from ..messages import (
     Code,
     DisconnectRes,
     EvaluateIns,
@@ -19,19 +18,21 @@ from .messages import (
     ReconnectIns,
     Status,
 )
-from .ndarrays import (
-    bytes_to_ndarray,
-    ndarray_to_bytes,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
+from ..typing import (
+    Config,
+    Metrics,
+    MetricsAggregationFn,
+    NDArray,
+    NDArrays,
+    Properties,
+    Scalar,
+    UserConfig,
+    UserConfigValue,
 )
-from .typing import Config, Metrics, MetricsAggregationFn, NDArray, NDArrays, Properties, Scalar
 
 __all__ = [
     "Code",
     "Config",
-    "ConfigsRecord",
-    "Context",
     "DisconnectRes",
     "EvaluateIns",
     "EvaluateRes",
@@ -43,19 +44,14 @@ __all__ = [
     "GetPropertiesRes",
     "Metrics",
     "MetricsAggregationFn",
-    "MetricsRecord",
     "NDArray",
     "NDArrays",
     "Parameters",
-    "ParametersRecord",
     "Properties",
     "Reason",
     "ReconnectIns",
-    "RecordSet",
     "Scalar",
     "Status",
-    "bytes_to_ndarray",
-    "ndarray_to_bytes",
-    "ndarrays_to_parameters",
-    "parameters_to_ndarrays",
+    "UserConfig",
+    "UserConfigValue",
 ]
