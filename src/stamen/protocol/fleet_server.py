@@ -17,7 +17,7 @@ import math
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, TypeVar
 
@@ -160,6 +160,14 @@ class NodeRecord:
     """The task whose reply :attr:`reader` is putting together."""
     slot: bool = False
     """The node holds a receive slot for the large reply it is sending."""
+    silence_limit: float | None = None
+    """This node's own heartbeat timeout (a Flower node's, from its ping interval);
+    None: the fleet's :attr:`FleetTiming.silence_limit`."""
+    flower: bool = False
+    """A node of Flower 1.12's Fleet API (``protocol.flower_server``): whole messages,
+    no frames, its tasks named by Flower task ids."""
+    flower_tasks: dict[int, str] = field(default_factory=dict)
+    """Flower's task id of each of this node's tasks delivered as a TaskIns."""
 
 
 # --- Steps: what a Fleet request asks of the shell --------------------------------------
@@ -296,14 +304,16 @@ class FleetState:
         frames: bool = False,
         max_message_length: int = 0,
         key: str | None = None,
+        flower: bool = False,
     ) -> NodeRecord:
         """Register a new node.
 
-        ``frames``: the node takes messages in frames (every Stamen node; pull-based nodes
-        always do). ``max_message_length``: the node's own bound (0: unknown), which
-        frames respect.
+        ``frames``: the node takes messages in frames (every Stamen node; Stamen's
+        pull-based nodes always do). ``max_message_length``: the node's own bound (0:
+        unknown), which frames respect. ``flower``: a pull-based node of Flower's Fleet
+        API, which takes whole messages only.
         """
-        frames = frames or pull_based
+        frames = (frames or pull_based) and not flower
         limit = self.max_message_length
         if max_message_length > 0:
             limit = min(limit, max_message_length)
@@ -327,6 +337,7 @@ class FleetState:
             frames=frames,
             key=key,
             last_seen=self.clock.monotonic(),
+            flower=flower,
         )
         self._nodes[cid] = node
         self.events.joined(node)
@@ -347,14 +358,22 @@ class FleetState:
             self.close(node, ConnectionLost(f"node {node.cid}: {reason}"))
 
     def silent(self) -> list[NodeRecord]:
-        """Pull-based nodes that neither poll nor spoke for longer than the heartbeat
-        timeout (the shell closes them)."""
-        now, limit = self.clock.monotonic(), self.timing.silence_limit
+        """Pull-based nodes that neither poll nor spoke for longer than their heartbeat
+        timeout (:meth:`silence_limit_of`; the shell closes them)."""
+        now = self.clock.monotonic()
         return [
             node
             for node in self._nodes.values()
-            if node.pull_based and node.polls == 0 and now - node.last_seen > limit
+            if node.pull_based
+            and node.polls == 0
+            and now - node.last_seen > self.silence_limit_of(node)
         ]
+
+    def silence_limit_of(self, node: NodeRecord) -> float:
+        """Seconds ``node`` may be silent: its own limit, else the fleet's."""
+        if node.silence_limit is not None:
+            return node.silence_limit
+        return self.timing.silence_limit
 
     # --- Fleet requests (grpc-rere, rest) ----------------------------------------------
 
@@ -388,7 +407,7 @@ class FleetState:
         """
         self._check_version(version)
         node = self._nodes.get(str(node_id))
-        if node is None or not node.pull_based:
+        if node is None or not node.pull_based or node.flower:  # Flower's: its own calls
             raise FleetError(ErrorKind.UNKNOWN_NODE, f"node {node_id} is not registered")
         if node.key != key:
             raise FleetError(ErrorKind.UNAUTHENTICATED, f"node {node_id} belongs to another key")
@@ -455,7 +474,7 @@ class FleetState:
         gone = _expect(SimpleRequest, request)
         self._check_version(gone.protocol_version)
         node = self._nodes.get(str(gone.node_id))
-        if node is not None and node.pull_based and node.key == caller.key:
+        if node is not None and node.pull_based and not node.flower and node.key == caller.key:
             self.close(node, ConnectionLost(f"node {gone.node_id} left"))
         return Respond()
 

@@ -48,6 +48,7 @@ __all__ = [
     "GET_PROPERTIES",
     "LEGACY_MESSAGE_TYPES",
     "QUERY",
+    "RECONNECT",
     "TRAIN",
     "CreateNodeRequest",
     "CreateNodeResponse",
@@ -70,6 +71,7 @@ __all__ = [
     "PushTaskResRequest",
     "PushTaskResResponse",
     "Reconnect",
+    "ReconnectTask",
     "Run",
     "TaskIns",
     "TaskMeta",
@@ -88,6 +90,13 @@ GET_PARAMETERS = "get_parameters"
 GET_PROPERTIES = "get_properties"
 QUERY = "query"
 """Flower's message type for a RecordSet query (not a legacy message: Stamen cannot run it)."""
+
+RECONNECT = "reconnect"
+"""The message type of a control message: a ``ReconnectIns`` in a TaskIns (configs record
+``config`` = ``{"seconds": n}``), answered by a TaskRes of the same type (configs record
+``config`` = ``{"reason": int}``). Flower 1.12's SuperLink never sends one; Flower 1.12's
+node handles it as its grpc-bidi client handles ``ReconnectIns``: it pushes the answer,
+unregisters (DeleteNode) and, for ``seconds == 0``, ``start_client`` returns."""
 
 LEGACY_MESSAGE_TYPES = (TRAIN, EVALUATE, GET_PARAMETERS, GET_PROPERTIES)
 """The message types of Flower's legacy conversion, which Stamen reads and writes."""
@@ -576,3 +585,23 @@ class GetFabResponse:
 
     def __post_init__(self) -> None:
         _check_is("GetFabResponse.fab", self.fab, Fab)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectTask:
+    """A TaskIns of type :data:`RECONNECT`: ``ReconnectIns(seconds)`` for one node.
+
+    ``meta.message_type`` must be :data:`RECONNECT`; ``seconds`` 0 ends the node's session.
+    """
+
+    meta: TaskMeta
+    seconds: int = 0
+
+    def __post_init__(self) -> None:
+        _check_is("ReconnectTask.meta", self.meta, TaskMeta)
+        if self.meta.message_type != RECONNECT:
+            raise ConfigError(
+                f"ReconnectTask.meta.message_type: expected {RECONNECT!r}, received "
+                f"{self.meta.message_type!r}"
+            )
+        _check_sint("ReconnectTask.seconds", self.seconds)

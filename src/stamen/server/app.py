@@ -13,7 +13,7 @@ from ..net.address import parse_address
 from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from .checkpoint import Checkpointer
 from .client_manager import ClientManager, SimpleClientManager
-from .fleet.auth import AuthorizedKeys, NodeAuthenticator
+from .fleet.auth import AuthorizedKeys, NodeAuthenticator, ServerKeys
 from .fleet.service import FleetService
 from .history import History
 from .server import Server, ServerConfig
@@ -77,6 +77,7 @@ def start_server(
     authorized_keys: Iterable[ec.EllipticCurvePublicKey] | str | os.PathLike[str] | None = None,
     auth_window: float = 60.0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    server_keys: ServerKeys | None = None,
 ) -> History:
     """Serve client nodes on ``server_address`` and run the configured rounds.
 
@@ -100,6 +101,11 @@ def start_server(
             allowed to connect, as keys or the path of a file of PEM / OpenSSH keys (read
             again when it changes). Nodes sign each request with ``authentication_keys``.
         auth_window: Seconds a signed request stays valid (and its nonce remembered).
+        server_keys: ``(private_key, public_key)``, an elliptic-curve pair (Stamen): the
+            server's key for Flower 1.12 nodes that authenticate (``authorized_keys`` set;
+            Flower's scheme derives an HMAC key by ECDH with it, and the server sends the
+            public key with CreateNode). Default None: a pair is generated at start, per
+            curve the nodes use. Stamen nodes do not need it.
         checkpoint_dir: Crash safety (Stamen): after every round, the global parameters,
             round, History and strategy state are written atomically here; a server started
             again with the same folder resumes after the newest good checkpoint.
@@ -129,6 +135,7 @@ def start_server(
         rest_address=rest_address,
         require_client_certificate=require_client_certificate,
         authenticator=make_authenticator(authorized_keys, auth_window),
+        server_keys=server_keys,
     )
     service.start()
     try:

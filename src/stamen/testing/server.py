@@ -83,6 +83,7 @@ def running_server(
     require_client_certificate: bool = False,
     authorized_keys: Iterable[ec.EllipticCurvePublicKey] | str | None = None,
     auth_window: float = 60.0,
+    server_keys: tuple[ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey] | None = None,
     run: bool = True,
 ) -> Iterator[RunningServer]:
     """Serve on ``host`` (port 0: a free port) and, if ``run``, run the rounds in a thread.
@@ -103,6 +104,7 @@ def running_server(
         timing=timing,
         require_client_certificate=require_client_certificate,
         authenticator=make_authenticator(authorized_keys, auth_window),
+        server_keys=server_keys,
     )
     bound = service.start()
     handle = RunningServer(

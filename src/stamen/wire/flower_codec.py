@@ -83,6 +83,7 @@ from ..protocol.flower_fleet import (
     PushTaskResRequest,
     PushTaskResResponse,
     Reconnect,
+    ReconnectTask,
     Run,
     TaskIns,
     TaskMeta,
@@ -125,6 +126,7 @@ __all__ = [
     "encode_pull_task_ins_response",
     "encode_push_task_res_request",
     "encode_push_task_res_response",
+    "encode_reconnect_pull_response",
 ]
 
 Data = bytes | bytearray | memoryview
@@ -770,6 +772,21 @@ def decode_get_fab_response(data: Data) -> GetFabResponse:
     return _parse(
         pb.GetFabResponse(), data, lambda m: GetFabResponse(Fab(m.fab.hash_str, m.fab.content))
     )
+
+
+# --- server side: control messages ---------------------------------------------------------
+
+
+def encode_reconnect_pull_response(task: ReconnectTask) -> bytes:
+    """Serialize a PullTaskInsResponse holding one TaskIns of type ``reconnect``: configs
+    record ``config`` = ``{"seconds": task.seconds}`` (what Flower 1.12's node reads as a
+    ``ReconnectIns``)."""
+    msg = pb.PullTaskInsResponse()
+    target = msg.task_ins_list.add()
+    meta = _put_meta(target, task.meta)
+    meta.recordset.SetInParent()
+    _put_configs(meta.recordset.configs["config"], {"seconds": task.seconds})
+    return msg.SerializeToString()
 
 
 # --- node authentication ---------------------------------------------------------------------

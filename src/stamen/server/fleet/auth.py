@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac as std_hmac
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ...errors import ConfigError
-from ...protocol.auth import RequestVerifier, public_key_der
+from ...errors import AuthError, ConfigError
+from ...protocol.auth import RequestVerifier, key_fingerprint, public_key_der
 
-__all__ = ["AuthorizedKeys", "NodeAuthenticator", "parse_public_keys"]
+__all__ = [
+    "FLOWER_AUTH_TOKEN_HEADER",
+    "FLOWER_PUBLIC_KEY_HEADER",
+    "AuthorizedKeys",
+    "FlowerAuthenticator",
+    "NodeAuthenticator",
+    "ServerKeys",
+    "parse_public_keys",
+]
 
 logger = logging.getLogger("stamen.server")
 
@@ -133,3 +146,166 @@ class NodeAuthenticator:
         """Return the node key's fingerprint, or raise AuthError saying why not."""
         with self._lock:
             return self._verifier.verify(method, body, headers, time.time())
+
+
+# --- Flower 1.12's node authentication (grpc-rere) ------------------------------------------
+
+FLOWER_PUBLIC_KEY_HEADER = "public-key"
+"""gRPC metadata of every request of an authenticating Flower 1.12 node: URL-safe base64 of
+its public key as PEM SubjectPublicKeyInfo. The server answers CreateNode with the same
+key in its initial metadata, carrying the server's public key."""
+
+FLOWER_AUTH_TOKEN_HEADER = "auth-token"
+"""gRPC metadata of every request but CreateNode: URL-safe base64 of HMAC-SHA256 over the
+request's deterministic serialization, keyed by the shared key (see
+:func:`flower_shared_key`)."""
+
+ServerKeys = tuple[ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey]
+
+
+def flower_shared_key(
+    private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey
+) -> bytes:
+    """The HMAC key of Flower 1.12's node authentication: ECDH between one side's private
+    key and the other's public key, HKDF-SHA256 to 32 bytes (no salt, no info), then
+    URL-safe base64 of those bytes (the 44 base64 characters are the key).
+
+    Raises:
+        ValueError: the keys are on different curves.
+    """
+    secret = private_key.exchange(ec.ECDH(), public_key)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(secret)
+    return base64.urlsafe_b64encode(derived)
+
+
+def flower_hmac(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` under ``key``."""
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())
+    mac.update(message)
+    return mac.finalize()
+
+
+def _pem(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+class FlowerAuthenticator:
+    """Checks Flower 1.12 nodes' authentication metadata on grpc-rere.
+
+    A node sends its public key with every request; the key must be authorized (the
+    same :class:`AuthorizedKeys` as Stamen nodes). CreateNode is answered with the
+    server's public key (initial metadata ``public-key``); every later request carries an
+    HMAC of its bytes under the ECDH-derived shared key (:func:`flower_shared_key`).
+    Flower's scheme has no nonce or timestamp: a captured request can be replayed (see
+    docs/security.md).
+
+    Args:
+        keys: The authorized node keys.
+        server_keys: The server's key pair. None: one is generated per curve, on first
+            use, so nodes on P-256, P-384 and P-521 all authenticate (ECDH needs the node's
+            curve); with a given pair, nodes must use its curve.
+    """
+
+    def __init__(self, keys: AuthorizedKeys, server_keys: ServerKeys | None = None) -> None:
+        self.keys = keys
+        if server_keys is not None:
+            private, public = server_keys
+            if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
+                public, ec.EllipticCurvePublicKey
+            ):
+                raise ConfigError(
+                    "server_keys: expected (EllipticCurvePrivateKey, EllipticCurvePublicKey), "
+                    f"received ({type(private).__name__}, {type(public).__name__})"
+                )
+            if public_key_der(private.public_key()) != public_key_der(public):
+                raise ConfigError("server_keys: the public key is not the private key's")
+        self._given = server_keys
+        self._by_curve: dict[str, ServerKeys] = {}
+        self._secrets: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+
+    def server_keys_for(self, curve: ec.EllipticCurve) -> ServerKeys:
+        """The server's key pair that answers a node key on ``curve``.
+
+        Raises:
+            AuthError: server keys were given on another curve.
+        """
+        if self._given is not None:
+            if self._given[0].curve.name != curve.name:
+                raise AuthError(
+                    f"the node's key is on {curve.name}, the server's key (server_keys) on "
+                    f"{self._given[0].curve.name}: ECDH needs both on one curve"
+                )
+            return self._given
+        with self._lock:
+            pair = self._by_curve.get(curve.name)
+            if pair is None:
+                private = ec.generate_private_key(curve)
+                pair = self._by_curve[curve.name] = (private, private.public_key())
+            return pair
+
+    def _node_key(self, headers: Mapping[str, str]) -> tuple[ec.EllipticCurvePublicKey, bytes]:
+        encoded = headers.get(FLOWER_PUBLIC_KEY_HEADER)
+        if not encoded:
+            raise AuthError(
+                f"node authentication is on: expected the node's key in metadata "
+                f"{FLOWER_PUBLIC_KEY_HEADER!r} (Flower: start_client(authentication_keys=...))"
+            )
+        try:
+            key = serialization.load_pem_public_key(base64.urlsafe_b64decode(encoded))
+        except (ValueError, TypeError, UnsupportedAlgorithm, binascii.Error) as exc:
+            raise AuthError(
+                f"metadata {FLOWER_PUBLIC_KEY_HEADER!r}: expected URL-safe base64 of a PEM "
+                f"public key: {exc}"
+            ) from exc
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise AuthError(
+                f"metadata {FLOWER_PUBLIC_KEY_HEADER!r}: expected an elliptic-curve key, "
+                f"received {type(key).__name__}"
+            )
+        der = public_key_der(key)
+        if self.keys.lookup(der) is None:
+            raise AuthError(f"node key {key_fingerprint(key)[:16]} is not authorized")
+        return key, der
+
+    def verify(
+        self,
+        creating: bool,
+        body: bytes,
+        canonical: Callable[[], bytes],
+        headers: Mapping[str, str],
+    ) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """Check one request; return the node key's fingerprint and the metadata to answer
+        with (CreateNode: the server's public key).
+
+        ``creating``: the request is a CreateNode (no HMAC yet). ``canonical``: the
+        request's deterministic serialization, tried when the HMAC does not cover ``body``
+        as it arrived.
+
+        Raises:
+            AuthError: why the request is refused.
+        """
+        key, der = self._node_key(headers)
+        private, public = self.server_keys_for(key.curve)
+        if creating:
+            answer = base64.urlsafe_b64encode(_pem(public)).decode("ascii")
+            return key_fingerprint(key), ((FLOWER_PUBLIC_KEY_HEADER, answer),)
+        token = headers.get(FLOWER_AUTH_TOKEN_HEADER)
+        if not token:
+            raise AuthError(f"expected an HMAC in metadata {FLOWER_AUTH_TOKEN_HEADER!r}")
+        try:
+            received = base64.urlsafe_b64decode(token)
+        except (ValueError, binascii.Error) as exc:
+            raise AuthError(f"metadata {FLOWER_AUTH_TOKEN_HEADER!r}: not base64: {exc}") from exc
+        with self._lock:
+            shared = self._secrets.get(der)
+        if shared is None:
+            shared = flower_shared_key(private, key)
+            with self._lock:
+                self._secrets[der] = shared
+        covers = std_hmac.compare_digest(flower_hmac(shared, body), received)
+        if not covers and not std_hmac.compare_digest(flower_hmac(shared, canonical()), received):
+            raise AuthError("the request's HMAC does not verify under the node's key")
+        return key_fingerprint(key), ()

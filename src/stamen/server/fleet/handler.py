@@ -326,8 +326,9 @@ class Fleet:
     def drop_silent_nodes(self) -> int:
         """Close pull-based nodes silent for longer than the heartbeat timeout."""
         silent = self.state.silent()
-        now, limit = self.state.clock.monotonic(), self.timing.silence_limit
+        now = self.state.clock.monotonic()
         for node in silent:
+            limit = self.state.silence_limit_of(node)
             logger.warning(
                 "node %s: silent for %.1f s; dropping it", node.cid, now - node.last_seen
             )

@@ -2,8 +2,10 @@
 
 ``POST /api/v0/stamen/fleet/<verb>`` (``wire.routes.REST_PREFIX``) with an
 ``application/protobuf`` body; the response is the protobuf response, or an error status
-with a ``text/plain`` reason. The server runs on the
-fleet's own event loop, beside the gRPC server.
+with a ``text/plain`` reason. Flower 1.12's Fleet API is served beside it, on
+``POST /api/v0/fleet/<path>`` (``wire.flower_routes``; Flower's node asks for some paths
+with a doubled slash, ``//api/v0/fleet/get-run``: repeated slashes are read as one). The
+server runs on the fleet's own event loop, beside the gRPC server.
 
 Each connection is an :class:`asyncio.Protocol` whose state is its :class:`h11.Connection`:
 bytes that arrive go into h11, the events h11 parses out of them drive the request, and
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import re
 import socket
 import ssl
 import sys
@@ -43,7 +46,8 @@ import h11
 
 from ...errors import ConfigError
 from ...protocol.fleet import ERRORS, ErrorKind, FleetError
-from ...wire import REST_CONTENT_TYPE, Verb
+from ...wire import FLOWER_REST_CONTENT_TYPE, REST_CONTENT_TYPE, FlowerCall, Verb
+from .flower import FlowerFleet
 from .handler import Fleet
 
 __all__ = ["RestListener", "body_idle_limit"]
@@ -58,7 +62,13 @@ _BACKLOG = 2048
 connecting at once."""
 _JOIN_BELOW = 64 * 1024
 """Responses with a body under this size are written in one piece, head and body."""
-_VERBS = {verb.rest_path: verb for verb in Verb}
+Route = Verb | FlowerCall
+"""A request's call: Stamen's Fleet protocol, or Flower's Fleet API."""
+_ROUTES: dict[str, Route] = {
+    **{verb.rest_path: verb for verb in Verb},
+    **{call.rest_path: call for call in FlowerCall},
+}
+_SLASHES = re.compile(r"/{2,}")
 
 
 def body_idle_limit(fleet: Fleet) -> float:
@@ -112,17 +122,18 @@ def _error(kind: ErrorKind, message: str, *, close: bool = False) -> _Reply:
     return _plain(ERRORS[kind].http_status, message, close=close)
 
 
-def _route(request: h11.Request, headers: Mapping[str, str]) -> Verb | _Reply:
-    """The verb a request's head asks for, or the refusal it gets before its body."""
-    path = unquote(request.target.decode("latin-1").split("?", 1)[0])
-    verb = _VERBS.get(path)
+def _route(request: h11.Request, headers: Mapping[str, str]) -> Route | _Reply:
+    """The call a request's head asks for, or the refusal it gets before its body."""
+    path = _SLASHES.sub("/", unquote(request.target.decode("latin-1").split("?", 1)[0]))
+    verb = _ROUTES.get(path)
     if verb is None:
         return _plain(404, "Not Found")
     if request.method != b"POST":
         return _plain(405, "Method Not Allowed", allow="POST")
     content_type = headers.get("content-type", "").split(";")[0].strip()
-    if content_type != REST_CONTENT_TYPE:
-        return _plain(415, f"content-type: expected {REST_CONTENT_TYPE}, received {content_type!r}")
+    expected = REST_CONTENT_TYPE if isinstance(verb, Verb) else FLOWER_REST_CONTENT_TYPE
+    if content_type != expected:
+        return _plain(415, f"content-type: expected {expected}, received {content_type!r}")
     return verb
 
 
@@ -131,7 +142,7 @@ class _Body:
     """The body of the request being read; ``verb`` None once it has been answered (what
     still comes is discarded)."""
 
-    verb: Verb | None
+    verb: Route | None
     headers: _Headers
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
@@ -149,8 +160,15 @@ class _Site:
     """What every connection of one listener shares: the fleet, the limits, the
     connections and requests being served, and whether the listener is stopping."""
 
-    def __init__(self, fleet: Fleet, max_body: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        max_body: int,
+        loop: asyncio.AbstractEventLoop,
+        flower: FlowerFleet | None = None,
+    ) -> None:
         self.fleet = fleet
+        self.flower = flower
         self.max_body = max_body
         self.limit = body_idle_limit(fleet)
         self.loop = loop
@@ -158,22 +176,29 @@ class _Site:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
 
-    def refusal(self, request: h11.Request, headers: _Headers) -> Verb | _Reply:
-        """The verb of a request, or its answer before its body: a route or content type
+    def refusal(self, request: h11.Request, headers: _Headers) -> Route | _Reply:
+        """The call of a request, or its answer before its body: a route or content type
         we do not serve, or a declared length over ``max_body``."""
         routed = _route(request, headers)
+        if isinstance(routed, FlowerCall) and self.flower is None:
+            return _plain(404, "Not Found")
         declared = headers.get("content-length", "")
-        if isinstance(routed, Verb) and declared.isdigit() and int(declared) > self.max_body:
+        over = declared.isdigit() and int(declared) > self.max_body
+        if not isinstance(routed, _Reply) and over:
             message = f"body of {declared} bytes is over the limit of {self.max_body}"
             return _error(ErrorKind.TOO_LARGE, message, close=True)
         return routed
 
-    async def respond(self, verb: Verb, body: bytes, headers: _Headers, peer: str) -> _Reply:
+    async def respond(self, verb: Route, body: bytes, headers: _Headers, peer: str) -> _Reply:
         """The fleet's answer to one request."""
         try:
-            out = await self.fleet.handle(
-                verb, body, "rest", peer, method=f"POST {verb.rest_path}", headers=headers
-            )
+            if isinstance(verb, FlowerCall):
+                assert self.flower is not None  # refused before its body otherwise
+                out, _ = await self.flower.handle(verb, body, "rest", peer, headers=headers)
+            else:
+                out = await self.fleet.handle(
+                    verb, body, "rest", peer, method=f"POST {verb.rest_path}", headers=headers
+                )
         except FleetError as exc:
             return _error(exc.kind, exc.message)
         except Exception:
@@ -331,7 +356,7 @@ class _Connection(asyncio.Protocol):
         self._head_only = request.method == b"HEAD"  # its answer has headers only
         headers = _Headers(request.headers)
         routed = self._site.refusal(request, headers)
-        self._body = _Body(routed if isinstance(routed, Verb) else None, headers)
+        self._body = _Body(None if isinstance(routed, _Reply) else routed, headers)
         self._await_body()
         if isinstance(routed, _Reply):
             self._answer_early(routed)
@@ -378,7 +403,7 @@ class _Connection(asyncio.Protocol):
 
     # --- answers ------------------------------------------------------------------------
 
-    async def _serve(self, verb: Verb, body: bytes, headers: _Headers) -> None:
+    async def _serve(self, verb: Route, body: bytes, headers: _Headers) -> None:
         reply = await self._site.respond(verb, body, headers, self._peer)
         self._send(reply)
         await self._drained()  # a client that does not read gets nothing more
@@ -524,6 +549,7 @@ class RestListener:
         address: ``(host, port)`` to listen on.
         max_body: Largest request body accepted (bytes); larger ones get 413.
         ssl_context: Serve HTTPS with this context (see :meth:`tls_context`), or None.
+        flower: Serve Flower 1.12's Fleet API too (None: only Stamen's routes).
 
     Raises:
         ConfigError: ``address`` cannot be bound.
@@ -536,8 +562,10 @@ class RestListener:
         *,
         max_body: int,
         ssl_context: ssl.SSLContext | None = None,
+        flower: FlowerFleet | None = None,
     ) -> None:
         self._socket = _bind(*address)
+        self._flower = flower
         self.port = int(self._socket.getsockname()[1])
         self._fleet = fleet
         self._max_body = max_body
@@ -563,7 +591,7 @@ class RestListener:
     async def start(self) -> None:
         """Start serving (on the running loop)."""
         loop = asyncio.get_running_loop()
-        site = self._site = _Site(self._fleet, self._max_body, loop)
+        site = self._site = _Site(self._fleet, self._max_body, loop, self._flower)
         self._server = await loop.create_server(
             lambda: _Connection(site), sock=self._socket, ssl=self._ssl, backlog=_BACKLOG
         )

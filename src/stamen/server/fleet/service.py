@@ -15,7 +15,9 @@ from ...net.limits import grpc_message_options
 from ...net.loop import LoopThread
 from ...net.tls import load_pem, pem_files, server_credentials
 from ..client_manager import ClientManager
-from .auth import NodeAuthenticator
+from .auth import FlowerAuthenticator, NodeAuthenticator, ServerKeys
+from .flower import FlowerFleet
+from .flower_grpc import flower_handler
 from .grpc_bidi import bidi_handler
 from .grpc_rere import rere_handler
 from .handler import Fleet, FleetTiming
@@ -77,7 +79,13 @@ class FleetService:
         require_client_certificate: Mutual TLS: refuse nodes without a certificate signed
             by ``certificates[0]`` (the CA), on every port.
         authenticator: Checks node signatures on every request of every transport (None:
-            nodes are not authenticated).
+            nodes are not authenticated). Flower 1.12 nodes authenticate against the same
+            keys with Flower's scheme, on grpc-rere only.
+        server_keys: The EC key pair Flower nodes derive their HMAC key with (None: one
+            is generated per curve when ``authenticator`` is given).
+
+    Flower 1.12's Fleet API (``flwr.proto.Fleet`` on the gRPC port, ``/api/v0/fleet/*``
+    on the REST port) is served beside Stamen's own protocols, into the same fleet.
     """
 
     def __init__(
@@ -91,9 +99,14 @@ class FleetService:
         timing: FleetTiming | None = None,
         require_client_certificate: bool = False,
         authenticator: NodeAuthenticator | None = None,
+        server_keys: ServerKeys | None = None,
     ) -> None:
         if require_client_certificate and certificates is None:
             raise ConfigError("require_client_certificate: mutual TLS needs certificates")
+        if server_keys is not None and authenticator is None:
+            raise ConfigError(
+                "server_keys: they serve node authentication, which is off (no authorized_keys)"
+            )
         self._require_client_certificate = require_client_certificate
         self._address = address
         self._rest_address = rest_address
@@ -118,6 +131,14 @@ class FleetService:
             timing=timing,
             authenticator=authenticator,
         )
+        self.flower = FlowerFleet(
+            self.fleet,
+            authenticator=(
+                None
+                if authenticator is None
+                else FlowerAuthenticator(authenticator.keys, server_keys)
+            ),
+        )
         self._grpc: Any = None
         self._rest: RestListener | None = None
         self._liveness: asyncio.Task[None] | None = None
@@ -140,6 +161,9 @@ class FleetService:
         logger.info("serving grpc-bidi and grpc-rere on %s (port %d)", self._address, self.port)
         if self.rest_port is not None:
             logger.info("serving rest on %s (port %d)", self._rest_address, self.rest_port)
+        logger.info(
+            "Flower 1.12 nodes are served on the same port(s): flwr.proto.Fleet, /api/v0/fleet"
+        )
         return self.port
 
     async def _start(self) -> int:
@@ -147,7 +171,9 @@ class FleetService:
             options=server_options(self._max_message_length, self.fleet.timing.idle_limit),
             maximum_concurrent_rpcs=None,
         )
-        server.add_generic_rpc_handlers((bidi_handler(self.fleet), rere_handler(self.fleet)))
+        server.add_generic_rpc_handlers(
+            (bidi_handler(self.fleet), rere_handler(self.fleet), flower_handler(self.flower))
+        )
         try:
             if self._credentials is None:
                 port = server.add_insecure_port(self._address)
@@ -181,7 +207,11 @@ class FleetService:
                     require_client_certificate=self._require_client_certificate,
                 )
         self._rest = RestListener(
-            self.fleet, (host, port), max_body=self._max_message_length, ssl_context=context
+            self.fleet,
+            (host, port),
+            max_body=self._max_message_length,
+            ssl_context=context,
+            flower=self.flower,
         )
         await self._rest.start()
         self.rest_port = self._rest.port
