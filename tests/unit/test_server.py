@@ -727,3 +727,76 @@ def test_fedavg_streams_and_gives_the_list_based_result() -> None:
     expected = (11.0 * 1 + 12.0 * 3 + 6.0 * 2) / 6
     np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], np.full(2, expected))
     assert all(r.parameters.tensors == [] for _, r in results)
+
+
+def test_a_run_is_published_as_events_and_logged_as_progress(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The round loop publishes the run (start, each round's start, each reply as it
+    arrives with the failure's reason, each round's end, the end), and the default
+    ProgressLog turns it into INFO lines and a WARNING per failed node."""
+    from stamen.server.events import ReplyArrived, RoundEnded, RoundStarted, RunEnded, RunStarted
+
+    proxies = _three_clients()
+    strategy = FedAvg(initial_parameters=ndarrays_to_parameters([np.zeros(2)]))
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    events: list[object] = []
+    server.events.subscribe(events.append)
+    with caplog.at_level(logging.INFO, logger="stamen.server"):
+        server.fit(num_rounds=2, timeout=None)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunEnded"
+    assert events[0] == RunStarted(2, "FedAvg", 1)
+    assert isinstance(events[-1], RunEnded) and events[-1].ok and events[-1].rounds == 2
+    starts = [(e.server_round, e.phase, e.sampled) for e in events if isinstance(e, RoundStarted)]
+    assert starts == [(1, "fit", 3), (1, "evaluate", 3), (2, "fit", 3), (2, "evaluate", 3)]
+    replies = [e for e in events if isinstance(e, ReplyArrived)]
+    assert len(replies) == 12
+    failed = [e for e in replies if not e.ok]
+    assert {(e.cid, e.phase) for e in failed} == {("bad", "fit"), ("bad", "evaluate")}
+    assert all(e.reason and e.reason.startswith("CLIENT_ERROR") for e in failed)
+    ends = [e for e in events if isinstance(e, RoundEnded)]
+    assert [(e.phase, e.results, e.failures, e.aggregated) for e in ends[:2]] == [
+        ("fit", 2, 1, True),
+        ("evaluate", 2, 1, True),
+    ]
+    assert ends[1].loss == 2.5
+    lines = [r.getMessage() for r in caplog.records if r.name == "stamen.server"]
+    assert "run started: 2 round(s) of FedAvg" in lines
+    assert "round 1/2: fit sent to 3 node(s)" in lines
+    assert any(
+        line.startswith("round 2/2: evaluate done in ")
+        and line.endswith(": 2 result(s), 1 failure(s) loss=2.5")
+        for line in lines
+    ), lines
+    assert any(line.startswith("round 1: fit failed on node bad: CLIENT_ERROR") for line in lines)
+    assert any(line.startswith("run completed: 2 round(s) in ") for line in lines)
+
+
+def test_a_failing_progress_view_does_not_stop_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    """A subscriber that raises is logged; the run completes."""
+    proxies = _three_clients()
+    strategy = FedAvg(initial_parameters=ndarrays_to_parameters([np.zeros(2)]))
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+
+    def broken(event: object) -> None:
+        raise RuntimeError("view broke")
+
+    server.events.subscribe(broken)
+    history, _ = server.fit(num_rounds=1, timeout=None)
+    assert history.losses_distributed == [(1, 2.5)]
+    assert "run event subscriber" in caplog.text
+
+
+def test_waiting_for_clients_says_how_many_are_missing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a wait lacks clients, a line says k/n connected every few seconds."""
+    from stamen.server import client_manager as module
+
+    monkeypatch.setattr(module, "_WAIT_REPORT", 0.02)
+    manager = SimpleClientManager()
+    manager.register(_three_clients()[0])
+    with caplog.at_level(logging.INFO, logger="stamen.server"):
+        assert manager.wait_for(2, timeout=0.1) is False
+    assert "waiting for clients: 1/2 connected" in caplog.text

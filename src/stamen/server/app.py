@@ -16,6 +16,7 @@ from .client_manager import ClientManager, SimpleClientManager
 from .fleet.auth import AuthorizedKeys, NodeAuthenticator, ServerKeys
 from .fleet.service import FleetService
 from .history import History
+from .progress import shown_progress
 from .server import Server, ServerConfig
 from .strategy import Strategy
 
@@ -136,9 +137,11 @@ def start_server(
         require_client_certificate=require_client_certificate,
         authenticator=make_authenticator(authorized_keys, auth_window),
         server_keys=server_keys,
+        events=server.events,
     )
-    service.start()
-    try:
-        return run_server(server, config)
-    finally:
-        service.stop()
+    with shown_progress():  # INFO progress on stderr when the program set up no logging
+        service.start()
+        try:
+            return run_server(server, config)
+        finally:
+            service.stop()

@@ -7,12 +7,16 @@ Every wait is bounded: where Flower waits up to 24 hours for enough clients, a
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 from abc import ABC, abstractmethod
 
 from ..errors import ConfigError, NotEnoughClients
 from .client_proxy import ClientProxy
+
+logger = logging.getLogger("stamen.server")
 
 __all__ = ["ClientManager", "Criterion", "SimpleClientManager"]
 
@@ -56,6 +60,10 @@ class ClientManager(ABC):
         criterion: Criterion | None = None,
     ) -> list[ClientProxy]:
         """Pick ``num_clients`` clients at random, after waiting for ``min_num_clients``."""
+
+
+_WAIT_REPORT = 5.0
+"""Seconds between the lines that say how many clients a wait still lacks."""
 
 
 class SimpleClientManager(ClientManager):
@@ -111,8 +119,23 @@ class SimpleClientManager(ClientManager):
     def wait_for(self, num_clients: int, timeout: float | None = None) -> bool:
         """Wait until at least ``num_clients`` are connected (default bound: wait_timeout)."""
         bound = self.wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+
+        def enough() -> bool:
+            return len(self._clients) >= num_clients
+
         with self._cv:
-            return self._cv.wait_for(lambda: len(self._clients) >= num_clients, timeout=bound)
+            while not self._cv.wait_for(enough, timeout=min(_WAIT_REPORT, bound)):
+                bound = deadline - time.monotonic()
+                if bound <= 0:
+                    return False
+                logger.info(
+                    "waiting for clients: %d/%d connected (%.0f s left of the wait)",
+                    len(self._clients),
+                    num_clients,
+                    bound,
+                )
+            return True
 
     def sample(
         self,

@@ -38,6 +38,7 @@ from ...wire import FRAMING, Verb, decode_reply
 from ...wire import fleet_codec as codec
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
+from ..events import NodeJoined, NodeLeft, RunEvents
 from .auth import NodeAuthenticator
 from .slots import ReceiveSlots
 
@@ -103,8 +104,11 @@ class Fleet:
         timing: FleetTiming | None = None,
         authenticator: NodeAuthenticator | None = None,
         clock: Clock | None = None,
+        events: RunEvents | None = None,
     ) -> None:
         self.authenticator = authenticator
+        self.events = events if events is not None else RunEvents()
+        """Where nodes coming and going are published (the server's run events)."""
         self._client_manager = client_manager
         self._loop = loop
         self.slots = ReceiveSlots(RECEIVE_SLOTS)
@@ -156,7 +160,7 @@ class Fleet:
         node.mailbox.set_wakeup(attachment.wake.set)
         self._attached[node.cid] = attachment
         self._client_manager.register(proxy)
-        logger.debug("node %s joined over %s from %s", node.cid, node.transport, node.peer)
+        self.events.publish(NodeJoined(node.cid, node.transport, node.peer))
 
     def left(self, node: Node, error: BaseException | None) -> None:
         """A node was removed: drop its proxy, its slot, and wake what waits on it."""
@@ -165,7 +169,7 @@ class Fleet:
             self._client_manager.unregister(attachment.proxy)
             attachment.wake.set()
         self.release_slot(node)
-        logger.debug("node %s left: %s", node.cid, error)
+        self.events.publish(NodeLeft(node.cid, None if error is None else str(error)))
 
     def proxy(self, node: Node) -> RemoteClientProxy:
         """The client proxy of a connected node."""

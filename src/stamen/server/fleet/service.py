@@ -15,6 +15,7 @@ from ...net.limits import grpc_message_options
 from ...net.loop import LoopThread
 from ...net.tls import load_pem, pem_files, server_credentials
 from ..client_manager import ClientManager
+from ..events import RunEvents
 from .auth import FlowerAuthenticator, NodeAuthenticator, ServerKeys
 from .flower import FlowerFleet
 from .flower_grpc import flower_handler
@@ -83,6 +84,7 @@ class FleetService:
             keys with Flower's scheme, on grpc-rere only.
         server_keys: The EC key pair Flower nodes derive their HMAC key with (None: one
             is generated per curve when ``authenticator`` is given).
+        events: Where nodes coming and going are published (the server's run events).
 
     Flower 1.12's Fleet API (``flwr.proto.Fleet`` on the gRPC port, ``/api/v0/fleet/*``
     on the REST port) is served beside Stamen's own protocols, into the same fleet.
@@ -99,6 +101,7 @@ class FleetService:
         timing: FleetTiming | None = None,
         require_client_certificate: bool = False,
         authenticator: NodeAuthenticator | None = None,
+        events: RunEvents | None = None,
         server_keys: ServerKeys | None = None,
     ) -> None:
         if require_client_certificate and certificates is None:
@@ -130,6 +133,7 @@ class FleetService:
             max_message_length=max_message_length,
             timing=timing,
             authenticator=authenticator,
+            events=events,
         )
         self.flower = FlowerFleet(
             self.fleet,
