@@ -104,7 +104,9 @@ def test_custom_strategy(tmp_path: Path) -> None:
 
 
 def test_deployment() -> None:
-    line = run_example("deployment", "bash", "run.sh", env={"PYTHON": sys.executable, "ROUNDS": "2"})
+    line = run_example(
+        "deployment", "bash", "run.sh", env={"PYTHON": sys.executable, "ROUNDS": "2"}
+    )
     match = re.fullmatch(
         r"Final loss: (\d+\.\d{4}) after 2 rounds over TLS with 2 authenticated nodes", line
     )
