@@ -1,5 +1,7 @@
 """The ClientApp: each node trains the CNN on its own images, on the CPU."""
 
+import torch
+
 import stamen as fl
 from stamen.common import Context
 
@@ -23,6 +25,7 @@ class FlowerClient(fl.client.NumPyClient):
 
 
 def client_fn(context: Context):
+    torch.manual_seed(int(context.node_config["partition-id"]))  # reproducible batches
     x, y = load_partition(
         int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     )

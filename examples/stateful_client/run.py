@@ -22,14 +22,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of FedAvg (default: 5)")
-    args = parser.parse_args()
-
+def launch(args: argparse.Namespace, history_file: Path) -> list[int]:
+    """Start the server and the nodes; wait for them; return their exit codes."""
     address = f"127.0.0.1:{free_port()}"
-    history_file = Path(tempfile.mkdtemp()) / "history.json"
     run_config = f"num-server-rounds={args.rounds} num-nodes={args.nodes}"
     server_command = [*STAMEN, "server", "server_app:app", "--address", address, "--insecure"]
     server = subprocess.Popen(
@@ -53,11 +48,22 @@ def main() -> int:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    if any(codes):
-        print(f"FAILED: exit codes {codes} (server first)")
-        return 1
+    return codes
 
-    history = json.loads(history_file.read_text())
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of FedAvg (default: 5)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as workdir:  # the server writes its History here
+        history_file = Path(workdir) / "history.json"
+        codes = launch(args, history_file)
+        if any(codes):
+            print(f"FAILED: exit codes {codes} (server first)")
+            return 1
+        history = json.loads(history_file.read_text())
     final_round, loss = history["losses_distributed"][-1]
     counts = {name: values[-1][1] for name, values in history["metrics_distributed_fit"].items()}
     print(

@@ -66,10 +66,10 @@ def test_sklearn_logreg() -> None:
 
 @_needs("torch")
 def test_pytorch_cnn() -> None:
-    line = run_example("pytorch_cnn", sys.executable, "run.py", "--rounds", "2", "--nodes", "2")
-    match = re.fullmatch(r"Final test accuracy: (\d\.\d{4}) after 2 rounds on 2 nodes", line)
+    line = run_example("pytorch_cnn", sys.executable, "run.py", "--rounds", "3", "--nodes", "3")
+    match = re.fullmatch(r"Final test accuracy: (\d\.\d{4}) after 3 rounds on 3 nodes", line)
     assert match, line
-    assert float(match.group(1)) > 0.4  # 4 shapes: chance is 0.25
+    assert float(match.group(1)) > 0.5  # 4 shapes: chance is 0.25
 
 
 @_needs("xgboost")
