@@ -25,6 +25,10 @@ BLOCKS = all_blocks()
 PROGRAMS = [block for block in BLOCKS if block.kind == "run"]
 
 
+def _timeout(block: Block) -> float:
+    return float(block.options.get("timeout", 120))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,7 +64,13 @@ def test_the_docs_have_programs() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", PROGRAMS, ids=[block.id for block in PROGRAMS])
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(block, id=block.id, marks=pytest.mark.timeout(_timeout(block) + 60))
+        for block in PROGRAMS
+    ],
+)
 def test_program_runs(block: Block, tmp_path: Path) -> None:
     if "requires" in block.options and importlib.util.find_spec(block.options["requires"]) is None:
         pytest.skip(f"{block.options['requires']} not installed")
@@ -75,7 +85,7 @@ def test_program_runs(block: Block, tmp_path: Path) -> None:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    timeout = float(block.options.get("timeout", 120))
+    timeout = _timeout(block)
     deadline = time.monotonic() + timeout
     processes: list[subprocess.Popen[str]] = []
     logs = [tmp_path / f"output-{index}.txt" for index in range(len(block.procs))]

@@ -21,7 +21,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TIMEOUT = 240.0
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT + 60)]
 
 
 def _needs(module: str) -> pytest.MarkDecorator:
