@@ -626,14 +626,14 @@ class _Connection(asyncio.Protocol):
             self._set_timer(min(self._site.limit - silent, deadline - now), self._body_due)
             return
         if body is not None and body.verb is not None:
-            if now >= deadline:
+            if silent >= self._site.limit:
+                limit = self._site.limit
+                message = f"the body stalled: nothing for {limit:g} s after {body.size} bytes"
+            else:
                 message = (
                     f"the body did not arrive within the request deadline: {body.size} bytes so far"
                 )
                 logger.warning("rest: %s: %s", self._peer, message)
-            else:
-                limit = self._site.limit
-                message = f"the body stalled: nothing for {limit:g} s after {body.size} bytes"
             self._send(_error(ErrorKind.UNAVAILABLE, message, close=True))
         self._unhold()
         self._transport.close()
