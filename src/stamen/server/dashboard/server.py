@@ -182,7 +182,7 @@ class DashboardServer:
         self._write_limit = write_limit
         self._keepalive = keepalive
         self._files = {name: self._load(name) for name in (*_STATIC, "index.html")}
-        self._loop_thread = LoopThread("stamen-dashboard")
+        self._loop_thread: LoopThread | None = None  # made by start
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._stream_tasks: set[asyncio.Task[Any]] = set()
@@ -213,11 +213,12 @@ class DashboardServer:
         Raises:
             ConfigError: the address cannot be bound.
         """
-        self._loop_thread.start(timeout)
+        loop_thread = self._loop_thread = LoopThread("stamen-dashboard")
+        loop_thread.start(timeout)
         try:
-            self.port = self._loop_thread.run(self._start(), timeout)
+            self.port = loop_thread.run(self._start(), timeout)
         except BaseException:
-            self._loop_thread.stop()
+            loop_thread.stop()
             raise
         self._unwatch = self.state.watch(self._wake_threadsafe)
         return self.port
@@ -239,10 +240,13 @@ class DashboardServer:
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
-        if self._server is not None:
+        loop_thread = self._loop_thread
+        if loop_thread is None:
+            return
+        if self._server is not None and not loop_thread.loop.is_closed():
             with contextlib.suppress(Exception):
-                self._loop_thread.run(self._stop(), timeout)
-        self._loop_thread.stop(timeout)
+                loop_thread.run(self._stop(), timeout)
+        loop_thread.stop(timeout)
 
     async def _stop(self) -> None:
         assert self._server is not None and self._stopping is not None
@@ -261,6 +265,8 @@ class DashboardServer:
         if self._wake_pending:
             return
         self._wake_pending = True
+        if self._loop_thread is None:
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
             self._loop_thread.loop.call_soon_threadsafe(self._wake)
 
