@@ -247,3 +247,33 @@ def test_event_streams_are_limited(serve: Any) -> None:
     assert _get(server, "/api/state")[0] == 200
     for sock in streams:
         sock.close()
+
+
+def test_a_stream_client_that_reads_nothing_is_cut_off(serve: Any) -> None:
+    """A browser that stops reading its event stream frees its place within write_limit."""
+    state = DashboardState()
+    for i in range(2000):
+        state(NodeJoined(f"node-{i:040}", "grpc-rere", "ipv4:10.0.0.1:5000"))
+    server = serve(state=state, max_streams=1, write_limit=0.5)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.port))
+    stalled.sendall(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    deadline = time.monotonic() + 20
+    round_number = 0
+    try:
+        while _stream_status(server) == 503:
+            assert time.monotonic() < deadline, "the stalled stream was never cut off"
+            round_number += 1
+            state(RoundStarted(round_number, "fit", 2000))  # a change: ~700 KB to send
+            time.sleep(0.05)
+        assert round_number > 0  # it was open, then cut off
+    finally:
+        stalled.close()
+
+
+def _stream_status(server: DashboardServer) -> int:
+    """The status a new event stream is answered with (the stream is closed at once)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        return int(_read_events(sock, b"\r\n").split()[1])

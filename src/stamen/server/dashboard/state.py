@@ -167,6 +167,7 @@ class DashboardState:
         self._clock = clock
         self._lock = threading.Lock()
         self._listeners: tuple[Callable[[], None], ...] = ()
+        self._snapshot: dict[str, Any] | None = None
         self.version = 0
         self.history_version = 0
         self._run: dict[str, Any] = {
@@ -325,28 +326,39 @@ class DashboardState:
     # --- snapshots out -------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The run's state now, as JSON-ready data (``GET /api/state``)."""
+        """The run's state now, as JSON-ready data (``GET /api/state``).
+
+        Made once per version (the lock is held only to copy the model) and shared by
+        every reader until the next change; only ``now`` is fresh on each call. Readers
+        must not modify it.
+        """
         with self._lock:
-            nodes = [n.json() for n in self._nodes.values()]
-            connected = sum(1 for n in self._nodes.values() if n.connected)
-            current = None if self._current is None else self._current.json()
-            return {
-                "version": self.version,
-                "history_version": self.history_version,
-                "now": self._clock(),
-                "run": dict(self._run),
-                "waiting": None if self._waiting is None else dict(self._waiting),
-                "round": current,
-                "rounds_done": self._last_round,
-                "failures_total": self._total_failures,
-                "nodes": {
-                    "connected": connected,
-                    "joined_total": self._joined_total,
-                    "left_total": self._left_total,
-                    "shown": len(nodes),
-                    "list": sorted(nodes, key=lambda n: (n["status"] != "connected", n["id"])),
-                },
-            }
+            cached = self._snapshot
+            if cached is None or cached["version"] != self.version:
+                cached = self._snapshot = self._make_snapshot()
+        return {**cached, "now": self._clock()}
+
+    def _make_snapshot(self) -> dict[str, Any]:
+        nodes = [n.json() for n in self._nodes.values()]
+        connected = sum(1 for n in self._nodes.values() if n.connected)
+        nodes.sort(key=lambda n: (n["status"] != "connected", n["id"]))
+        return {
+            "version": self.version,
+            "history_version": self.history_version,
+            "now": 0.0,
+            "run": dict(self._run),
+            "waiting": None if self._waiting is None else dict(self._waiting),
+            "round": None if self._current is None else self._current.json(),
+            "rounds_done": self._last_round,
+            "failures_total": self._total_failures,
+            "nodes": {
+                "connected": connected,
+                "joined_total": self._joined_total,
+                "left_total": self._left_total,
+                "shown": len(nodes),
+                "list": nodes,
+            },
+        }
 
     def history(self) -> dict[str, Any]:
         """One row per round that ended (``GET /api/history``): each phase's results,

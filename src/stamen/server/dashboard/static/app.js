@@ -219,9 +219,14 @@
     source.addEventListener("history", function (e) { renderHistory(JSON.parse(e.data)); });
     source.addEventListener("end", function () { source.close(); setLive(false, "server stopped"); });
     source.addEventListener("error", function () {
+      // Refused (e.g. 503: too many streams) closes the source; the browser retries a
+      // broken stream by itself, up to three times here before polling instead.
       failures += 1;
-      if (failures >= 3) { source.close(); setLive(false, "live updates lost; polling"); startPolling(); }
-      else setLive(false, "reconnecting…");
+      if (source.readyState === EventSource.CLOSED || failures >= 3) {
+        source.close(); setLive(false, "polling"); startPolling();
+      } else {
+        setLive(false, "reconnecting…");
+      }
     });
   }
 
