@@ -277,3 +277,14 @@ def _stream_status(server: DashboardServer) -> int:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
         return int(_read_events(sock, b"\r\n").split()[1])
+
+
+def test_start_server_refuses_a_bad_dashboard_address_cleanly(serve: Any) -> None:
+    """Nothing is left running (or unclosed) when the dashboard cannot start."""
+    from stamen.server import start_server
+
+    with pytest.raises(ConfigError, match="dashboard_address"):
+        start_server(server_address="127.0.0.1:0", dashboard_address="nowhere")
+    taken = serve()
+    with pytest.raises(ConfigError, match="cannot listen"):
+        start_server(server_address="127.0.0.1:0", dashboard_address=f"127.0.0.1:{taken.port}")

@@ -150,11 +150,15 @@ def start_server(
     )
     with shown_progress():  # INFO progress on stderr when the program set up no logging
         # The dashboard subscribes before the fleet starts, so it sees every node join.
-        dashboard = (
-            None
-            if dashboard_address is None
-            else start_dashboard(server.events, dashboard_address, token=dashboard_token)
-        )
+        try:
+            dashboard = (
+                None
+                if dashboard_address is None
+                else start_dashboard(server.events, dashboard_address, token=dashboard_token)
+            )
+        except BaseException:
+            service.stop()  # never started: this closes its event loop
+            raise
         try:
             service.start()
             try:
