@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FLWR_VENV := .venv-flwr
 FLWR_VERSION := 1.12.0
 
-.PHONY: demo test lint typecheck pytest docs docs-serve proto interop-venv bench bench-simulation clean
+.PHONY: demo test lint typecheck pytest docs docs-serve proto interop-venv bench bench-simulation clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,21 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-installed $(FLWR_VENV)/.installed
+# Headless Chromium and its WebDriver for the dashboard's browser test
+# (tests/integration/test_dashboard_browser.py): installed with apt when missing and we are
+# root (a fresh Debian CI machine); otherwise that test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the dashboard's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver >/dev/null || \
+		echo "could not install chromium: the dashboard's browser test will be skipped"; \
+	else \
+		echo "chromium/chromedriver missing and not root: the dashboard's browser test will be skipped"; \
+	fi
+
+pytest: $(VENV)/.dev-installed $(FLWR_VENV)/.installed browser
 	STAMEN_FLWR_PYTHON=$(CURDIR)/$(FLWR_VENV)/bin/python $(BIN)/pytest
 
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, a missing
