@@ -30,6 +30,7 @@ from ..messages import (
 from ..ndarrays import Lease
 from .client import Client
 from .numpy_client import NumPyClient, TakesLease
+from .secagg import answer as secagg_answer
 
 __all__ = ["ClientFn", "call_client", "error_reply", "handle", "normalize_client_fn", "received"]
 
@@ -150,7 +151,8 @@ def handle(
         client = _as_client(client_fn(context))
         client.set_context(context)
         stage = _EXPECTED[type(instruction)][0]
-        return _answer(client, instruction, lease)
+        # SecAgg+ stages are answered by the node; the rest goes to the client as is.
+        return secagg_answer(context, instruction, lambda ins: _answer(client, ins, lease))
     except Exception as exc:  # user code: report, keep the node serving
         logger.exception("client failed in %s", stage)
         return error_reply(instruction, f"{stage} raised {type(exc).__name__}: {exc}")
