@@ -551,6 +551,7 @@ class SecAggServer:
     def _unmask(self) -> None:
         t, m = self.params.threshold, self.params.modulus_range
         length = self._total.size
+        scratch = np.empty(length + 4, dtype=np.uint32)  # one buffer for every mask
         for sid in sorted(self._masked_in):
             shares = self._b_shares.get(sid, {})
             if len(shares) < t:
@@ -559,7 +560,7 @@ class SecAggServer:
                     f"back, fewer than reconstruction_threshold={t}"
                 )
             b = combine(dict(list(shares.items())[:t]), _SECRET)
-            sm.subtract_from(self._total, sm.prg_mask(b, length, m))
+            sm.subtract_from(self._total, sm.prg_mask(b, length, m, scratch))
         for sid in sorted(self._dropped_masked):
             shares = self._sk_shares.get(sid, {})
             if len(shares) < t:
@@ -575,7 +576,8 @@ class SecAggServer:
             for other in sorted(self._masked_in):
                 if sid not in self._forward[other]:
                     continue  # ``other`` never masked with ``sid``
-                mask = sm.prg_mask(_pairwise_seed(sk2, self._keys[other][1]), length, m)
+                seed = _pairwise_seed(sk2, self._keys[other][1])
+                mask = sm.prg_mask(seed, length, m, scratch)
                 # ``other`` added the mask if its sid is the smaller one: undo that.
                 if other < sid:
                     sm.subtract_from(self._total, mask)
@@ -805,11 +807,13 @@ class SecAggNode:
             rng=generator,
         )
         m = params.modulus_range
-        sm.add_into(vector, sm.prg_mask(self._b, vector.size, m))
+        scratch = np.empty(vector.size + 4, dtype=np.uint32)  # one buffer for every mask
+        sm.add_into(vector, sm.prg_mask(self._b, vector.size, m, scratch))
         for other in self._masking:
             if other == self.sid:
                 continue
-            mask = sm.prg_mask(_pairwise_seed(self._sk2, self._keys[other][1]), vector.size, m)
+            seed = _pairwise_seed(self._sk2, self._keys[other][1])
+            mask = sm.prg_mask(seed, vector.size, m, scratch)
             if self.sid < other:
                 sm.add_into(vector, mask)
             else:

@@ -25,6 +25,7 @@ wrap: a round needs ``k T < M`` (:func:`check_capacity`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,17 +53,38 @@ Vector = NDArray[np.uint32]
 _ZERO_NONCE = bytes(16)
 
 
-def prg_mask(seed: bytes, length: int, modulus: int) -> Vector:
+def _zeros(size: int) -> memoryview:
+    """``size`` zero bytes, shared (read only): the plaintext of the keystream."""
+    global _ZEROS
+    if len(_ZEROS) < size:
+        _ZEROS = bytes(max(size, 2 * len(_ZEROS)))
+    return memoryview(_ZEROS)[:size]
+
+
+_ZEROS = b""
+_BLOCK = 1 << 15
+
+
+def prg_mask(seed: bytes, length: int, modulus: int, scratch: Vector | None = None) -> Vector:
     """``length`` pseudo-random values uniform in [0, modulus), from a 32-byte ``seed``
-    (AES-256-CTR keystream: the same seed gives the same mask)."""
+    (AES-256-CTR keystream: the same seed gives the same mask).
+
+    With ``scratch`` (a uint32 array of ``length + 4`` values, from a previous call's
+    ``.base``), the mask is written there instead of into new memory."""
     if len(seed) != 32:
         raise ConfigError(f"prg_mask: expected a 32-byte seed, got {len(seed)} bytes")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
-    # update_into needs room for one block more than the data.
-    buffer = bytearray(4 * length + 16)
+    # update_into needs room for one block more than the data: 4 more uint32.
+    out = (
+        scratch
+        if scratch is not None and scratch.size == length + 4
+        else np.empty(length + 4, dtype=np.uint32)
+    )
     if length:
-        encryptor.update_into(bytes(4 * length), buffer)
-    mask = np.frombuffer(buffer, dtype="<u4", count=length).astype(np.uint32, copy=False)
+        encryptor.update_into(_zeros(4 * length), out.data.cast("B"))
+    mask = out[:length]
+    if sys.byteorder == "big":  # the keystream is read little-endian on every machine
+        mask.byteswap(inplace=True)
     if modulus != 2**32:
         np.bitwise_and(mask, np.uint32(modulus - 1), out=mask)
     return mask
@@ -115,19 +137,26 @@ def quantize(
     length = sum(int(np.size(a)) for a in arrays)
     out = np.empty(1 + length, dtype=np.uint32)
     out[0] = q
-    step = quantization_range / (2.0 * clipping_range)
+    # (clip(w' x, -c, c) + c) T / 2c  ==  clip(x w' T / 2c + T / 2, 0, T)
+    slope = scale * quantization_range / (2.0 * clipping_range)
+    offset = quantization_range / 2.0
     position = 1
+    block = _BLOCK  # work in blocks that stay in the CPU cache
+    value = np.empty(block, dtype=np.float64)
     for array in arrays:
-        flat = np.asarray(array, dtype=np.float64).reshape(-1)
-        value = np.clip(flat * scale, -clipping_range, clipping_range)
-        value += clipping_range
-        value *= step
-        floor = np.floor(value)
-        value -= floor  # the fraction: round up with that probability
-        up = rng.random(flat.size) < value
-        floor += up
-        np.clip(floor, 0, quantization_range, out=floor)
-        out[position : position + flat.size] = floor
+        flat = np.asarray(array).reshape(-1)
+        for start in range(0, flat.size, block):
+            part = flat[start : start + block]
+            v = value[: part.size]
+            np.multiply(part, slope, out=v)  # float64 whatever the layer's dtype
+            v += offset
+            np.maximum(v, 0.0, out=v)
+            np.minimum(v, quantization_range, out=v)
+            # Stochastic rounding: floor(v + u), u ~ U[0, 1), rounds up with probability
+            # frac(v); the cast to uint32 truncates, which is floor for v + u >= 0.
+            v += rng.random(part.size, dtype=np.float32)
+            np.minimum(v, quantization_range, out=v)
+            out[position + start : position + start + part.size] = v
         position += flat.size
     return out
 
