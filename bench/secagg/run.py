@@ -10,7 +10,9 @@ Each case runs in a process of its own (so its peak RSS is its own): the round l
 (``Server.fit_round``) with ``FedAvg`` or ``SecAggPlus(FedAvg)``, over in-process nodes
 that go through the wire codec both ways (each instruction encoded and decoded, each
 reply too), as a network node's messages would; a pool of 2 threads runs the nodes.
-Bytes are the encoded messages (``stamen.wire``), both directions, without transport
+Round time is wall-clock (the median of ``--repeat`` runs), CPU time is the process's
+(user + system, all threads) over the round: on a shared machine the second is the
+steadier. Bytes are the encoded messages (``stamen.wire``), both directions, without transport
 framing. Writes ``bench/results/secagg.json`` and prints a table.
 """
 
@@ -86,9 +88,12 @@ def _case(nodes: int, params: int, secure: bool, shares: int, threshold: int) ->
             manager.register(Node(str(i), pool))
         server = Server(client_manager=manager, strategy=strategy)
         server.parameters = init
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         fitted = server.fit_round(1, None)
         elapsed = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     assert fitted is not None and fitted[0] is not None, "the round aggregated nothing"
     total = sent["down"] + sent["up"]
     return {
@@ -98,6 +103,7 @@ def _case(nodes: int, params: int, secure: bool, shares: int, threshold: int) ->
         "num_shares": shares if secure else None,
         "threshold": threshold if secure else None,
         "round_s": round(elapsed, 3),
+        "cpu_s": round(cpu_s, 3),
         "bytes_per_node": total // nodes,
         "bytes_server": total,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -131,19 +137,24 @@ def main() -> None:
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             runs.sort(key=lambda r: float(r["round_s"]))  # type: ignore[arg-type]
-            row = {**runs[len(runs) // 2], "round_s_all": [r["round_s"] for r in runs]}
+            row = {
+                **runs[len(runs) // 2],
+                "round_s_all": [r["round_s"] for r in runs],
+                "cpu_s_all": [r["cpu_s"] for r in runs],
+            }
             results.append(row)
             print(row, flush=True)
     name = "secagg.json" if args.shares is None else f"secagg-k{args.shares}.json"
     target = Path(__file__).resolve().parents[1] / "results" / name
     target.parent.mkdir(exist_ok=True)
     target.write_text(json.dumps(results, indent=1) + "\n")
-    header = ("nodes", "params", "secagg", "round s", "MB/node", "MB server", "RSS MB")
+    header = ("nodes", "params", "secagg", "round s", "CPU s", "MB/node", "MB server", "RSS MB")
     print(" ".join(f"{h:>9}" for h in header))
     for r in results:
         mb_node, mb_server = r["bytes_per_node"] / 1e6, r["bytes_server"] / 1e6
         print(
             f"{r['nodes']:>9} {r['params']:>9} {r['secagg']!s:>9} {r['round_s']:>9} "
+            f"{r['cpu_s']:>9} "
             f"{mb_node:>9.2f} {mb_server:>9.1f} {r['peak_rss_mb']:>9}"
         )
 
