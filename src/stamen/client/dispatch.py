@@ -132,7 +132,8 @@ def handle(
     ``client_fn`` is called once per instruction, as in Flower; ``context.state`` is what
     persists. The stages of secure aggregation (instructions whose config has
     ``stamen.secagg.stage``) are answered by :func:`stamen.client.secagg.answer` before
-    user code, which sees only the training (a plain FitIns). Never raises for errors of user code: they become a ``CLIENT_ERROR`` reply.
+    user code, which sees only the training (a plain FitIns). Never raises for errors of
+    user code: they become a ``CLIENT_ERROR`` reply.
 
     Args:
         client_fn: Builds the client.
