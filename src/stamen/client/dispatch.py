@@ -30,6 +30,7 @@ from ..messages import (
 from ..ndarrays import Lease
 from .client import Client
 from .numpy_client import NumPyClient, TakesLease
+from .secagg import answer as secagg_answer
 
 __all__ = ["ClientFn", "call_client", "error_reply", "handle", "normalize_client_fn", "received"]
 
@@ -129,7 +130,10 @@ def handle(
     """Build a client with ``client_fn(context)`` and run ``instruction`` on it.
 
     ``client_fn`` is called once per instruction, as in Flower; ``context.state`` is what
-    persists. Never raises for errors of user code: they become a ``CLIENT_ERROR`` reply.
+    persists. The stages of secure aggregation (instructions whose config has
+    ``stamen.secagg.stage``) are answered by :func:`stamen.client.secagg.answer` before
+    user code, which sees only the training (a plain FitIns). Never raises for errors of
+    user code: they become a ``CLIENT_ERROR`` reply.
 
     Args:
         client_fn: Builds the client.
@@ -150,7 +154,8 @@ def handle(
         client = _as_client(client_fn(context))
         client.set_context(context)
         stage = _EXPECTED[type(instruction)][0]
-        return _answer(client, instruction, lease)
+        # SecAgg+ stages are answered by the node; the rest goes to the client as is.
+        return secagg_answer(context, instruction, lambda ins: _answer(client, ins, lease))
     except Exception as exc:  # user code: report, keep the node serving
         logger.exception("client failed in %s", stage)
         return error_reply(instruction, f"{stage} raised {type(exc).__name__}: {exc}")

@@ -31,6 +31,7 @@ from .fedyogi import FedYogi
 from .krum import Krum
 from .metrics import weighted_average
 from .qfedavg import QFedAvg
+from .secagg import SecAggPlus
 from .state import StrategyState
 from .strategy import FitAccumulator, Strategy
 from .validate import InvalidResult
@@ -56,6 +57,7 @@ __all__ = [
     "InvalidResult",
     "Krum",
     "QFedAvg",
+    "SecAggPlus",
     "Strategy",
     "StrategyState",
     "aggregate",

@@ -1,0 +1,234 @@
+"""SecAgg+ sans-IO: the server's and the nodes' states, driven without any network."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pytest
+
+from stamen.errors import ConfigError, ProtocolError
+from stamen.protocol import secagg_math as sm
+from stamen.protocol.secagg import (
+    KEY_ACTIVE,
+    KEY_DROPPED,
+    NodeStage,
+    SecAggNode,
+    SecAggParams,
+    SecAggServer,
+    ServerStage,
+    resolve_shares,
+)
+
+L = 2000
+C, T, M = 8.0, 2**22, 2**32
+
+
+def _rng(seed: int) -> Callable[[int], bytes]:
+    generator = random.Random(seed)
+    return lambda n: generator.randbytes(n)
+
+
+def _params(n: int, shares: int | float, threshold: int | float) -> SecAggParams:
+    k, t = resolve_shares(shares, threshold, n)
+    return SecAggParams(k, t, C, T, M, 1000.0)
+
+
+class Round:
+    """A whole round: n nodes, nodes that die at given stages, and what the server saw."""
+
+    def __init__(self, n: int, shares: int | float = 5, threshold: int | float = 3, seed: int = 0):
+        self.server = SecAggServer(
+            1, [f"n{i}" for i in range(n)], _params(n, shares, threshold), L + 1, _rng(seed)
+        )
+        self.nodes = {f"n{i}": SecAggNode(_rng(1000 + i + seed)) for i in range(n)}
+        gen = np.random.default_rng(seed)
+        self.data = {c: gen.uniform(-2, 2, L).astype(np.float32) for c in self.nodes}
+        self.examples = {c: int(gen.integers(5, 500)) for c in self.nodes}
+        self.seen: list[np.ndarray] = []
+
+    def _stage(self, answer: Callable[[SecAggNode, Mapping], dict], dead: set[str]) -> bool:
+        for cid, config in self.server.configs().items():
+            if cid in dead:
+                self.server.drop(cid, "killed")
+                continue
+            self.server.receive(cid, answer(self.nodes[cid], config))
+        return self.server.advance()
+
+    def run(self, dead: Mapping[str, set[str]] | None = None) -> bool:
+        dead = dead or {}
+        if not self._stage(lambda nd, cfg: nd.setup(cfg), dead.get("setup", set())):
+            return False
+        if not self._stage(lambda nd, cfg: nd.share_keys(cfg), dead.get("share_keys", set())):
+            return False
+        for cid, config in self.server.configs().items():
+            if cid in dead.get("masked", set()):
+                self.server.drop(cid, "killed")
+                continue
+            node = self.nodes[cid]
+            node.begin_masked(config)
+            vector = node.mask([self.data[cid]], self.examples[cid])
+            self.seen.append(vector.copy())
+            self.server.add_masked(cid, vector)
+        if not self.server.advance():
+            return False
+        return self._stage(lambda nd, cfg: nd.unmask(cfg), dead.get("unmask", set()))
+
+    def check_sum(self) -> None:
+        who = self.server.contributors
+        total = self.server.result()
+        got = sm.dequantize(
+            total, len(who), [(L,)], [np.dtype(np.float64)], clipping_range=C, quantization_range=T
+        )[0]
+        w = np.array([min(self.examples[c], 1000) for c in who], dtype=np.float64)
+        want = (
+            sum(wi * self.data[c].astype(np.float64) for wi, c in zip(w, who, strict=True))
+            / w.sum()
+        )
+        q = [sm.weight_factor(self.examples[c], 1000.0, T) for c in who]
+        bound = sm.error_bound(q, clipping_range=C, quantization_range=T)
+        assert np.abs(got - want).max() <= bound
+
+
+def test_all_nodes_give_the_weighted_mean_within_the_bound():
+    r = Round(8)
+    assert r.run()
+    assert r.server.stage is ServerStage.DONE
+    assert len(r.server.contributors) == 8
+    r.check_sum()
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "masked", "unmask"])
+def test_dropouts_up_to_the_threshold_at_each_stage(stage: str):
+    r = Round(10, shares=7, threshold=4, seed=3)
+    assert r.run({stage: {"n1", "n6"}}), r.server.reason
+    r.check_sum()
+    if stage in ("setup", "share_keys", "masked"):
+        assert not {"n1", "n6"} & set(r.server.contributors)
+    else:  # their inputs are in the sum; the others unmask them
+        assert {"n1", "n6"} <= set(r.server.contributors)
+
+
+def test_dropouts_at_several_stages_at_once():
+    r = Round(12, shares=7, threshold=3, seed=4)
+    assert r.run({"setup": {"n0"}, "share_keys": {"n3"}, "masked": {"n5"}, "unmask": {"n9"}})
+    r.check_sum()
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "masked", "unmask"])
+def test_beyond_the_threshold_the_round_fails_with_a_reason(stage: str):
+    r = Round(6, shares=5, threshold=4, seed=5)
+    assert not r.run({stage: {"n0", "n1", "n2"}})
+    assert r.server.stage is ServerStage.FAILED
+    assert r.server.reason and "reconstruction_threshold=4" in r.server.reason
+    with pytest.raises(ProtocolError):
+        r.server.result()
+
+
+def _ks_uniform(values: np.ndarray) -> float:
+    """sqrt(n) x the Kolmogorov-Smirnov distance of ``values`` to U(0, 1)."""
+    x = np.sort(values)
+    n = x.size
+    above = np.arange(1, n + 1) / n - x
+    below = x - np.arange(n) / n
+    return float(max(above.max(), below.max()) * np.sqrt(n))
+
+
+def test_masked_inputs_are_uniform_over_the_modulus():
+    r = Round(6, shares=5, threshold=3, seed=6)
+    # Updates far from uniform: every node sends the same constant.
+    for cid in r.data:
+        r.data[cid][:] = 1.0
+    assert r.run()
+    for vector in r.seen:
+        assert _ks_uniform(vector[1:].astype(np.float64) / M) < 2.23  # alpha = 1e-4
+        counts = np.bincount((vector[1:] >> 28).astype(np.int64), minlength=16)
+        expected = counts.sum() / 16
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 42.6  # 15 degrees of freedom, alpha = 1e-4
+    # and unmasked they are not: the quantized constant
+    assert len(np.unique(r.seen[0][1:])) > L // 2
+
+
+def test_a_node_refuses_both_shares_of_one_node():
+    r = Round(5, shares=5, threshold=3, seed=7)
+    server = r.server
+    assert r._stage(lambda nd, cfg: nd.setup(cfg), set())
+    assert r._stage(lambda nd, cfg: nd.share_keys(cfg), set())
+    for cid, config in server.configs().items():
+        r.nodes[cid].begin_masked(config)
+        server.add_masked(cid, r.nodes[cid].mask([r.data[cid]], 10))
+    assert server.advance()
+    honest = r.nodes["n0"]
+    config = dict(server.configs()["n0"])
+    active = config[KEY_ACTIVE]
+    assert isinstance(active, str)
+    victim = (
+        active.split(",")[0] if active.split(",")[0] != str(honest.sid) else active.split(",")[1]
+    )
+    malicious = {**config, KEY_DROPPED: victim}
+    with pytest.raises(ProtocolError, match="both the self-mask share and the pairwise-mask share"):
+        honest.unmask(malicious)
+    # One answer per round: having given b shares, it gives no sk share afterwards.
+    honest.unmask(config)
+    assert honest.stage is NodeStage.DONE
+    second = {**config, KEY_ACTIVE: "", KEY_DROPPED: victim}
+    with pytest.raises(ProtocolError, match="refused"):
+        honest.unmask(second)
+
+
+def test_a_node_refuses_stages_out_of_order_and_other_rounds():
+    node = SecAggNode(_rng(1))
+    server = SecAggServer(4, ["a", "b", "c"], _params(3, 3, 2), 11, _rng(2))
+    with pytest.raises(ProtocolError, match="not allowed"):
+        node.share_keys({"stamen.secagg.stage": "share_keys", "stamen.secagg.round": -1})
+    config = server.configs()["a"]
+    node.setup(config)
+    with pytest.raises(ProtocolError, match="round 5"):
+        node.share_keys({"stamen.secagg.stage": "share_keys", "stamen.secagg.round": 5})
+
+
+def test_state_survives_a_json_round_trip():
+    r = Round(4, shares=3, threshold=2, seed=8)
+    server = r.server
+    assert r._stage(lambda nd, cfg: nd.setup(cfg), set())
+    r.nodes = {c: SecAggNode.loads(n.dumps(), _rng(9)) for c, n in r.nodes.items()}
+    assert r._stage(lambda nd, cfg: nd.share_keys(cfg), set())
+    assert server.stage is ServerStage.COLLECT_MASKED
+
+
+def test_resolve_shares_follows_flower():
+    assert resolve_shares(1.0, 0.5, 10) == (10, 5)
+    assert resolve_shares(0.5, 2, 10) == (5, 2)
+    assert resolve_shares(4, 3, 10) == (5, 3)  # even below the node count becomes odd
+    assert resolve_shares(20, 3, 10) == (10, 3)
+    with pytest.raises(ConfigError):
+        resolve_shares(3, 5, 10)
+
+
+def test_capacity_is_checked():
+    with pytest.raises(ConfigError, match="wrap"):
+        SecAggServer(1, [str(i) for i in range(1024)], _params(1024, 5, 3), 3, _rng(0))
+
+
+def test_quantization_round_trip_and_weights():
+    gen = np.random.default_rng(0)
+    x = gen.uniform(-C, C, 10_000)
+    for n in (1, 999, 1000, 5000):
+        v = sm.quantize([x], n, clipping_range=C, quantization_range=T, max_weight=1000.0, rng=gen)
+        assert v[0] == sm.weight_factor(n, 1000.0, T)
+        back = sm.dequantize(
+            v, 1, [(10_000,)], [np.dtype(np.float64)], clipping_range=C, quantization_range=T
+        )[0]
+        assert np.abs(back - x).max() <= sm.error_bound(
+            [int(v[0])], clipping_range=C, quantization_range=T
+        )
+
+
+def test_prg_masks_are_deterministic_and_in_range():
+    seed = bytes(range(32))
+    a = sm.prg_mask(seed, 1000, 2**20)
+    assert np.array_equal(a, sm.prg_mask(seed, 1000, 2**20))
+    assert a.max() < 2**20
+    assert not np.array_equal(a, sm.prg_mask(bytes(32), 1000, 2**20))
