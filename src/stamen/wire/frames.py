@@ -186,9 +186,14 @@ class FrameReader:
     one: a message that is not a frame at once, a framed one with its last frame. A frame
     sent again (a retried request) is ignored; a gap, an overrun or a size that changes
     within a message is a :class:`~stamen.errors.DecodeError`.
+
+    Args:
+        max_total: The largest message it puts together (None: this machine's memory); a
+            first frame announcing more is a DecodeError, before anything is allocated.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_total: int | None = None) -> None:
+        self.max_total = max_total
         self._buffer: ReceivedBuffer | None = None
         self._view: memoryview | None = None
         self._total = 0
@@ -231,6 +236,11 @@ class FrameReader:
         if self._buffer is None:
             if offset != 0:
                 raise DecodeError(f"expected the first frame (offset 0), received offset {offset}")
+            if self.max_total is not None and total > self.max_total:
+                raise DecodeError(
+                    f"a message of {total} bytes announced: over the largest this reader "
+                    f"takes, {self.max_total} bytes (a node's max_model_bytes)"
+                )
             if total > _memory_bytes():
                 raise DecodeError(
                     f"a message of {total} bytes announced: more than this machine's "

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ...errors import AuthError, ConfigError
-from ...protocol.auth import RequestVerifier, key_fingerprint, public_key_der
+from ...protocol.auth import HEADER_KEY, RequestVerifier, key_fingerprint, public_key_der
 
 __all__ = [
     "FLOWER_AUTH_TOKEN_HEADER",
@@ -29,7 +29,9 @@ __all__ = [
     "FlowerAuthenticator",
     "NodeAuthenticator",
     "ServerKeys",
+    "opening_key_der",
     "parse_public_keys",
+    "still_authorized",
 ]
 
 logger = logging.getLogger("stamen.server")
@@ -309,3 +311,23 @@ class FlowerAuthenticator:
         if not covers and not std_hmac.compare_digest(flower_hmac(shared, canonical()), received):
             raise AuthError("the request's HMAC does not verify under the node's key")
         return key_fingerprint(key), ()
+
+
+# --- Keys of open streams, checked again -------------------------------------------------
+
+
+def opening_key_der(headers: Mapping[str, str]) -> bytes | None:
+    """The DER of the node key named by a verified request's headers (None: not there)."""
+    value = headers.get(HEADER_KEY)
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def still_authorized(authenticator: NodeAuthenticator, key_der: bytes) -> bool:
+    """Whether the key is (still) authorized: the authorized keys file is read again if it
+    changed, so a key deleted from it is no longer authorized from the next check on."""
+    return authenticator.keys.lookup(key_der) is not None
