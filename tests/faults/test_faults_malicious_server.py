@@ -3,11 +3,13 @@
 Fake servers (a raw gRPC server for grpc-bidi and grpc-rere, a tiny HTTP server for rest)
 answer with garbage where an instruction or a Fleet response is due, with responses over
 the node's message limit or without end, with trickled responses, with timing values that
-make no sense, or with nothing at all. Every wait is bounded.
+make no sense, with frames announcing more than the node takes, with long-polls held for
+an hour, or with nothing at all. Every wait is bounded.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +29,11 @@ from stamen.errors import (
 )
 from stamen.messages import FitIns, ReconnectIns
 from stamen.ndarrays import ndarrays_to_parameters
+from stamen.protocol import fleet_client
 from stamen.protocol.fleet import CreateNodeRequest, CreateNodeResponse, PullResponse
 from stamen.testing import NodeThread
 from stamen.testing.conformance import AddClient
-from stamen.transport.base import TransportSettings
+from stamen.transport.base import TransportSettings, default_max_model_bytes
 from stamen.transport.grpc_rere import GrpcRereRequester
 from stamen.transport.rest import RestRequester
 from stamen.wire import Verb, decode_instruction, encode_instruction
@@ -58,7 +61,7 @@ def _registered(poll_timeout: float = 1.0, heartbeat_interval: float = 1.0) -> b
     return fc.encode_create_node_response(CreateNodeResponse(77, heartbeat_interval, poll_timeout))
 
 
-def _node(address: str, transport: str) -> NodeThread:
+def _node(address: str, transport: str, **extra: Any) -> NodeThread:
     return NodeThread(
         {
             "server_address": address,
@@ -66,6 +69,7 @@ def _node(address: str, transport: str) -> NodeThread:
             "client": AddClient(1).to_client(),
             "grpc_max_message_length": LIMIT,
             "max_retries": 0,
+            **extra,
         }
     ).start()
 
@@ -308,3 +312,113 @@ def test_silent_bidi_server_holds_the_node_until_it_goes_away(
     finally:
         fake.close()
     _raises_within(node, ConnectError, "gave up")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _claim(total: int) -> bytes:
+    """A first ``Frame`` (field 16 of ServerMessage) announcing a message of ``total``
+    bytes, with 16 bytes of it."""
+    chunk = b"\x00" * 16
+    inner = b"\x08" + _varint(total) + b"\x10\x00" + b"\x1a" + _varint(len(chunk)) + chunk
+    return _varint(16 << 3 | 2) + _varint(len(inner)) + inner
+
+
+def _serving(closing: Callable[[Any], Any], transport: str, instruction: bytes) -> str:
+    """The address of a fake server whose first instruction is ``instruction``."""
+    if transport == "grpc-bidi":
+
+        def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+            yield instruction
+            stop.wait(WAIT)
+
+        address: str = closing(FakeGrpcServer(join=join)).address
+        return address
+    pull = fc.encode_pull_response(PullResponse(1, instruction))
+    if transport == "grpc-rere":
+        address = closing(FakeGrpcServer(fleet=_fleet(_registered(), pull))).address
+        return address
+    url: str = closing(_http_fleet(_registered(), pull)).url
+    return url
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_frame_claim_over_the_default_bound_is_refused_before_allocating(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """A frame that announces a message larger than the node's default bound (half of the
+    machine's memory: max_model_bytes unset) makes start_client raise DecodeError naming
+    the bound, at once, with nothing allocated. (Before: any claim up to the whole
+    physical memory was allocated, from a 40-byte message.)"""
+    claim = _claim(default_max_model_bytes(LIMIT) + 1)
+    address = _serving(closing, transport, claim)
+    _raises_within(_node(address, transport), DecodeError, "max_model_bytes")
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_frame_claim_over_max_model_bytes_is_refused(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """With start_client(max_model_bytes=1 MiB), a frame announcing 64 MiB (far below the
+    machine's memory, 1024 times grpc_max_message_length) is refused with DecodeError
+    before the node allocates anything."""
+    address = _serving(closing, transport, _claim(64 << 20))
+    node = _node(address, transport, max_model_bytes=1 << 20)
+    text = _raises_within(node, DecodeError, "max_model_bytes")
+    assert str(1 << 20) in text
+
+
+def _held_poll_fleet(closing: Callable[[Any], Any], transport: str) -> str:
+    """A Fleet server that announces a one-hour poll_timeout and holds every pull."""
+    create = _registered(poll_timeout=3600.0)
+    if transport == "grpc-rere":
+        fake: Any = None
+
+        def hold(_request: bytes) -> bytes:
+            fake.stop.wait(WAIT)
+            return b""
+
+        behaviours = _fleet(create, b"")
+        behaviours[Verb.PULL] = hold
+        fake = closing(FakeGrpcServer(fleet=behaviours))
+        address: str = fake.address
+        return address
+    server = FakeHttpServer(
+        {
+            Verb.CREATE_NODE: _answer(create),
+            Verb.PULL: _silent,
+            Verb.HEARTBEAT: _answer(b""),
+            Verb.DELETE_NODE: _answer(b""),
+        }
+    )
+    url: str = closing(server).url
+    return url
+
+
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_a_server_poll_timeout_is_clamped_to_the_node_maximum(
+    closing: Callable[[Any], Any],
+    transport: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that announces poll_timeout=3600 and holds each pull cannot keep the
+    node waiting an hour: the node clamps the poll to its maximum
+    (fleet_client.MAX_POLL_TIMEOUT, 300 s; lowered to 0.5 s here, with the 15 s slack to
+    0.5 s, to keep the test short), gives the pull up at that deadline, and with
+    max_retries=0 start_client raises ConnectError. (Before: 3615 s per pull.)
+    grpc-bidi has no poll: a silent stream is the server having no work
+    (test_silent_bidi_server_holds_the_node_until_it_goes_away)."""
+    monkeypatch.setattr(fleet_client, "MAX_POLL_TIMEOUT", 0.5)
+    monkeypatch.setattr(fleet_client, "_SLACK", 0.5)
+    caplog.set_level(logging.WARNING, logger="stamen.client")
+    address = _held_poll_fleet(closing, transport)
+    _raises_within(_node(address, transport), ConnectError, "gave up")
+    assert "poll_timeout of 3600 s is over the node's maximum" in caplog.text
