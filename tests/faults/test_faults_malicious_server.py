@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from fault_tools import WAIT, FakeGrpcServer, FakeHttpServer, HttpBehaviour, http_reply
@@ -36,7 +39,14 @@ from stamen.testing.conformance import AddClient
 from stamen.transport.base import TransportSettings, default_max_model_bytes
 from stamen.transport.grpc_rere import GrpcRereRequester
 from stamen.transport.rest import RestRequester
-from stamen.wire import Verb, decode_instruction, encode_instruction
+from stamen.wire import (
+    BIDI_METHOD_NAME,
+    BIDI_SERVICE_NAME,
+    FRAMES_METADATA,
+    Verb,
+    decode_instruction,
+    encode_instruction,
+)
 from stamen.wire import fleet_codec as fc
 
 LIMIT = 64 * 1024
@@ -422,3 +432,62 @@ def test_a_server_poll_timeout_is_clamped_to_the_node_maximum(
     address = _held_poll_fleet(closing, transport)
     _raises_within(_node(address, transport), ConnectError, "gave up")
     assert "poll_timeout of 3600 s is over the node's maximum" in caplog.text
+
+
+class _AnnouncingBidiServer:
+    """A grpc-bidi server that announces ``stamen-frames: <value>`` in its initial
+    metadata, then sends a FitIns and waits."""
+
+    def __init__(self, value: str) -> None:
+        self.stop = threading.Event()
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=4))
+
+        def join(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+            context.send_initial_metadata(((FRAMES_METADATA, value),))
+            yield _FIT
+            self.stop.wait(WAIT)
+
+        handler = grpc.stream_stream_rpc_method_handler(join)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(BIDI_SERVICE_NAME, {BIDI_METHOD_NAME: handler}),)
+        )
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._server.stop(grace=None).wait(WAIT)
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_a_tiny_server_message_bound_is_refused(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """A server announcing a message bound of 300 bytes (a node frames its replies to the
+    server's bound: a model would go a byte per frame, the node sending for ever) makes
+    start_client raise ProtocolError naming the bound."""
+    if transport == "grpc-bidi":
+        address = closing(_AnnouncingBidiServer("300")).address
+    else:
+        create = fc.encode_create_node_response(CreateNodeResponse(77, 1.0, 1.0, 300))
+        pull = fc.encode_pull_response(PullResponse(1, _FIT))
+        if transport == "grpc-rere":
+            address = closing(FakeGrpcServer(fleet=_fleet(create, pull))).address
+        else:
+            address = closing(_http_fleet(create, pull)).url
+    _raises_within(_node(address, transport), ProtocolError, "at least 1024")
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "-5", "lots"], ids=["5000-digits", "sign", "word"])
+def test_a_malformed_bidi_frames_announcement_is_ignored(
+    closing: Callable[[Any], Any], value: str
+) -> None:
+    """A grpc-bidi server whose stamen-frames value is not a plain byte count (5000 digits,
+    a sign, a word) is taken as announcing no bound: the node trains and replies (before:
+    int() raised a raw ValueError on 5000 digits, over Python's limit for int())."""
+    server = closing(_AnnouncingBidiServer(value))
+    node = _node(server.address, "grpc-bidi")
+    time.sleep(0.5)
+    assert not node.done.is_set(), node.join(0)
+    server.close()
+    _raises_within(node, ConnectError, "gave up")

@@ -24,7 +24,7 @@ from .fleet import (
 from .fleet_server import Framing, Reader
 from .mailbox import Payload
 
-__all__ = ["MAX_POLL_TIMEOUT", "SERVER_SECONDS", "FleetClientState"]
+__all__ = ["MAX_POLL_TIMEOUT", "MIN_SERVER_MESSAGE_LENGTH", "SERVER_SECONDS", "FleetClientState"]
 
 logger = logging.getLogger("stamen.client")
 
@@ -36,6 +36,11 @@ MAX_POLL_TIMEOUT = 300.0
 ``poll_timeout`` is clamped to it, with a warning, so a server that holds each poll
 cannot keep a node waiting for an hour; the node gives up a pull after this plus 15 s
 and reconnects (under ``max_retries``/``max_wait_time``)."""
+
+MIN_SERVER_MESSAGE_LENGTH = 1024
+"""The smallest message bound a node accepts from a server: a node frames its replies to
+the server's bound, and a bound of a few hundred bytes would cut a model into frames of a
+byte each (a node sending for ever)."""
 
 _SLACK = 15.0
 """Seconds a pull may take beyond the server's long-poll timeout before the node gives up."""
@@ -120,6 +125,11 @@ class FleetClientState:
             "heartbeat_interval", response.heartbeat_interval, self.heartbeat_interval
         )
         self.reply_frame_size = self._frame_size
+        if 0 < response.max_message_length < MIN_SERVER_MESSAGE_LENGTH:
+            raise ProtocolError(
+                f"CreateNode: max_message_length: expected 0 or at least "
+                f"{MIN_SERVER_MESSAGE_LENGTH} bytes, received {response.max_message_length}"
+            )
         if response.max_message_length > 0:
             self.reply_frame_size = min(
                 self._frame_size, self._framing.frame_size(response.max_message_length)

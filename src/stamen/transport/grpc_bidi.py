@@ -22,12 +22,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from ..errors import AuthError, ConnectError, ConnectionLost, MessageTooLarge
+from ..errors import AuthError, ConnectError, ConnectionLost, MessageTooLarge, ProtocolError
 from ..messages import Instruction, Reply
 from ..net.limits import grpc_message_options
 from ..net.loop import run_on_client_loop
 from ..net.tls import channel_credentials, diagnose_tls
 from ..protocol.auth import HEADER_SESSION, StreamSession, decode_session_key
+from ..protocol.fleet_client import MIN_SERVER_MESSAGE_LENGTH
 from ..wire import (
     BIDI_JOIN_METHOD,
     FRAMES_METADATA,
@@ -235,8 +236,14 @@ class GrpcBidiTransport:
                 except AuthError as exc:
                     raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
             self._server_frames = isinstance(announced, str)
-            if isinstance(announced, str) and announced.isdigit() and int(announced) > 0:
-                self._reply_frame_size = min(self._frame_size, frame_size(int(announced)))
+            if _byte_count(announced) > 0:
+                bound = _byte_count(announced)
+                if bound < MIN_SERVER_MESSAGE_LENGTH:
+                    raise ProtocolError(
+                        f"grpc-bidi: {self._address} announced {FRAMES_METADATA}: {bound}: "
+                        f"expected at least {MIN_SERVER_MESSAGE_LENGTH} bytes"
+                    )
+                self._reply_frame_size = min(self._frame_size, frame_size(bound))
         return self._server_frames
 
     def send(self, reply: Reply) -> None:
@@ -289,6 +296,14 @@ class GrpcBidiTransport:
             run_on_client_loop(_close(call, channel, graceful), _CLOSE_GRACE_SECONDS + 5.0)
         except Exception as exc:  # closing is best effort
             logger.debug("grpc-bidi: closing the stream to %s: %s", self._address, exc)
+
+
+def _byte_count(value: str | None) -> int:
+    """A byte count announced in metadata (0: none, or not a plain decimal number of at
+    most 19 digits: ``int()`` would take Unicode digits, and raise on 5000 of them)."""
+    if value is None or not (value.isascii() and value.isdigit() and len(value) <= 19):
+        return 0
+    return int(value)
 
 
 def _for_flower_server(reply: Reply) -> Reply:

@@ -88,7 +88,8 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         # and gets whole messages.
         announced = metadata.get(FRAMES_METADATA)
         frames = announced is not None
-        limit = int(announced) if announced is not None and announced.isdigit() else 0
+        plain = announced is not None and announced.isascii() and len(announced) <= 19
+        limit = int(announced) if plain and announced is not None and announced.isdigit() else 0
         initial: list[tuple[str, str]] = []
         if frames:
             initial.append((FRAMES_METADATA, str(fleet.max_message_length)))
