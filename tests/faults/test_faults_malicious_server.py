@@ -24,6 +24,7 @@ import pytest
 from fault_tools import WAIT, FakeGrpcServer, FakeHttpServer, HttpBehaviour, http_reply
 
 from stamen.errors import (
+    AuthError,
     ConnectError,
     DecodeError,
     MessageTooLarge,
@@ -34,7 +35,7 @@ from stamen.messages import FitIns, ReconnectIns
 from stamen.ndarrays import ndarrays_to_parameters
 from stamen.protocol import fleet_client
 from stamen.protocol.fleet import CreateNodeRequest, CreateNodeResponse, PullResponse
-from stamen.testing import NodeThread
+from stamen.testing import NodeThread, generate_node_keys
 from stamen.testing.conformance import AddClient
 from stamen.transport.base import TransportSettings, default_max_model_bytes
 from stamen.transport.grpc_rere import GrpcRereRequester
@@ -491,3 +492,20 @@ def test_a_malformed_bidi_frames_announcement_is_ignored(
     assert not node.done.is_set(), node.join(0)
     server.close()
     _raises_within(node, ConnectError, "gave up")
+
+
+def test_a_bidi_server_without_node_authentication_is_refused_by_a_node_with_keys(
+    closing: Callable[[Any], Any],
+) -> None:
+    """A node with authentication_keys facing a grpc-bidi server that announces neither
+    frames nor a session key (a Flower server: Flower 1.12 has no node authentication on
+    grpc-bidi) raises AuthError instead of training unauthenticated, like rest against a
+    Flower SuperLink."""
+
+    def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+        yield _FIT
+        stop.wait(WAIT)
+
+    address = closing(FakeGrpcServer(join=join)).address
+    node = _node(address, "grpc-bidi", authentication_keys=generate_node_keys())
+    _raises_within(node, AuthError, "does not take part in node authentication")

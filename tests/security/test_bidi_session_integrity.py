@@ -37,7 +37,7 @@ from stamen.testing.conformance import AddClient
 from stamen.wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME, FRAMES_METADATA
 
 _UNBOUNDED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-_FORWARDED = {FRAMES_METADATA, HEADER_SESSION}
+_FORWARDED = frozenset({FRAMES_METADATA, HEADER_SESSION})
 
 Tamper = Callable[[int, bytes], list[bytes]]
 """What the relay sends on for the ``index``-th message of one direction."""
@@ -52,8 +52,15 @@ class BidiRelay:
     included) and the server's initial metadata, and passes each message through
     ``up`` (node to server) or ``down`` (server to node)."""
 
-    def __init__(self, upstream: str, *, up: Tamper = _forward, down: Tamper = _forward) -> None:
-        self.up, self.down = up, down
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        up: Tamper = _forward,
+        down: Tamper = _forward,
+        forwarded: frozenset[str] = _FORWARDED,
+    ) -> None:
+        self.up, self.down, self.forwarded = up, down, forwarded
         self.tampered = threading.Event()
         self._channel = grpc.insecure_channel(upstream, options=_UNBOUNDED)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=4), options=_UNBOUNDED)
@@ -85,7 +92,7 @@ class BidiRelay:
         call = self._channel.stream_stream(BIDI_JOIN_METHOD)(upward(), metadata=opening)
         context.add_callback(call.cancel)
         context.send_initial_metadata(
-            tuple((k, v) for k, v in call.initial_metadata() or () if k in _FORWARDED)
+            tuple((k, v) for k, v in call.initial_metadata() or () if k in self.forwarded)
         )
         try:
             for index, message in enumerate(call):
@@ -169,6 +176,7 @@ def _run(
     down: Callable[[list[BidiRelay]], Tamper] | None = None,
     size: int = 2,
     node_limit: int | None = None,
+    forwarded: frozenset[str] = _FORWARDED,
 ) -> tuple[np.ndarray, BaseException | None, bool]:
     """One node (AddClient(7)) trains ``rounds`` rounds from a model of 1.5s through the
     relay; returns the final model, how the node ended, and whether the relay tampered."""
@@ -193,6 +201,7 @@ def _run(
             srv.address,
             up=_forward if up is None else up(holder),
             down=_forward if down is None else down(holder),
+            forwarded=forwarded,
         )
         holder.append(relay)
         try:
@@ -247,6 +256,11 @@ CASES: dict[str, dict[str, Any]] = {
     "replayed-fitres": {"rounds": 2, "up": _replay, "model": 8.5},
     # server -> node
     "rewritten-fitins": {"rounds": 1, "down": lambda r: _rewrite(1.5, 101.5, r), "model": 1.5},
+    "stripped-session-key": {  # the node is left to think the server does not MAC
+        "rounds": 1,
+        "forwarded": frozenset({FRAMES_METADATA}),
+        "model": 1.5,
+    },
     "reordered-frames": {
         "rounds": 1,
         "down": _reorder,
@@ -263,14 +277,14 @@ def test_a_tampering_relay_is_detected_and_the_model_is_unchanged(
 ) -> None:
     """With node authentication, each tampering (a FitRes rewritten, a forged message
     injected, an earlier reply replayed, a FitIns rewritten, the frames of an instruction
-    reordered) fails a MAC: the stream ends, the node raises AuthError naming the MAC
-    (its own check, or the server's UNAUTHENTICATED), the tampered round fails, and the
-    model is what the untampered rounds made of it."""
+    reordered, the server's session key removed) fails a MAC: the stream ends, the node
+    raises AuthError naming the MAC (its own check, or the server's UNAUTHENTICATED), the
+    tampered round fails, and the model is what the untampered rounds made of it."""
     spec = dict(CASES[case])
     expected = spec.pop("model")
     caplog.set_level(logging.WARNING, logger="stamen.server")
     final, outcome, tampered = _run(auth=True, **spec)
-    assert tampered
+    assert tampered or "forwarded" in spec
     assert isinstance(outcome, AuthError), repr(outcome)
     assert "MAC" in str(outcome), outcome
     np.testing.assert_array_equal(final, np.full(final.shape, expected, np.float32))
@@ -327,3 +341,30 @@ def test_a_revoked_key_ends_its_open_stream_within_one_heartbeat(tmp_path: Path)
         while manager.all() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not manager.all()
+
+
+def test_a_node_with_keys_trains_with_a_server_without_node_authentication() -> None:
+    """As on grpc-rere and rest, a node with authentication_keys trains with a Stamen
+    server that does not authenticate nodes (no session key offered: no MACs)."""
+    keys = generate_node_keys()
+    init = ndarrays_to_parameters([np.full(2, 1.5, dtype=np.float32)])
+    strategy = FedAvg(
+        initial_parameters=init, fraction_evaluate=0.0, min_fit_clients=1, min_available_clients=1
+    )
+    with (
+        running_server(config=ServerConfig(1), strategy=strategy) as srv,
+        node_threads() as nodes,
+    ):
+        node = NodeThread(
+            {
+                "server_address": srv.address,
+                "transport": "grpc-bidi",
+                "client": AddClient(7).to_client(),
+                "authentication_keys": keys,
+            }
+        ).start()
+        nodes.append(node)
+        srv.result(30)
+        assert node.join(30) is None
+    final = parameters_to_ndarrays(srv.server.parameters)[0]
+    np.testing.assert_array_equal(final, np.full(2, 8.5, np.float32))

@@ -184,19 +184,20 @@ class GrpcBidiTransport:
         while whole is None:
             data = run_on_client_loop(self._read(call))
             if self._session is not None:
-                data = self._opened(call, data)
+                self._peer_takes_frames(call)  # reads the server's session key, once
+            if self._session is not None:
+                data = self._opened(data)
             whole = self._reader.feed(data)  # copying a frame: here, not on the loop
         return decode_instruction(whole)
 
-    def _opened(self, call: Any, data: bytes) -> bytes:
+    def _opened(self, data: bytes) -> bytes:
         """A message of the server checked against its MAC, without it.
 
         Raises:
-            AuthError: the server offers no session, or the MAC does not verify.
+            AuthError: the MAC does not verify.
         """
         session = self._session
         assert session is not None
-        self._peer_takes_frames(call)  # reads the server's session key, once
         try:
             return session.open(data)
         except AuthError as exc:
@@ -231,10 +232,18 @@ class GrpcBidiTransport:
                         "on grpc-bidi: use transport='grpc-rere' with authentication_keys, or "
                         "no authentication_keys)"
                     )
-                try:
-                    self._session.accept(decode_session_key(server_key, "server"))
-                except AuthError as exc:
-                    raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
+                if server_key is None:
+                    # A Stamen server without node authentication: it ignores the
+                    # signature (as on grpc-rere and rest) and MACs nothing. (A relay that
+                    # removed the key gains nothing: the server, expecting MACs, refuses
+                    # every message of ours.)
+                    logger.debug("grpc-bidi: %s does not authenticate nodes", self._address)
+                    self._session = None
+                else:
+                    try:
+                        self._session.accept(decode_session_key(server_key, "server"))
+                    except AuthError as exc:
+                        raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
             self._server_frames = isinstance(announced, str)
             if _byte_count(announced) > 0:
                 bound = _byte_count(announced)
