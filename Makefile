@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FLWR_VENV := .venv-flwr
 FLWR_VERSION := 1.12.0
 
-.PHONY: demo test lint typecheck pytest proto interop-venv bench bench-simulation clean
+.PHONY: demo test lint typecheck pytest docs docs-serve proto interop-venv bench bench-simulation clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[docs]'
 	touch $@
 
 # Real Flower (with its REST extra), only as a test peer, in a virtualenv of its own (never a
@@ -49,19 +53,44 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/stamen demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests scripts bench
-	$(BIN)/ruff format --check src tests scripts bench
+	$(BIN)/ruff check src tests scripts bench examples
+	$(BIN)/ruff format --check src tests scripts bench examples
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-installed $(FLWR_VENV)/.installed
+# Headless Chromium and its WebDriver for the dashboard's browser test
+# (tests/integration/test_dashboard_browser.py): installed with apt when missing and we are
+# root (a fresh Debian CI machine); otherwise that test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the dashboard's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver >/dev/null || \
+		echo "could not install chromium: the dashboard's browser test will be skipped"; \
+	else \
+		echo "chromium/chromedriver missing and not root: the dashboard's browser test will be skipped"; \
+	fi
+
+pytest: $(VENV)/.dev-installed $(FLWR_VENV)/.installed browser
 	STAMEN_FLWR_PYTHON=$(CURDIR)/$(FLWR_VENV)/bin/python $(BIN)/pytest
 
-test: lint typecheck pytest
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, a missing
+# page or an API reference that does not resolve fails the build.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: $(VENV)/.docs-installed
+	$(MKDOCS) build --strict
+
+# Serve the site at http://127.0.0.1:8000, rebuilt on every change.
+docs-serve: $(VENV)/.docs-installed
+	$(MKDOCS) serve --strict
+
+test: lint typecheck docs pytest
 
 proto: $(VENV)/.dev-installed
 	$(BIN)/python scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) $(FLWR_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLWR_VENV) .pytest_cache .mypy_cache .ruff_cache site

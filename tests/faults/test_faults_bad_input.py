@@ -78,7 +78,15 @@ from stamen.wire import fleet_codec as fc
 MAX = 64 * 1024
 """The garbage server's grpc_max_message_length."""
 
-TIMING = FleetTiming(heartbeat_interval=0.2, heartbeat_timeout=1.0, poll_timeout=0.5)
+# The fuzzer registers hundreds of nodes from one address: no registration rate limit
+# here (tests/security/test_resource_limits.py tests it).
+TIMING = FleetTiming(
+    heartbeat_interval=0.2,
+    heartbeat_timeout=1.0,
+    poll_timeout=0.5,
+    create_node_rate=None,
+    create_node_global_rate=None,
+)
 
 FUZZ = settings(
     max_examples=200,

@@ -370,7 +370,8 @@ def test_frame_claim_over_the_default_bound_is_refused_before_allocating(
     physical memory was allocated, from a 40-byte message.)"""
     claim = _claim(default_max_model_bytes(LIMIT) + 1)
     address = _serving(closing, transport, claim)
-    _raises_within(_node(address, transport), DecodeError, "max_model_bytes")
+    bound = default_max_model_bytes(LIMIT)
+    _raises_within(_node(address, transport), DecodeError, f"over the {bound} bytes expected")
 
 
 @pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
@@ -382,8 +383,7 @@ def test_frame_claim_over_max_model_bytes_is_refused(
     before the node allocates anything."""
     address = _serving(closing, transport, _claim(64 << 20))
     node = _node(address, transport, max_model_bytes=1 << 20)
-    text = _raises_within(node, DecodeError, "max_model_bytes")
-    assert str(1 << 20) in text
+    _raises_within(node, DecodeError, f"over the {1 << 20} bytes expected")
 
 
 def _held_poll_fleet(closing: Callable[[Any], Any], transport: str) -> str:

@@ -1,9 +1,9 @@
 """Stamen's server with real Flower 1.12 nodes on its Fleet API (grpc-rere, rest).
 
-The federation is ``peers/mixed.py``: four deterministic clients whose FedAvg results are
+The federation is ``peers/mixed.py``: six deterministic clients whose FedAvg results are
 exact in float32. One run mixes every kind of node the server takes — Flower 1.12
-``start_client`` on grpc-rere and on rest (subprocesses, Flower venv), a Flower grpc-bidi
-node and a Stamen node — and must end exactly like the same clients run as Stamen nodes
+``start_client`` on grpc-rere, rest and grpc-bidi (subprocesses, Flower venv) and a Stamen
+node on each transport — and must end exactly like the same clients run as Stamen nodes
 only; every process exits 0 on the server's end of the run. With node authentication on,
 a Flower node whose key is authorized trains beside a Stamen node, one with an unknown key
 is refused. Every server listens on 127.0.0.1 port 0.
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import stamen as fl
 from stamen.common import ndarrays_to_parameters, parameters_to_ndarrays
+from stamen.errors import RunError
 from stamen.server import History, SimpleClientManager
 from stamen.testing import RunningServer, running_server
 
@@ -43,10 +44,10 @@ from .peers import mixed
 pytestmark = pytest.mark.interop
 
 TRAINING_EVENTS = ["fit 1", "evaluate 1", "fit 2", "evaluate 2"]
-# Each round adds (1 + 2 + 3 + 4) / 4 = 2.5 to every weight of scenario's initial model.
+# Each round adds (1 + ... + 6) / 6 = 3.5 to every weight of scenario's initial model.
 EXPECTED_FINAL = [
-    np.array([[5.5, 4.0, 7.25], [5.0, 8.5, 4.25]], dtype=np.float32),
-    np.array([5.125, 5.25, 5.375, 5.5], dtype=np.float32),
+    np.array([[7.5, 6.0, 9.25], [7.0, 10.5, 6.25]], dtype=np.float32),
+    np.array([7.125, 7.25, 7.375, 7.5], dtype=np.float32),
 ]
 
 
@@ -170,11 +171,11 @@ def finish_all(peers: list[Peer], nodes: list[StamenNode]) -> None:
 
 @pytest.fixture(scope="module")
 def stamen_reference() -> tuple[list[tuple[int, list[np.ndarray]]], History]:
-    """The four clients as Stamen nodes only (grpc-rere, rest, grpc-bidi, grpc-bidi)."""
-    strategy, serving = server(4)
+    """The six clients as Stamen nodes only (two on each transport)."""
+    strategy, serving = server(6)
     nodes: list[StamenNode] = []
     with serving as handle:
-        transports = ("grpc-rere", "rest", "grpc-bidi", "grpc-bidi")
+        transports = ("grpc-rere", "rest", "grpc-bidi") * 2
         nodes = [
             StamenNode(k, handle.address_for(t), t)
             for k, t in zip(mixed.CLIENT_IDS, transports, strict=True)
@@ -194,15 +195,15 @@ def stamen_reference() -> tuple[list[tuple[int, list[np.ndarray]]], History]:
 def test_flower_nodes_on_every_transport_train_beside_a_stamen_node(
     rere_style: str, rest_style: str, stamen_reference: Any, tmp_path: Path
 ) -> None:
-    """One Stamen server, one run, four nodes: Flower 1.12 ``start_client`` over
+    """One Stamen server, one run, six nodes: Flower 1.12 ``start_client`` over
     grpc-rere and over rest (``client_fn=`` returning a NumPyClient, or ``client=`` a
-    Client), a Flower grpc-bidi node and a Stamen grpc-rere node. Every node trains and
-    evaluates in both rounds, every Flower process exits 0 once the run ends (the reconnect
-    TaskIns), and every round's model and the distributed losses equal the run of the
-    same four clients as Stamen nodes, bit for bit."""
+    Client) and over grpc-bidi, and a Stamen node on each of the three transports. Every
+    node trains and evaluates in both rounds, every Flower process exits 0 once the run
+    ends (the reconnect TaskIns), and every round's model and the distributed losses
+    equal the run of the same six clients as Stamen nodes, bit for bit."""
     python = flower_python()
     reference_rounds, reference_history = stamen_reference
-    strategy, serving = server(4)
+    strategy, serving = server(6)
     peers: list[Peer] = []
     nodes: list[StamenNode] = []
     try:
@@ -214,7 +215,10 @@ def test_flower_nodes_on_every_transport_train_beside_a_stamen_node(
                 flower_node(python, tmp_path, 2, handle.rest_url, "rest", "--style", rest_style),
                 flower_node(python, tmp_path, 3, handle.address, "grpc-bidi"),
             ]
-            nodes = [StamenNode(4, handle.address, "grpc-rere")]
+            nodes = [
+                StamenNode(k, handle.address_for(t), t)
+                for k, t in ((4, "grpc-rere"), (5, "rest"), (6, "grpc-bidi"))
+            ]
             history = run_result(handle, peers, nodes)
             finish_all(peers, nodes)
             final = parameters_to_ndarrays(handle.server.parameters)
@@ -223,7 +227,8 @@ def test_flower_nodes_on_every_transport_train_beside_a_stamen_node(
             peer.stop()
     for peer in peers:
         assert events_from_stdout(peer.stdout_lines) == TRAINING_EVENTS, peer.describe()
-    assert nodes[0].events == TRAINING_EVENTS
+    for node in nodes:
+        assert node.events == TRAINING_EVENTS, (node.client_id, node.events)
     assert [r for r, _ in strategy.rounds] == [r for r, _ in reference_rounds] == [1, 2]
     for (rnd, got), (_, want) in zip(strategy.rounds, reference_rounds, strict=True):
         for a, b in zip(got, want, strict=True):
@@ -307,7 +312,8 @@ def test_flower_node_authentication_on_grpc_rere(server_keys: str, tmp_path: Pat
         for peer in [*peers, *([stranger] if stranger is not None else [])]:
             peer.stop()
     assert events_from_stdout(peers[0].stdout_lines) == TRAINING_EVENTS, peers[0].describe()
-    assert nodes[0].events == TRAINING_EVENTS
+    for node in nodes:
+        assert node.events == TRAINING_EVENTS, (node.client_id, node.events)
     # The stranger gave up untrained.
     assert stranger is not None
     assert events_from_stdout(stranger.stdout_lines) == [], stranger.describe()
@@ -343,8 +349,9 @@ def test_flower_supernode_registers_reports_it_has_no_app_and_exits_0(
     """Flower 1.12's ``flower-supernode`` (grpc-rere or rest) registers with a Stamen
     server like any node. A Stamen server runs a legacy run (GetRun names no app bundle),
     for which the SuperNode cannot load a ClientApp: it answers each task with Flower's
-    error (LOAD_CLIENT_APP_EXCEPTION), which the round counts as a failure naming it. When
-    the run ends the SuperNode unregisters and exits 0."""
+    error (LOAD_CLIENT_APP_EXCEPTION), which the round counts as a failure naming it; as
+    no round aggregated anything, the run ends as a failed run saying why. When the run
+    ends the SuperNode unregisters and exits 0."""
     python = flower_python()
     supernode = python.parent / "flower-supernode"
     strategy = FailureRecorder(
@@ -371,12 +378,12 @@ def test_flower_supernode_registers_reports_it_has_no_app_and_exits_0(
         ]
         try:
             peer = Peer(f"flower-supernode-{transport}", argv, tmp_path)
-            history = run_result(handle, [peer], [])
+            with pytest.raises(RunError, match="none of its 1 fit round"):
+                handle.result(RUN_TIMEOUT)
             assert peer.finish(EXIT_TIMEOUT) == 0, peer.describe()
         finally:
             if peer is not None:
                 peer.stop()
     assert strategy.fit_failures == [1]
-    assert history.losses_distributed == []
     assert strategy.failure_texts, strategy.failure_texts
     assert all("error code 1" in t and "ClientApp" in t for t in strategy.failure_texts)

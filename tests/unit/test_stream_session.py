@@ -194,7 +194,7 @@ def test_fleet_state_uses_the_bounded_reader() -> None:
     state = FleetClientState(FRAMING, 1000, FrameReader(max_total=2000))
     state.registered(CreateNodeResponse(5, 1.0, 1.0))
     frame = Payload.of(b"\x00" * 3000).frame(0, 500)
-    with pytest.raises(DecodeError, match="max_model_bytes"):
+    with pytest.raises(DecodeError, match="over the 2000 bytes expected"):
         state.pulled(PullResponse(1, frame))
 
 

@@ -68,19 +68,78 @@ class FleetTiming:
             one every heartbeat; a connection that is idle longer is abandoned or hostile
             and would otherwise hold a file descriptor for ever. A node whose connection
             was closed opens a new one with its next call.
+        request_deadline: Seconds a request may take to arrive whole once it has begun
+            (its REST headers arrived, its gRPC call opened), however it trickles; over it,
+            the request is refused and its connection (REST) or call (gRPC) closed. None
+            (default): the heartbeat timeout (at least 5 s) plus the request's size
+            bound (its declared length on REST, else the bound of the call) divided by
+            ``min_throughput``.
+        min_throughput: Bytes per second a request must average for the default
+            ``request_deadline`` (default 256 KiB/s).
+        max_connections: REST connections open at once (None: half the process's file
+            descriptor limit, at least 64); more are closed as they arrive.
+        max_connections_per_peer: REST connections open at once from one IP address
+            (None: a quarter of ``max_connections``, at least 16).
+        max_unverified_bytes: Bytes of REST request bodies being read at once before they
+            can be checked (signature, decoding): a body that would go over is refused
+            with 503 (None: ``max_message_length`` + 64 MiB).
+        max_reply_size: Largest framed reply whose size the server cannot derive from the
+            instruction sent (a GetParametersIns, an empty model; None: half the machine's
+            memory). A reply to an instruction carrying a model may be at most 8 times
+            that model plus ``max_message_length``.
+        create_node_rate: Registrations per second one IP address may make when nodes
+            are not authenticated (token bucket, burst ``create_node_burst``); over it,
+            CreateNode is refused with RESOURCE_EXHAUSTED / HTTP 429. None: no limit.
+        create_node_burst: Registrations one IP address may make at once.
+        create_node_global_rate: Registrations per second from everyone together (burst
+            ``10 x`` the rate); None: no limit.
     """
 
     heartbeat_interval: float = 15.0
     heartbeat_timeout: float | None = None
     poll_timeout: float = 10.0
     connection_idle_limit: float | None = None
+    request_deadline: float | None = None
+    min_throughput: float = 256 * 1024
+    max_connections: int | None = None
+    max_connections_per_peer: int | None = None
+    max_unverified_bytes: int | None = None
+    max_reply_size: int | None = None
+    create_node_rate: float | None = 20.0
+    create_node_burst: int = 200
+    create_node_global_rate: float | None = 200.0
 
     def __post_init__(self) -> None:
-        limit = self.connection_idle_limit
-        if limit is not None and not (math.isfinite(limit) and limit > 0):
+        for name in ("connection_idle_limit", "request_deadline", "min_throughput"):
+            limit = getattr(self, name)
+            if limit is not None and not (math.isfinite(limit) and limit > 0):
+                raise ValueError(
+                    f"{name}: expected a positive number of seconds, received {limit!r}"
+                    if name != "min_throughput"
+                    else f"{name}: expected a positive number of bytes/s, received {limit!r}"
+                )
+        for name in (
+            "max_connections",
+            "max_connections_per_peer",
+            "max_unverified_bytes",
+            "max_reply_size",
+            "create_node_rate",
+            "create_node_global_rate",
+        ):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a positive number or None, received {value!r}")
+        if self.create_node_burst < 1:
             raise ValueError(
-                f"connection_idle_limit: expected a positive number of seconds, received {limit!r}"
+                f"create_node_burst: expected at least 1, received {self.create_node_burst!r}"
             )
+
+    def deadline_for(self, size: int) -> float:
+        """Seconds a request of at most ``size`` bytes may take to arrive (see
+        ``request_deadline``)."""
+        if self.request_deadline is not None:
+            return self.request_deadline
+        return max(self.silence_limit, 5.0) + size / self.min_throughput
 
     @property
     def silence_limit(self) -> float:
@@ -115,6 +174,10 @@ class Reader(Protocol):
 
     def reset(self) -> None:
         """Drop a partial message."""
+        ...
+
+    def bound(self, max_total: int | None, min_frame: int = 0) -> None:
+        """Bound the next message's announced size and its frames' size."""
         ...
 
     def feed(self, data: bytes | memoryview) -> bytes | memoryview | None:

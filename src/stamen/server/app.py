@@ -13,6 +13,7 @@ from ..net.address import parse_address
 from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from .checkpoint import Checkpointer
 from .client_manager import ClientManager, SimpleClientManager
+from .dashboard import start_dashboard
 from .fleet.auth import AuthorizedKeys, NodeAuthenticator, ServerKeys
 from .fleet.service import FleetService
 from .history import History
@@ -79,6 +80,8 @@ def start_server(
     auth_window: float = 60.0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     server_keys: ServerKeys | None = None,
+    dashboard_address: str | None = None,
+    dashboard_token: str | None = None,
 ) -> History:
     """Serve client nodes on ``server_address`` and run the configured rounds.
 
@@ -110,6 +113,12 @@ def start_server(
         checkpoint_dir: Crash safety (Stamen): after every round, the global parameters,
             round, History and strategy state are written atomically here; a server started
             again with the same folder resumes after the newest good checkpoint.
+        dashboard_address: ``host:port`` (or ``PORT``: on 127.0.0.1) of a live, read-only
+            web dashboard of the run (Stamen; ``docs/dashboard.md``), served for as long as
+            the run lasts; its address is logged. Default None: no dashboard.
+        dashboard_token: The token every dashboard request must carry (``?token=``).
+            Default: ``STAMEN_DASHBOARD_TOKEN``, else none on a loopback address and a
+            generated one, logged, on any other.
 
     Returns:
         The run's :class:`History`. Every client is sent ``ReconnectIns(0)`` at the end, so
@@ -140,8 +149,22 @@ def start_server(
         events=server.events,
     )
     with shown_progress():  # INFO progress on stderr when the program set up no logging
-        service.start()
+        # The dashboard subscribes before the fleet starts, so it sees every node join.
         try:
-            return run_server(server, config)
+            dashboard = (
+                None
+                if dashboard_address is None
+                else start_dashboard(server.events, dashboard_address, token=dashboard_token)
+            )
+        except BaseException:
+            service.stop()  # never started: this closes its event loop
+            raise
+        try:
+            service.start()
+            try:
+                return run_server(server, config)
+            finally:
+                service.stop()
         finally:
-            service.stop()
+            if dashboard is not None:
+                dashboard.stop()

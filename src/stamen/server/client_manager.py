@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 
 from ..errors import ConfigError, NotEnoughClients
 from .client_proxy import ClientProxy
+from .events import RunEvents, WaitingForClients
 
 logger = logging.getLogger("stamen.server")
 
@@ -30,7 +31,14 @@ class Criterion(ABC):
 
 
 class ClientManager(ABC):
-    """Tracks connected clients and samples them for rounds."""
+    """Tracks connected clients and samples them for rounds.
+
+    Attributes:
+        events: Where a wait for clients is reported (the server's run events, set by
+            the Server that uses this manager); None: nowhere.
+    """
+
+    events: RunEvents | None = None
 
     @abstractmethod
     def num_available(self) -> int:
@@ -129,12 +137,12 @@ class SimpleClientManager(ClientManager):
                 bound = deadline - time.monotonic()
                 if bound <= 0:
                     return False
-                logger.info(
-                    "waiting for clients: %d/%d connected (%.0f s left of the wait)",
-                    len(self._clients),
-                    num_clients,
-                    bound,
-                )
+                if self.events is not None:  # its progress log says it
+                    self.events.publish(WaitingForClients(len(self._clients), num_clients))
+                else:
+                    logger.info(
+                        "waiting for clients: %d/%d connected", len(self._clients), num_clients
+                    )
             return True
 
     def sample(

@@ -281,6 +281,8 @@ class Server:
         """What happens in the run, as :mod:`~stamen.server.events` (progress views
         subscribe here); a :class:`~stamen.server.progress.ProgressLog` logs it."""
         self.events.subscribe(ProgressLog())
+        if client_manager.events is None:
+            client_manager.events = self.events  # waits for clients are part of the run
 
     def set_max_workers(self, max_workers: int | None) -> None:
         """Accepted for compatibility: client calls need no worker threads here."""

@@ -7,6 +7,7 @@ This is the only module that touches generated protobuf classes. Decoders raise 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -36,6 +37,9 @@ from ._pb import stamen_transport_pb2 as pb
 from .frames import Payload
 
 __all__ = [
+    "DEFAULT_REPLY_LIMITS",
+    "ReplyLimits",
+    "check_reply",
     "decode_instruction",
     "decode_reply",
     "encode_instruction",
@@ -219,6 +223,98 @@ def decode_instruction(data: Data) -> Instruction:
 # --- client -> server --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What one reply may hold, checked by :func:`check_reply` before anything is built.
+
+    Attributes:
+        max_tensors: Tensors in its Parameters (the server: the model's tensor count, with
+            slack, when it knows the model; else :data:`DEFAULT_REPLY_LIMITS`).
+        max_metrics: Entries of its metrics (or properties) map.
+    """
+
+    max_tensors: int = 100_000
+    max_metrics: int = 10_000
+
+
+DEFAULT_REPLY_LIMITS = ReplyLimits()
+"""Limits of a reply to an instruction whose model layout is unknown (GetParametersIns, or
+a FitIns with empty parameters)."""
+
+_REPLY_FIELDS = 8
+"""Top-level fields a ClientMessage may have (one reply; a few repeats, which protobuf
+merges, are tolerated)."""
+_OTHER_FIELDS = 16
+"""Fields of a reply besides its metrics entries, and of Parameters besides its tensors."""
+_PARAMETERS_FIELD = {3: 2, 4: 2}
+"""ClientMessage field -> the field of its Parameters (GetParametersRes, FitRes)."""
+_METRICS_FIELD = {2: 2, 4: 4, 5: 4}
+"""ClientMessage field -> the field of its metrics map (GetPropertiesRes, FitRes,
+EvaluateRes)."""
+
+
+_Fields = list[tuple[int, int, int, int, int]]
+_TOO_MANY: _Fields = []
+"""What :func:`_bounded_fields` returns for more fields than its limit (compared by
+identity)."""
+
+
+def _bounded_fields(view: memoryview, start: int, end: int, limit: int) -> _Fields | None:
+    """The fields of ``view[start:end]``; None if they do not parse (the decoder will say
+    how); :data:`_TOO_MANY` if there are more than ``limit`` (the walk stops there)."""
+    fields: _Fields = []
+    try:
+        for found in _fast.split_fields(view, start, end):
+            fields.append(found)
+            if len(fields) > limit:
+                return _TOO_MANY
+    except DecodeError:
+        return None
+    return fields
+
+
+def check_reply(data: Data, limits: ReplyLimits = DEFAULT_REPLY_LIMITS) -> None:
+    """Check ``ClientMessage`` bytes against ``limits`` by walking their field headers:
+    what it costs is bounded by the limits, not by what the bytes claim, and nothing is
+    allocated per tensor or metric. Bytes it cannot walk are left to the decoder.
+
+    Raises:
+        DecodeError: more tensors, metrics or fields than allowed.
+    """
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    top = _bounded_fields(view, 0, len(view), _REPLY_FIELDS)
+    if top is _TOO_MANY:
+        raise DecodeError(f"ClientMessage: more than {_REPLY_FIELDS} top-level fields")
+    tensors = metrics = 0
+    for number, wire, _, start, end in top or ():
+        if wire != 2 or (number not in _METRICS_FIELD and number not in _PARAMETERS_FIELD):
+            continue
+        inner = _bounded_fields(view, start, end, limits.max_metrics + _OTHER_FIELDS)
+        if inner is _TOO_MANY:
+            metrics = limits.max_metrics + 1
+        for field, field_wire, _, value_start, value_end in inner or ():
+            if field == _METRICS_FIELD.get(number):
+                metrics += 1
+            elif field == _PARAMETERS_FIELD.get(number) and field_wire == 2:
+                budget = max(0, limits.max_tensors - tensors) + _OTHER_FIELDS
+                found = _bounded_fields(view, value_start, value_end, budget)
+                if found is _TOO_MANY:
+                    tensors = limits.max_tensors + 1
+                else:
+                    tensors += sum(1 for f in found or () if f[0] == 1)
+            if tensors > limits.max_tensors:
+                raise DecodeError(
+                    f"ClientMessage: more than {limits.max_tensors} tensors, the most a "
+                    "reply to this instruction may have"
+                )
+        if metrics > limits.max_metrics:
+            raise DecodeError(
+                f"ClientMessage: more than {limits.max_metrics} metrics, the most a reply may have"
+            )
+
+
 def encode_reply_payload(reply: Reply) -> Payload:
     """Serialize a reply as a ``ClientMessage``, its tensors not copied."""
     if isinstance(reply, FitRes):
@@ -248,12 +344,16 @@ def encode_reply_payload(reply: Reply) -> Payload:
     return Payload.of(msg.SerializeToString())
 
 
-def decode_reply(data: Data) -> Reply:
-    """Parse ``ClientMessage`` bytes.
+def decode_reply(data: Data, limits: ReplyLimits | None = None) -> Reply:
+    """Parse ``ClientMessage`` bytes; with ``limits``, check them first
+    (:func:`check_reply`).
 
     Raises:
-        DecodeError: the bytes are not a valid ClientMessage with one reply set.
+        DecodeError: the bytes are not a valid ClientMessage with one reply set, or hold
+            more than ``limits`` allow.
     """
+    if limits is not None:
+        check_reply(data, limits)
     fast = _split_parameters(data, {4: pb.FitRes, 3: pb.GetParametersRes}, 2)
     if fast is not None:
         outer, parameters, carrier = fast

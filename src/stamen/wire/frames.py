@@ -184,16 +184,21 @@ class FrameReader:
 
     :meth:`feed` takes each received message and returns a whole message when there is
     one: a message that is not a frame at once, a framed one with its last frame. A frame
-    sent again (a retried request) is ignored; a gap, an overrun or a size that changes
-    within a message is a :class:`~stamen.errors.DecodeError`.
+    sent again (a retried request) is ignored; a gap, an overrun, a size that changes
+    within a message, a size over ``max_total`` or a frame under ``min_frame`` (but the
+    last) is a :class:`~stamen.errors.DecodeError`.
 
     Args:
-        max_total: The largest message it puts together (None: this machine's memory); a
-            first frame announcing more is a DecodeError, before anything is allocated.
+        max_total: Largest message a frame header may announce (None: the machine's
+            memory). A receiver that knows what it expects (the server, from the
+            instruction it sent) bounds it tighter with :meth:`bound`.
+        min_frame: Fewest data bytes a frame other than a message's last may carry (0:
+            any). Tiny frames cost a message each for a byte each.
     """
 
-    def __init__(self, max_total: int | None = None) -> None:
+    def __init__(self, max_total: int | None = None, min_frame: int = 0) -> None:
         self.max_total = max_total
+        self.min_frame = min_frame
         self._buffer: ReceivedBuffer | None = None
         self._view: memoryview | None = None
         self._total = 0
@@ -204,6 +209,12 @@ class FrameReader:
     def in_progress(self) -> bool:
         """True while a framed message is incomplete."""
         return self._buffer is not None
+
+    def bound(self, max_total: int | None, min_frame: int = 0) -> None:
+        """Bound the next messages: their announced size and their frames' (see the
+        class); a message in progress keeps the buffer it has."""
+        self.max_total = max_total
+        self.min_frame = min_frame
 
     def reset(self) -> None:
         """Drop a partial message (its sender gave it up)."""
@@ -236,15 +247,15 @@ class FrameReader:
         if self._buffer is None:
             if offset != 0:
                 raise DecodeError(f"expected the first frame (offset 0), received offset {offset}")
-            if self.max_total is not None and total > self.max_total:
-                raise DecodeError(
-                    f"a message of {total} bytes announced: over the largest this reader "
-                    f"takes, {self.max_total} bytes (a node's max_model_bytes)"
-                )
             if total > _memory_bytes():
                 raise DecodeError(
                     f"a message of {total} bytes announced: more than this machine's "
                     f"{_memory_bytes()} bytes of memory"
+                )
+            if self.max_total is not None and total > self.max_total:
+                raise DecodeError(
+                    f"a message of {total} bytes announced: over the {self.max_total} "
+                    "bytes expected here"
                 )
             self._buffer = ReceivedBuffer.allocate(total)
             self._view = self._buffer.data
@@ -258,6 +269,11 @@ class FrameReader:
             return None  # sent again after a lost response: already have it
         if offset != self.received:
             raise DecodeError(f"expected the frame at offset {self.received}, received {offset}")
+        if end < total and len(chunk) < self.min_frame:
+            raise DecodeError(
+                f"a frame of {len(chunk)} bytes at offset {offset}: frames but the last "
+                f"carry at least {self.min_frame} bytes"
+            )
         assert self._view is not None
         self._view[offset:end] = chunk
         self.received = end

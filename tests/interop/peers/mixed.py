@@ -1,8 +1,8 @@
-"""A deterministic four-client federation for runs that mix Stamen and Flower nodes.
+"""A deterministic six-client federation for runs that mix Stamen and Flower nodes.
 
 Pure NumPy: imported by the Stamen tests (dev venv) and by the Flower peer scripts (Flower
-venv) alike. Client ``k`` (1-4) returns ``parameters + k`` with one example, so FedAvg adds
-exactly 2.5 to every weight each round; the model is ``scenario``'s dyadic float32 layers,
+venv) alike. Client ``k`` (1-6) returns ``parameters + k`` with one example, so FedAvg adds
+exactly 3.5 to every weight each round; the model is ``scenario``'s dyadic float32 layers,
 so every result is exact and runs compare bit for bit whatever order replies arrive in.
 Evaluation returns ``p[0][0, 0] + p[1][-1] + k`` as the loss.
 """
@@ -18,7 +18,7 @@ try:  # the Flower peers import this module from their own folder
 except ImportError:  # pragma: no cover - run as a script's sibling
     import scenario  # type: ignore[no-redef]
 
-CLIENT_IDS = (1, 2, 3, 4)
+CLIENT_IDS = (1, 2, 3, 4, 5, 6)
 NUM_ROUNDS = 2
 
 

@@ -20,7 +20,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ...errors import AuthError, ConfigError
-from ...protocol.auth import HEADER_KEY, RequestVerifier, key_fingerprint, public_key_der
+from ...protocol.auth import (
+    HEADER_KEY,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    RequestVerifier,
+    key_fingerprint,
+    public_key_der,
+)
 
 __all__ = [
     "FLOWER_AUTH_TOKEN_HEADER",
@@ -141,13 +149,59 @@ class NodeAuthenticator:
 
     def __init__(self, keys: AuthorizedKeys, window: float = 60.0) -> None:
         self.keys = keys
+        self.window = window
         self._verifier = RequestVerifier(keys.lookup, window)
         self._lock = threading.Lock()
+
+    def precheck(self, headers: Mapping[str, str], now: float | None = None) -> None:
+        """Check what a request's headers alone say, before its body is read: the four
+        headers are there and not oversized, the key is authorized, the timestamp within
+        the window. :meth:`verify` checks the signature over the body later; this makes
+        a request from anyone without an authorized key cost no body bytes.
+
+        Raises:
+            AuthError: why the request is refused.
+        """
+        texts = {}
+        for name, limit in _PRECHECK_LIMITS.items():
+            value = headers.get(name)
+            if value is None:
+                raise AuthError(f"authentication required: missing header {name}")
+            if len(value) > limit:
+                raise AuthError(
+                    f"malformed authentication headers: {name}: expected at most {limit} "
+                    f"characters, received {len(value)}"
+                )
+            texts[name] = value
+        stamp = texts[HEADER_TIMESTAMP]
+        if not stamp.isascii() or not stamp.isdigit():
+            raise AuthError(f"malformed authentication headers: {HEADER_TIMESTAMP}: {stamp!r}")
+        try:
+            der = base64.b64decode(texts[HEADER_KEY], validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise AuthError(f"malformed authentication headers: {exc}") from None
+        if self.keys.lookup(der) is None:
+            raise AuthError("unknown node key: not in the authorized keys")
+        skew = (time.time() if now is None else now) - int(stamp) / 1000
+        if abs(skew) > self.window:
+            raise AuthError(
+                f"stale or future timestamp: {skew:+.1f} s from the server's clock "
+                f"(window {self.window:g} s)"
+            )
 
     def verify(self, method: str, body: bytes, headers: Mapping[str, str]) -> str:
         """Return the node key's fingerprint, or raise AuthError saying why not."""
         with self._lock:
             return self._verifier.verify(method, body, headers, time.time())
+
+
+_PRECHECK_LIMITS = {
+    HEADER_KEY: 1024,
+    HEADER_TIMESTAMP: 16,
+    HEADER_NONCE: 64,
+    HEADER_SIGNATURE: 512,
+}
+"""Longest value of each authentication header (as ``protocol.auth`` bounds them)."""
 
 
 # --- Flower 1.12's node authentication (grpc-rere) ------------------------------------------
@@ -271,6 +325,14 @@ class FlowerAuthenticator:
         if self.keys.lookup(der) is None:
             raise AuthError(f"node key {key_fingerprint(key)[:16]} is not authorized")
         return key, der
+
+    def precheck(self, headers: Mapping[str, str]) -> None:
+        """Check, before the request is read, that it names an authorized key.
+
+        Raises:
+            AuthError: why the request is refused.
+        """
+        self._node_key(headers)
 
     def verify(
         self,

@@ -32,7 +32,7 @@ from ...protocol.mailbox import Task
 from ...wire import FlowerCall
 from ...wire import flower_codec as codec
 from .auth import FlowerAuthenticator
-from .handler import Fleet
+from .handler import DECODE_OFF_LOOP, Fleet
 
 __all__ = ["FlowerFleet", "Metadata"]
 
@@ -88,6 +88,28 @@ class FlowerFleet:
         self.authenticator = authenticator
         self._wall = wall
 
+    def precheck(self, call: FlowerCall, transport: str, headers: Mapping[str, str]) -> None:
+        """Refuse, before its body is read, a request that cannot be authenticated: any
+        with node authentication on but Flower's scheme off or not possible (REST), one
+        naming no authorized key.
+
+        Raises:
+            FleetError: UNAUTHENTICATED, saying why.
+        """
+        if self.authenticator is None and self.fleet.authenticator is None:
+            return
+        if self.authenticator is None or transport != "grpc-rere":
+            raise FleetError(
+                ErrorKind.UNAUTHENTICATED,
+                "node authentication is on and Flower 1.12 nodes authenticate on grpc-rere "
+                f"only: {transport} requests of Flower's Fleet API are refused",
+            )
+        try:
+            self.authenticator.precheck(headers)
+        except AuthError as exc:
+            logger.warning("refused a Flower request to %s: %s", call.method_name, exc)
+            raise FleetError(ErrorKind.UNAUTHENTICATED, str(exc)) from exc
+
     def _authenticate(
         self, call: FlowerCall, body: bytes, transport: str, headers: Mapping[str, str]
     ) -> tuple[str | None, Metadata]:
@@ -134,10 +156,16 @@ class FlowerFleet:
                 f"request of {len(body)} bytes is over the server's max message length {limit}",
             )
         try:
-            request = _DECODERS[call](body)
+            if len(body) > DECODE_OFF_LOOP:  # a TaskRes of a million records: not on the loop
+                loop = asyncio.get_running_loop()
+                request = await loop.run_in_executor(None, _DECODERS[call], body)
+            else:
+                request = _DECODERS[call](body)
             key, metadata = self._authenticate(call, body, transport, headers)
         except DecodeError as exc:
             raise FleetError.from_decode(exc) from exc
+        if call is FlowerCall.CREATE_NODE:
+            self.fleet.admit_registration(peer)
         step = self.link.request(call.name, request, Caller(transport, peer, key))
         if isinstance(step, FlowerRespond):
             return _encode(step.response), metadata

@@ -1,19 +1,34 @@
-"""Thin grpc.aio servicer for the Fleet protocol over unary gRPC calls (grpc-rere)."""
+"""Thin grpc.aio servicer for the Fleet protocol over unary gRPC calls (grpc-rere).
+
+Nodes make unary calls; the server serves each as a stream-unary method (the same bytes on
+the wire), so that it decides what happens before and while the request arrives:
+
+- the call's metadata is checked first (node authentication: an unauthorized key is
+  refused before a byte of its message is read, so it costs no memory);
+- the request must arrive whole within :meth:`FleetTiming.deadline_for` the method's size
+  bound, however it trickles; past that, the call ends UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
 from ...protocol.fleet import ERRORS, FleetError
-from ...wire import FLEET_SERVICE_NAME, Verb
+from ...wire import FLEET_SERVICE_NAME, Verb, frame_size
 from .handler import Fleet
 
-__all__ = ["metadata_dict", "rere_handler"]
+__all__ = ["GuardedHandler", "metadata_dict", "rere_handler"]
 
-Handler = Callable[[bytes, Any], Awaitable[bytes]]
+Behaviour = Callable[[bytes, Any], Awaitable[bytes]]
+Precheck = Callable[[Mapping[str, str]], None]
+
+SMALL_REQUEST = 64 * 1024
+"""Size bound of a Fleet request that carries no reply (CreateNode, pulls, heartbeats),
+for its deadline."""
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -23,7 +38,77 @@ def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
     }
 
 
-def _method(fleet: Fleet, verb: Verb) -> Handler:
+async def abort_with(context: grpc.aio.ServicerContext, exc: FleetError) -> None:
+    """End the call with the status of ``exc`` (raises, as ``context.abort`` does)."""
+    code = getattr(grpc.StatusCode, ERRORS[exc.kind].grpc_status)
+    await context.abort(code, exc.message)
+
+
+class GuardedHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
+    """Unary methods of one service, each behind a metadata check and a read deadline.
+
+    Args:
+        service: The gRPC service name.
+        methods: Method name -> (behaviour, check of the metadata, size bound of its
+            request in bytes).
+        fleet: Whose timing sets the deadlines.
+    """
+
+    def __init__(
+        self, service: str, methods: Mapping[str, tuple[Behaviour, Precheck, int]], fleet: Fleet
+    ) -> None:
+        self._fleet = fleet
+        self._methods = {
+            f"/{service}/{name}": (behaviour, check, fleet.timing.deadline_for(bound))
+            for name, (behaviour, check, bound) in methods.items()
+        }
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
+        found = self._methods.get(handler_call_details.method)
+        if found is None:
+            return None
+        behaviour, check, deadline = found
+        metadata = {
+            key: value
+            for key, value in (handler_call_details.invocation_metadata or ())
+            if isinstance(value, str)
+        }
+        try:
+            check(metadata)
+        except FleetError as refusal:
+            return grpc.stream_unary_rpc_method_handler(_refuse(refusal))
+        return grpc.stream_unary_rpc_method_handler(_read_then(behaviour, deadline))
+
+
+def _refuse(refusal: FleetError) -> Callable[[Any, Any], Awaitable[bytes]]:
+    async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> bytes:
+        _ = request_iterator  # never read: the refusal costs no body bytes
+        await abort_with(context, refusal)
+        raise refusal  # abort raises; this line only satisfies type checkers
+
+    return refuse
+
+
+def _read_then(behaviour: Behaviour, deadline: float) -> Callable[[Any, Any], Awaitable[bytes]]:
+    async def call(request_iterator: Any, context: grpc.aio.ServicerContext) -> bytes:
+        _ = request_iterator  # we use context.read
+        try:
+            request = await asyncio.wait_for(context.read(), deadline)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the request did not arrive within {deadline:g} s (the request deadline)",
+            )
+            raise
+        if request is grpc.aio.EOF or not isinstance(request, bytes):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected one request message")
+            raise AssertionError("unreachable")  # abort raises
+        return await behaviour(request, context)
+
+    return call
+
+
+def _method(fleet: Fleet, verb: Verb) -> Behaviour:
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             return await fleet.handle(
@@ -35,16 +120,27 @@ def _method(fleet: Fleet, verb: Verb) -> Handler:
                 headers=metadata_dict(context),
             )
         except FleetError as exc:
-            code = getattr(grpc.StatusCode, ERRORS[exc.kind].grpc_status)
-            await context.abort(code, exc.message)
+            await abort_with(context, exc)
             raise  # abort raises; this line only satisfies type checkers
 
     return call
 
 
+def _bound(fleet: Fleet, verb: Verb) -> int:
+    if verb is Verb.PUSH:  # a frame, or a whole reply smaller than one
+        return frame_size(fleet.max_message_length) + SMALL_REQUEST
+    return SMALL_REQUEST
+
+
 def rere_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
-    """The generic handler that serves every Fleet verb as a unary-unary gRPC method."""
-    methods = {
-        verb.method_name: grpc.unary_unary_rpc_method_handler(_method(fleet, verb)) for verb in Verb
-    }
-    return grpc.method_handlers_generic_handler(FLEET_SERVICE_NAME, methods)
+    """The generic handler that serves every Fleet verb as a unary gRPC method."""
+
+    def methods(verb: Verb) -> tuple[Behaviour, Precheck, int]:
+        def check(headers: Mapping[str, str]) -> None:
+            fleet.precheck(verb.grpc_method, headers)
+
+        return _method(fleet, verb), check, _bound(fleet, verb)
+
+    return GuardedHandler(
+        FLEET_SERVICE_NAME, {verb.method_name: methods(verb) for verb in Verb}, fleet
+    )

@@ -14,12 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ...clock import SystemClock
 from ...errors import AuthError, ConnectionLost, DecodeError
-from ...messages import DisconnectRes, Reply
+from ...messages import (
+    DisconnectRes,
+    EvaluateIns,
+    FitIns,
+    GetParametersIns,
+    Instruction,
+    Reply,
+)
 from ...ndarrays import Lease
 from ...protocol.clock import Clock
 from ...protocol.fleet import CreateNodeResponse, ErrorKind, FleetError, PullResponse
@@ -36,13 +45,24 @@ from ...protocol.fleet_server import (
 from ...protocol.mailbox import ReplyUse, Task
 from ...wire import FRAMING, Verb, decode_reply
 from ...wire import fleet_codec as codec
+from ...wire.codec import DEFAULT_REPLY_LIMITS, ReplyLimits
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from ..events import NodeJoined, NodeLeft, RunEvents
 from .auth import NodeAuthenticator
 from .slots import ReceiveSlots
 
-__all__ = ["RECEIVE_SLOTS", "Fleet", "FleetTiming", "Node", "slot_lease"]
+__all__ = [
+    "RECEIVE_SLOTS",
+    "Fleet",
+    "FleetTiming",
+    "Node",
+    "TokenBuckets",
+    "peer_host",
+    "reply_limits",
+    "reply_size_limit",
+    "slot_lease",
+]
 
 RECEIVE_SLOTS = 1
 """Large (framed) replies received at once; others wait in instruction order."""
@@ -53,6 +73,126 @@ push request must not time out behind a slow neighbour)."""
 
 Node = NodeRecord
 """A connected node, as the servicers see it (its protocol state)."""
+
+DECODE_OFF_LOOP = 16 * 1024
+"""Replies (and requests) larger than this are decoded on a worker thread, not on the
+event loop every transport shares: the loop never spends more than a few milliseconds on
+one message, whatever it holds."""
+
+TENSOR_SLACK = 2
+"""A reply to an instruction carrying a model of ``n`` tensors may hold up to
+``TENSOR_SLACK * n + 16`` tensors."""
+
+REPLY_SIZE_SLACK = 8
+"""A framed reply to an instruction carrying ``b`` bytes of model may announce up to
+``REPLY_SIZE_SLACK * b`` bytes plus ``max_message_length`` (every dtype widening up to 8
+bytes per number fits)."""
+
+MIN_FRAME = 64 * 1024
+"""Frames but a message's last carry at least this many bytes (or the link's frame size,
+if smaller, halved)."""
+
+
+def peer_host(peer: str) -> str:
+    """The IP address of a transport's peer string (gRPC's ``ipv4:1.2.3.4:5``,
+    ``ipv6:[::1]:5``, REST's ``1.2.3.4:5``)."""
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            peer = peer[len(prefix) :]
+    host = peer.rsplit(":", 1)[0] if ":" in peer else peer
+    return host.strip("[]")
+
+
+class TokenBuckets:
+    """Token buckets per key and one for everyone: :meth:`take` says whether one more
+    event fits. Buckets that refilled are forgotten, so memory follows active peers.
+
+    Args:
+        rate: Tokens per second per key (None: no per-key limit).
+        burst: Tokens a key's bucket holds.
+        global_rate: Tokens per second for all keys together (None: no such limit);
+            its bucket holds ten seconds' worth.
+        now: The clock (seconds, monotonic).
+    """
+
+    def __init__(
+        self,
+        rate: float | None,
+        burst: int,
+        global_rate: float | None,
+        now: Callable[[], float],
+    ) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._global_rate = global_rate
+        self._global_burst = 10.0 * global_rate if global_rate is not None else 0.0
+        self._now = now
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._global = (self._global_burst, now())
+
+    @staticmethod
+    def _refill(bucket: tuple[float, float], rate: float, burst: float, now: float) -> float:
+        tokens, since = bucket
+        return min(burst, tokens + (now - since) * rate)
+
+    def take(self, key: str) -> bool:
+        """Take a token for ``key``; False if its bucket or the global one is empty."""
+        now = self._now()
+        if len(self._buckets) > 10_000:
+            self._forget(now)
+        own = None
+        if self._rate is not None:
+            bucket = self._buckets.get(key, (self._burst, now))
+            own = self._refill(bucket, self._rate, self._burst, now)
+            if own < 1.0:
+                self._buckets[key] = (own, now)
+                return False
+        if self._global_rate is not None:
+            shared = self._refill(self._global, self._global_rate, self._global_burst, now)
+            if shared < 1.0:
+                self._global = (shared, now)
+                return False
+            self._global = (shared - 1.0, now)
+        if own is not None:
+            self._buckets[key] = (own - 1.0, now)
+        return True
+
+    def _forget(self, now: float) -> None:
+        assert self._rate is not None
+        rate, burst = self._rate, self._burst
+        self._buckets = {
+            k: b for k, b in self._buckets.items() if self._refill(b, rate, burst, now) < burst
+        }
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux and macOS has both
+        return 1 << 62
+
+
+def reply_limits(instruction: Instruction | None) -> ReplyLimits:
+    """What a reply to ``instruction`` may hold: as many tensors as its model has (with
+    slack) when it carries one; a few when it carries none and expects none; the defaults
+    when the layout is unknown (GetParametersIns, an empty model, a late reply)."""
+    if isinstance(instruction, FitIns | EvaluateIns) and instruction.parameters.tensors:
+        count = len(instruction.parameters.tensors)
+        return ReplyLimits(max_tensors=TENSOR_SLACK * count + 16)
+    if instruction is None or isinstance(instruction, GetParametersIns | FitIns):
+        return DEFAULT_REPLY_LIMITS
+    return ReplyLimits(max_tensors=16)
+
+
+def reply_size_limit(instruction: Instruction, max_message_length: int, ceiling: int) -> int:
+    """The largest framed reply to ``instruction`` the server takes: a multiple of the
+    model it carries (see :data:`REPLY_SIZE_SLACK`), ``ceiling`` when it carries none."""
+    if isinstance(instruction, FitIns | EvaluateIns) and instruction.parameters.tensors:
+        model = sum(len(t) for t in instruction.parameters.tensors)
+        return min(ceiling, REPLY_SIZE_SLACK * model + max_message_length)
+    if isinstance(instruction, GetParametersIns | FitIns):
+        return ceiling
+    return max_message_length
+
 
 _DECODERS: dict[Verb, Callable[[bytes], object]] = {
     Verb.CREATE_NODE: codec.decode_create_node_request,
@@ -113,6 +253,16 @@ class Fleet:
         self._loop = loop
         self.slots = ReceiveSlots(RECEIVE_SLOTS)
         self._attached: dict[str, _Attachment] = {}
+        self._decoded: dict[str, tuple[bytes | memoryview, Reply | DecodeError]] = {}
+        chosen = timing or FleetTiming()
+        self._registrations = TokenBuckets(
+            chosen.create_node_rate,
+            chosen.create_node_burst,
+            chosen.create_node_global_rate,
+            loop.time,
+        )
+        self._refused_registrations = 0
+        self._refusal_logged = -math.inf
         self.state = FleetState(
             clock=clock or SystemClock(),
             framing=FRAMING,
@@ -187,6 +337,53 @@ class Fleet:
             return self.authenticator.verify(method, body, headers)
         except AuthError as exc:
             logger.warning("refused a request to %s: %s", method, exc)
+            raise FleetError(ErrorKind.UNAUTHENTICATED, str(exc)) from exc
+
+    def admit_registration(self, peer: str) -> None:
+        """Refuse a registration over the rate limit of unauthenticated CreateNode
+        (:attr:`FleetTiming.create_node_rate`); with node authentication on, none applies.
+
+        Raises:
+            FleetError: TOO_LARGE (RESOURCE_EXHAUSTED; HTTP 429 on REST), saying why.
+        """
+        if self.authenticator is not None:
+            return
+        host = peer_host(peer)
+        if self._registrations.take(host):
+            return
+        self._refused_registrations += 1
+        now = self._loop.time()
+        if now - self._refusal_logged >= 10.0:  # one line per 10 s, whatever the flood
+            self._refusal_logged = now
+            logger.warning(
+                "refusing node registrations over the rate limit (%s/s per address, %s/s in "
+                "all; %d refused so far, the latest from %s): set FleetTiming("
+                "create_node_rate=...) or turn on node authentication",
+                self.timing.create_node_rate,
+                self.timing.create_node_global_rate,
+                self._refused_registrations,
+                host,
+            )
+        raise FleetError(
+            ErrorKind.TOO_LARGE,
+            f"too many node registrations: over the server's rate limit "
+            f"({self.timing.create_node_rate}/s per address); retry later",
+        )
+
+    def precheck(self, method: str, headers: Mapping[str, str]) -> None:
+        """Refuse a request whose headers alone show it is not authenticated, before its
+        body is read (see :meth:`NodeAuthenticator.precheck`); nothing without node
+        authentication.
+
+        Raises:
+            FleetError: UNAUTHENTICATED, saying why.
+        """
+        if self.authenticator is None:
+            return
+        try:
+            self.authenticator.precheck(headers)
+        except AuthError as exc:
+            logger.warning("refused a request to %s before its body: %s", method, exc)
             raise FleetError(ErrorKind.UNAUTHENTICATED, str(exc)) from exc
 
     def open_node(
@@ -267,13 +464,44 @@ class Fleet:
         if step is Reception.IGNORE:
             logger.info("node %s: frame of ended task %d ignored", node.cid, task_id)
             return None
-        if step is Reception.LATE:
-            return self.deliver(node, task_id, data)  # decoded, checked, discarded
         task = node.mailbox.in_flight(task_id)
+        if step is Reception.LATE:
+            await self.decode_off_loop(node, None, data)
+            return self.deliver(node, task_id, data)  # decoded, checked, discarded
         if step is Reception.NEEDS_SLOT:
             await self.take_slot(node, task.seq if task is not None else 0, _PUSH_SLOT_WAIT)
         whole = self.feed(node, task_id, data)
-        return None if whole is None else self.deliver(node, task_id, whole)
+        if whole is None:
+            return None
+        await self.decode_off_loop(node, task, whole)
+        return self.deliver(node, task_id, whole)
+
+    def bound_reader(self, node: Node, task: Task | None) -> None:
+        """Bound the framed reply about to come for ``task``: its announced size (see
+        :func:`reply_size_limit`) and its frames' (:data:`MIN_FRAME`)."""
+        if task is None:
+            return
+        ceiling = self.timing.max_reply_size or _memory_bytes() // 2
+        limit = reply_size_limit(task.instruction, self.max_message_length, ceiling)
+        node.reader.bound(limit, min(MIN_FRAME, max(1, node.frame_size // 2)))
+
+    async def decode_off_loop(
+        self, node: Node, task: Task | None, data: bytes | memoryview
+    ) -> None:
+        """Decode a large reply on a worker thread, for :meth:`deliver` to take: a reply
+        holding millions of tiny tensors or metrics must not stall the event loop that
+        every transport shares."""
+        if len(data) <= DECODE_OFF_LOOP:
+            return
+        limits = reply_limits(task.instruction if task is not None else None)
+
+        def decode() -> Reply | DecodeError:
+            try:
+                return decode_reply(data, limits)
+            except DecodeError as exc:
+                return exc
+
+        self._decoded[node.cid] = (data, await self._loop.run_in_executor(None, decode))
 
     async def assemble(self, node: Node, task: Task, data: bytes) -> bytes | memoryview | None:
         """Take one message read from a stream node for ``task``: the whole reply once
@@ -286,7 +514,10 @@ class Fleet:
         """
         if self.state.stream_reception(node, data) is Reception.NEEDS_SLOT:
             await self.take_slot(node, task.seq, None)
-        return self.feed(node, task.task_id, data)
+        whole = self.feed(node, task.task_id, data)
+        if whole is not None:
+            await self.decode_off_loop(node, task, whole)
+        return whole
 
     def feed(self, node: Node, task_id: int, data: bytes | memoryview) -> bytes | memoryview | None:
         """Feed one message to the node's reader; the whole reply once complete.
@@ -294,6 +525,8 @@ class Fleet:
         Raises:
             DecodeError: malformed or out-of-order frames (the task fails with it).
         """
+        if not node.reader.in_progress:
+            self.bound_reader(node, node.mailbox.in_flight(task_id))
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
@@ -310,8 +543,15 @@ class Fleet:
         Raises:
             DecodeError: the bytes are not a valid reply (the task fails with it too).
         """
+        decoded = self._decoded.pop(node.cid, None)
         try:
-            reply = decode_reply(data)
+            if decoded is not None and decoded[0] is data:  # decoded off the loop
+                if isinstance(decoded[1], DecodeError):
+                    raise decoded[1]
+                reply = decoded[1]
+            else:
+                task = node.mailbox.in_flight(task_id)
+                reply = decode_reply(data, reply_limits(task.instruction if task else None))
         except DecodeError as exc:
             self.state.fail(node, task_id, exc)
             raise
@@ -377,8 +617,14 @@ class Fleet:
                 f"{self.max_message_length}",
             )
         caller = Caller(transport, peer, self.authenticate(method, body, headers))
+        if verb is Verb.CREATE_NODE:
+            self.admit_registration(peer)
         try:
-            step = self.state.request(verb.name, _DECODERS[verb](body), caller)
+            if len(body) > DECODE_OFF_LOOP:
+                request = await self._loop.run_in_executor(None, _DECODERS[verb], body)
+            else:
+                request = _DECODERS[verb](body)
+            step = self.state.request(verb.name, request, caller)
             return await self._perform(step)
         except DecodeError as exc:
             raise FleetError.from_decode(exc) from exc

@@ -14,6 +14,14 @@ what h11 renders is written back. Keep-alive and pipelining are h11's state mach
 Every wait on a client is bounded, so no client holds a connection (a file descriptor)
 and its state for ever:
 
+- a request's body must arrive whole within the request deadline
+  (:meth:`FleetTiming.deadline_for` its declared length), however it trickles: 503;
+- with node authentication, a request's headers are checked (key authorized, timestamp
+  fresh) before its body is read: 401 at once otherwise;
+- bodies being read, not yet checked, hold at most ``max_unverified_bytes`` in all: a
+  body that would go over is refused (503);
+- connections open at once are bounded in all and per IP address: more are closed as
+  they arrive, with a WARNING (at most one per 10 s);
 - a request's headers must be complete within :func:`body_idle_limit` of the
   connection's opening or of the previous response (a client that starts a request and
   stops, or keeps a connection open and idle);
@@ -33,7 +41,9 @@ import asyncio
 import contextlib
 import http
 import logging
+import math
 import re
+import resource
 import socket
 import ssl
 import sys
@@ -48,7 +58,7 @@ from ...errors import ConfigError
 from ...protocol.fleet import ERRORS, ErrorKind, FleetError
 from ...wire import FLOWER_REST_CONTENT_TYPE, REST_CONTENT_TYPE, FlowerCall, Verb
 from .flower import FlowerFleet
-from .handler import Fleet
+from .handler import Fleet, peer_host
 
 __all__ = ["RestListener", "body_idle_limit"]
 
@@ -146,6 +156,10 @@ class _Body:
     headers: _Headers
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
+    held: int = 0
+    """Bytes of it counted against the site's budget of unverified bytes."""
+    deadline: float = math.inf
+    """Loop time by which the whole body must have arrived."""
 
 
 _CLOSE_WAIT = 10.0
@@ -175,6 +189,49 @@ class _Site:
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        timing = fleet.timing
+        self.max_connections = timing.max_connections or max(64, descriptor_limit() // 2)
+        self.max_per_peer = timing.max_connections_per_peer or max(16, self.max_connections // 4)
+        self.per_peer: dict[str, int] = {}
+        self.open = 0
+        self.budget = timing.max_unverified_bytes or max_body + (64 << 20)
+        self.unverified = 0
+        self.refused = 0
+        self._warned = -math.inf
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from ``host``; False (with a rate-limited WARNING) when
+        it is one too many, in all or from that address."""
+        count = self.per_peer.get(host, 0)
+        if self.open < self.max_connections and count < self.max_per_peer:
+            self.open += 1
+            self.per_peer[host] = count + 1
+            return True
+        self.refused += 1
+        now = self.loop.time()
+        if now - self._warned >= 10.0:
+            self._warned = now
+            logger.warning(
+                "rest: refusing connections: %d open (limit %d), %d from %s (limit %d per "
+                "address); %d refused so far (FleetTiming.max_connections, "
+                "max_connections_per_peer)",
+                self.open,
+                self.max_connections,
+                count,
+                host,
+                self.max_per_peer,
+                self.refused,
+            )
+        return False
+
+    def release(self, host: str) -> None:
+        """A counted connection from ``host`` closed."""
+        self.open -= 1
+        left = self.per_peer.get(host, 1) - 1
+        if left > 0:
+            self.per_peer[host] = left
+        else:
+            self.per_peer.pop(host, None)
 
     def refusal(self, request: h11.Request, headers: _Headers) -> Route | _Reply:
         """The call of a request, or its answer before its body: a route or content type
@@ -187,6 +244,13 @@ class _Site:
         if not isinstance(routed, _Reply) and over:
             message = f"body of {declared} bytes is over the limit of {self.max_body}"
             return _error(ErrorKind.TOO_LARGE, message, close=True)
+        try:
+            if isinstance(routed, Verb):
+                self.fleet.precheck(f"POST {routed.rest_path}", headers)
+            elif isinstance(routed, FlowerCall) and self.flower is not None:
+                self.flower.precheck(routed, "rest", headers)
+        except FleetError as exc:  # before a byte of the body is read
+            return _error(exc.kind, exc.message, close=True)
         return routed
 
     async def respond(self, verb: Route, body: bytes, headers: _Headers, peer: str) -> _Reply:
@@ -200,6 +264,9 @@ class _Site:
                     verb, body, "rest", peer, method=f"POST {verb.rest_path}", headers=headers
                 )
         except FleetError as exc:
+            if exc.kind is ErrorKind.TOO_LARGE and verb.name == "CREATE_NODE":
+                body = exc.message.encode()  # a rate limit
+                return _Reply(429, body, "text/plain; charset=utf-8", extra=(("retry-after", "1"),))
             return _error(exc.kind, exc.message)
         except Exception:
             logger.exception("rest: POST %s from %s failed", verb.rest_path, peer)
@@ -234,6 +301,12 @@ class _Site:
             await asyncio.wait(waits, timeout=timeout)
 
 
+def descriptor_limit() -> int:
+    """The process's soft limit of open file descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def _peer(transport: asyncio.BaseTransport) -> str:
     address = transport.get_extra_info("peername")
     return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"
@@ -261,6 +334,7 @@ class _Connection(asyncio.Protocol):
         self._site = site
         self._h11 = h11.Connection(h11.SERVER)
         self._peer = "?"
+        self._host: str | None = None  # counted by the site while set
         self._timer: asyncio.TimerHandle | None = None
         self._begun = False  # a byte of the awaited request's head has come
         self._body: _Body | None = None
@@ -280,8 +354,13 @@ class _Connection(asyncio.Protocol):
         if self._site.stopping:
             self._transport.abort()
             return
-        _no_delay(transport)
         self._peer = _peer(transport)
+        host = peer_host(self._peer)
+        if not self._site.admit(host):
+            self._transport.abort()
+            return
+        self._host = host
+        _no_delay(transport)
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
@@ -308,6 +387,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._site.connections.discard(self)
+        if self._host is not None:
+            self._site.release(self._host)
+            self._host = None
+        self._unhold()
         self._writable.set()
         if self._body is not None and self._body.verb is not None:
             # Not an application error: anyone may hang up mid-body.
@@ -357,6 +440,10 @@ class _Connection(asyncio.Protocol):
         headers = _Headers(request.headers)
         routed = self._site.refusal(request, headers)
         self._body = _Body(None if isinstance(routed, _Reply) else routed, headers)
+        declared = headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() else self._site.max_body
+        deadline = self._site.fleet.timing.deadline_for(min(size, self._site.max_body))
+        self._body.deadline = self._site.loop.time() + deadline
         self._await_body()
         if isinstance(routed, _Reply):
             self._answer_early(routed)
@@ -376,11 +463,31 @@ class _Connection(asyncio.Protocol):
         elif over:
             message = f"body is over the limit of {self._site.max_body} bytes"
             self._answer_early(_error(ErrorKind.TOO_LARGE, message, close=True))
+        elif self._site.unverified + len(data) > self._site.budget:
+            logger.warning(
+                "rest: refusing a body from %s: request bodies being read hold %d bytes, "
+                "the limit (FleetTiming.max_unverified_bytes) is %d",
+                self._peer,
+                self._site.unverified,
+                self._site.budget,
+            )
+            message = "the server is reading too many request bodies at once; retry later"
+            self._answer_early(_error(ErrorKind.UNAVAILABLE, message, close=True))
         else:
             body.chunks.append(data)
+            body.held += len(data)
+            self._site.unverified += len(data)
+
+    def _unhold(self) -> None:
+        """The body being read no longer counts against the budget (handed on, dropped)."""
+        body = self._body
+        if body is not None and body.held:
+            self._site.unverified -= body.held
+            body.held = 0
 
     def _on_end(self) -> None:
         self._cancel_timer()
+        self._unhold()
         body, self._body = self._body, None
         if body is None or body.verb is None:
             self._next_cycle()
@@ -426,6 +533,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer_early(self, reply: _Reply) -> None:
         """Answer before the body is in; what is left of the body is discarded."""
+        self._unhold()
         if self._body is not None:
             self._body.verb = None
             self._body.chunks = []
@@ -501,22 +609,33 @@ class _Connection(asyncio.Protocol):
         self._transport.close()
 
     def _await_body(self) -> None:
-        """The body may be silent for at most the limit: a stalled or hostile client would
-        otherwise hold its connection, and the request's state, for ever."""
-        self._last_data = self._site.loop.time()
-        self._set_timer(self._site.limit, self._body_due)
+        """The body may be silent for at most the limit, and must be whole by its
+        deadline: a stalled, dripping or hostile client would otherwise hold its
+        connection, and the request's state, for ever."""
+        now = self._last_data = self._site.loop.time()
+        deadline = self._body.deadline if self._body is not None else math.inf
+        self._set_timer(min(self._site.limit, max(0.0, deadline - now)), self._body_due)
 
     def _body_due(self) -> None:
         self._timer = None
-        silent = self._site.loop.time() - self._last_data
-        if silent < self._site.limit:  # bytes came since: check again when they are due
-            self._set_timer(self._site.limit - silent, self._body_due)
-            return
+        now = self._site.loop.time()
+        silent = now - self._last_data
         body = self._body
+        deadline = body.deadline if body is not None and body.verb is not None else math.inf
+        if silent < self._site.limit and now < deadline:  # bytes came since: check again
+            self._set_timer(min(self._site.limit - silent, deadline - now), self._body_due)
+            return
         if body is not None and body.verb is not None:
-            limit = self._site.limit
-            message = f"the body stalled: nothing for {limit:g} s after {body.size} bytes"
+            if silent >= self._site.limit:
+                limit = self._site.limit
+                message = f"the body stalled: nothing for {limit:g} s after {body.size} bytes"
+            else:
+                message = (
+                    f"the body did not arrive within the request deadline: {body.size} bytes so far"
+                )
+                logger.warning("rest: %s: %s", self._peer, message)
             self._send(_error(ErrorKind.UNAVAILABLE, message, close=True))
+        self._unhold()
         self._transport.close()
 
     def _linger(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from .grpc_rere import rere_handler
 from .handler import Fleet, FleetTiming
 from .rest import RestListener
 
-__all__ = ["FleetService", "server_options"]
+__all__ = ["FleetService", "raise_descriptor_limit", "server_options"]
 
 logger = logging.getLogger("stamen.server")
 
@@ -55,6 +56,22 @@ def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tu
         ("grpc.http2.bdp_probe", 0),
         ("grpc.max_connection_idle_ms", max(1, round(idle_limit * 1000))),
     ]
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the process's soft limit of open files to its hard limit (each connected node
+    holds a descriptor); return the soft limit now in force. Logged when raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.info("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+            return soft
+        logger.info("raised the open-files limit from %d to %d (each node holds one)", soft, target)
+        return target
+    return soft
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -156,6 +173,7 @@ class FleetService:
             ConfigError: an address cannot be bound (in use, or not an address here).
         """
         tune_allocator()
+        raise_descriptor_limit()
         self._loop_thread.start()
         try:
             self.port = self._loop_thread.run(self._start(), timeout)
