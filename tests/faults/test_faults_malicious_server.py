@@ -3,22 +3,28 @@
 Fake servers (a raw gRPC server for grpc-bidi and grpc-rere, a tiny HTTP server for rest)
 answer with garbage where an instruction or a Fleet response is due, with responses over
 the node's message limit or without end, with trickled responses, with timing values that
-make no sense, or with nothing at all. Every wait is bounded.
+make no sense, with frames announcing more than the node takes, with long-polls held for
+an hour, or with nothing at all. Every wait is bounded.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from fault_tools import WAIT, FakeGrpcServer, FakeHttpServer, HttpBehaviour, http_reply
 
 from stamen.errors import (
+    AuthError,
     ConnectError,
     DecodeError,
     MessageTooLarge,
@@ -27,13 +33,21 @@ from stamen.errors import (
 )
 from stamen.messages import FitIns, ReconnectIns
 from stamen.ndarrays import ndarrays_to_parameters
+from stamen.protocol import fleet_client
 from stamen.protocol.fleet import CreateNodeRequest, CreateNodeResponse, PullResponse
-from stamen.testing import NodeThread
+from stamen.testing import NodeThread, generate_node_keys
 from stamen.testing.conformance import AddClient
-from stamen.transport.base import TransportSettings
+from stamen.transport.base import TransportSettings, default_max_model_bytes
 from stamen.transport.grpc_rere import GrpcRereRequester
 from stamen.transport.rest import RestRequester
-from stamen.wire import Verb, decode_instruction, encode_instruction
+from stamen.wire import (
+    BIDI_METHOD_NAME,
+    BIDI_SERVICE_NAME,
+    FRAMES_METADATA,
+    Verb,
+    decode_instruction,
+    encode_instruction,
+)
 from stamen.wire import fleet_codec as fc
 
 LIMIT = 64 * 1024
@@ -58,7 +72,7 @@ def _registered(poll_timeout: float = 1.0, heartbeat_interval: float = 1.0) -> b
     return fc.encode_create_node_response(CreateNodeResponse(77, heartbeat_interval, poll_timeout))
 
 
-def _node(address: str, transport: str) -> NodeThread:
+def _node(address: str, transport: str, **extra: Any) -> NodeThread:
     return NodeThread(
         {
             "server_address": address,
@@ -66,6 +80,7 @@ def _node(address: str, transport: str) -> NodeThread:
             "client": AddClient(1).to_client(),
             "grpc_max_message_length": LIMIT,
             "max_retries": 0,
+            **extra,
         }
     ).start()
 
@@ -308,3 +323,189 @@ def test_silent_bidi_server_holds_the_node_until_it_goes_away(
     finally:
         fake.close()
     _raises_within(node, ConnectError, "gave up")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _claim(total: int) -> bytes:
+    """A first ``Frame`` (field 16 of ServerMessage) announcing a message of ``total``
+    bytes, with 16 bytes of it."""
+    chunk = b"\x00" * 16
+    inner = b"\x08" + _varint(total) + b"\x10\x00" + b"\x1a" + _varint(len(chunk)) + chunk
+    return _varint(16 << 3 | 2) + _varint(len(inner)) + inner
+
+
+def _serving(closing: Callable[[Any], Any], transport: str, instruction: bytes) -> str:
+    """The address of a fake server whose first instruction is ``instruction``."""
+    if transport == "grpc-bidi":
+
+        def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+            yield instruction
+            stop.wait(WAIT)
+
+        address: str = closing(FakeGrpcServer(join=join)).address
+        return address
+    pull = fc.encode_pull_response(PullResponse(1, instruction))
+    if transport == "grpc-rere":
+        address = closing(FakeGrpcServer(fleet=_fleet(_registered(), pull))).address
+        return address
+    url: str = closing(_http_fleet(_registered(), pull)).url
+    return url
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_frame_claim_over_the_default_bound_is_refused_before_allocating(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """A frame that announces a message larger than the node's default bound (half of the
+    machine's memory: max_model_bytes unset) makes start_client raise DecodeError naming
+    the bound, at once, with nothing allocated. (Before: any claim up to the whole
+    physical memory was allocated, from a 40-byte message.)"""
+    claim = _claim(default_max_model_bytes(LIMIT) + 1)
+    address = _serving(closing, transport, claim)
+    bound = default_max_model_bytes(LIMIT)
+    _raises_within(_node(address, transport), DecodeError, f"over the {bound} bytes expected")
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_frame_claim_over_max_model_bytes_is_refused(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """With start_client(max_model_bytes=1 MiB), a frame announcing 64 MiB (far below the
+    machine's memory, 1024 times grpc_max_message_length) is refused with DecodeError
+    before the node allocates anything."""
+    address = _serving(closing, transport, _claim(64 << 20))
+    node = _node(address, transport, max_model_bytes=1 << 20)
+    _raises_within(node, DecodeError, f"over the {1 << 20} bytes expected")
+
+
+def _held_poll_fleet(closing: Callable[[Any], Any], transport: str) -> str:
+    """A Fleet server that announces a one-hour poll_timeout and holds every pull."""
+    create = _registered(poll_timeout=3600.0)
+    if transport == "grpc-rere":
+        fake: Any = None
+
+        def hold(_request: bytes) -> bytes:
+            fake.stop.wait(WAIT)
+            return b""
+
+        behaviours = _fleet(create, b"")
+        behaviours[Verb.PULL] = hold
+        fake = closing(FakeGrpcServer(fleet=behaviours))
+        address: str = fake.address
+        return address
+    server = FakeHttpServer(
+        {
+            Verb.CREATE_NODE: _answer(create),
+            Verb.PULL: _silent,
+            Verb.HEARTBEAT: _answer(b""),
+            Verb.DELETE_NODE: _answer(b""),
+        }
+    )
+    url: str = closing(server).url
+    return url
+
+
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_a_server_poll_timeout_is_clamped_to_the_node_maximum(
+    closing: Callable[[Any], Any],
+    transport: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that announces poll_timeout=3600 and holds each pull cannot keep the
+    node waiting an hour: the node clamps the poll to its maximum
+    (fleet_client.MAX_POLL_TIMEOUT, 300 s; lowered to 0.5 s here, with the 15 s slack to
+    0.5 s, to keep the test short), gives the pull up at that deadline, and with
+    max_retries=0 start_client raises ConnectError. (Before: 3615 s per pull.)
+    grpc-bidi has no poll: a silent stream is the server having no work
+    (test_silent_bidi_server_holds_the_node_until_it_goes_away)."""
+    monkeypatch.setattr(fleet_client, "MAX_POLL_TIMEOUT", 0.5)
+    monkeypatch.setattr(fleet_client, "_SLACK", 0.5)
+    caplog.set_level(logging.WARNING, logger="stamen.client")
+    address = _held_poll_fleet(closing, transport)
+    _raises_within(_node(address, transport), ConnectError, "gave up")
+    assert "poll_timeout of 3600 s is over the node's maximum" in caplog.text
+
+
+class _AnnouncingBidiServer:
+    """A grpc-bidi server that announces ``stamen-frames: <value>`` in its initial
+    metadata, then sends a FitIns and waits."""
+
+    def __init__(self, value: str) -> None:
+        self.stop = threading.Event()
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=4))
+
+        def join(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+            context.send_initial_metadata(((FRAMES_METADATA, value),))
+            yield _FIT
+            self.stop.wait(WAIT)
+
+        handler = grpc.stream_stream_rpc_method_handler(join)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(BIDI_SERVICE_NAME, {BIDI_METHOD_NAME: handler}),)
+        )
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._server.stop(grace=None).wait(WAIT)
+
+
+@pytest.mark.parametrize("transport", ["grpc-bidi", "grpc-rere", "rest"])
+def test_a_tiny_server_message_bound_is_refused(
+    closing: Callable[[Any], Any], transport: str
+) -> None:
+    """A server announcing a message bound of 300 bytes (a node frames its replies to the
+    server's bound: a model would go a byte per frame, the node sending for ever) makes
+    start_client raise ProtocolError naming the bound."""
+    if transport == "grpc-bidi":
+        address = closing(_AnnouncingBidiServer("300")).address
+    else:
+        create = fc.encode_create_node_response(CreateNodeResponse(77, 1.0, 1.0, 300))
+        pull = fc.encode_pull_response(PullResponse(1, _FIT))
+        if transport == "grpc-rere":
+            address = closing(FakeGrpcServer(fleet=_fleet(create, pull))).address
+        else:
+            address = closing(_http_fleet(create, pull)).url
+    _raises_within(_node(address, transport), ProtocolError, "at least 1024")
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "-5", "lots"], ids=["5000-digits", "sign", "word"])
+def test_a_malformed_bidi_frames_announcement_is_ignored(
+    closing: Callable[[Any], Any], value: str
+) -> None:
+    """A grpc-bidi server whose stamen-frames value is not a plain byte count (5000 digits,
+    a sign, a word) is taken as announcing no bound: the node trains and replies (before:
+    int() raised a raw ValueError on 5000 digits, over Python's limit for int())."""
+    server = closing(_AnnouncingBidiServer(value))
+    node = _node(server.address, "grpc-bidi")
+    time.sleep(0.5)
+    assert not node.done.is_set(), node.join(0)
+    server.close()
+    _raises_within(node, ConnectError, "gave up")
+
+
+def test_a_bidi_server_without_node_authentication_is_refused_by_a_node_with_keys(
+    closing: Callable[[Any], Any],
+) -> None:
+    """A node with authentication_keys facing a grpc-bidi server that announces neither
+    frames nor a session key (a Flower server: Flower 1.12 has no node authentication on
+    grpc-bidi) raises AuthError instead of training unauthenticated, like rest against a
+    Flower SuperLink."""
+
+    def join(requests: Iterator[bytes], stop: Any) -> Iterator[bytes]:
+        yield _FIT
+        stop.wait(WAIT)
+
+    address = closing(FakeGrpcServer(join=join)).address
+    node = _node(address, "grpc-bidi", authentication_keys=generate_node_keys())
+    _raises_within(node, AuthError, "does not take part in node authentication")

@@ -14,7 +14,7 @@ import pytest
 from stamen.errors import AuthError, TLSError
 from stamen.messages import FitIns, ReconnectIns
 from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
-from stamen.protocol.auth import RequestSigner
+from stamen.protocol.auth import HEADER_SESSION, RequestSigner, StreamSession
 from stamen.protocol.fleet import CreateNodeRequest
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.server import ServerConfig
@@ -285,12 +285,21 @@ def test_replayed_tampered_and_stale_requests_are_refused(
         other = signer.headers(Verb.CREATE_NODE.grpc_method, CREATE, time.time())
         assert attacker.rest(Verb.CREATE_NODE, CREATE, other) == 401
 
-        # grpc-bidi handshake: replayed and stale are refused before a node is opened.
-        captured = signer.headers(BIDI_JOIN_METHOD, b"", time.time())
+        # grpc-bidi handshake: replayed and stale are refused before a node is opened. The
+        # signed body of the opening is the node's ephemeral session key.
+        session = StreamSession.for_node()
+        offer = {HEADER_SESSION: session.header_value}
+        captured = {**signer.headers(BIDI_JOIN_METHOD, session.public, time.time()), **offer}
         first = attacker.bidi(captured)  # accepted: the stream opens (then times out here)
         assert first != unauth
         assert attacker.bidi(captured) == unauth
-        assert attacker.bidi(signer.headers(BIDI_JOIN_METHOD, b"", time.time() - 120)) == unauth
+        stale = signer.headers(BIDI_JOIN_METHOD, session.public, time.time() - 120)
+        assert attacker.bidi({**stale, **offer}) == unauth
+        # Another session key under the signature, or none at all: refused.
+        other = StreamSession.for_node().header_value
+        fresh = signer.headers(BIDI_JOIN_METHOD, session.public, time.time())
+        assert attacker.bidi({**fresh, HEADER_SESSION: other}) == unauth
+        assert attacker.bidi(signer.headers(BIDI_JOIN_METHOD, b"", time.time())) == unauth
 
         # The honest node is unaffected: it trains (the nodes the accepted attack requests
         # registered never answer), then leaves at the end of the run.

@@ -97,6 +97,7 @@ def make_node_config(
     max_wait_time: float | None = None,
     client_certificates: tuple[bytes | str, bytes | str] | None = None,
     transport_factory: TransportFactory | None = None,
+    max_model_bytes: int | None = None,
 ) -> NodeConfig:
     """Check every argument of :func:`start_client`; raise ConfigError naming the bad one.
 
@@ -134,6 +135,15 @@ def make_node_config(
     ):
         raise ConfigError(
             f"grpc_max_message_length: expected an int > 0, received {grpc_max_message_length!r}"
+        )
+    if max_model_bytes is not None and (
+        isinstance(max_model_bytes, bool)
+        or not isinstance(max_model_bytes, int)
+        or max_model_bytes < grpc_max_message_length
+    ):
+        raise ConfigError(
+            "max_model_bytes: expected None or an int >= grpc_max_message_length "
+            f"({grpc_max_message_length}), received {max_model_bytes!r}"
         )
     if insecure is not None and not isinstance(insecure, bool):
         raise ConfigError(f"insecure: expected None or a bool, received {insecure!r}")
@@ -173,6 +183,7 @@ def make_node_config(
         root_certificates=roots,
         client_certificate=client_pair,
         signer=signer,
+        max_model_bytes=max_model_bytes,
     )
     return NodeConfig(
         client_fn=fn, transport=transport, settings=settings, policy=policy, factory=factory
@@ -275,6 +286,7 @@ def start_client(
     max_retries: int | None = None,
     max_wait_time: float | None = None,
     client_certificates: tuple[bytes | str, bytes | str] | None = None,
+    max_model_bytes: int | None = None,
 ) -> None:
     """Start a client node that connects to a server and serves it until the run ends.
 
@@ -296,6 +308,12 @@ def start_client(
         max_wait_time: Seconds allowed since the connection was lost; None is no limit.
         client_certificates: ``(certificate_chain, private_key)`` PEM bytes or paths: a
             client certificate for servers that require mutual TLS (Stamen extension).
+        max_model_bytes: Largest instruction the node accepts, in bytes, including one
+            that arrives in frames (Stamen extension: frames carry models larger than one
+            message, so a server's frame could announce any size). A frame announcing
+            more is refused (``DecodeError``) before anything is allocated. Default: half
+            of this machine's physical memory (at least ``grpc_max_message_length``).
+            Must be at least ``grpc_max_message_length``.
 
     Returns when the server ends the session (``ReconnectIns(seconds=0)``).
 
@@ -318,5 +336,6 @@ def start_client(
         max_retries=max_retries,
         max_wait_time=max_wait_time,
         client_certificates=client_certificates,
+        max_model_bytes=max_model_bytes,
     )
     run_node(config, clock=SystemClock(), rng=random.random)

@@ -26,23 +26,32 @@ import base64
 import binascii
 import hashlib
 import heapq
+import hmac as std_hmac
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AuthError, ConfigError
 
 __all__ = [
     "HEADER_KEY",
     "HEADER_NONCE",
+    "HEADER_SESSION",
     "HEADER_SIGNATURE",
     "HEADER_TIMESTAMP",
+    "MAC_FIELD",
+    "MAC_TRAILER_BYTES",
     "RequestSigner",
     "RequestVerifier",
+    "StreamSession",
+    "decode_session_key",
     "key_fingerprint",
     "public_key_der",
     "signing_string",
@@ -236,3 +245,192 @@ class RequestVerifier:
         self._nonces.add(nonce)
         heapq.heappush(self._expiry, _Seen(timestamp_ms / 1000 + self.window, nonce))
         return key_fingerprint(key)
+
+
+# --- Message integrity on a grpc-bidi stream (a session bound to the signed opening) ------
+
+HEADER_SESSION = "x-stamen-session-key"
+"""grpc-bidi metadata: base64 of an ephemeral X25519 public key (32 raw bytes). The node
+sends its key with the opening of the Join stream (whose signature covers it: the signed
+body is the 32 raw bytes); the server answers with its own in the initial metadata."""
+
+SESSION_KEY_BYTES = 32
+SESSION_INFO = b"stamen-bidi-session-v1"
+"""HKDF's info prefix; the two ephemeral public keys (node's, then server's) follow it."""
+
+MAC_FIELD = 1000
+"""Protobuf field number of the MAC trailer (``bytes``; unused by Flower and Stamen)."""
+
+MAC_TAG = bytes([(MAC_FIELD << 3 | 2) & 0x7F | 0x80, (MAC_FIELD << 3 | 2) >> 7])
+"""The trailer's field tag, ``C2 3E`` (field 1000, wire type 2)."""
+
+MAC_BYTES = 32
+MAC_TRAILER_BYTES = len(MAC_TAG) + 1 + MAC_BYTES
+"""35: the tag, the length byte ``0x20`` and HMAC-SHA256's 32 bytes."""
+
+_MAC_PREFIX = MAC_TAG + bytes([MAC_BYTES])
+
+
+def _x25519_public(data: bytes, who: str) -> X25519PublicKey:
+    if len(data) != SESSION_KEY_BYTES:
+        raise AuthError(
+            f"{who} session key: expected {SESSION_KEY_BYTES} bytes, received {len(data)}"
+        )
+    return X25519PublicKey.from_public_bytes(data)
+
+
+def decode_session_key(value: str | None, who: str) -> bytes:
+    """The raw 32 bytes of a session key header's value.
+
+    Raises:
+        AuthError: missing, not base64, or not 32 bytes.
+    """
+    if value is None:
+        raise AuthError(
+            f"expected the {who}'s ephemeral session key in {HEADER_SESSION!r} (message "
+            "integrity on grpc-bidi with node authentication)"
+        )
+    if len(value) > 64:
+        raise AuthError(f"{HEADER_SESSION}: expected at most 64 characters, received {len(value)}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error) as exc:
+        raise AuthError(f"{HEADER_SESSION}: not base64: {exc}") from None
+    _x25519_public(raw, who)
+    return raw
+
+
+def _session_keys(
+    private: X25519PrivateKey, peer: bytes, node_public: bytes, server_public: bytes
+) -> tuple[bytes, bytes]:
+    """(node-to-server key, server-to-node key): HKDF-SHA256 of the X25519 secret."""
+    try:
+        shared = private.exchange(_x25519_public(peer, "peer"))
+    except ValueError as exc:  # a low-order point: the secret would be all zeros
+        raise AuthError(f"session key exchange failed: {exc}") from None
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=2 * MAC_BYTES,
+        salt=None,
+        info=SESSION_INFO + node_public + server_public,
+    ).derive(shared)
+    return okm[:MAC_BYTES], okm[MAC_BYTES:]
+
+
+class _Direction:
+    """One direction of a session: its HMAC key and its next sequence number."""
+
+    __slots__ = ("key", "seq")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.seq = 0
+
+    def mac(self, message: bytes | memoryview) -> bytes:
+        h = crypto_hmac.HMAC(self.key, hashes.SHA256())
+        h.update(self.seq.to_bytes(8, "big"))
+        h.update(message)
+        return h.finalize()
+
+
+class StreamSession:
+    """Message integrity of one grpc-bidi stream between Stamen peers (sans-IO).
+
+    Each side holds an ephemeral X25519 key; the node's public key travels in the signed
+    opening of the stream (its signature covers it), the server's in the initial
+    metadata. HKDF-SHA256 (no salt; info ``stamen-bidi-session-v1 || node key || server
+    key``) of the X25519 secret gives 64 bytes: the node-to-server HMAC key, then the
+    server-to-node one. Every message is sent as itself followed by a trailer, protobuf
+    field 1000 (``bytes``) holding HMAC-SHA256(key of its direction, 8-byte big-endian
+    sequence number || the message), the sequence number counting that direction's
+    messages from 0. The receiver checks and strips the trailer, so a rewritten,
+    injected, dropped-then-resumed, reordered or replayed message (or one from another
+    stream) fails the check.
+
+    Build with :meth:`for_node` (then :meth:`accept` the server's key) or
+    :meth:`for_server`.
+    """
+
+    def __init__(self, private: X25519PrivateKey, *, node: bool) -> None:
+        self._private = private
+        self.public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        """This side's ephemeral public key (32 bytes)."""
+        self._node = node
+        self._send: _Direction | None = None
+        self._receive: _Direction | None = None
+
+    @property
+    def header_value(self) -> str:
+        """The value of this side's :data:`HEADER_SESSION`."""
+        return base64.b64encode(self.public).decode("ascii")
+
+    @classmethod
+    def for_node(cls) -> StreamSession:
+        """A node's session: send :attr:`header_value` (and sign :attr:`public` as the
+        opening's body), then :meth:`accept` the server's key."""
+        return cls(X25519PrivateKey.generate(), node=True)
+
+    @classmethod
+    def for_server(cls, node_public: bytes) -> StreamSession:
+        """A server's session for a node that opened with ``node_public`` (verified to be
+        what its signature covers); answer with :attr:`header_value`.
+
+        Raises:
+            AuthError: not a usable X25519 key.
+        """
+        session = cls(X25519PrivateKey.generate(), node=False)
+        session._derive(node_public, node_public, session.public)
+        return session
+
+    def accept(self, server_public: bytes) -> None:
+        """Node: take the server's ephemeral key.
+
+        Raises:
+            AuthError: not a usable X25519 key.
+        """
+        self._derive(server_public, self.public, server_public)
+
+    def _derive(self, peer: bytes, node_public: bytes, server_public: bytes) -> None:
+        to_server, to_node = _session_keys(self._private, peer, node_public, server_public)
+        self._send = _Direction(to_server if self._node else to_node)
+        self._receive = _Direction(to_node if self._node else to_server)
+
+    @property
+    def ready(self) -> bool:
+        """True once both keys are known."""
+        return self._send is not None
+
+    def seal(self, message: bytes) -> bytes:
+        """``message`` followed by its MAC trailer; the next sequence number is used."""
+        send = self._send
+        if send is None:
+            raise AuthError("stream session: seal() before the keys were exchanged")
+        trailer = _MAC_PREFIX + send.mac(message)
+        send.seq += 1
+        return message + trailer
+
+    def open(self, message: bytes) -> bytes:
+        """The message without its trailer, if the trailer is the MAC of the next message
+        in this direction.
+
+        Raises:
+            AuthError: no trailer, or a MAC that does not verify (the message was altered,
+                injected, reordered or replayed).
+        """
+        receive = self._receive
+        if receive is None:
+            raise AuthError("stream session: open() before the keys were exchanged")
+        where = f"message {receive.seq} from the {'server' if self._node else 'node'}"
+        if len(message) < MAC_TRAILER_BYTES or not message.startswith(
+            _MAC_PREFIX, len(message) - MAC_TRAILER_BYTES
+        ):
+            raise AuthError(f"{where} carries no MAC: injected or altered on the way")
+        body = memoryview(message)[:-MAC_TRAILER_BYTES]
+        if not std_hmac.compare_digest(receive.mac(body), message[-MAC_BYTES:]):
+            raise AuthError(
+                f"{where} fails its MAC: altered, injected, reordered or replayed on the way"
+            )
+        receive.seq += 1
+        return bytes(body)

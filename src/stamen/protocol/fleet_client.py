@@ -8,6 +8,7 @@ being answered. It builds each request and takes each response; the transport
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
@@ -20,13 +21,26 @@ from .fleet import (
     PushRequest,
     SimpleRequest,
 )
-from .fleet_server import Framing
+from .fleet_server import Framing, Reader
 from .mailbox import Payload
 
-__all__ = ["SERVER_SECONDS", "FleetClientState"]
+__all__ = ["MAX_POLL_TIMEOUT", "MIN_SERVER_MESSAGE_LENGTH", "SERVER_SECONDS", "FleetClientState"]
+
+logger = logging.getLogger("stamen.client")
 
 SERVER_SECONDS = (0.01, 3600.0)
 """The heartbeat intervals and long-poll timeouts a node accepts from a server."""
+
+MAX_POLL_TIMEOUT = 300.0
+"""The longest long-poll a node waits on (five minutes): a server's longer
+``poll_timeout`` is clamped to it, with a warning, so a server that holds each poll
+cannot keep a node waiting for an hour; the node gives up a pull after this plus 15 s
+and reconnects (under ``max_retries``/``max_wait_time``)."""
+
+MIN_SERVER_MESSAGE_LENGTH = 1024
+"""The smallest message bound a node accepts from a server: a node frames its replies to
+the server's bound, and a bound of a few hundred bytes would cut a model into frames of a
+byte each (a node sending for ever)."""
 
 _SLACK = 15.0
 """Seconds a pull may take beyond the server's long-poll timeout before the node gives up."""
@@ -57,14 +71,18 @@ class FleetClientState:
     Args:
         framing: How messages are cut into frames.
         max_message_length: The node's bound of one message, both ways.
+        reader: Puts the server's frames together (None: ``framing.reader()``); the
+            node's own, bounded by its ``max_model_bytes``.
     """
 
-    def __init__(self, framing: Framing, max_message_length: int) -> None:
+    def __init__(
+        self, framing: Framing, max_message_length: int, reader: Reader | None = None
+    ) -> None:
         self._framing = framing
         self.max_message_length = max_message_length
         self._frame_size = framing.frame_size(max_message_length)
         self.reply_frame_size = self._frame_size
-        self._reader = framing.reader()
+        self._reader = framing.reader() if reader is None else reader
         self.node_id = 0
         self.poll_timeout = 10.0
         self.heartbeat_interval = 15.0
@@ -93,11 +111,25 @@ class FleetClientState:
         if response.node_id == 0:
             raise ProtocolError("CreateNode: expected a node id, received 0")
         self.node_id = response.node_id  # set first, so that the node unregisters it
-        self.poll_timeout = _seconds("poll_timeout", response.poll_timeout, self.poll_timeout)
+        poll_timeout = _seconds("poll_timeout", response.poll_timeout, self.poll_timeout)
+        if poll_timeout > MAX_POLL_TIMEOUT:
+            logger.warning(
+                "CreateNode: the server's poll_timeout of %g s is over the node's maximum; "
+                "long-polling for %g s instead",
+                poll_timeout,
+                MAX_POLL_TIMEOUT,
+            )
+            poll_timeout = MAX_POLL_TIMEOUT
+        self.poll_timeout = poll_timeout
         self.heartbeat_interval = _seconds(
             "heartbeat_interval", response.heartbeat_interval, self.heartbeat_interval
         )
         self.reply_frame_size = self._frame_size
+        if 0 < response.max_message_length < MIN_SERVER_MESSAGE_LENGTH:
+            raise ProtocolError(
+                f"CreateNode: max_message_length: expected 0 or at least "
+                f"{MIN_SERVER_MESSAGE_LENGTH} bytes, received {response.max_message_length}"
+            )
         if response.max_message_length > 0:
             self.reply_frame_size = min(
                 self._frame_size, self._framing.frame_size(response.max_message_length)

@@ -8,13 +8,29 @@ anything else is final).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..messages import Instruction, Reply
 from ..protocol.auth import RequestSigner
 
-__all__ = ["ClientTransport", "TransportSettings"]
+__all__ = ["ClientTransport", "TransportSettings", "default_max_model_bytes"]
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - Linux and macOS have both
+        return 1 << 62
+
+
+def default_max_model_bytes(max_message_length: int) -> int:
+    """A node's default bound of one incoming message, framed or not: half of this
+    machine's physical memory, and never less than ``max_message_length`` (a message the
+    node takes whole anyway). A model larger than half the memory could not be trained
+    here: the received message, the client's arrays and the reply would not fit."""
+    return max(max_message_length, _physical_memory() // 2)
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,9 @@ class TransportSettings:
         client_certificate: ``(certificate_chain, private_key)`` PEM for mutual TLS.
         signer: Signs every request (node authentication), or None.
         connect_timeout: Seconds to wait for a connection.
+        max_model_bytes: Largest incoming message (an instruction put together from
+            frames included) the node accepts; a frame that announces more is refused
+            before anything is allocated. None: :func:`default_max_model_bytes`.
     """
 
     address: str
@@ -38,6 +57,14 @@ class TransportSettings:
     client_certificate: tuple[bytes, bytes] | None = None
     signer: RequestSigner | None = None
     connect_timeout: float = 10.0
+    max_model_bytes: int | None = None
+
+    @property
+    def model_bound(self) -> int:
+        """The bound of one incoming message: ``max_model_bytes`` or its default."""
+        if self.max_model_bytes is not None:
+            return self.max_model_bytes
+        return default_max_model_bytes(self.max_message_length)
 
 
 class ClientTransport(Protocol):

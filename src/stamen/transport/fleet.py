@@ -16,7 +16,7 @@ from ..errors import ConnectionLost, StamenError, TransportError
 from ..messages import Instruction, Reply
 from ..protocol.fleet import NodeUnknown
 from ..protocol.fleet_client import FleetClientState
-from ..wire import FRAMING, Verb, decode_instruction, encode_reply_payload
+from ..wire import FRAMING, FrameReader, Verb, decode_instruction, encode_reply_payload
 from ..wire import fleet_codec as codec
 
 __all__ = ["FleetClientTransport", "Requester"]
@@ -49,10 +49,16 @@ class FleetClientTransport:
     :class:`~stamen.protocol.fleet_client.FleetClientState`."""
 
     def __init__(
-        self, requester: Requester, *, max_message_length: int, request_timeout: float = 30.0
+        self,
+        requester: Requester,
+        *,
+        max_message_length: int,
+        request_timeout: float = 30.0,
+        max_model_bytes: int | None = None,
     ) -> None:
         self._requester = requester
-        self._state = FleetClientState(FRAMING, max_message_length)
+        reader = FrameReader(max_model_bytes) if max_model_bytes is not None else None
+        self._state = FleetClientState(FRAMING, max_message_length, reader)
         self._request_timeout = request_timeout
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None

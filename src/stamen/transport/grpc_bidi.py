@@ -3,6 +3,12 @@
 The server speaks first; each instruction is answered by one reply on the same stream.
 Bytes go through the stream as they are (no grpc serializers): :mod:`stamen.wire` encodes
 and decodes, so malformed bytes raise :class:`~stamen.errors.DecodeError`.
+
+With ``authentication_keys`` the signed opening carries an ephemeral session key, and
+every message either way carries a MAC (:class:`~stamen.protocol.auth.StreamSession`): a
+message from the server that fails it raises :class:`~stamen.errors.AuthError`, and so
+does a server that does not take part (a Flower server, whose grpc-bidi has no node
+authentication, or a proxy that removed the server's key).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from ..errors import ConnectError, ConnectionLost, MessageTooLarge
+from ..errors import AuthError, ConnectError, ConnectionLost, MessageTooLarge, ProtocolError
 from ..messages import Instruction, Reply
 from ..net.limits import grpc_message_options
 from ..net.loop import run_on_client_loop
 from ..net.tls import channel_credentials, diagnose_tls
+from ..protocol.auth import HEADER_SESSION, StreamSession, decode_session_key
+from ..protocol.fleet_client import MIN_SERVER_MESSAGE_LENGTH
 from ..wire import (
     BIDI_JOIN_METHOD,
     FRAMES_METADATA,
@@ -132,10 +140,11 @@ class GrpcBidiTransport:
         self._max_message_length = settings.max_message_length
         self._channel: aio.Channel | None = None
         self._call: Any = None
-        self._reader = FrameReader()
+        self._reader = FrameReader(settings.model_bound)
         self._frame_size = frame_size(settings.max_message_length)
         self._server_frames: bool | None = None
         self._reply_frame_size = self._frame_size
+        self._session: StreamSession | None = None
 
     @property
     def node_id(self) -> int:
@@ -151,15 +160,20 @@ class GrpcBidiTransport:
             ConnectError: the server could not be reached.
         """
         metadata = [(FRAMES_METADATA, str(self._max_message_length))]
+        session = None
         if self._settings.signer is not None:
-            headers = self._settings.signer.headers(BIDI_JOIN_METHOD, b"", time.time())
+            # The signature covers the session key: the opening's body is its 32 bytes.
+            session = StreamSession.for_node()
+            headers = self._settings.signer.headers(BIDI_JOIN_METHOD, session.public, time.time())
             metadata += headers.items()
+            metadata.append((HEADER_SESSION, session.header_value))
         channel = open_channel(self._settings)
         self._channel = channel  # closed by close(), whatever happens next
         self._call = run_on_client_loop(_join(channel, tuple(metadata)))
-        self._reader = FrameReader()
+        self._reader = FrameReader(self._settings.model_bound)
         self._server_frames = None
         self._reply_frame_size = self._frame_size
+        self._session = session
 
     def receive(self) -> Instruction:
         """Wait for the server's next instruction."""
@@ -169,8 +183,25 @@ class GrpcBidiTransport:
         whole = None
         while whole is None:
             data = run_on_client_loop(self._read(call))
+            if self._session is not None:
+                self._peer_takes_frames(call)  # reads the server's session key, once
+            if self._session is not None:
+                data = self._opened(data)
             whole = self._reader.feed(data)  # copying a frame: here, not on the loop
         return decode_instruction(whole)
+
+    def _opened(self, data: bytes) -> bytes:
+        """A message of the server checked against its MAC, without it.
+
+        Raises:
+            AuthError: the MAC does not verify.
+        """
+        session = self._session
+        assert session is not None
+        try:
+            return session.open(data)
+        except AuthError as exc:
+            raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
 
     async def _read(self, call: Any) -> bytes:
         try:
@@ -187,13 +218,41 @@ class GrpcBidiTransport:
         response metadata, which has arrived with the first instruction)."""
         if self._server_frames is None:
             metadata = run_on_client_loop(call.initial_metadata())
-            announced = None
+            announced = server_key = None
             for key, value in metadata or ():
                 if key == FRAMES_METADATA:
                     announced = value
+                elif key == HEADER_SESSION and isinstance(value, str):
+                    server_key = value
+            if self._session is not None and not self._session.ready:
+                if announced is None:
+                    raise AuthError(
+                        f"grpc-bidi: {self._address} does not take part in node "
+                        "authentication on grpc-bidi (a Flower server? Flower 1.12 has none "
+                        "on grpc-bidi: use transport='grpc-rere' with authentication_keys, or "
+                        "no authentication_keys)"
+                    )
+                if server_key is None:
+                    # A Stamen server without node authentication: it ignores the
+                    # signature (as on grpc-rere and rest) and MACs nothing. (A relay that
+                    # removed the key gains nothing: the server, expecting MACs, refuses
+                    # every message of ours.)
+                    logger.debug("grpc-bidi: %s does not authenticate nodes", self._address)
+                    self._session = None
+                else:
+                    try:
+                        self._session.accept(decode_session_key(server_key, "server"))
+                    except AuthError as exc:
+                        raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
             self._server_frames = isinstance(announced, str)
-            if isinstance(announced, str) and announced.isdigit() and int(announced) > 0:
-                self._reply_frame_size = min(self._frame_size, frame_size(int(announced)))
+            if _byte_count(announced) > 0:
+                bound = _byte_count(announced)
+                if bound < MIN_SERVER_MESSAGE_LENGTH:
+                    raise ProtocolError(
+                        f"grpc-bidi: {self._address} announced {FRAMES_METADATA}: {bound}: "
+                        f"expected at least {MIN_SERVER_MESSAGE_LENGTH} bytes"
+                    )
+                self._reply_frame_size = min(self._frame_size, frame_size(bound))
         return self._server_frames
 
     def send(self, reply: Reply) -> None:
@@ -221,7 +280,10 @@ class GrpcBidiTransport:
                 )
             run_on_client_loop(self._write(call, payload.tobytes()))
             return
+        session = self._session
         for message in payload.messages(self._reply_frame_size):  # built in this thread
+            if session is not None:
+                message = session.seal(message)
             run_on_client_loop(self._write(call, message))
 
     async def _write(self, call: Any, message: bytes) -> None:
@@ -243,6 +305,14 @@ class GrpcBidiTransport:
             run_on_client_loop(_close(call, channel, graceful), _CLOSE_GRACE_SECONDS + 5.0)
         except Exception as exc:  # closing is best effort
             logger.debug("grpc-bidi: closing the stream to %s: %s", self._address, exc)
+
+
+def _byte_count(value: str | None) -> int:
+    """A byte count announced in metadata (0: none, or not a plain decimal number of at
+    most 19 digits: ``int()`` would take Unicode digits, and raise on 5000 of them)."""
+    if value is None or not (value.isascii() and value.isdigit() and len(value) <= 19):
+        return 0
+    return int(value)
 
 
 def _for_flower_server(reply: Reply) -> Reply:

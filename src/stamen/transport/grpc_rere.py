@@ -196,6 +196,8 @@ def grpc_rere_transport(settings: TransportSettings) -> DetectingTransport:
     """A grpc-rere node transport: Stamen's Fleet protocol, or Flower 1.12's Fleet API
     when the server is a Flower SuperLink."""
     stamen = FleetClientTransport(
-        GrpcRereRequester(settings), max_message_length=settings.max_message_length
+        GrpcRereRequester(settings),
+        max_message_length=settings.max_message_length,
+        max_model_bytes=settings.model_bound,
     )
     return DetectingTransport("grpc-rere", settings.address, stamen, lambda: _flower_node(settings))

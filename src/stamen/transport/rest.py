@@ -203,6 +203,8 @@ def rest_transport(settings: TransportSettings) -> DetectingTransport:
     """A rest node transport: Stamen's Fleet protocol, or Flower 1.12's Fleet API when
     the server is a Flower SuperLink."""
     stamen = FleetClientTransport(
-        RestRequester(settings), max_message_length=settings.max_message_length
+        RestRequester(settings),
+        max_message_length=settings.max_message_length,
+        max_model_bytes=settings.model_bound,
     )
     return DetectingTransport("rest", settings.address, stamen, lambda: _flower_node(settings))

@@ -37,7 +37,9 @@ __all__ = [
     "FlowerAuthenticator",
     "NodeAuthenticator",
     "ServerKeys",
+    "opening_key_der",
     "parse_public_keys",
+    "still_authorized",
 ]
 
 logger = logging.getLogger("stamen.server")
@@ -371,3 +373,23 @@ class FlowerAuthenticator:
         if not covers and not std_hmac.compare_digest(flower_hmac(shared, canonical()), received):
             raise AuthError("the request's HMAC does not verify under the node's key")
         return key_fingerprint(key), ()
+
+
+# --- Keys of open streams, checked again -------------------------------------------------
+
+
+def opening_key_der(headers: Mapping[str, str]) -> bytes | None:
+    """The DER of the node key named by a verified request's headers (None: not there)."""
+    value = headers.get(HEADER_KEY)
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def still_authorized(authenticator: NodeAuthenticator, key_der: bytes) -> bool:
+    """Whether the key is (still) authorized: the authorized keys file is read again if it
+    changed, so a key deleted from it is no longer authorized from the next check on."""
+    return authenticator.keys.lookup(key_der) is not None

@@ -4,25 +4,57 @@ One stream is one node. The server speaks first: it writes the node's next instr
 reads the reply, and repeats. A node that hangs up, or whose stream breaks, is closed and
 its in-flight instruction fails at once. Runs on grpc.aio, so a connected node costs a
 coroutine, not a thread: there is no ~1000-stream ceiling.
+
+With node authentication, the signed opening of the stream carries the node's ephemeral
+session key, the server answers with its own, and every message of the stream, either
+way, carries a MAC under the keys they share (:class:`~stamen.protocol.auth.StreamSession`,
+docs/security.md): a message that fails its MAC ends the stream with ``UNAUTHENTICATED``.
+The node's key is checked again every heartbeat interval and before each instruction, so
+a key removed from the authorized keys ends its open streams.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import grpc
 
-from ...errors import ConnectionLost, DecodeError
+from ...errors import AuthError, ConnectionLost, DecodeError
 from ...messages import ReconnectIns
+from ...protocol.auth import HEADER_SESSION, StreamSession, decode_session_key
 from ...protocol.fleet import FleetError
 from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME, FRAMES_METADATA
+from .auth import NodeAuthenticator, opening_key_der, still_authorized
 from .grpc_rere import metadata_dict
 from .handler import Fleet
 
 __all__ = ["bidi_handler"]
 
 logger = logging.getLogger("stamen.server")
+
+
+class _Revoked(Exception):
+    """The node's key was removed from the authorized keys while its stream was open."""
+
+
+async def _watch_key(
+    authenticator: NodeAuthenticator,
+    key_der: bytes,
+    period: float,
+    node_cid: str,
+    stream: asyncio.Task[Any],
+    revoked: list[str],
+) -> None:
+    """Every ``period`` seconds, check the node's key; end the stream once it is gone."""
+    while True:
+        await asyncio.sleep(period)
+        if not still_authorized(authenticator, key_der):
+            revoked.append(f"node {node_cid}: its key is no longer authorized")
+            stream.cancel()
+            return
 
 
 def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
@@ -33,8 +65,22 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         if fleet.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         metadata = metadata_dict(context)
+        authenticator = fleet.authenticator
+        session: StreamSession | None = None
+        key_der: bytes | None = None
         try:
-            key = fleet.authenticate(BIDI_JOIN_METHOD, b"", metadata)
+            if authenticator is not None:
+                # The opening's signed body is the node's session key: bound to its key.
+                node_public = decode_session_key(metadata.get(HEADER_SESSION), "node")
+                key = fleet.authenticate(BIDI_JOIN_METHOD, node_public, metadata)
+                session = StreamSession.for_server(node_public)
+                key_der = opening_key_der(metadata)
+            else:
+                key = fleet.authenticate(BIDI_JOIN_METHOD, b"", metadata)
+        except AuthError as exc:
+            logger.warning("refused a request to %s: %s", BIDI_JOIN_METHOD, exc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise
         except FleetError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
             raise
@@ -42,22 +88,56 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         # and gets whole messages.
         announced = metadata.get(FRAMES_METADATA)
         frames = announced is not None
-        limit = int(announced) if announced is not None and announced.isdigit() else 0
+        plain = announced is not None and announced.isascii() and len(announced) <= 19
+        limit = int(announced) if plain and announced is not None and announced.isdigit() else 0
+        initial: list[tuple[str, str]] = []
         if frames:
-            await context.send_initial_metadata(((FRAMES_METADATA, str(fleet.max_message_length)),))
+            initial.append((FRAMES_METADATA, str(fleet.max_message_length)))
+        if session is not None:
+            initial.append((HEADER_SESSION, session.header_value))
+        if initial:
+            await context.send_initial_metadata(tuple(initial))
         node = fleet.open_node(
             "grpc-bidi", context.peer(), frames=frames, max_message_length=limit, key=key
         )
+        watcher: asyncio.Task[None] | None = None
+        revoked: list[str] = []
+        if authenticator is not None and key_der is not None:
+            stream = asyncio.current_task()
+            assert stream is not None
+            watcher = asyncio.ensure_future(
+                _watch_key(
+                    authenticator,
+                    key_der,
+                    fleet.timing.heartbeat_interval,
+                    node.cid,
+                    stream,
+                    revoked,
+                )
+            )
+
+        def sealed(message: bytes) -> bytes:
+            return message if session is None else session.seal(message)
+
+        def opened(message: bytes) -> bytes:
+            return message if session is None else session.open(message)
+
         error: BaseException | None = None
         try:
             while True:
                 task = await fleet.next_task(node)
+                if (
+                    authenticator is not None
+                    and key_der is not None
+                    and not still_authorized(authenticator, key_der)
+                ):
+                    raise _Revoked(f"node {node.cid}: its key is no longer authorized")
                 if frames:
                     for message in task.payload.messages(node.frame_size):
-                        await context.write(message)
+                        await context.write(sealed(message))
                     del message  # the last frame: not kept while the node works
                 else:
-                    await context.write(task.payload.tobytes())
+                    await context.write(sealed(task.payload.tobytes()))
                 try:
                     whole = None
                     while whole is None:
@@ -65,7 +145,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                         if data is grpc.aio.EOF:
                             error = ConnectionLost(f"node {node.cid} closed its stream")
                             return
-                        whole = await fleet.assemble(node, task, data)
+                        whole = await fleet.assemble(node, task, opened(data))
                     fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:
                     error = exc
@@ -78,7 +158,25 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                 del task, whole, data
         except ConnectionLost as exc:
             error = exc
+        except AuthError as exc:
+            error = exc
+            logger.warning("node %s: closing its stream: %s", node.cid, exc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except _Revoked as exc:
+            error = AuthError(str(exc))
+            logger.warning("%s; closing its stream", exc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except asyncio.CancelledError:
+            if not revoked:
+                raise
+            error = AuthError(revoked[0])
+            logger.warning("%s; closing its stream", revoked[0])
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, revoked[0])
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             fleet.close_node(node, error)
 
     method = grpc.stream_stream_rpc_method_handler(join)
