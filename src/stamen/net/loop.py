@@ -64,6 +64,10 @@ class LoopThread:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            if future.done() and not future.cancelled():
+                # The coroutine's own Timeout (a TimeoutError too), or a result that came
+                # just then: its outcome, with its own message.
+                return future.result()
             future.cancel()
             raise Timeout(f"no answer from the event loop within {timeout:g} s") from None
         except concurrent.futures.CancelledError:
