@@ -136,6 +136,7 @@ class ErrorKind(Enum):
     TOO_LARGE = "TOO_LARGE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     UNAVAILABLE = "UNAVAILABLE"
+    RATE_LIMITED = "RATE_LIMITED"
 
 
 class FleetError(StamenError):

@@ -2,7 +2,7 @@
 
 * With node authentication, a request from a key that is not authorized is refused from
   its headers (REST) or metadata (grpc-rere), before its body is read.
-* Unauthenticated CreateNode is rate limited: 429 on REST, RESOURCE_EXHAUSTED on gRPC.
+* Unauthenticated CreateNode is rate limited: 429 on REST, UNAVAILABLE on gRPC (retry later).
 * A REST body dripping a byte at a time is cut at the request deadline, however often
   bytes come; a gRPC call that never sends its request ends at the deadline.
 * REST connections from one address are bounded.
@@ -14,14 +14,19 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 
+from stamen.errors import ConnectionLost
 from stamen.protocol.auth import RequestSigner
 from stamen.protocol.fleet import CreateNodeRequest
 from stamen.server.fleet.handler import FleetTiming
 from stamen.testing import generate_node_keys, running_server
+from stamen.transport.base import TransportSettings
+from stamen.transport.grpc_rere import GrpcRereRequester
+from stamen.transport.rest import RestRequester
 from stamen.wire import REST_CONTENT_TYPE, Verb
 from stamen.wire import fleet_codec as codec
 
@@ -96,8 +101,29 @@ def test_unauthenticated_create_node_is_rate_limited(transport: str) -> None:
                     except grpc.RpcError as exc:
                         statuses.append(exc.code())
             assert statuses[:5] == [grpc.StatusCode.OK] * 5
-            assert statuses[5:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+            assert statuses[5:] == [grpc.StatusCode.UNAVAILABLE] * 3
         assert len(srv.service.fleet) == 5
+
+
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_a_node_over_the_registration_rate_limit_retries_later(transport: str) -> None:
+    """The refusal tells a node to come back (ConnectionLost, which start_client retries
+    with backoff), not that its message was too large (which it would give up on)."""
+    timing = FleetTiming(create_node_rate=1.0, create_node_burst=1, create_node_global_rate=None)
+    body = codec.encode_create_node_request(CreateNodeRequest())
+    with running_server(rest=True, timing=timing, run=False) as srv:
+        if transport == "rest":
+            requester: Any = RestRequester(TransportSettings(srv.rest_url, 1 << 20))
+        else:
+            requester = GrpcRereRequester(TransportSettings(srv.address, 1 << 20))
+        requester.open()
+        try:
+            requester.call(Verb.CREATE_NODE, body, 10.0)
+            with pytest.raises(ConnectionLost, match="too many node registrations") as caught:
+                requester.call(Verb.CREATE_NODE, body, 10.0)
+            assert caught.value.retryable
+        finally:
+            requester.close()
 
 
 DRIP = FleetTiming(heartbeat_interval=0.5, heartbeat_timeout=2.0, request_deadline=3.0)

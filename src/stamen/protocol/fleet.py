@@ -57,6 +57,8 @@ ERRORS: dict[ErrorKind, ErrorSpec] = {
     ErrorKind.TOO_LARGE: ErrorSpec("RESOURCE_EXHAUSTED", 413, MessageTooLarge),
     ErrorKind.UNAUTHENTICATED: ErrorSpec("UNAUTHENTICATED", 401, AuthError),
     ErrorKind.UNAVAILABLE: ErrorSpec("UNAVAILABLE", 503, ConnectionLost),
+    # Retry later: gRPC clients retry UNAVAILABLE; HTTP's own code for it is 429.
+    ErrorKind.RATE_LIMITED: ErrorSpec("UNAVAILABLE", 429, ConnectionLost),
 }
 
 

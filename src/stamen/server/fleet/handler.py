@@ -344,7 +344,7 @@ class Fleet:
         (:attr:`FleetTiming.create_node_rate`); with node authentication on, none applies.
 
         Raises:
-            FleetError: TOO_LARGE (RESOURCE_EXHAUSTED; HTTP 429 on REST), saying why.
+            FleetError: RATE_LIMITED (gRPC UNAVAILABLE, HTTP 429): the node retries later.
         """
         if self.authenticator is not None:
             return
@@ -365,7 +365,7 @@ class Fleet:
                 host,
             )
         raise FleetError(
-            ErrorKind.TOO_LARGE,
+            ErrorKind.RATE_LIMITED,
             f"too many node registrations: over the server's rate limit "
             f"({self.timing.create_node_rate}/s per address); retry later",
         )

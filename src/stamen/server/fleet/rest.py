@@ -264,8 +264,8 @@ class _Site:
                     verb, body, "rest", peer, method=f"POST {verb.rest_path}", headers=headers
                 )
         except FleetError as exc:
-            if exc.kind is ErrorKind.TOO_LARGE and verb.name == "CREATE_NODE":
-                body = exc.message.encode()  # a rate limit
+            if exc.kind is ErrorKind.RATE_LIMITED:
+                body = exc.message.encode()
                 return _Reply(429, body, "text/plain; charset=utf-8", extra=(("retry-after", "1"),))
             return _error(exc.kind, exc.message)
         except Exception:
