@@ -29,6 +29,7 @@ from stamen.messages import (
     Reply,
     Status,
 )
+from stamen.protocol.auth import flower_hmac, flower_shared_key
 from stamen.protocol.flower_fleet import (
     CreateNodeRequest,
     Node,
@@ -39,12 +40,7 @@ from stamen.protocol.flower_fleet import (
     TaskMeta,
     TaskRes,
 )
-from stamen.server.fleet.auth import (
-    FLOWER_AUTH_TOKEN_HEADER,
-    FLOWER_PUBLIC_KEY_HEADER,
-    flower_hmac,
-    flower_shared_key,
-)
+from stamen.server.fleet.auth import FLOWER_AUTH_TOKEN_HEADER, FLOWER_PUBLIC_KEY_HEADER
 from stamen.server.fleet.handler import FleetTiming
 from stamen.testing import RunningServer, running_server
 from stamen.wire import FLOWER_REST_CONTENT_TYPE, FlowerCall, encode_instruction

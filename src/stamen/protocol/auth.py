@@ -52,6 +52,9 @@ __all__ = [
     "RequestVerifier",
     "StreamSession",
     "decode_session_key",
+    "flower_hmac",
+    "flower_public_key_header",
+    "flower_shared_key",
     "key_fingerprint",
     "public_key_der",
     "signing_string",
@@ -434,3 +437,36 @@ class StreamSession:
             )
         receive.seq += 1
         return bytes(body)
+
+
+# --- Flower 1.12's node authentication (towards and from Flower peers) ----------------------
+
+
+def flower_shared_key(
+    private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey
+) -> bytes:
+    """The HMAC key of Flower 1.12's node authentication: ECDH between one side's private
+    key and the other's public key, HKDF-SHA256 to 32 bytes (no salt, no info), then
+    URL-safe base64 of those bytes (the 44 base64 characters are the key).
+
+    Raises:
+        ValueError: the keys are on different curves.
+    """
+    secret = private_key.exchange(ec.ECDH(), public_key)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(secret)
+    return base64.urlsafe_b64encode(derived)
+
+
+def flower_hmac(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` under ``key`` (Flower's ``auth-token``, before base64)."""
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())
+    mac.update(message)
+    return mac.finalize()
+
+
+def flower_public_key_header(public_key: ec.EllipticCurvePublicKey) -> str:
+    """Flower's ``public-key`` metadata: URL-safe base64 of the key's PEM."""
+    pem = public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.urlsafe_b64encode(pem).decode("ascii")

@@ -26,13 +26,17 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AuthError, ConnectionLost, MessageTooLarge, NodeUnknown, StamenError
 from ..messages import Instruction, Reply
-from ..protocol.auth import RequestSigner
+from ..protocol.auth import (
+    RequestSigner,
+    flower_hmac,
+    flower_public_key_header,
+    flower_shared_key,
+)
 from ..protocol.flower_client import PING_CALL_TIMEOUT, Answer, FlowerClientState, Idle
 from ..wire import FlowerCall
 from ..wire import flower_codec as codec
@@ -80,13 +84,6 @@ class FlowerRequester(Protocol):
 # --- Flower 1.12's node authentication -------------------------------------------------------
 
 
-def _pem_b64(public_key: ec.EllipticCurvePublicKey) -> str:
-    pem = public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.urlsafe_b64encode(pem).decode("ascii")
-
-
 class FlowerNodeAuth:
     """Flower 1.12's node authentication, as a node does it (grpc-rere only).
 
@@ -100,7 +97,7 @@ class FlowerNodeAuth:
 
     def __init__(self, signer: RequestSigner) -> None:
         self._private: ec.EllipticCurvePrivateKey = signer.private_key
-        self.public_key_header = _pem_b64(self._private.public_key())
+        self.public_key_header = flower_public_key_header(self._private.public_key())
         self._key: bytes | None = None
 
     def metadata(self, call: FlowerCall, body: bytes) -> tuple[tuple[str, str], ...]:
@@ -116,9 +113,7 @@ class FlowerNodeAuth:
                 f"Flower node authentication: {call.method_name} before CreateNode gave the "
                 "SuperLink's public key"
             )
-        mac = hmac.HMAC(self._key, hashes.SHA256())
-        mac.update(body)
-        token = base64.urlsafe_b64encode(mac.finalize()).decode("ascii")
+        token = base64.urlsafe_b64encode(flower_hmac(self._key, body)).decode("ascii")
         return ((PUBLIC_KEY_HEADER, self.public_key_header), (TOKEN_HEADER, token))
 
     def superlink_key(self, header: str | bytes | None) -> None:
@@ -137,11 +132,9 @@ class FlowerNodeAuth:
             key = serialization.load_pem_public_key(base64.urlsafe_b64decode(raw))
             if not isinstance(key, ec.EllipticCurvePublicKey):
                 raise ValueError(f"expected an elliptic-curve key, received {type(key).__name__}")
-            shared = self._private.exchange(ec.ECDH(), key)
+            self._key = flower_shared_key(self._private, key)
         except (ValueError, TypeError) as exc:
             raise AuthError(f"Flower node authentication: bad SuperLink public key: {exc}") from exc
-        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(shared)
-        self._key = base64.urlsafe_b64encode(derived)
 
 
 # --- the node ------------------------------------------------------------------------------

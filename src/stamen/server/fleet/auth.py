@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ...errors import AuthError, ConfigError
 from ...protocol.auth import (
@@ -26,6 +24,8 @@ from ...protocol.auth import (
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
     RequestVerifier,
+    flower_hmac,
+    flower_shared_key,
     key_fingerprint,
     public_key_der,
 )
@@ -217,28 +217,6 @@ request's deterministic serialization, keyed by the shared key (see
 :func:`flower_shared_key`)."""
 
 ServerKeys = tuple[ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey]
-
-
-def flower_shared_key(
-    private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey
-) -> bytes:
-    """The HMAC key of Flower 1.12's node authentication: ECDH between one side's private
-    key and the other's public key, HKDF-SHA256 to 32 bytes (no salt, no info), then
-    URL-safe base64 of those bytes (the 44 base64 characters are the key).
-
-    Raises:
-        ValueError: the keys are on different curves.
-    """
-    secret = private_key.exchange(ec.ECDH(), public_key)
-    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(secret)
-    return base64.urlsafe_b64encode(derived)
-
-
-def flower_hmac(key: bytes, message: bytes) -> bytes:
-    """HMAC-SHA256 of ``message`` under ``key``."""
-    mac = crypto_hmac.HMAC(key, hashes.SHA256())
-    mac.update(message)
-    return mac.finalize()
 
 
 def _pem(key: ec.EllipticCurvePublicKey) -> bytes:
