@@ -247,6 +247,7 @@ def run_node(
     context: Context | None = None
     attempts = 0
     answered = 0
+    ended: ReconnectIns | None = None
     while True:
         transport = transport_factory(config)
         session.connect()
@@ -280,8 +281,8 @@ def run_node(
                     come_back = session.reconnect(seconds)
                     transport.close(graceful=True)
                     if not come_back:
-                        _run_ended(instruction, answered)
-                        return
+                        ended = instruction
+                        break
                     wait = reconnect_delay(seconds)
                     logger.info("server asked to reconnect in %s s; waiting %g s", seconds, wait)
                     clock.sleep(wait)
@@ -329,6 +330,9 @@ def run_node(
             transport.close(graceful=False)
             session.fatal()
             raise
+        if ended is not None:
+            _run_ended(ended, answered)  # the session is over: raised out of its loop
+            return
 
 
 def _run_ended(instruction: ReconnectIns, answered: int) -> None:
