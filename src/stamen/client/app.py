@@ -310,7 +310,8 @@ def run_node(
                 del instruction, reply
         except TransportError as exc:
             transport.close(graceful=False)
-            wrong = None if not exc.retryable else _wrong_peer(config, exc)
+            probe = exc.retryable and transport_factory is make_transport
+            wrong = _wrong_peer(config, exc) if probe else None
             if wrong is not None:
                 session.fatal()
                 raise wrong from exc

@@ -203,11 +203,8 @@ class History:
 
     def plot(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
         """Draw the losses and each numeric metric over the rounds into an image (PNG
-        unless ``path`` says another format matplotlib writes), with matplotlib
-        (``pip install 'stamen[plot]'``).
-
-        One panel for the losses (distributed and centralized), then one per metric name
-        with its distributed (fit, evaluate) and centralized series; a line per series.
+        unless ``path`` names another format matplotlib writes), with matplotlib
+        (``pip install 'stamen[plot]'``): the panels of :meth:`figure`.
 
         Returns:
             The path written.
@@ -215,10 +212,20 @@ class History:
         Raises:
             ConfigError: matplotlib is not installed, or there is nothing to plot.
         """
-        try:
-            import matplotlib
+        target = Path(path)
+        self.figure(title=title).savefig(target)
+        return target
 
-            matplotlib.use("Agg", force=False)
+    def figure(self, *, title: str | None = None) -> Any:
+        """A matplotlib ``Figure``: one panel for the losses (distributed and centralized),
+        then one per metric name with its distributed (fit, evaluate) and centralized
+        series; a line per series (:meth:`plot_panels`). Made without pyplot, so no GUI
+        backend is involved.
+
+        Raises:
+            ConfigError: matplotlib is not installed, or there is nothing to plot.
+        """
+        try:
             from matplotlib.figure import Figure
         except ImportError as exc:
             raise ConfigError(
@@ -227,7 +234,7 @@ class History:
         panels = self.plot_panels()
         if not panels:
             raise ConfigError("History.plot: the history has no numeric series to plot")
-        figure = Figure(figsize=(6.4, 3.2 * len(panels)), layout="constrained")
+        figure = Figure(figsize=(6.4, 3.0 * len(panels)), layout="constrained")
         axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
         for ax, (name, series) in zip(axes, panels.items(), strict=True):
             for label, points in series.items():
@@ -238,9 +245,7 @@ class History:
             ax.grid(True, alpha=0.3)
         if title:
             figure.suptitle(title)
-        target = Path(path)
-        figure.savefig(target)
-        return target
+        return figure
 
     def plot_panels(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
         """What :meth:`plot` draws: panel name -> series label -> ``(round, value)``."""

@@ -9,7 +9,7 @@ gRPC client sends first) and reads the first bytes of the answer:
 * an HTTP/2 SETTINGS frame: an HTTP/2 (gRPC) server -- not a wrong peer; the call itself
   will say more (a gRPC server without Stamen's or Flower's service answers
   ``UNIMPLEMENTED``, which the transports do not retry);
-* ``HTTP/1.x ...``: an HTTP/1 server;
+* ``HTTP/1.x ...`` (or a bare HTML page): an HTTP/1 server;
 * a TLS record: a TLS server reached in plaintext;
 * anything else: some other protocol, named by its first bytes.
 
@@ -71,8 +71,9 @@ def identify_peer(address: str, *, timeout: float = 3.0) -> StamenError | None:
         return None
     if len(data) >= 9 and data[3] == 0x04 and data[4] in (0, 1):  # an HTTP/2 SETTINGS frame
         return None
-    if data.startswith(b"HTTP/"):
-        status = data.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+    if data.startswith(b"HTTP/") or data.lstrip()[:9].lower() in (b"<!doctype", b"<html>"):
+        # (an HTTP/1 server may answer an HTTP/2.0 request line as HTTP/0.9: a bare page)
+        status = data.split(b"\r\n", 1)[0][:60].decode("latin-1", "replace")
         return ProtocolError(
             f"{address} is an HTTP/1 server, not a gRPC server: it answered {status!r} "
             "(wrong port? a rest server is reached with --transport rest and http://)"
