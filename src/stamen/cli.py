@@ -711,12 +711,18 @@ def _from_flag(option: _Option, value: object) -> object:
 
     if option.kind == "config":
         assert isinstance(value, str)
-        return parse_config(value)
+        try:
+            return parse_config(value)
+        except ConfigError as exc:
+            raise ConfigError(f"--{option.name}: {exc}") from exc
     if option.kind == "pairs":
         assert isinstance(value, list)
         merged: dict[str, object] = {}
         for pair in value:
-            parsed = parse_config(pair)
+            try:
+                parsed = parse_config(pair)
+            except ConfigError:
+                parsed = {}
             if len(parsed) != 1:
                 raise ConfigError(
                     f"--{option.name}: expected one KEY=VALUE per flag, received {pair!r}"
@@ -756,10 +762,13 @@ def _settings(args: argparse.Namespace, options: Sequence[_Option]) -> dict[str,
                     else f"; valid keys: {', '.join(sorted(valid))}"
                 )
                 raise ConfigError(f"{path}: unknown key {key!r}{hint}")
-            values[option.dest] = _from_file(option, value, f"{path}: {key}", path.parent)
+            values[option.dest] = _from_file(option, value, f"{path}: {key}", path.resolve().parent)
     for option in options:
         if hasattr(args, option.dest):
-            values[option.dest] = _from_flag(option, getattr(args, option.dest))
+            value = _from_flag(option, getattr(args, option.dest))
+            if option.kind in ("pairs", "config") and isinstance(value, dict):
+                value = {**values.get(option.dest, {}), **value}  # key by key over the file
+            values[option.dest] = value
     if args.app is not None:
         values["app"] = args.app
     return values

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -160,12 +161,7 @@ def test_identify_peer_names_what_answers(
     answers.append(answer)
     found = identify_peer(f"127.0.0.1:{server.getsockname()[1]}")
     assert isinstance(found, error)
-    assert pytest.raises(error, _raise, found).match(text)
-
-
-def _raise(error: BaseException | None) -> None:
-    assert error is not None
-    raise error
+    assert re.search(text, str(found)), found
 
 
 def test_identify_peer_finds_nothing_at_an_http2_server_or_a_closed_port(
