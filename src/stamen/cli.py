@@ -115,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
+        epilog="example:\n  stamen demo --clients 4 --rounds 5 --plot curves.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train softmax regression on the digits with a server and client nodes",
-        description=(
+        description=textwrap.fill(
             "Start a server and client nodes on 127.0.0.1 (a free port) and train softmax "
             "regression on scikit-learn's digits, split non-IID over the clients, with "
             "FedAvg. Prints each round and the final accuracy on a held-out test set."
@@ -146,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where to write the run's history as JSON (default: demo-history.json)",
     )
+    demo.add_argument(
+        "--plot",
+        default="demo-curves.png",
+        metavar="PATH",
+        help="where to draw the loss and accuracy curves as a PNG, if matplotlib is installed "
+        "(default: demo-curves.png; '' draws none)",
+    )
     demo.set_defaults(handler=_demo)
 
     keys = commands.add_parser("keys", help="node authentication keys")
@@ -155,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys_commands.required = True
     keys_generate = keys_commands.add_parser(
         "generate",
+        epilog="example:\n  stamen keys generate --out-dir keys --name node-1 --curve p256",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="make a node key pair (PEM) for start_client(authentication_keys=...)",
         description=(
             "Write NAME.key (private, PKCS#8 PEM, mode 0600) and NAME.pub (public, PEM) and "
@@ -173,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs_commands.required = True
     certs_generate = certs_commands.add_parser(
         "generate",
+        epilog="example:\n  stamen certs generate --out-dir certs --host fl.example.org",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="make a development CA, a server certificate and a client certificate",
         description=(
             "Write ca.crt, server.crt, server.key, client.crt and client.key (keys mode 0600). "
@@ -620,6 +633,13 @@ def _demo(args: argparse.Namespace) -> int:
         f"round(s) ({result.elapsed:.1f} s)"
     )
     _print(f"History written to {result.history_path}")
+    if args.plot and result.history.plot_panels():
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _print("(pip install 'stamen[plot]' to draw the curves as a PNG)")
+        else:
+            _print(f"Curves drawn in {result.history.plot(args.plot, title='stamen demo')}")
     return _EXIT_OK
 
 
