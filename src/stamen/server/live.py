@@ -73,14 +73,6 @@ class LiveView:
         self.console: Any = console if console is not None else Console(stderr=True)
         self._title = title
         self._lock = threading.Lock()
-        self._live: Any = Live(
-            get_renderable=self._render,
-            console=self.console,
-            refresh_per_second=refresh_per_second,
-            transient=False,
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
         self._started = time.monotonic()
         self._strategy = ""
         self._num_rounds = 0
@@ -98,6 +90,14 @@ class LiveView:
         self._latest_round = 0
         self._outcome: str | None = None
         self._running = False
+        self._live: Any = Live(
+            get_renderable=self._render,
+            console=self.console,
+            refresh_per_second=refresh_per_second,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
 
     def log_handler(self, level: int = logging.WARNING) -> logging.Handler:
         """A logging handler that prints records above the panel."""
