@@ -285,13 +285,23 @@ class EvaluateRes:
 
 @dataclass(frozen=True, slots=True)
 class ReconnectIns:
-    """End the session; come back after ``seconds`` (``None`` or ``0``: do not come back)."""
+    """End the session; come back after ``seconds`` (``None`` or ``0``: do not come back).
+
+    ``reason`` (Stamen): why the server ends the session, when the run failed -- None for
+    a run that completed. It travels only between Stamen peers (an extra protobuf field
+    that Flower peers skip: docs/protocol.md); a Stamen node that receives one reports the
+    run as failed.
+    """
 
     seconds: int | None
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.seconds is not None:
             _check_int("ReconnectIns.seconds", self.seconds, minimum=0)
+        if self.reason is not None:
+            _check_type("ReconnectIns.reason", self.reason, str)
+            _check_utf8("ReconnectIns.reason", self.reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,8 +130,8 @@ def test_too_few_nodes_left_stops_the_run_with_a_clear_error(
     """2 nodes, a strategy that needs 2, one SIGKILLed mid-fit: round 1's fit still
     completes with the survivor, then the next sampling (round 1's evaluation) waits only
     SimpleClientManager.wait_timeout (1 s) for a second node and the run stops with
-    NotEnoughClients saying how many it needed and had; the survivor is told the run is
-    over and exits normally."""
+    NotEnoughClients saying how many it needed and had; the survivor is told that the run
+    failed, and why (start_client raises RunError with the server's reason)."""
     strategy = FaultFedAvg(
         start_with=2, min_fit_clients=2, min_evaluate_clients=2, min_available_clients=2
     )
@@ -152,7 +152,10 @@ def test_too_few_nodes_left_stops_the_run_with_a_clear_error(
         with pytest.raises(NotEnoughClients, match=r"needed 2 connected client\(s\), had 1"):
             srv.result(WAIT)
         stopped = time.monotonic() - killed_at
-        assert survivor.wait_exit() == "EXIT ok"
+        assert survivor.wait_exit().startswith(
+            "EXIT error RunError: the server ended the run as failed: NotEnoughClients: "
+            "needed 2 connected client(s), had 1"
+        )
     # Noticing the dead node (at most the heartbeat timeout) + wait_timeout, plus slack.
     assert stopped < SHORT.silence_limit + 1.0 + SLACK, stopped
     assert strategy.ks(1) == [1]

@@ -441,10 +441,14 @@ def test_stamen_matches_flower(
 
 
 def test_scenarios_cover_every_strategy() -> None:
-    """The cross-check runs every strategy of the issue, wrappers included."""
+    """The cross-check runs every strategy of the issue, wrappers included. SecAggPlus is
+    a protocol over several exchanges with the nodes, not an aggregation rule that Flower's
+    classic strategies have: it is checked against plain FedAvg within its quantization
+    bound (tests/integration/test_secagg_rounds.py)."""
     covered = {s["strategy"] for s in SCENARIOS} | {
         s["wrapper"]["class"] for s in SCENARIOS if s.get("wrapper")
     }
+    checked_elsewhere = {"SecAggPlus"}
     expected = {
         name
         for name in strategies.__all__
@@ -452,4 +456,4 @@ def test_scenarios_cover_every_strategy() -> None:
         and issubclass(getattr(strategies, name), strategies.Strategy)
         and name != "Strategy"
     }
-    assert expected <= covered
+    assert expected - checked_elsewhere <= covered

@@ -53,3 +53,34 @@ def test_a_programs_own_logging_configuration_is_left_alone() -> None:
     done = _run(_CONFIGURED)
     assert done.stdout.splitlines() == ["done"]
     assert done.stderr == ""
+
+
+_SIMULATION = """
+import numpy as np
+import stamen as fl
+
+class C(fl.client.NumPyClient):
+    def get_parameters(self, config):
+        return [np.zeros(2)]
+    def fit(self, parameters, config):
+        return parameters, 1, {}
+    def evaluate(self, parameters, config):
+        return 0.5, 1, {}
+
+fl.simulation.start_simulation(
+    client_fn=lambda cid: C().to_client(), num_clients=2,
+    config=fl.server.ServerConfig(num_rounds=1),
+)
+import logging
+print(len(logging.getLogger("stamen").handlers), flush=True)
+"""
+
+
+def test_start_simulation_shows_progress_when_no_logging_is_configured() -> None:
+    """start_simulation, like start_server and start_client, shows its run at INFO on
+    stderr when the program set up no logging, and leaves no handler behind."""
+    done = _run(_SIMULATION)
+    lines = done.stderr.splitlines()
+    assert "INFO stamen.server: run started: 1 round(s) of FedAvg" in lines
+    assert any(line.startswith("INFO stamen.server: run completed: 1 round(s)") for line in lines)
+    assert done.stdout.split() == ["0"]

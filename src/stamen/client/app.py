@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..clock import SystemClock
 from ..context import Context, RecordSet
-from ..errors import ConfigError, ConnectError, MessageTooLarge, TransportError
+from ..errors import (
+    ConfigError,
+    ConnectError,
+    MessageTooLarge,
+    RunError,
+    StamenError,
+    TransportError,
+)
+from ..logger import shown_progress
 from ..memory import tune_allocator
-from ..messages import DisconnectRes, ReconnectIns
+from ..messages import Code, DisconnectRes, ReconnectIns, Status
 from ..net.address import parse_address, strip_scheme
 from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from ..net.tls import load_pem
@@ -21,6 +30,7 @@ from ..protocol.auth import RequestSigner
 from ..transport import TransportFactory, transport_url_schemes
 from ..transport import transport_factory as registered_factory
 from ..transport.base import ClientTransport, TransportSettings
+from ..transport.probe import identify_peer
 from .client import Client
 from .dispatch import ClientFn, error_reply, handle, normalize_client_fn, received
 from .numpy_client import NumPyClient
@@ -197,6 +207,32 @@ def make_transport(config: NodeConfig) -> ClientTransport:
     return factory(config.settings)
 
 
+_PROBED_TRANSPORTS = ("grpc-bidi", "grpc-rere")
+"""Built-in transports whose failed connections are checked for a wrong peer."""
+
+
+def _wrong_peer(config: NodeConfig, exc: TransportError) -> StamenError | None:
+    """After a failed connection, the error naming a wrong peer at the address (an HTTP/1
+    server, a TLS server reached in plaintext, another protocol), or None."""
+    if (
+        config.factory is not None
+        or config.transport not in _PROBED_TRANSPORTS
+        or config.settings.secure
+        or not isinstance(exc, ConnectError)
+    ):
+        return None
+    return identify_peer(config.address)
+
+
+def _summary(message: object) -> str:
+    """How a progress line names an instruction or a reply."""
+    status: Status | None = getattr(message, "status", None)
+    name = type(message).__name__
+    if status is not None and status.code != Code.OK:
+        return f"{name} ({status.code.name}: {status.message})"
+    return name
+
+
 def run_node(
     config: NodeConfig,
     *,
@@ -206,21 +242,42 @@ def run_node(
 ) -> None:
     """Run the node until the server ends the session; reconnect under ``config.policy``.
 
+    Logs its progress on ``stamen.client``: the server and transport reached, each
+    instruction received and answered (with its duration), each reconnection and why,
+    and how the run ended.
+
     Raises:
+        RunError: the server ended the run as failed, and said why (Stamen servers do).
         ConnectError: reconnection was given up (``max_retries``/``max_wait_time``).
+        TLSError, ProtocolError: a wrong peer at the address (TLS, HTTP/1, another
+            protocol), found at once and not retried.
         ProtocolError, AuthError: errors that retrying cannot fix.
     """
     tune_allocator()
     session = NodeSession(config.policy, rng)
     context: Context | None = None
+    attempts = 0
+    answered = 0
+    ended: ReconnectIns | None = None
     while True:
         transport = transport_factory(config)
         session.connect()
+        attempts += 1
         try:
             transport.connect()
             session.connected()
+            if attempts == 1:
+                logger.info("connected to %s over %s", config.address, config.transport)
+            else:
+                logger.info(
+                    "reconnected to %s over %s (attempt %d)",
+                    config.address,
+                    config.transport,
+                    attempts,
+                )
             while True:
                 instruction = transport.receive()
+                began = time.monotonic()
                 session.instruction()
                 if context is None:
                     # One Context per run: its state persists across the run's messages.
@@ -235,29 +292,43 @@ def run_node(
                     come_back = session.reconnect(seconds)
                     transport.close(graceful=True)
                     if not come_back:
-                        logger.info("server ended the session; node shuts down")
-                        return
+                        ended = instruction
+                        break
                     wait = reconnect_delay(seconds)
                     logger.info("server asked to reconnect in %s s; waiting %g s", seconds, wait)
                     clock.sleep(wait)
+                    attempts = 0
                     break
+                logger.info("received %s", type(instruction).__name__)
                 # The instruction is ours alone: its NumPy arrays need not be copied.
                 reply = handle(config.client_fn, context, instruction, received(instruction))
                 try:
                     transport.send(reply)
                 except MessageTooLarge as exc:
                     logger.error("%s", exc)
-                    transport.send(error_reply(instruction, str(exc)))
+                    reply = error_reply(instruction, str(exc))
+                    transport.send(reply)
                 session.replied()
+                answered += 1
+                logger.info(
+                    "answered %s with %s in %.2f s",
+                    type(instruction).__name__,
+                    _summary(reply),
+                    time.monotonic() - began,
+                )
                 # Not held while waiting for the next one: a large model's received
                 # message and encoded reply can then serve the next round's.
                 del instruction, reply
         except TransportError as exc:
+            transport.close(graceful=False)
+            probe = exc.retryable and transport_factory is make_transport
+            wrong = _wrong_peer(config, exc) if probe else None
+            if wrong is not None:
+                session.fatal()
+                raise wrong from exc
             if not exc.retryable:
-                transport.close(graceful=False)
                 session.fatal()
                 raise
-            transport.close(graceful=False)
             now = clock.monotonic()
             delay = session.link_failed(now)
             if delay is None:
@@ -265,12 +336,27 @@ def run_node(
                     f"gave up connecting to {config.address} after {session.failures} "
                     f"failed attempt(s) over {session.outage_seconds(now):.2f} s: {exc}"
                 ) from exc
-            logger.warning("%s; retrying in %.2f s", exc, delay)
+            logger.warning("%s; reconnecting in %.2f s", exc, delay)
             clock.sleep(delay)
         except BaseException:
             transport.close(graceful=False)
             session.fatal()
             raise
+        if ended is not None:
+            _run_ended(ended, answered)  # the session is over: raised out of its loop
+            return
+
+
+def _run_ended(instruction: ReconnectIns, answered: int) -> None:
+    """Log how the run ended; raise RunError when the server said it failed."""
+    if instruction.reason is None:
+        logger.info(
+            "run completed: the server ended the session after %d instruction(s); node shuts down",
+            answered,
+        )
+        return
+    logger.error("run failed on the server: %s", instruction.reason)
+    raise RunError(f"the server ended the run as failed: {instruction.reason}")
 
 
 def start_client(
@@ -315,9 +401,18 @@ def start_client(
             of this machine's physical memory (at least ``grpc_max_message_length``).
             Must be at least ``grpc_max_message_length``.
 
-    Returns when the server ends the session (``ReconnectIns(seconds=0)``).
+    Returns when the server ends the session (``ReconnectIns(seconds=0)``) after a run that
+    completed, as Flower's does. When the program configured no logging, the node's
+    progress (server reached, instructions answered, reconnections, the end of the run)
+    shows on stderr at INFO while it runs.
 
     Raises:
+        RunError: the server ended the run as failed (Stamen servers say so, and why: not
+            enough clients, a strategy error, no round aggregated). A Flower server ends a
+            failed run like a completed one, and ``start_client`` then returns.
+        TLSError, ProtocolError: the address answers another protocol (a TLS server
+            reached in plaintext, an HTTP/1 server, not gRPC): found within seconds, not
+            retried.
         ConfigError (a ValueError): an invalid argument, before any I/O. Unlike Flower,
             a bad address never raises SystemExit.
         ConnectError: the server stayed unreachable past ``max_retries``/``max_wait_time``.
@@ -338,4 +433,5 @@ def start_client(
         client_certificates=client_certificates,
         max_model_bytes=max_model_bytes,
     )
-    run_node(config, clock=SystemClock(), rng=random.random)
+    with shown_progress():  # INFO progress on stderr when the program set up no logging
+        run_node(config, clock=SystemClock(), rng=random.random)

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import ConfigError
+from ..messages import DisconnectRes, Instruction, ReconnectIns
 from ..net.address import parse_address
 from ..net.limits import GRPC_MAX_MESSAGE_LENGTH
 from .checkpoint import Checkpointer
 from .client_manager import ClientManager, SimpleClientManager
+from .client_proxy import ClientProxy
 from .dashboard import start_dashboard
+from .events import RunEvent
 from .fleet.auth import AuthorizedKeys, NodeAuthenticator, ServerKeys
 from .fleet.service import FleetService
 from .history import History
 from .progress import shown_progress
-from .server import Server, ServerConfig
+from .server import Server, ServerConfig, run_instructions
+from .sinks import make_sinks
 from .strategy import Strategy
 
-__all__ = ["init_defaults", "make_authenticator", "run_server", "start_server"]
+__all__ = ["end_run", "init_defaults", "make_authenticator", "run_server", "start_server"]
 
 logger = logging.getLogger("stamen.server")
 
@@ -57,12 +61,34 @@ def make_authenticator(
 
 
 def run_server(server: Server, config: ServerConfig) -> History:
-    """Run the rounds, then tell every client the run is over."""
+    """Run the rounds, then tell every client the run is over: ``ReconnectIns(0)`` when
+    it completed; when it failed, ``ReconnectIns(0)`` with the reason (Stamen nodes learn
+    why; Flower nodes see a plain end of run)."""
     try:
         history, _ = server.fit(num_rounds=config.num_rounds, timeout=config.round_timeout)
-        return history
-    finally:
-        server.disconnect_all_clients()
+    except BaseException as exc:
+        end_run(server, f"{type(exc).__name__}: {exc}")
+        raise
+    server.disconnect_all_clients()
+    return history
+
+
+def end_run(server: Server, reason: str, timeout: float = 10.0) -> None:
+    """Tell every connected client that the run failed, and why
+    (``ReconnectIns(seconds=None, reason=reason)``); never raises."""
+    clients = list(server.client_manager().all().values())
+    instructions: list[tuple[ClientProxy, Instruction]] = [
+        (c, ReconnectIns(seconds=None, reason=reason)) for c in clients
+    ]
+    try:
+        _, failures = run_instructions(
+            instructions, timeout, expect=DisconnectRes, log_level=logging.DEBUG
+        )
+    except Exception:  # the run's own error is the one that matters
+        logger.debug("telling the clients that the run failed failed", exc_info=True)
+        return
+    if failures:
+        logger.info("%d client(s) left without acknowledging the end of the run", len(failures))
 
 
 def start_server(
@@ -82,6 +108,10 @@ def start_server(
     server_keys: ServerKeys | None = None,
     dashboard_address: str | None = None,
     dashboard_token: str | None = None,
+    # Seeing and recording the run (Stamen), kept together:
+    subscribers: Sequence[Callable[[RunEvent], None]] = (),
+    tensorboard_dir: str | os.PathLike[str] | None = None,
+    mlflow_uri: str | None = None,
 ) -> History:
     """Serve client nodes on ``server_address`` and run the configured rounds.
 
@@ -119,6 +149,14 @@ def start_server(
         dashboard_token: The token every dashboard request must carry (``?token=``).
             Default: ``STAMEN_DASHBOARD_TOKEN``, else none on a loopback address and a
             generated one, logged, on any other.
+        subscribers: Callables subscribed to the run's events (``server.events``, see
+            :mod:`stamen.server.events`) for the length of the run: a live view
+            (:class:`stamen.server.live.LiveView`), a metrics sink, your own.
+        tensorboard_dir: Write each round's losses and metrics as TensorBoard event files
+            here (:class:`stamen.server.sinks.TensorBoardSink`; needs ``stamen[tensorboard]``).
+        mlflow_uri: Log each round's losses and metrics to this MLflow tracking URI, e.g.
+            ``file:./mlruns`` (:class:`stamen.server.sinks.MLflowSink`; needs
+            ``stamen[mlflow]``).
 
     Returns:
         The run's :class:`History`. Every client is sent ``ReconnectIns(0)`` at the end, so
@@ -127,6 +165,7 @@ def start_server(
     Raises:
         ConfigError: invalid arguments, or the address cannot be bound.
         NotEnoughClients: too few clients connected in time.
+        RunError: the run failed (every client is told why before this is raised).
     """
     from ..memory import tune_allocator
 
@@ -148,23 +187,28 @@ def start_server(
         server_keys=server_keys,
         events=server.events,
     )
+    sinks = make_sinks(tensorboard_dir=tensorboard_dir, mlflow_uri=mlflow_uri)
+    views: list[Callable[[RunEvent], None]] = [*subscribers, *sinks]
+    unsubscribe = [server.events.subscribe(view) for view in views]
     with shown_progress():  # INFO progress on stderr when the program set up no logging
-        # The dashboard subscribes before the fleet starts, so it sees every node join.
+        dashboard = None
         try:
-            dashboard = (
-                None
-                if dashboard_address is None
-                else start_dashboard(server.events, dashboard_address, token=dashboard_token)
-            )
-        except BaseException:
-            service.stop()  # never started: this closes its event loop
-            raise
-        try:
+            # The dashboard subscribes before the fleet starts, so it sees every node join.
+            if dashboard_address is not None:
+                dashboard = start_dashboard(server.events, dashboard_address, token=dashboard_token)
             service.start()
             try:
-                return run_server(server, config)
+                history = run_server(server, config)
             finally:
                 service.stop()
+            for sink in sinks:
+                sink.write_history(history)  # centralized losses and metrics
+            return history
         finally:
+            service.stop()  # again, if it never started: this closes its event loop
             if dashboard is not None:
                 dashboard.stop()
+            for stop in unsubscribe:
+                stop()
+            for sink in sinks:
+                sink.close()

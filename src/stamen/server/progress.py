@@ -5,16 +5,16 @@ INFO for the run's and each round's course, WARNING for failures and for rounds 
 aggregated nothing, DEBUG for single nodes coming and going (a federation may have
 thousands). Where the lines go is the program's logging configuration;
 :func:`shown_progress` shows them on stderr for the length of a run when the program
-configured no logging at all.
+configured no logging at all (it lives in :mod:`stamen.logger`, shared with the client
+and the simulation, and is re-exported here). Each line carries its event
+(``record.event``), which :class:`stamen.logger.JsonFormatter` writes out as fields.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
-from collections.abc import Iterator
 
+from ..logger import shown_progress
 from .events import (
     NodeJoined,
     NodeLeft,
@@ -28,8 +28,6 @@ from .events import (
 )
 
 __all__ = ["ProgressLog", "shown_progress"]
-
-_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def _scalars(values: dict[str, object]) -> str:
@@ -47,7 +45,7 @@ class ProgressLog:
 
     def __call__(self, event: RunEvent) -> None:
         """Log ``event``."""
-        log = self._log
+        log = logging.LoggerAdapter(self._log, {"event": event})
         if isinstance(event, RunStarted):
             self._num_rounds = event.num_rounds
             log.info("run started: %d round(s) of %s", event.num_rounds, event.strategy)
@@ -83,8 +81,9 @@ class ProgressLog:
                 log.error("run failed after %.2f s: %s", event.seconds, event.reason)
 
     def _round_ended(self, event: RoundEnded) -> None:
+        log = logging.LoggerAdapter(self._log, {"event": event})
         if not event.aggregated:
-            self._log.warning(
+            log.warning(
                 "round %d: nothing aggregated%s: %s",
                 event.server_round,
                 "" if event.phase == "fit" else f" ({event.phase})",
@@ -94,7 +93,7 @@ class ProgressLog:
         outcome = f" loss={event.loss:.4g}" if event.loss is not None else ""
         if event.metrics:
             outcome += f" {_scalars(dict(event.metrics))}"
-        self._log.info(
+        log.info(
             "round %d/%d: %s done in %.2f s: %d result(s), %d failure(s)%s",
             event.server_round,
             self._num_rounds,
@@ -104,30 +103,3 @@ class ProgressLog:
             event.failures,
             outcome,
         )
-
-
-def _logging_configured() -> bool:
-    """Whether the program set up logging (a handler on the root or ``stamen`` logger,
-    or a level on ``stamen``)."""
-    stamen = logging.getLogger("stamen")
-    return bool(logging.getLogger().handlers or stamen.handlers or stamen.level)
-
-
-@contextlib.contextmanager
-def shown_progress() -> Iterator[None]:
-    """Show INFO progress on stderr while the block runs, if the program configured no
-    logging; otherwise leave logging as the program set it. Nothing stays installed after
-    the block (the library keeps no handler)."""
-    if _logging_configured():
-        yield
-        return
-    stamen = logging.getLogger("stamen")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    stamen.addHandler(handler)
-    stamen.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        stamen.removeHandler(handler)
-        stamen.setLevel(logging.NOTSET)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..client.dispatch import normalize_client_fn
 from ..errors import ConfigError
+from ..logger import shown_progress
 from ..memory import tune_allocator
 from ..server.app import init_defaults, run_server
 from ..server.client_manager import ClientManager, SimpleClientManager
@@ -298,14 +299,15 @@ def start_simulation(
                     f"client_manager: a client with cid {proxy.cid!r} is already registered"
                 )
             proxies.append(proxy)
-        logger.info(
-            "simulation: %d virtual client(s) on the %s backend, %d call(s) at a time, %s",
-            count,
-            engine.name or type(engine).__name__,
-            engine.concurrency,
-            config,
-        )
-        return run_server(server, config)
+        with shown_progress():  # INFO progress on stderr when the program set up no logging
+            logger.info(
+                "simulation: %d virtual client(s) on the %s backend, %d call(s) at a time, %s",
+                count,
+                engine.name or type(engine).__name__,
+                engine.concurrency,
+                config,
+            )
+            return run_server(server, config)
     finally:
         for proxy in proxies:
             manager.unregister(proxy)

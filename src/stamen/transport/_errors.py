@@ -33,6 +33,11 @@ def map_rpc_error(exc: grpc.RpcError, where: str) -> StamenError:
         return MessageTooLarge(f"{text} (raise grpc_max_message_length on both sides?)")
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(text)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return ProtocolError(
+            f"{text} (a gRPC server that does not serve this method: not a Stamen or "
+            "Flower server, or not this transport's service)"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Timeout(text)
     if code in _LINK_FAILED:

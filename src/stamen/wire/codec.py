@@ -143,10 +143,49 @@ def encode_instruction_payload(instruction: Instruction) -> Payload:
         msg.get_properties_ins.SetInParent()
         _put_scalars(msg.get_properties_ins.config, instruction.config)
     elif isinstance(instruction, ReconnectIns):
+        if instruction.reason is not None:
+            return _reconnect_with_reason(instruction.seconds or 0, instruction.reason)
         msg.reconnect_ins.seconds = instruction.seconds or 0
     else:
         raise ConfigError(f"expected an instruction message, received {type(instruction).__name__}")
     return Payload.of(msg.SerializeToString())
+
+
+RECONNECT_REASON_FIELD = 15
+"""Field of ``ReconnectIns`` that carries :attr:`ReconnectIns.reason` (Stamen): a string,
+outside Flower's numbers, which Flower's protobuf skips as an unknown field."""
+
+MAX_REASON_BYTES = 8192
+"""A reason longer than this (UTF-8) is cut when sent, and when received."""
+
+
+def _cut(reason: bytes) -> bytes:
+    """``reason`` cut to :data:`MAX_REASON_BYTES` at a character boundary."""
+    if len(reason) <= MAX_REASON_BYTES:
+        return reason
+    return reason[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _reconnect_with_reason(seconds: int, reason: str) -> Payload:
+    """``ServerMessage{reconnect_ins: {seconds, 15: reason}}``: field 15 written by hand
+    (the generated class has no such field, so Flower's does not either)."""
+    text = _cut(reason.encode("utf-8"))
+    inner = (
+        pb.ReconnectIns(seconds=seconds).SerializeToString()
+        + _fast.length_delimited(RECONNECT_REASON_FIELD, len(text))
+        + text
+    )
+    return Payload.of(_fast.length_delimited(1, len(inner)) + inner)
+
+
+def _reconnect_reason(ins: Any) -> str | None:
+    """The reason field of a parsed ``ReconnectIns`` (kept by protobuf as an unknown
+    field), or None."""
+    data = memoryview(ins.SerializeToString())
+    for number, wire, _, start, end in _fast.split_fields(data, 0, len(data)):
+        if number == RECONNECT_REASON_FIELD and wire == 2:
+            return _cut(bytes(data[start:end])).decode("utf-8", "replace")
+    return None
 
 
 def _split_parameters(
@@ -212,7 +251,9 @@ def decode_instruction(data: Data) -> Instruction:
         if kind == "get_properties_ins":
             return GetPropertiesIns(_get_scalars(msg.get_properties_ins.config))
         if kind == "reconnect_ins":
-            return ReconnectIns(seconds=msg.reconnect_ins.seconds)
+            return ReconnectIns(
+                seconds=msg.reconnect_ins.seconds, reason=_reconnect_reason(msg.reconnect_ins)
+            )
     except (ProtobufDecodeError, ConfigError) as exc:  # protobuf's, or our validators'
         raise DecodeError(f"invalid ServerMessage ({len(data)} bytes): {exc}") from exc
     raise DecodeError(

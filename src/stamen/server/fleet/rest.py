@@ -294,6 +294,10 @@ class _Site:
         for connection in list(self.connections):
             connection.abort()
         await self._settle(_CLOSE_WAIT)
+        # An aborted transport closes its socket in a callback of the loop's next turn:
+        # let those run before the loop may stop.
+        for _ in range(_ACCEPT_TURNS):
+            await asyncio.sleep(0)
 
     async def _settle(self, timeout: float) -> None:
         waits = [c.lost for c in self.connections] + list(self.tasks)

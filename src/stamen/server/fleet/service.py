@@ -238,7 +238,7 @@ class FleetService:
         await self._rest.start()
         self.rest_port = self._rest.port
 
-    def stop(self, grace: float = 2.0, timeout: float = 10.0) -> None:
+    def stop(self, grace: float = 2.0, timeout: float = 30.0) -> None:
         """Close every node, stop the listeners and the loop thread."""
 
         async def _stop() -> None:
