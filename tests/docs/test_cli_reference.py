@@ -24,6 +24,7 @@ COMMANDS = [
     "certs generate",
     "server",
     "node",
+    "plot",
 ]
 _BLOCK = re.compile(r"<!-- help: ?(.*?) -->\n```text\n(.*?)```\n", re.DOTALL)
 
