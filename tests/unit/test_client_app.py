@@ -365,3 +365,20 @@ def test_size_mods_log_and_pass_through(caplog: pytest.LogCaptureFixture) -> Non
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("message size: ") for m in messages)
     assert any(m.startswith("parameters: 1 array(s), ") for m in messages)
+
+
+def test_flowers_secaggplus_mod_is_accepted_and_passes_messages_on() -> None:
+    """A ClientApp written for Flower with ``mods=[secaggplus_mod]`` runs: the mod passes
+    each message on unchanged (Stamen nodes take part in SecAgg+ by themselves)."""
+    from stamen.client.mod import secagg_mod, secaggplus_mod
+
+    seen: list[object] = []
+
+    def call_next(msg: object, context: object) -> object:
+        seen.append(msg)
+        return "reply"
+
+    message, context = object(), object()
+    assert secaggplus_mod(message, context, call_next) == "reply"  # type: ignore[arg-type]
+    assert secagg_mod is secaggplus_mod
+    assert seen == [message]

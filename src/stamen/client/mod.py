@@ -46,6 +46,8 @@ __all__ = [
     "make_ffn",
     "message_size_mod",
     "parameters_size_mod",
+    "secagg_mod",
+    "secaggplus_mod",
 ]
 
 _logger = logging.getLogger("stamen.client")
@@ -158,3 +160,17 @@ def parameters_size_mod(msg: Message, context: Context, call_next: ClientAppCall
     size = sum(record.count_bytes() for record in records)
     _logger.info("parameters: %d array(s), %d bytes", arrays, size)
     return call_next(msg, context)
+
+
+def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Accepted for Flower 1.12 code: passes every message on unchanged.
+
+    A Stamen node takes part in SecAgg+ by itself, whatever its mods, when the server runs
+    :class:`stamen.server.strategy.SecAggPlus` (docs/security.md); Flower's SecAgg+ needs
+    this mod on the node and a workflow on the server's Driver, which Stamen does not have.
+    """
+    return call_next(msg, context)
+
+
+secagg_mod = secaggplus_mod
+"""Flower's ``secagg_mod`` (SecAgg, the special case of SecAgg+): the same pass-through."""
