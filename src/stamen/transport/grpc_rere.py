@@ -98,11 +98,17 @@ class GrpcRereRequester:
         """Close the channel. Never raises."""
         channel, self._channel = self._channel, None
         self._methods = {}
-        if channel is not None:
-            try:
-                run_on_client_loop(channel.close(), _WAIT_MARGIN)
-            except Exception as exc:  # closing is best effort
-                logger.debug("grpc-rere: closing the channel to %s: %s", self._address, exc)
+        _close_channel(channel, self._address)
+
+
+def _close_channel(channel: aio.Channel | None, address: str) -> None:
+    """Close ``channel`` on the client loop, if there is one (best effort: never raises)."""
+    if channel is None:
+        return
+    try:
+        run_on_client_loop(channel.close(), _WAIT_MARGIN)
+    except Exception as exc:
+        logger.debug("grpc-rere: closing the channel to %s: %s", address, exc)
 
 
 async def _methods(channel: aio.Channel) -> dict[Verb, Any]:
@@ -169,11 +175,7 @@ class FlowerGrpcRequester:
         """Close the channel. Never raises."""
         channel, self._channel = self._channel, None
         self._methods = {}
-        if channel is not None:
-            try:
-                run_on_client_loop(channel.close(), _WAIT_MARGIN)
-            except Exception as exc:  # closing is best effort
-                logger.debug("grpc-rere: closing the channel to %s: %s", self._address, exc)
+        _close_channel(channel, self._address)
 
 
 async def _flower_methods(channel: aio.Channel) -> dict[FlowerCall, Any]:
