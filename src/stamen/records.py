@@ -47,6 +47,8 @@ ConfigsRecordValues: TypeAlias = (
 """What a :class:`ConfigsRecord` holds (Flower's name)."""
 
 _V = TypeVar("_V")
+_State: TypeAlias = "tuple[type[Any], dict[str, Any]]"
+"""What copy.copy / copy.deepcopy keep of a typed record: its value type and its data."""
 
 
 @dataclass
@@ -320,10 +322,10 @@ class _RecordsOf(TypedRecord[_V]):
                 f"RecordSet: expected a {self._kind.__name__} here, received {_type_name(value)}"
             )
 
-    def __getstate__(self) -> tuple[type[_V], dict[str, _V]]:  # type: ignore[override]
+    def __getstate__(self) -> _State:  # type: ignore[override]  # copy's (kind, data)
         return self._kind, self._data
 
-    def __setstate__(self, state: tuple[type[_V], dict[str, _V]]) -> None:  # type: ignore[override]
+    def __setstate__(self, state: _State) -> None:  # type: ignore[override]  # copy's state
         self._kind, self._data = state
 
 

@@ -354,10 +354,10 @@ class TaskRes:
                 "TaskRes: expected exactly one of reply and error, received "
                 + ("both" if self.reply is not None else "neither")
             )
-        if self.error is not None:
+        if self.reply is None:  # then error is set (checked just above)
             _check_is("TaskRes.error", self.error, FlowerError)
             return
-        expected = message_type_of(self.reply)  # type: ignore[arg-type]
+        expected = message_type_of(self.reply)
         if self.meta.message_type != expected:
             raise ConfigError(
                 f"TaskRes.meta.message_type: expected {expected!r} for {_name(self.reply)}, "

@@ -469,8 +469,9 @@ class _WorkerSlot:
         if self.conn is None or self.client_fn is not call.client_fn:
             self.fork(call.client_fn)
         assert self.conn is not None
-        serialize = isinstance(call.instruction, bytes)
-        body = call.instruction if serialize else self.backend.encode(call.instruction)
+        instruction = call.instruction
+        serialize = isinstance(instruction, bytes)
+        body = instruction if isinstance(instruction, bytes) else self.backend.encode(instruction)
         header = {
             "cid": call.cid,
             "node_id": call.context.node_id,
@@ -479,7 +480,7 @@ class _WorkerSlot:
             "serialize": serialize,
         }
         try:
-            _send(self.conn, _frame(header, body))  # type: ignore[arg-type]
+            _send(self.conn, _frame(header, body))
             if not self.conn.poll(job.timeout):
                 self._lose_nodes(call, "it ran longer than its timeout")
                 self.stop_process(kill=True)
