@@ -29,7 +29,7 @@ from ..protocol import Clock, NodeSession, RetryPolicy
 from ..protocol.auth import RequestSigner
 from ..transport import TransportFactory, transport_url_schemes
 from ..transport import transport_factory as registered_factory
-from ..transport.base import ClientTransport, TransportSettings
+from ..transport.base import ClientTransport, RefusalNotices, TransportSettings
 from ..transport.probe import identify_peer
 from .client import Client
 from .dispatch import ClientFn, error_reply, handle, normalize_client_fn, received
@@ -278,6 +278,7 @@ def run_node(
             while True:
                 instruction = transport.receive()
                 began = time.monotonic()
+                _log_refusal(transport)
                 session.instruction()
                 if context is None:
                     # One Context per run: its state persists across the run's messages.
@@ -345,6 +346,18 @@ def run_node(
         if ended is not None:
             _run_ended(ended, answered)  # the session is over: raised out of its loop
             return
+
+
+def _log_refusal(transport: ClientTransport) -> None:
+    """Log what a Stamen server said beside the instruction: that it refused this node's
+    fit result, and why (Flower servers say nothing)."""
+    refused = transport.refused_result() if isinstance(transport, RefusalNotices) else None
+    if refused is not None:
+        logger.warning(
+            "the server refused this node's result of round %d: %s",
+            refused.server_round,
+            refused.reason,
+        )
 
 
 def _run_ended(instruction: ReconnectIns, answered: int) -> None:

@@ -37,7 +37,7 @@ from ..messages import (
 )
 from ..protocol.mailbox import Mailbox, ReplyUse
 from ..typing import Properties
-from ..wire import Payload, encode_instruction_payload
+from ..wire import Payload, RefusedResult, encode_instruction_payload, with_refused_result
 
 if TYPE_CHECKING:
     from .fleet.slots import ReceiveSlots
@@ -219,6 +219,14 @@ class ClientProxy(ABC):
         """Tell the node to leave, and come back after ``ins.seconds`` (blocking)."""
         return self._call(ins, timeout, DisconnectRes)
 
+    def result_refused(self, server_round: int, reason: str) -> None:
+        """The server refused this node's fit result of ``server_round`` for ``reason``.
+
+        Called by the server after the round. This default does nothing: a proxy that can
+        tell its node (:class:`RemoteClientProxy` towards a Stamen node) overrides it.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cid={self.cid!r})"
 
@@ -285,6 +293,29 @@ class RemoteClientProxy(ClientProxy):
         self._max_message_length = max_message_length
         self._frames = frames
         self._slots = slots
+        self._refused: RefusedResult | None = None
+        self._refused_untold = False
+        self._refused_lock = threading.Lock()
+
+    def result_refused(self, server_round: int, reason: str) -> None:
+        """Tell a Stamen node (``frames=True``) why its result was refused: with the next
+        instruction sent to it, and again with the ``ReconnectIns`` that ends the run
+        (field ``17`` of ``ServerMessage``, docs/protocol.md). A Flower node is told
+        nothing."""
+        if not self._frames:
+            return
+        with self._refused_lock:
+            self._refused = RefusedResult(server_round, reason)
+            self._refused_untold = True
+
+    def _with_notice(self, ins: Instruction, payload: Payload) -> Payload:
+        """``payload`` for this node: followed by the refusal notice when it is due."""
+        with self._refused_lock:
+            refused = self._refused
+            if refused is None or not (self._refused_untold or isinstance(ins, ReconnectIns)):
+                return payload
+            self._refused_untold = False
+        return with_refused_result(payload, refused)
 
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Encode ``ins`` here, post it on the fleet loop, return the reply's future (the
@@ -298,7 +329,7 @@ class RemoteClientProxy(ClientProxy):
         future.set_running_or_notify_cancel()
         expected = expected_reply_type(ins)
         seq = next(_sequence)
-        payload = _encode_cache.encode(ins)
+        payload = self._with_notice(ins, _encode_cache.encode(ins))
         if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
                 MessageTooLarge(

@@ -23,6 +23,7 @@ __all__ = [
     "NodeJoined",
     "NodeLeft",
     "ReplyArrived",
+    "ResultRefused",
     "RoundEnded",
     "RoundStarted",
     "RunEnded",
@@ -92,6 +93,17 @@ class ReplyArrived:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultRefused:
+    """The strategy refused node ``cid``'s fit result of round ``server_round``
+    (NaN/Inf, wrong shapes, no examples: ``reason``); a Stamen node is told so with the
+    server's next message to it."""
+
+    server_round: int
+    cid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RoundEnded:
     """Round ``server_round``'s ``phase`` ended after ``seconds``.
 
@@ -126,6 +138,7 @@ RunEvent = (
     | NodeLeft
     | RoundStarted
     | ReplyArrived
+    | ResultRefused
     | RoundEnded
     | RunEnded
 )

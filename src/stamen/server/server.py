@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, ProtocolError, RunError
+from ..errors import ConfigError, InvalidResult, ProtocolError, RunError
 from ..messages import (
     Code,
     DisconnectRes,
@@ -31,11 +31,20 @@ from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
 from .client_proxy import ClientProxy
-from .events import ReplyArrived, RoundEnded, RoundStarted, RunEnded, RunEvents, RunStarted
+from .events import (
+    ReplyArrived,
+    ResultRefused,
+    RoundEnded,
+    RoundStarted,
+    RunEnded,
+    RunEvents,
+    RunStarted,
+)
 from .history import History
 from .progress import ProgressLog
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
+from .strategy.validate import collect_refusals
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -393,18 +402,22 @@ class Server:
         fold = None if accumulator is None else _folder(accumulator)
         began = time.monotonic()
         self.events.publish(RoundStarted(server_round, "fit", len(instructions)))
-        results, failures = run_instructions(
-            instructions,
-            timeout,
-            expect=FitRes,
-            on_result=fold,
-            observe=self._observer(server_round, "fit"),
-        )
-        if accumulator is not None:
-            parameters, metrics = accumulator.finish(failures)
-        else:
-            # A list of its own: the strategy may reorder or trim it.
-            parameters, metrics = self.strategy.aggregate_fit(server_round, list(results), failures)
+        with collect_refusals() as refused:
+            results, failures = run_instructions(
+                instructions,
+                timeout,
+                expect=FitRes,
+                on_result=fold,
+                observe=self._observer(server_round, "fit"),
+            )
+            if accumulator is not None:
+                parameters, metrics = accumulator.finish(failures)
+            else:
+                # A list of its own: the strategy may reorder or trim it.
+                parameters, metrics = self.strategy.aggregate_fit(
+                    server_round, list(results), failures
+                )
+        self._tell_refused(server_round, refused)
         self.events.publish(
             RoundEnded(
                 server_round,
@@ -418,6 +431,15 @@ class Server:
             )
         )
         return parameters, metrics, (results, failures)
+
+    def _tell_refused(self, server_round: int, refused: Sequence[InvalidResult]) -> None:
+        """Publish each refused fit result, and have its node's proxy tell the node."""
+        for refusal in refused:
+            proxy = refusal.proxy
+            if not isinstance(refusal.result, FitRes) or not isinstance(proxy, ClientProxy):
+                continue
+            self.events.publish(ResultRefused(server_round, proxy.cid, refusal.reason))
+            proxy.result_refused(server_round, refusal.reason)
 
     def _observer(
         self, server_round: int, phase: str

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..messages import Instruction, Reply
 from ..protocol.auth import RequestSigner
+from ..wire import RefusedResult
 
-__all__ = ["ClientTransport", "TransportSettings", "default_max_model_bytes"]
+__all__ = ["ClientTransport", "RefusalNotices", "TransportSettings", "default_max_model_bytes"]
 
 
 def _physical_memory() -> int:
@@ -101,4 +102,16 @@ class ClientTransport(Protocol):
 
         Never raises; safe to call more than once and before ``connect``.
         """
+        ...
+
+
+@runtime_checkable
+class RefusalNotices(Protocol):
+    """A transport that hands over what a Stamen server tells the node beside an
+    instruction (``ServerMessage`` field 17, docs/protocol.md). Optional: the node's loop
+    asks a transport that has it after each :meth:`ClientTransport.receive`."""
+
+    def refused_result(self) -> RefusedResult | None:
+        """The notice that came with the last instruction received: the server refused
+        this node's fit result of a round, and why; None if there was none."""
         ...

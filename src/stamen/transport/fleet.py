@@ -16,7 +16,14 @@ from ..errors import ConnectionLost, StamenError, TransportError
 from ..messages import Instruction, Reply
 from ..protocol.fleet import NodeUnknown
 from ..protocol.fleet_client import FleetClientState
-from ..wire import FRAMING, FrameReader, Verb, decode_instruction, encode_reply_payload
+from ..wire import (
+    FRAMING,
+    FrameReader,
+    RefusedResult,
+    Verb,
+    decode_server_message,
+    encode_reply_payload,
+)
 from ..wire import fleet_codec as codec
 
 __all__ = ["FleetClientTransport", "Requester"]
@@ -63,6 +70,7 @@ class FleetClientTransport:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._heartbeat_error: StamenError | None = None
+        self._refused: RefusedResult | None = None
 
     @property
     def node_id(self) -> int:
@@ -114,7 +122,12 @@ class FleetClientTransport:
             data = self._requester.call(Verb.PULL, body, state.pull_timeout)
             whole = state.pulled(codec.decode_pull_response(data))
             if whole is not None:
-                return decode_instruction(whole)
+                instruction, self._refused = decode_server_message(whole)
+                return instruction
+
+    def refused_result(self) -> RefusedResult | None:
+        """The refusal notice that came with the last instruction (a Stamen server's)."""
+        return self._refused
 
     def send(self, reply: Reply) -> None:
         """Push the reply to the last instruction."""

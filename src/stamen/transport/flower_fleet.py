@@ -38,9 +38,9 @@ from ..protocol.auth import (
     flower_shared_key,
 )
 from ..protocol.flower_client import PING_CALL_TIMEOUT, Answer, FlowerClientState, Idle
-from ..wire import FlowerCall
+from ..wire import FlowerCall, RefusedResult
 from ..wire import flower_codec as codec
-from .base import ClientTransport
+from .base import ClientTransport, RefusalNotices
 
 __all__ = [
     "PUBLIC_KEY_HEADER",
@@ -374,6 +374,11 @@ class DetectingTransport:
     def send(self, reply: Reply) -> None:
         """Send the reply to the last instruction."""
         self._link().send(reply)
+
+    def refused_result(self) -> RefusedResult | None:
+        """The refusal notice of the last instruction (Stamen's Fleet protocol only)."""
+        active = self._active
+        return active.refused_result() if isinstance(active, RefusalNotices) else None
 
     def close(self, *, graceful: bool) -> None:
         """Close whichever link is open. Never raises."""

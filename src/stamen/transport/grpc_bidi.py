@@ -33,7 +33,8 @@ from ..wire import (
     BIDI_JOIN_METHOD,
     FRAMES_METADATA,
     FrameReader,
-    decode_instruction,
+    RefusedResult,
+    decode_server_message,
     encode_reply_payload,
     frame_size,
 )
@@ -143,6 +144,7 @@ class GrpcBidiTransport:
         self._reader = FrameReader(settings.model_bound)
         self._frame_size = frame_size(settings.max_message_length)
         self._server_frames: bool | None = None
+        self._refused: RefusedResult | None = None
         self._reply_frame_size = self._frame_size
         self._session: StreamSession | None = None
 
@@ -188,7 +190,12 @@ class GrpcBidiTransport:
             if self._session is not None:
                 data = self._opened(data)
             whole = self._reader.feed(data)  # copying a frame: here, not on the loop
-        return decode_instruction(whole)
+        instruction, self._refused = decode_server_message(whole)
+        return instruction
+
+    def refused_result(self) -> RefusedResult | None:
+        """The refusal notice that came with the last instruction (a Stamen server's)."""
+        return self._refused
 
     def _opened(self, data: bytes) -> bytes:
         """A message of the server checked against its MAC, without it.

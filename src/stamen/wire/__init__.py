@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from . import fleet_codec, flower_codec
 from .codec import (
+    RefusedResult,
     decode_instruction,
     decode_reply,
+    decode_server_message,
     encode_instruction,
     encode_instruction_payload,
     encode_reply,
     encode_reply_payload,
+    with_refused_result,
 )
 from .flower_routes import (
     FLOWER_FLEET_SERVICE_NAME,
@@ -47,9 +50,11 @@ __all__ = [
     "FlowerCall",
     "FrameReader",
     "Payload",
+    "RefusedResult",
     "Verb",
     "decode_instruction",
     "decode_reply",
+    "decode_server_message",
     "encode_instruction",
     "encode_instruction_payload",
     "encode_reply",
@@ -57,4 +62,5 @@ __all__ = [
     "fleet_codec",
     "flower_codec",
     "frame_size",
+    "with_refused_result",
 ]

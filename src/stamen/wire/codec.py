@@ -38,14 +38,18 @@ from .frames import Payload
 
 __all__ = [
     "DEFAULT_REPLY_LIMITS",
+    "REFUSED_RESULT_FIELD",
+    "RefusedResult",
     "ReplyLimits",
     "check_reply",
     "decode_instruction",
     "decode_reply",
+    "decode_server_message",
     "encode_instruction",
     "encode_instruction_payload",
     "encode_reply",
     "encode_reply_payload",
+    "with_refused_result",
 ]
 
 Data = bytes | memoryview
@@ -188,6 +192,75 @@ def _reconnect_reason(ins: Any) -> str | None:
     return None
 
 
+REFUSED_RESULT_FIELD = 17
+"""Top-level field of ``ServerMessage`` (Stamen) that tells a node the server refused its
+last fit result: ``RefusedResult { uint64 server_round = 1; string reason = 2; }``,
+appended after the instruction. Flower's protobuf skips it as an unknown field."""
+
+
+@dataclass(frozen=True)
+class RefusedResult:
+    """What a Stamen server tells a node whose fit result it refused (field
+    :data:`REFUSED_RESULT_FIELD` of ``ServerMessage``).
+
+    Attributes:
+        server_round: The round of the refused result.
+        reason: Why the strategy refused it (UTF-8, at most :data:`MAX_REASON_BYTES`).
+    """
+
+    server_round: int
+    reason: str
+
+
+def with_refused_result(payload: Payload, refused: RefusedResult) -> Payload:
+    """``payload`` (an encoded ``ServerMessage``) followed by the notice ``refused`` as
+    field :data:`REFUSED_RESULT_FIELD`; the instruction's buffers are not copied."""
+    text = _cut(refused.reason.encode("utf-8"))
+    inner = (
+        _fast.varint(1 << 3)
+        + _fast.varint(max(refused.server_round, 0))
+        + _fast.length_delimited(2, len(text))
+        + text
+    )
+    return payload.followed_by(_fast.length_delimited(REFUSED_RESULT_FIELD, len(inner)) + inner)
+
+
+def _refused_result(view: memoryview, start: int, end: int) -> RefusedResult | None:
+    """The notice in ``view[start:end]`` (a RefusedResult message); None if malformed."""
+    server_round: int | None = None
+    reason: str | None = None
+    for number, wire, _, value_start, value_end in _fast.split_fields(view, start, end):
+        if number == 1 and wire == 0:
+            server_round, _ = _fast.read_varint(view, value_start, value_end)
+        elif number == 2 and wire == 2:
+            reason = _cut(bytes(view[value_start:value_end])).decode("utf-8", "replace")
+    if server_round is None or reason is None:
+        return None
+    return RefusedResult(server_round, reason)
+
+
+def _take_refused_result(view: memoryview) -> tuple[memoryview, RefusedResult | None]:
+    """``view`` without a trailing :data:`REFUSED_RESULT_FIELD`, and the notice it held.
+
+    Only a notice after the instruction (where a Stamen server puts it) is taken; the
+    bytes are otherwise left to the decoder, which skips unknown fields.
+    """
+    try:
+        fields = list(_fast.split_fields(view, 0, len(view)))
+    except DecodeError:
+        return view, None
+    if len(fields) < 2:
+        return view, None
+    number, wire, tag_start, start, end = fields[-1]
+    if number != REFUSED_RESULT_FIELD or wire != 2 or end != len(view):
+        return view, None
+    try:
+        refused = _refused_result(view, start, end)
+    except DecodeError:
+        refused = None
+    return view[:tag_start], refused
+
+
 def _split_parameters(
     data: Data, carriers: dict[int, Any], field: int
 ) -> tuple[int, Parameters, Any] | None:
@@ -222,11 +295,30 @@ def _split_parameters(
 
 
 def decode_instruction(data: Data) -> Instruction:
-    """Parse ``ServerMessage`` bytes.
+    """Parse ``ServerMessage`` bytes (a Stamen notice in them is skipped, as Flower's
+    protobuf skips it).
 
     Raises:
         DecodeError: the bytes are not a valid ServerMessage with one instruction set.
     """
+    return decode_server_message(data)[0]
+
+
+def decode_server_message(data: Data) -> tuple[Instruction, RefusedResult | None]:
+    """Parse ``ServerMessage`` bytes: the instruction, and the notice that the server
+    refused this node's last fit result (field :data:`REFUSED_RESULT_FIELD`), or None.
+
+    Raises:
+        DecodeError: the bytes are not a valid ServerMessage with one instruction set.
+    """
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    view, refused = _take_refused_result(view)
+    return _decode_instruction(view), refused
+
+
+def _decode_instruction(data: memoryview) -> Instruction:
     fast = _split_parameters(data, {4: pb.FitIns, 5: pb.EvaluateIns}, 1)
     if fast is not None:
         outer, parameters, carrier = fast

@@ -88,6 +88,10 @@ class Payload:
     def __len__(self) -> int:
         return self.size
 
+    def followed_by(self, part: bytes) -> Payload:
+        """A new payload: this one's buffers (not copied), then ``part``."""
+        return Payload([*self._parts, part])
+
     def tobytes(self) -> bytes:
         """The whole message as one ``bytes`` (one copy, kept for the next caller)."""
         if self._joined is None:

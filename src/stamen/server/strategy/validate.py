@@ -40,6 +40,8 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,6 +58,7 @@ __all__ = [
     "CheckedFitResults",
     "InvalidResult",
     "ModelLayout",
+    "collect_refusals",
     "metadata_only",
     "refuse_result",
     "validate_evaluate_results",
@@ -141,15 +144,38 @@ def _non_finite(ndarrays: NDArrays) -> str | None:
     return None
 
 
+_collector: ContextVar[list[InvalidResult] | None] = ContextVar("stamen_refusals", default=None)
+
+
+@contextmanager
+def collect_refusals() -> Iterator[list[InvalidResult]]:
+    """Collect every result refused (:func:`refuse_result`) in this context, in order.
+
+    The server wraps a round's aggregation in it, so that it learns which nodes' results
+    were refused and why, whichever strategy refused them, and can tell those nodes.
+    """
+    refused: list[InvalidResult] = []
+    token = _collector.set(refused)
+    try:
+        yield refused
+    finally:
+        _collector.reset(token)
+
+
 def refuse_result(
     server_round: int, proxy: ClientProxy, result: FitRes | EvaluateRes, reason: str
 ) -> InvalidResult:
-    """Log that ``result`` is refused and why; return the failure that stands for it."""
+    """Log that ``result`` is refused and why; return the failure that stands for it (and
+    hand it to :func:`collect_refusals`, if one is collecting)."""
     kind = "fit" if isinstance(result, FitRes) else "evaluate"
     logger.warning(
         "round %s: refusing the %s result of client %s: %s", server_round, kind, proxy.cid, reason
     )
-    return InvalidResult(proxy, result, reason)
+    refusal = InvalidResult(proxy, result, reason)
+    collecting = _collector.get()
+    if collecting is not None:
+        collecting.append(refusal)
+    return refusal
 
 
 def _decode(fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
