@@ -21,7 +21,16 @@ from .flower_routes import (
     FLOWER_REST_PREFIX,
     FlowerCall,
 )
-from .frames import FRAMES_METADATA, FRAMING, FrameReader, Payload, frame_size
+from .frames import (
+    FRAMES_METADATA,
+    FRAMING,
+    HEARTBEAT_MESSAGE,
+    HEARTBEAT_METADATA,
+    FrameReader,
+    Payload,
+    frame_size,
+    is_heartbeat,
+)
 from .routes import (
     BIDI_JOIN_METHOD,
     BIDI_METHOD_NAME,
@@ -42,6 +51,8 @@ __all__ = [
     "FLOWER_REST_PREFIX",
     "FRAMES_METADATA",
     "FRAMING",
+    "HEARTBEAT_MESSAGE",
+    "HEARTBEAT_METADATA",
     "REST_CONTENT_TYPE",
     "REST_PREFIX",
     "FlowerCall",
@@ -57,4 +68,5 @@ __all__ = [
     "fleet_codec",
     "flower_codec",
     "frame_size",
+    "is_heartbeat",
 ]
