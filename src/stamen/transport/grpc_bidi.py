@@ -9,6 +9,12 @@ every message either way carries a MAC (:class:`~stamen.protocol.auth.StreamSess
 message from the server that fails it raises :class:`~stamen.errors.AuthError`, and so
 does a server that does not take part (a Flower server, whose grpc-bidi has no node
 authentication, or a proxy that removed the server's key).
+
+The node announces ``stamen-heartbeat``; a Stamen server that answers with its heartbeat
+interval gets a heartbeat message (:data:`~stamen.wire.HEARTBEAT_MESSAGE`, MACed like any
+other) every interval while the node works on an instruction, from :meth:`receive`
+returning it until :meth:`send` writes the reply, so a node training for longer than the
+server's silence limit is not taken for a silent one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -28,10 +35,12 @@ from ..net.limits import grpc_message_options
 from ..net.loop import run_on_client_loop
 from ..net.tls import channel_credentials, diagnose_tls
 from ..protocol.auth import HEADER_SESSION, StreamSession, decode_session_key
-from ..protocol.fleet_client import MIN_SERVER_MESSAGE_LENGTH
+from ..protocol.fleet_client import MIN_SERVER_MESSAGE_LENGTH, SERVER_SECONDS
 from ..wire import (
     BIDI_JOIN_METHOD,
     FRAMES_METADATA,
+    HEARTBEAT_MESSAGE,
+    HEARTBEAT_METADATA,
     FrameReader,
     RefusedResult,
     decode_server_message,
@@ -147,6 +156,8 @@ class GrpcBidiTransport:
         self._refused: RefusedResult | None = None
         self._reply_frame_size = self._frame_size
         self._session: StreamSession | None = None
+        self._heartbeat_interval: float | None = None
+        self._beats: tuple[asyncio.Event, asyncio.Task[None]] | None = None
 
     @property
     def node_id(self) -> int:
@@ -161,7 +172,10 @@ class GrpcBidiTransport:
             TLSError: the connection failed because of TLS (not retried).
             ConnectError: the server could not be reached.
         """
-        metadata = [(FRAMES_METADATA, str(self._max_message_length))]
+        metadata = [
+            (FRAMES_METADATA, str(self._max_message_length)),
+            (HEARTBEAT_METADATA, "1"),
+        ]
         session = None
         if self._settings.signer is not None:
             # The signature covers the session key: the opening's body is its 32 bytes.
@@ -176,26 +190,61 @@ class GrpcBidiTransport:
         self._server_frames = None
         self._reply_frame_size = self._frame_size
         self._session = session
+        self._heartbeat_interval = None
+        self._beats = None
 
     def receive(self) -> Instruction:
         """Wait for the server's next instruction."""
         call = self._call
         if call is None:
             raise ConnectionLost("grpc-bidi: receive() before connect()")
+        self._stop_beats()
         whole = None
         while whole is None:
             data = run_on_client_loop(self._read(call))
-            if self._session is not None:
-                self._peer_takes_frames(call)  # reads the server's session key, once
+            # Reads the server's session key and heartbeat interval, once.
+            self._peer_takes_frames(call)
             if self._session is not None:
                 data = self._opened(data)
             whole = self._reader.feed(data)  # copying a frame: here, not on the loop
         instruction, self._refused = decode_server_message(whole)
+        if self._heartbeat_interval is not None:
+            self._beats = run_on_client_loop(self._start_beats(call, self._heartbeat_interval))
         return instruction
 
     def refused_result(self) -> RefusedResult | None:
         """The refusal notice that came with the last instruction (a Stamen server's)."""
         return self._refused
+
+    async def _start_beats(
+        self, call: Any, interval: float
+    ) -> tuple[asyncio.Event, asyncio.Task[None]]:
+        stop = asyncio.Event()
+        return stop, asyncio.ensure_future(self._beat(call, interval, stop, self._session))
+
+    async def _beat(
+        self, call: Any, interval: float, stop: asyncio.Event, session: StreamSession | None
+    ) -> None:
+        """Write a heartbeat every ``interval`` seconds until ``stop`` is set. Never
+        cancelled mid-write: a heartbeat sealed is a heartbeat sent (the MAC's sequence
+        numbers stay in step)."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            message = HEARTBEAT_MESSAGE if session is None else session.seal(HEARTBEAT_MESSAGE)
+            try:
+                await call.write(message)
+            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                # The stream has ended: receive() or send() will say so.
+                logger.debug("grpc-bidi: heartbeat to %s: %s", self._address, exc)
+                return
+
+    def _stop_beats(self) -> None:
+        """Stop the heartbeats (before anything else is written or the stream closes)."""
+        beats, self._beats = self._beats, None
+        if beats is not None:
+            run_on_client_loop(_stop(*beats))
 
     def _opened(self, data: bytes) -> bytes:
         """A message of the server checked against its MAC, without it.
@@ -252,6 +301,10 @@ class GrpcBidiTransport:
                     except AuthError as exc:
                         raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
             self._server_frames = isinstance(announced, str)
+            if self._server_frames:
+                self._heartbeat_interval = _heartbeat_seconds(
+                    self._address, _metadata_value(metadata, HEARTBEAT_METADATA)
+                )
             if _byte_count(announced) > 0:
                 bound = _byte_count(announced)
                 if bound < MIN_SERVER_MESSAGE_LENGTH:
@@ -274,6 +327,7 @@ class GrpcBidiTransport:
         call = self._call
         if call is None:
             raise ConnectionLost("grpc-bidi: send() before connect()")
+        self._stop_beats()
         stamen_server = self._peer_takes_frames(call)
         if not stamen_server:
             reply = _for_flower_server(reply)
@@ -304,6 +358,8 @@ class GrpcBidiTransport:
     def close(self, *, graceful: bool) -> None:
         """End the stream (half-close and wait for the server to end it, if ``graceful``)
         and close the channel. Never raises."""
+        with contextlib.suppress(Exception):
+            self._stop_beats()
         call, channel = self._call, self._channel
         self._call = self._channel = None
         if call is None and channel is None:
@@ -320,6 +376,40 @@ def _byte_count(value: str | None) -> int:
     if value is None or not (value.isascii() and value.isdigit() and len(value) <= 19):
         return 0
     return int(value)
+
+
+def _metadata_value(metadata: Any, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key == name and isinstance(value, str):
+            return value
+    return None
+
+
+def _heartbeat_seconds(address: str, value: str | None) -> float | None:
+    """The heartbeat interval a Stamen server announced (None: it asks for none).
+
+    Raises:
+        ProtocolError: not a number of seconds in [0.01, 3600] (heartbeats in a busy loop,
+            or none for an hour).
+    """
+    if value is None:
+        return None
+    low, high = SERVER_SECONDS
+    try:
+        seconds = float(value) if value.isascii() and len(value) <= 32 else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and low <= seconds <= high):
+        raise ProtocolError(
+            f"grpc-bidi: {address} announced {HEARTBEAT_METADATA}: {value[:40]!r}: expected "
+            f"seconds in [{low:g}, {high:g}]"
+        )
+    return seconds
+
+
+async def _stop(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    stop.set()
+    await task
 
 
 def _for_flower_server(reply: Reply) -> Reply:

@@ -24,7 +24,16 @@ from .flower_routes import (
     FLOWER_REST_PREFIX,
     FlowerCall,
 )
-from .frames import FRAMES_METADATA, FRAMING, FrameReader, Payload, frame_size
+from .frames import (
+    FRAMES_METADATA,
+    FRAMING,
+    HEARTBEAT_MESSAGE,
+    HEARTBEAT_METADATA,
+    FrameReader,
+    Payload,
+    frame_size,
+    is_heartbeat,
+)
 from .routes import (
     BIDI_JOIN_METHOD,
     BIDI_METHOD_NAME,
@@ -45,6 +54,8 @@ __all__ = [
     "FLOWER_REST_PREFIX",
     "FRAMES_METADATA",
     "FRAMING",
+    "HEARTBEAT_MESSAGE",
+    "HEARTBEAT_METADATA",
     "REST_CONTENT_TYPE",
     "REST_PREFIX",
     "FlowerCall",
@@ -62,5 +73,6 @@ __all__ = [
     "fleet_codec",
     "flower_codec",
     "frame_size",
+    "is_heartbeat",
     "with_refused_result",
 ]

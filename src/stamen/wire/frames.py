@@ -30,10 +30,14 @@ __all__ = [
     "FRAME_FIELD",
     "FRAME_SIZE",
     "FRAMING",
+    "HEARTBEAT_FIELD",
+    "HEARTBEAT_MESSAGE",
+    "HEARTBEAT_METADATA",
     "FrameReader",
     "Payload",
     "frame_size",
     "is_frame",
+    "is_heartbeat",
     "read_frame",
 ]
 
@@ -47,6 +51,25 @@ FRAMES_METADATA = "stamen-frames"
 """grpc-bidi metadata key by which a Stamen node (request metadata) and server (initial
 response metadata) say they take frames; its value is the sender's own
 ``grpc_max_message_length``, which the other side's frames respect."""
+
+HEARTBEAT_METADATA = "stamen-heartbeat"
+"""grpc-bidi metadata key by which a Stamen node (request metadata, value ``1``) says it
+sends heartbeats while it works on an instruction, and a Stamen server (initial response
+metadata, beside :data:`FRAMES_METADATA`) asks for them: its value is the server's
+heartbeat interval in seconds."""
+
+HEARTBEAT_FIELD = 17
+"""Field number of the (empty) ``Heartbeat`` message in ``ClientMessage`` (a Stamen
+extension outside Flower's numbers, sent only to a server that asked for heartbeats)."""
+
+HEARTBEAT_MESSAGE = _fast.varint(HEARTBEAT_FIELD << 3 | 2) + b"\x00"
+"""A ``ClientMessage`` holding only an empty ``Heartbeat`` (field 17): ``8A 01 00``."""
+
+
+def is_heartbeat(data: bytes | memoryview) -> bool:
+    """Whether ``data`` is exactly a heartbeat ``ClientMessage`` (:data:`HEARTBEAT_MESSAGE`)."""
+    return len(data) == len(HEARTBEAT_MESSAGE) and bytes(data) == HEARTBEAT_MESSAGE
+
 
 _OVERHEAD = 256
 """Bytes a frame's tags, sizes and the Fleet request around it add, at most."""

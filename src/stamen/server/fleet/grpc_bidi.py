@@ -11,6 +11,13 @@ way, carries a MAC under the keys they share (:class:`~stamen.protocol.auth.Stre
 docs/security.md): a message that fails its MAC ends the stream with ``UNAUTHENTICATED``.
 The node's key is checked again every heartbeat interval and before each instruction, so
 a key removed from the authorized keys ends its open streams.
+
+A Stamen node that announces ``stamen-heartbeat`` is told the heartbeat interval and sends
+a heartbeat message (:data:`~stamen.wire.HEARTBEAT_MESSAGE`, MACed like any other) every
+interval while it works on an instruction. While an instruction is in flight to such a
+node, a silence of :attr:`~stamen.protocol.fleet_server.FleetTiming.silence_limit` (no
+reply, frame or heartbeat; measured on the fleet's clock) fails the instruction with
+``ConnectionLost`` and closes the stream. A Flower node sends none and is not watched.
 """
 
 from __future__ import annotations
@@ -26,10 +33,17 @@ from ...errors import AuthError, ConnectionLost, DecodeError
 from ...messages import ReconnectIns
 from ...protocol.auth import HEADER_SESSION, StreamSession, decode_session_key
 from ...protocol.fleet import FleetError
-from ...wire import BIDI_JOIN_METHOD, BIDI_METHOD_NAME, BIDI_SERVICE_NAME, FRAMES_METADATA
+from ...wire import (
+    BIDI_JOIN_METHOD,
+    BIDI_METHOD_NAME,
+    BIDI_SERVICE_NAME,
+    FRAMES_METADATA,
+    HEARTBEAT_METADATA,
+    is_heartbeat,
+)
 from .auth import NodeAuthenticator, opening_key_der, still_authorized
 from .grpc_rere import metadata_dict
-from .handler import Fleet
+from .handler import Fleet, Node
 
 __all__ = ["bidi_handler"]
 
@@ -55,6 +69,30 @@ async def _watch_key(
             revoked.append(f"node {node_cid}: its key is no longer authorized")
             stream.cancel()
             return
+
+
+async def _watch_silence(
+    fleet: Fleet,
+    node: Node,
+    awaiting: list[bool],
+    stream: asyncio.Task[Any],
+    silenced: list[str],
+) -> None:
+    """While ``awaiting[0]`` (an instruction is in flight), end the stream once the node
+    has sent nothing for the fleet's silence limit (``node.last_seen``, on its clock)."""
+    state = fleet.state
+    while True:
+        await asyncio.sleep(fleet.timing.liveness_period)
+        limit = state.silence_limit_of(node)
+        if awaiting[0] and state.clock.monotonic() - node.last_seen > limit:
+            silenced.append(f"node {node.cid}: no reply or heartbeat within {limit:g} s")
+            stream.cancel()
+            return
+
+
+def _heartbeat_value(seconds: float) -> str:
+    """The interval as the ``stamen-heartbeat`` value: a plain decimal number."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".")
 
 
 def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
@@ -90,9 +128,14 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         frames = announced is not None
         plain = announced is not None and announced.isascii() and len(announced) <= 19
         limit = int(announced) if plain and announced is not None and announced.isdigit() else 0
+        # A Stamen node that sends heartbeats says so; it is told the interval (an older
+        # Stamen node, or a Flower node, sends none and is not watched for silence).
+        beats = frames and metadata.get(HEARTBEAT_METADATA) is not None
         initial: list[tuple[str, str]] = []
         if frames:
             initial.append((FRAMES_METADATA, str(fleet.max_message_length)))
+        if beats:
+            initial.append((HEARTBEAT_METADATA, _heartbeat_value(fleet.timing.heartbeat_interval)))
         if session is not None:
             initial.append((HEADER_SESSION, session.header_value))
         if initial:
@@ -116,6 +159,15 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                 )
             )
 
+        silence: asyncio.Task[None] | None = None
+        silenced: list[str] = []
+        awaiting = [False]
+        clock = fleet.state.clock
+        if beats:
+            stream = asyncio.current_task()
+            assert stream is not None
+            silence = asyncio.ensure_future(_watch_silence(fleet, node, awaiting, stream, silenced))
+
         def sealed(message: bytes) -> bytes:
             return message if session is None else session.seal(message)
 
@@ -138,6 +190,8 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     del message  # the last frame: not kept while the node works
                 else:
                     await context.write(sealed(task.payload.tobytes()))
+                node.last_seen = clock.monotonic()
+                awaiting[0] = True
                 try:
                     whole = None
                     while whole is None:
@@ -145,7 +199,16 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                         if data is grpc.aio.EOF:
                             error = ConnectionLost(f"node {node.cid} closed its stream")
                             return
-                        whole = await fleet.assemble(node, task, opened(data))
+                        node.last_seen = clock.monotonic()
+                        data = opened(data)
+                        if frames and is_heartbeat(data):
+                            continue  # it is alive and working; nothing else to do
+                        # Not watched while the fleet takes it (a receive slot may be a
+                        # while coming, and the node cannot write meanwhile).
+                        awaiting[0] = False
+                        whole = await fleet.assemble(node, task, data)
+                        node.last_seen = clock.monotonic()
+                        awaiting[0] = whole is None
                     fleet.deliver(node, task.task_id, whole)
                 except DecodeError as exc:
                     error = exc
@@ -167,16 +230,21 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
             logger.warning("%s; closing its stream", exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         except asyncio.CancelledError:
+            if silenced and not revoked:
+                error = ConnectionLost(silenced[0])
+                logger.warning("%s; closing its stream", silenced[0])
+                await context.abort(grpc.StatusCode.UNAVAILABLE, silenced[0])
             if not revoked:
                 raise
             error = AuthError(revoked[0])
             logger.warning("%s; closing its stream", revoked[0])
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, revoked[0])
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            for helper in (watcher, silence):
+                if helper is not None:
+                    helper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await helper
             fleet.close_node(node, error)
 
     method = grpc.stream_stream_rpc_method_handler(join)
