@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 _PROBE = """
 import logging
 from stamen.server.events import RoundStarted, RunStarted
@@ -84,3 +86,57 @@ def test_start_simulation_shows_progress_when_no_logging_is_configured() -> None
     assert "INFO stamen.server: run started: 1 round(s) of FedAvg" in lines
     assert any(line.startswith("INFO stamen.server: run completed: 1 round(s)") for line in lines)
     assert done.stdout.split() == ["0"]
+
+
+_LIVE = """
+import logging
+from stamen.server.events import RoundEnded, RoundStarted, RunEnded, RunEvents, RunStarted
+from stamen.server.progress import ProgressLog, shown_run
+
+events = RunEvents()
+events.subscribe(ProgressLog())
+with shown_run(events):
+    events.publish(RunStarted(2, "FedAvg"))
+    events.publish(RoundStarted(1, "fit", 2))
+    events.publish(RoundEnded(1, "fit", 2, 0, 0.1))
+    logging.getLogger("stamen.server").warning("a warning above the panel")
+    events.publish(RunEnded(True, 2, 0.2))
+print("HANDLERS", len(logging.getLogger("stamen").handlers), flush=True)
+"""
+
+
+def test_on_a_terminal_a_run_is_drawn_as_a_live_panel() -> None:
+    """start_server's progress (shown_run) on a terminal, with rich and no logging set up
+    by the program: the rich panel instead of plain INFO lines, warnings above it, and
+    nothing left installed afterwards."""
+    import os
+    import pty
+    import re
+
+    pytest.importorskip("rich", reason="rich (stamen[rich]) is not installed")
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LIVE],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "160", "TERM": "xterm"},
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the terminal closed (EIO): the process has exited
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        assert process.wait(60) == 0
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    assert "FedAvg" in screen and "a warning above the panel" in screen, screen
+    assert "run started: 2 round(s) of FedAvg" not in screen  # drawn, not logged
+    assert "HANDLERS 0" in screen

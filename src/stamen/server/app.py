@@ -20,7 +20,7 @@ from .events import RunEvent
 from .fleet.auth import AuthorizedKeys, NodeAuthenticator, ServerKeys
 from .fleet.service import FleetService
 from .history import History
-from .progress import shown_progress
+from .progress import shown_run
 from .server import Server, ServerConfig, run_instructions
 from .sinks import make_sinks
 from .strategy import Strategy
@@ -190,7 +190,7 @@ def start_server(
     sinks = make_sinks(tensorboard_dir=tensorboard_dir, mlflow_uri=mlflow_uri)
     views: list[Callable[[RunEvent], None]] = [*subscribers, *sinks]
     unsubscribe = [server.events.subscribe(view) for view in views]
-    with shown_progress():  # INFO progress on stderr when the program set up no logging
+    with shown_run(server.events):  # progress on stderr when the program set up no logging
         dashboard = None
         try:
             # The dashboard subscribes before the fleet starts, so it sees every node join.

@@ -3,9 +3,10 @@
 :class:`LiveView` subscribes to the run's events (:mod:`stamen.server.events`) and keeps
 one panel up to date: round k/N and its phase, a bar of the replies arrived against those
 expected, connected nodes, elapsed time and an ETA, and the latest loss and metrics.
-``stamen server`` shows it when stderr is a terminal; pass one to
-``start_server(subscribers=[LiveView()])`` to get it in a script. Log records still print
-above the panel when logged through :meth:`LiveView.log_handler`.
+``stamen server`` and ``start_server`` show it when stderr is a terminal, ``rich`` is
+installed and the program set up no logging (:func:`stamen.server.progress.shown_run`);
+pass one to ``start_server(subscribers=[LiveView()])`` to have it whatever the logging.
+Log records still print above the panel when logged through :meth:`LiveView.log_handler`.
 """
 
 from __future__ import annotations

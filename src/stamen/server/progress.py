@@ -12,9 +12,12 @@ and the simulation, and is re-exported here). Each line carries its event
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from collections.abc import Iterator
 
-from ..logger import shown_progress
+from ..logger import logging_configured, shown_progress
 from .events import (
     NodeJoined,
     NodeLeft,
@@ -23,11 +26,12 @@ from .events import (
     RoundStarted,
     RunEnded,
     RunEvent,
+    RunEvents,
     RunStarted,
     WaitingForClients,
 )
 
-__all__ = ["ProgressLog", "shown_progress"]
+__all__ = ["ProgressLog", "shown_progress", "shown_run"]
 
 
 def _scalars(values: dict[str, object]) -> str:
@@ -103,3 +107,36 @@ class ProgressLog:
             event.failures,
             outcome,
         )
+
+
+def _not_in_the_panel(record: logging.LogRecord) -> bool:
+    """The live view draws the run's events: their INFO lines are not printed too."""
+    return record.levelno >= logging.WARNING or not hasattr(record, "event")
+
+
+@contextlib.contextmanager
+def shown_run(events: RunEvents) -> Iterator[None]:
+    """:func:`shown_progress` for a server's run: on a terminal, with ``rich`` installed
+    and no logging set up by the program, the run is drawn as a live panel
+    (:class:`stamen.server.live.LiveView`) with warnings printed above it; elsewhere,
+    plain INFO lines on stderr. Nothing stays installed after the block."""
+    from .live import LiveView, rich_available
+
+    if logging_configured() or not sys.stderr.isatty() or not rich_available():
+        with shown_progress():
+            yield
+        return
+    view = LiveView()
+    handler = view.log_handler(logging.INFO)
+    handler.addFilter(_not_in_the_panel)
+    stamen = logging.getLogger("stamen")
+    stamen.addHandler(handler)
+    stamen.setLevel(logging.INFO)
+    unsubscribe = events.subscribe(view)
+    try:
+        yield
+    finally:
+        unsubscribe()
+        view.stop()
+        stamen.removeHandler(handler)
+        stamen.setLevel(logging.NOTSET)
