@@ -24,6 +24,9 @@ __all__ = ["LoopThread", "run_on_client_loop"]
 
 _T = TypeVar("_T")
 
+_CLOSING_TURNS = 5
+"""Loop turns given to transports closing when the loop's last tasks are cancelled."""
+
 
 class LoopThread:
     """Runs an asyncio loop in a daemon thread; other threads submit work to it.
@@ -88,6 +91,11 @@ class LoopThread:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                # A cancelled task may have closed a transport (an accept under way, say),
+                # which closes its socket in a callback of a later turn: let those run, or
+                # the socket outlives the loop, held open, and its peer waits for nothing.
+                for _ in range(_CLOSING_TURNS):
+                    await asyncio.sleep(0)
 
             try:
                 self.run(cancel_rest(), timeout)
@@ -95,6 +103,11 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._thread.join(timeout)
         if not self._thread.is_alive():
+            # Callbacks scheduled as the loop stopped (a connection accepted at the last
+            # moment being told, a transport closing its socket) run now, on this thread,
+            # so that no socket outlives the loop, held open with its peer waiting.
+            for _ in range(_CLOSING_TURNS):
+                self.loop.run_until_complete(asyncio.sleep(0))
             self.loop.close()
 
 

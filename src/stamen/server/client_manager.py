@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from ..errors import ConfigError, NotEnoughClients
 from .client_proxy import ClientProxy
@@ -144,6 +145,13 @@ class SimpleClientManager(ClientManager):
                         "waiting for clients: %d/%d connected", len(self._clients), num_clients
                     )
             return True
+
+    def wait_until(
+        self, condition: Callable[[dict[str, ClientProxy]], bool], timeout: float
+    ) -> bool:
+        """Wait until ``condition(connected clients by cid)`` holds; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: condition(dict(self._clients)), timeout=timeout)
 
     def sample(
         self,

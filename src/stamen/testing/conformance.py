@@ -283,8 +283,14 @@ def check_round_timeout(transport: TransportUnderTest | str) -> None:
     )
 
 
-def _wait_for_node(manager: SimpleClientManager) -> Any:
-    assert manager.wait_for(1, timeout=_WAIT), "no node connected"
+def _wait_for_node(manager: SimpleClientManager, other_than: str | None = None) -> Any:
+    """The one connected node, once it is not ``other_than`` (a node that left may still
+    be unregistering when its reply to ReconnectIns has arrived)."""
+
+    def one_new(clients: dict[str, Any]) -> bool:
+        return len(clients) == 1 and other_than not in clients
+
+    assert manager.wait_until(one_new, timeout=_WAIT), f"expected one node, have {manager.all()}"
     [proxy] = manager.all().values()
     return proxy
 
@@ -343,7 +349,7 @@ def check_reconnect_later(transport: TransportUnderTest | str) -> None:
         node = _start(srv, transport, AddClient(1).to_client(), nodes)
         first = _wait_for_node(manager)
         assert first.reconnect(ReconnectIns(seconds=1), timeout=_WAIT).reason == "RECONNECT"
-        second = _wait_for_node(manager)
+        second = _wait_for_node(manager, other_than=first.cid)
         assert second.cid != first.cid
         assert second.reconnect(ReconnectIns(seconds=0), timeout=_WAIT).reason == "RECONNECT"
         assert node.join(_WAIT) is None

@@ -725,6 +725,14 @@ class RestListener:
         server, site = self._server, self._site
         self._server = self._site = None
         if server is not None and site is not None:
+            # Stop accepting first, and let accepts under way finish while the server is
+            # still open: asyncio attaches each new connection to its server, which fails
+            # once the server is closed, and then leaves the accepted socket open for
+            # good (its peer waits for an answer that never comes).
+            site.stopping = True
+            asyncio.get_running_loop().remove_reader(self._socket.fileno())
+            for _ in range(_ACCEPT_TURNS):
+                await asyncio.sleep(0)
             server.close()
             await site.close(_GRACE)
             if sys.version_info >= (3, 13):
