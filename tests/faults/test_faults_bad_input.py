@@ -590,7 +590,9 @@ def test_rest_headers_that_stop_arriving_lose_their_connection_after_the_silence
         sock.sendall(_pull_head(len(body))[:30])  # and the rest never comes
         received, waited = _until_closed(sock)
     assert received == b""
-    assert body_idle_limit(garbage_server.service.fleet) <= waited < WAIT
+    # The server's silence clock may start when it sent its answer, a moment before this
+    # test's clock: a tenth of a second of slack below the limit.
+    assert body_idle_limit(garbage_server.service.fleet) - 0.1 <= waited < WAIT
     assert_serving(raw_channel, http)
 
 

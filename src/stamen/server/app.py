@@ -176,6 +176,7 @@ def start_server(
     server, config = init_defaults(server, config, strategy, client_manager)
     if checkpoint_dir is not None:
         server.checkpointer = Checkpointer(checkpoint_dir)
+        server.spill.directory = os.fspath(checkpoint_dir)  # spill files beside the run's
     service = FleetService(
         server.client_manager(),
         address=server_address,

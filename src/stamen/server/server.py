@@ -42,6 +42,7 @@ from .events import (
 )
 from .history import History
 from .progress import ProgressLog
+from .spill import SpillStore
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
 from .strategy.validate import collect_refusals
@@ -286,6 +287,9 @@ class Server:
         self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")
         self.max_workers: int | None = None
+        self.spill = SpillStore(None if checkpointer is None else checkpointer.directory)
+        """Where the results of a round without streaming aggregation wait beyond a RAM
+        budget (:class:`~stamen.server.spill.SpillStore`)."""
         self.events = RunEvents()
         """What happens in the run, as :mod:`~stamen.server.events` (progress views
         subscribe here); a :class:`~stamen.server.progress.ProgressLog` logs it."""
@@ -399,7 +403,10 @@ class Server:
             logger.info("round %d: no clients selected for fit", server_round)
             return None
         accumulator = self.strategy.fit_accumulator(server_round)
-        fold = None if accumulator is None else _folder(accumulator)
+        # Without an accumulator every result is kept to the end: beyond the RAM budget,
+        # in spill files that the aggregation reads a part at a time.
+        fold = self.spill.take if accumulator is None else _folder(accumulator)
+        self.spill.begin()
         began = time.monotonic()
         self.events.publish(RoundStarted(server_round, "fit", len(instructions)))
         with collect_refusals() as refused:
@@ -418,6 +425,7 @@ class Server:
                     server_round, list(results), failures
                 )
         self._tell_refused(server_round, refused)
+        self.spill.end(server_round)
         self.events.publish(
             RoundEnded(
                 server_round,

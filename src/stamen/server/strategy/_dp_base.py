@@ -21,6 +21,7 @@ from ...privacy import (
 from ...typing import NDArrays, Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
+from ..spill import release, spilled_like
 from ._checks import check_count, check_number
 from .state import StrategyState
 from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults, Strategy
@@ -33,6 +34,14 @@ logger = logging.getLogger("stamen.server")
 # A client-side clipped update may exceed the norm by float rounding; beyond this, the
 # server clips it again.
 _CLIENT_NORM_TOLERANCE = 1e-6
+
+
+def clipped_parameters(fit_res: FitRes, arrays: NDArrays, clipped: NDArrays) -> Parameters:
+    """A result's clipped model as its new parameters, spilled to disk if the result was
+    (clipped results wait where the results waited); the result's own pages let go."""
+    for array in arrays:
+        release(array)
+    return spilled_like(fit_res.parameters, ndarrays_to_parameters(clipped))
 
 
 class DPWrapperBase(Strategy):
@@ -175,7 +184,7 @@ class DPWrapperBase(Strategy):
                 clipped, _ = compute_clip_model_update(
                     arrays, self.current_round_params, clipping_norm
                 )
-                fit_res = replace(fit_res, parameters=ndarrays_to_parameters(clipped))
+                fit_res = replace(fit_res, parameters=clipped_parameters(fit_res, arrays, clipped))
             out.append((proxy, fit_res))
             reclipped.append(over)
         if checked.refused:

@@ -14,7 +14,10 @@ on several threads, :data:`THREADS`). :func:`aggregate` of a list reads each inp
 and allocates only the result; :class:`WeightedSum` consumes its models one at a time into
 one float64 accumulator, so it holds one model however many results there are. The robust
 rules (:func:`aggregate_median`, :func:`aggregate_trimmed_avg`, :func:`aggregate_krum`,
-:func:`aggregate_bulyan`) need all the models at once.
+:func:`aggregate_bulyan`) need all the models at once; they read them a part of every
+model at a time (:data:`PART_VALUES`). Every kernel lets the pages of a spilled result go
+once it has read them (:func:`~stamen.server.spill.release`), so models that wait on disk
+are never all in memory.
 
 The names and arguments are Flower 1.12's (``flwr.server.strategy.aggregate``).
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -33,10 +36,12 @@ from ..._dtypes import cast_like
 from ...errors import ConfigError, RunError
 from ...ndarrays import Lease
 from ...typing import NDArray, NDArrays
+from ..spill import release
 
 __all__ = [
     "BLOCK",
     "MIN_PART_BLOCKS",
+    "PART_VALUES",
     "THREADS",
     "WeightedSum",
     "aggregate",
@@ -360,6 +365,7 @@ class WeightedSum:
             else:
                 weight_value = layer.dtype.type(weight)
                 _fold_layer(_flat(layer, order), _flat(array, order), weight_value, first)
+            release(array)
         self.total_weight = total
         self.count += 1
 
@@ -442,6 +448,8 @@ def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: f
             for values, factor in zip(flats[1:], factors[1:], strict=True):
                 _fold_into(acc, values[lo:hi], factor, scratch)
             _mean_into(target[lo:hi], acc, divisor, acc)
+            for values in flats:
+                release(values[lo:hi])  # a spilled result's pages go once read
 
     _in_parts(target.size, work)
     return result
@@ -521,10 +529,54 @@ def _layer_dtype(models: Sequence[NDArrays], layer: int) -> np.dtype[Any]:
     return mean_dtype(m[layer].dtype for m in models)
 
 
-def _stack(models: list[NDArrays], layer: int) -> NDArray:
-    """Layer ``layer`` of every model, stacked on a new axis 0, in float64."""
-    dtype = _work_dtype(_layer_dtype(models, layer))
-    return np.stack([np.asarray(m[layer], dtype=dtype) for m in models])
+PART_VALUES = 1 << 22
+"""Values (over all models) the coordinate-wise rules stack at a time: 32 MB in float64.
+
+The robust rules read each coordinate of every model at once; stacking whole layers
+would hold every model (in float64: twice a float32 model each). Part by part, they hold
+one part of every model, and release the parts of spilled results as they go
+(:func:`~stamen.server.spill.release`). Each coordinate's value does not depend on the
+parts, so the results are those of the whole-layer rules, to the bit."""
+
+
+def _parts(models: Sequence[NDArrays], layer: int) -> Iterator[tuple[int, int, NDArray]]:
+    """``(lo, hi, stacked)``: values ``lo:hi`` of layer ``layer`` of every model, stacked
+    on axis 0 in float64 (complex128), for consecutive parts of the layer.
+
+    The values are those of each layer flattened in one memory order (the first model's),
+    so a coordinate has the same index in every model. The stacked array is reused: use
+    it before asking for the next part.
+    """
+    order = _order(models[0][layer])
+    flats = [_flat(m[layer], order) for m in models]
+    size = flats[0].size
+    step = max(1, PART_VALUES // len(models))
+    scratch = np.empty(
+        (len(models), min(step, size)), dtype=_work_dtype(_layer_dtype(models, layer))
+    )
+    for lo in range(0, size, step):
+        hi = min(lo + step, size)
+        stacked = scratch[:, : hi - lo]
+        for row, values in zip(stacked, flats, strict=True):
+            np.copyto(row, values[lo:hi])
+            release(values[lo:hi])
+        yield lo, hi, stacked
+
+
+def _coordinate_wise(models: Sequence[NDArrays], rule: Callable[[NDArray], NDArray]) -> NDArrays:
+    """Each layer's ``rule(stacked)`` (a value per coordinate from the stacked values of
+    every model, axis 0) in the layer's :func:`mean_dtype`, computed part by part."""
+    out: NDArrays = []
+    for layer in range(len(models[0])):
+        dtype = _layer_dtype(models, layer)
+        first = models[0][layer]
+        order = _order(first)
+        result = np.empty(first.shape, dtype=dtype, order=order)
+        target = _flat(result, order)
+        for lo, hi, stacked in _parts(models, layer):
+            target[lo:hi] = cast_like(rule(stacked), dtype)
+        out.append(result)
+    return out
 
 
 def aggregate_median(results: Sequence[tuple[NDArrays, int]]) -> NDArrays:
@@ -534,10 +586,7 @@ def aggregate_median(results: Sequence[tuple[NDArrays, int]]) -> NDArrays:
         RunError: no results, or results of different layouts.
     """
     models = _models(results, "aggregate_median")
-    return [
-        cast_like(np.median(_stack(models, layer), axis=0), _layer_dtype(models, layer))
-        for layer in range(len(models[0]))
-    ]
+    return _coordinate_wise(models, lambda stacked: np.median(stacked, axis=0))
 
 
 def aggregate_trimmed_avg(
@@ -559,23 +608,28 @@ def aggregate_trimmed_avg(
         )
     models = _models(results, "aggregate_trimmed_avg")
     cut = int(proportiontocut * len(models))
-    trimmed: NDArrays = []
-    for layer in range(len(models[0])):
-        ranked = np.sort(_stack(models, layer), axis=0)
-        kept = ranked[cut : len(models) - cut]
-        trimmed.append(cast_like(kept.mean(axis=0), _layer_dtype(models, layer)))
-    return trimmed
+
+    def trimmed_mean(stacked: NDArray) -> NDArray:
+        ranked = np.sort(stacked, axis=0)
+        mean: NDArray = ranked[cut : len(models) - cut].mean(axis=0)
+        return mean
+
+    return _coordinate_wise(models, trimmed_mean)
 
 
 def pairwise_squared_distances(models: Sequence[NDArrays]) -> NDArray:
-    """``D[i, j] = ||w_i - w_j||^2`` over all layers, in float64."""
+    """``D[i, j] = ||w_i - w_j||^2`` over all layers, in float64 (read part by part)."""
     count = len(models)
     distances = np.zeros((count, count))
     for layer in range(len(models[0]) if models else 0):
-        flat = _stack(list(models), layer).reshape(count, -1)
-        for i in range(count):
-            diff = np.abs(flat - flat[i])
-            distances[i] += np.sum(diff * diff, axis=1)
+        for _, _, stacked in _parts(models, layer):
+            for i in range(count - 1):
+                diff = stacked[i + 1 :] - stacked[i]
+                if diff.dtype.kind == "c":
+                    diff = np.abs(diff)
+                squared = np.einsum("ij,ij->i", diff, diff)
+                distances[i, i + 1 :] += squared
+                distances[i + 1 :, i] += squared
     return distances
 
 
@@ -650,14 +704,14 @@ def aggregate_bulyan(
     for _ in range(theta):
         scores = krum_scores(distances[np.ix_(candidates, candidates)], num_malicious)
         selected.append(models[candidates.pop(int(np.argmin(scores)))])
-    out: NDArrays = []
-    for layer in range(len(models[0])):
-        stacked = _stack(selected, layer)
+
+    def closest_to_median(stacked: NDArray) -> NDArray:
         median = np.median(stacked, axis=0)
         closest = np.argsort(np.abs(stacked - median), axis=0, kind="stable")[:beta]
-        mean = np.take_along_axis(stacked, closest, axis=0).mean(axis=0)
-        out.append(cast_like(mean, _layer_dtype(selected, layer)))
-    return out
+        mean: NDArray = np.take_along_axis(stacked, closest, axis=0).mean(axis=0)
+        return mean
+
+    return _coordinate_wise(selected, closest_to_median)
 
 
 def check_bulyan_rule(rule: Callable[..., NDArrays], kwargs: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 from ...errors import ConfigError
 from ...messages import FitIns, Parameters
-from ...ndarrays import ndarrays_to_parameters
 from ...privacy import (
     KEY_CLIPPING_NORM,
     KEY_NORM_BIT,
@@ -19,7 +18,7 @@ from ...typing import Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
 from ._checks import check_fraction, check_number
-from ._dp_base import DPWrapperBase
+from ._dp_base import DPWrapperBase, clipped_parameters
 from .fedprox import with_config
 from .state import StrategyState
 from .strategy import FitFailures, FitResults, Strategy
@@ -173,7 +172,7 @@ class DifferentialPrivacyServerSideAdaptiveClipping(_AdaptiveClipping):
             )
             clipped_count += int(norm_bit)
             clipped_results.append(
-                (proxy, replace(fit_res, parameters=ndarrays_to_parameters(clipped)))
+                (proxy, replace(fit_res, parameters=clipped_parameters(fit_res, arrays, clipped)))
             )
         self.adapt(server_round, clipped_count, len(valid))
         parameters, metrics = self.strategy.aggregate_fit(server_round, clipped_results, [])

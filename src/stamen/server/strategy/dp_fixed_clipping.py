@@ -6,13 +6,12 @@ import logging
 from dataclasses import replace
 
 from ...messages import FitIns, Parameters
-from ...ndarrays import ndarrays_to_parameters
 from ...privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 from ...typing import Scalar
 from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
 from ._checks import check_number
-from ._dp_base import DPWrapperBase
+from ._dp_base import DPWrapperBase, clipped_parameters
 from .fedprox import with_config
 from .state import StrategyState
 from .strategy import FitFailures, FitResults, Strategy
@@ -84,7 +83,7 @@ class DifferentialPrivacyServerSideFixedClipping(DPWrapperBase):
                 arrays, self.current_round_params, self.clipping_norm
             )
             clipped_results.append(
-                (proxy, replace(fit_res, parameters=ndarrays_to_parameters(clipped)))
+                (proxy, replace(fit_res, parameters=clipped_parameters(fit_res, arrays, clipped)))
             )
         logger.info("round %s: updates clipped to norm %.6g", server_round, self.clipping_norm)
         parameters, metrics = self.strategy.aggregate_fit(server_round, clipped_results, [])

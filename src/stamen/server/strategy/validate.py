@@ -52,6 +52,7 @@ from ...messages import Code, EvaluateRes, FitRes, Parameters
 from ...ndarrays import parameters_to_views
 from ...typing import NDArray, NDArrays
 from ..client_proxy import ClientProxy
+from ..spill import release
 from .strategy import EvaluateFailures, EvaluateResults, FitFailures, FitResults
 
 __all__ = [
@@ -130,6 +131,7 @@ def _all_finite(array: NDArray) -> bool:
     for start in range(0, flat.size, _FINITE_BLOCK):
         block = mask[: min(_FINITE_BLOCK, flat.size - start)]
         np.isfinite(flat[start : start + _FINITE_BLOCK], out=block)
+        release(flat[start : start + _FINITE_BLOCK])  # a spilled result's pages go
         if not block.all():
             return False
     return True

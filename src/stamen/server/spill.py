@@ -1,0 +1,255 @@
+"""Fit results that wait on disk instead of in RAM, for rules that need them all at once.
+
+A strategy that aggregates results one at a time (FedAvg and the strategies built on its
+rule: :meth:`~stamen.server.strategy.Strategy.fit_accumulator`) never holds more than one
+model. Any other ``aggregate_fit`` — a FedAvg subclass that overrides it to save the model,
+the robust rules (median, trimmed mean, Krum, Bulyan), a user's own strategy — receives
+every result of the round at once. Held in RAM, ten 100 MB results are a gigabyte.
+
+:class:`SpillStore` keeps a round's results in RAM up to a budget and writes the rest,
+as they arrive, into files of their own in a spill directory, each mapped read-only: a
+result's ``Parameters.tensors`` are then ``memoryview`` slices of its file (bytes-like:
+``np.frombuffer``, ``parameters_to_ndarrays``, ``bytes(...)`` work unchanged). The files
+are anonymous (``O_TMPFILE`` on Linux; elsewhere unlinked as soon as made): no name is
+ever visible, and the disk is given back when the last view of a file dies — at the end
+of the round, or when the process exits, killed or not. Nothing is left to clean up.
+
+Reading a mapped file brings its pages into the process (they count in its RSS) until
+:func:`release` lets them go: the aggregation kernels release each part of each model as
+soon as they have read it (:mod:`~stamen.server.strategy.aggregate`, the result checks),
+so a rule that reads every result once holds one part of each at a time. Releasing never
+loses data: the pages are read again from the file if they are read again. :func:`release`
+does nothing to memory that is not a spilled result's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..messages import FitRes, Parameters
+from ..ndarrays import Lease
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "SpillReport",
+    "SpillStore",
+    "release",
+    "spill_parameters",
+    "spilled_bytes_mapped",
+    "spilled_like",
+]
+
+logger = logging.getLogger("stamen.server")
+
+DEFAULT_BUDGET = 64 << 20
+"""Bytes of a round's results a :class:`SpillStore` keeps in RAM before it spills."""
+
+_PAGE = mmap.PAGESIZE
+_ALIGN = max(_PAGE, 4096)
+"""Each tensor starts on a page: its array data then has any alignment NumPy wants."""
+
+
+# --- the mappings of spilled results, by address -------------------------------------------
+
+_lock = threading.Lock()
+_starts: list[int] = []
+_maps: list[tuple[int, int, weakref.ref[mmap.mmap], str | None]] = []
+"""(start, end, mapping, directory) of each spill file's mapping, by start address."""
+
+
+def _address(buffer: Any) -> int:
+    return int(np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0])
+
+
+def _register(mapping: mmap.mmap, directory: str | None) -> None:
+    start = _address(mapping)
+    ref = weakref.ref(mapping, lambda _: _forget(start))
+    entry = (start, start + len(mapping), ref, directory)
+    with _lock:
+        at = bisect.bisect_left(_starts, start)
+        _starts.insert(at, start)
+        _maps.insert(at, entry)
+
+
+def _forget(start: int) -> None:
+    with _lock:
+        at = bisect.bisect_left(_starts, start)
+        if at < len(_starts) and _starts[at] == start:
+            del _starts[at]
+            del _maps[at]
+
+
+def _mapping_at(address: int) -> tuple[int, int, mmap.mmap, str | None] | None:
+    with _lock:
+        at = bisect.bisect_right(_starts, address) - 1
+        if at < 0:
+            return None
+        start, end, ref, directory = _maps[at]
+    mapping = ref()
+    if mapping is None or not start <= address < end:
+        return None
+    return start, end, mapping, directory
+
+
+def spilled_bytes_mapped() -> int:
+    """Bytes of spilled results whose files are still mapped (for tests and reports)."""
+    with _lock:
+        return sum(end - start for start, end, ref, _ in _maps if ref() is not None)
+
+
+def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
+    """Let the pages of ``array`` go from the process if it lies in a spilled result.
+
+    The data stays in the result's file and is read again if read again; memory that is
+    not a spilled result's is left alone (this is a no-op there).
+    """
+    if isinstance(array, np.ndarray):
+        if array.size == 0:
+            return
+        address = int(array.__array_interface__["data"][0])
+        nbytes = int(array.nbytes)
+    else:
+        if len(array) == 0:
+            return
+        address, nbytes = _address(array), memoryview(array).nbytes
+    found = _mapping_at(address)
+    if found is None:
+        return
+    start, end, mapping, _ = found
+    first = (address - start) // _PAGE * _PAGE
+    last = min(address + nbytes, end) - start
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+    except (ValueError, OSError):  # closed meanwhile, or a platform without madvise
+        return
+
+
+# --- writing results out ---------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def spill_parameters(parameters: Parameters, directory: str | None = None) -> Parameters:
+    """``parameters`` written to an anonymous file in ``directory`` (default: the
+    system's temporary directory) and returned as read-only views of it.
+
+    Raises:
+        OSError: the file cannot be made or written (a full disk, say).
+    """
+    views = [memoryview(t).cast("B") for t in parameters.tensors]
+    offsets: list[int] = []
+    size = 0
+    for view in views:
+        offsets.append(size)
+        size = -(-(size + view.nbytes) // _ALIGN) * _ALIGN
+    if size == 0:
+        return parameters
+    with tempfile.TemporaryFile(dir=directory, prefix="stamen-spill-") as file:
+        fd = file.fileno()
+        os.ftruncate(fd, size)
+        for view, offset in zip(views, offsets, strict=True):
+            _write_all(fd, view, offset)
+        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    _register(mapping, directory)
+    whole = memoryview(mapping)
+    tensors: list[bytes | memoryview] = [
+        whole[offset : offset + view.nbytes] for view, offset in zip(views, offsets, strict=True)
+    ]
+    return Parameters(tensors=tensors, tensor_type=parameters.tensor_type)
+
+
+def spilled_like(source: Parameters, parameters: Parameters) -> Parameters:
+    """``parameters`` (derived from ``source``: a clipped update, say) spilled where
+    ``source`` was if it was spilled; as they are otherwise."""
+    for tensor in source.tensors:
+        if len(tensor):
+            found = _mapping_at(_address(tensor))
+            return parameters if found is None else spill_parameters(parameters, found[3])
+    return parameters
+
+
+@dataclass(frozen=True)
+class SpillReport:
+    """What one round's results cost: in RAM, and on disk while the round ran."""
+
+    kept: int
+    kept_bytes: int
+    spilled: int
+    spilled_bytes: int
+
+
+class SpillStore:
+    """A round's fit results: in RAM up to ``budget`` bytes, the rest in spill files.
+
+    The server passes each result to :meth:`take` as it arrives (in instruction order)
+    and keeps what it returns; :meth:`begin` starts a round's count, :meth:`end` ends it
+    and logs what waited on disk.
+
+    Args:
+        directory: Where spill files are made (default: the system's temporary
+            directory, ``TMPDIR``); a checkpointed server uses its checkpoint directory.
+        budget: Bytes of results kept in RAM per round before the next ones spill.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, budget: int = DEFAULT_BUDGET
+    ):
+        if budget < 0:
+            raise ValueError(f"SpillStore: expected budget >= 0 bytes, received {budget}")
+        self.directory = None if directory is None else os.fspath(directory)
+        self.budget = budget
+        self._report = SpillReport(0, 0, 0, 0)
+
+    def begin(self) -> None:
+        """A new round: nothing kept yet."""
+        self._report = SpillReport(0, 0, 0, 0)
+
+    def take(self, _proxy: object, reply: FitRes) -> FitRes:
+        """``reply`` as the round keeps it: itself, or its parameters spilled."""
+        size = sum(memoryview(t).nbytes for t in reply.parameters.tensors)
+        report = self._report
+        # The receive buffers are the round's now: the receive slot they hold comes back
+        # at once, so the next result arrives while this one is written out (two models
+        # in memory at most, not one per node).
+        for buffer in Lease.over(reply.parameters.tensors).buffers:
+            buffer.kept()
+        if report.kept_bytes + size <= self.budget:
+            self._report = replace(
+                report, kept=report.kept + 1, kept_bytes=report.kept_bytes + size
+            )
+            return reply
+        parameters = spill_parameters(reply.parameters, self.directory)
+        self._report = replace(
+            report, spilled=report.spilled + 1, spilled_bytes=report.spilled_bytes + size
+        )
+        return replace(reply, parameters=parameters)
+
+    def end(self, server_round: int) -> SpillReport:
+        """The round's report, logged when anything waited on disk."""
+        report = self._report
+        if report.spilled:
+            logger.info(
+                "round %d: %d result(s), %.1f MB, waited on disk in %s (freed when the round "
+                "lets them go); %d result(s), %.1f MB, in memory",
+                server_round,
+                report.spilled,
+                report.spilled_bytes / 1e6,
+                self.directory or tempfile.gettempdir(),
+                report.kept,
+                report.kept_bytes / 1e6,
+            )
+        return report
