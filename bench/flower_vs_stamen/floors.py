@@ -25,11 +25,19 @@ into the bytes sent (at least one copy per side), the server's copy of the new g
 model, and every per-message cost (gRPC calls, Python per message and per client). So it
 is a lower bound no framework reaches; a round's multiple of it says how much is spent on
 anything but moving the bytes.
+
+Usage: ``floors.py [--quick]`` prints :func:`measure`'s JSON. The driver runs it as a
+process of its own: a child inherits its parent's peak RSS through ``fork`` and ``exec``
+(Linux folds the old memory map's high-water mark into the new process's ``ru_maxrss``),
+so the floors' buffers measured in the driver would show up in every server's peak.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -120,3 +128,15 @@ def round_floor(clients: int, model_bytes: int, floors: dict[str, Any]) -> dict[
         "seconds": loopback / floors["loopback_bytes_per_s"]
         + aggregated / floors["memcpy_bytes_per_s"],
     }
+
+
+def main() -> int:
+    """Measure; print the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller transfers")
+    print(json.dumps(measure(parser.parse_args().quick)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,7 +58,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-import floors  # noqa: E402
 import report  # noqa: E402
 from procs import Proc, environment, split, wait_for_run  # noqa: E402
 from relay import SpliceRelay  # noqa: E402
@@ -101,6 +100,7 @@ ORDER = ("A", "B", "Bsub", "Bmed", "C", "D", "E", "E10k", "Ethreads", "micro")
 DEFAULT = ORDER
 PORT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
+FLOORS_TIMEOUT = 300.0
 
 
 def server_argv(
@@ -244,6 +244,18 @@ def run_micro(framework: str, options: argparse.Namespace, log_dir: Path) -> dic
         proc.stop()
 
 
+def measure_floors(quick: bool) -> dict[str, Any]:
+    """``floors.py`` in a process of its own (its buffers would raise the peak RSS that every
+    process started later by this one reports: see floors.py)."""
+    argv = [sys.executable, str(HERE / "floors.py")] + (["--quick"] if quick else [])
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=FLOORS_TIMEOUT, check=False, cwd=HERE
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"floors.py exit {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def flower_python(given: str | None) -> str:
     """Flower's interpreter: the option, ``$STAMEN_FLWR_PYTHON`` or ``.venv-flwr``."""
     return given or os.environ.get("STAMEN_FLWR_PYTHON") or str(REPO / ".venv-flwr/bin/python")
@@ -316,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": options.quick,
         "transport": options.transport,
         "wire": options.wire,
-        "floors": floors.measure(options.quick),  # before the runs: nothing else of ours runs
+        "floors": measure_floors(options.quick),  # before the runs: nothing else of ours runs
         "workloads": {},
     }
     print(report.floors_line(results["floors"]), flush=True)
