@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 
 CHUNK = 1 << 20
-"""Bytes per ``recv_into`` call of the loopback measurement (1 MiB: the fastest of the
-sizes tried here, 1-16 MiB)."""
+"""Bytes per ``recv_into`` call of the loopback measurement (1 MiB: as fast as any size
+tried, 1-16 MiB, and the steadiest; bench/HISTORY.md)."""
 SIZES = {"full": (256_000_000, 256_000_000, 5), "quick": (32_000_000, 32_000_000, 3)}
 """``(loopback bytes, memcpy bytes, tries)`` per mode."""
 TIMEOUT = 60.0
