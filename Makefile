@@ -34,7 +34,7 @@ $(FLWR_VENV)/.installed:
 interop-venv: $(FLWR_VENV)/.installed
 
 # Stamen against Flower 1.12 on the same workloads (bench/README.md): results in
-# bench/results/flower_vs_stamen.json and the tables in bench/README.md. 6-10 minutes.
+# bench/results/flower_vs_stamen.json and the tables in bench/README.md. 15-20 minutes.
 bench: $(VENV)/.dev-installed $(FLWR_VENV)/.installed
 	$(BIN)/python bench/flower_vs_stamen/run.py --flower-python $(CURDIR)/$(FLWR_VENV)/bin/python --readme
 

@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from floors import round_floor
 from workload import Workload, human_bytes
 
 BEGIN = "<!-- BEGIN flower_vs_stamen (written by bench/flower_vs_stamen/run.py --readme) -->"
@@ -47,7 +48,28 @@ def summarize(results: dict[str, Any]) -> None:
                 m: stamen[m] / flower[m] if stamen[m] and flower[m] else None for m in METRICS
             }
         entry["summary"] = summary
+        entry["floor"] = floor_of(entry, results.get("floors"))
     results["targets"] = targets(results)
+
+
+def floor_of(entry: dict[str, Any], floors: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A workload's floor (``floors.round_floor``), each framework's median round time as a
+    multiple of it and its server's median peak RSS as a multiple of the model size.
+    None without measured floors (a JSON written before they were)."""
+    if floors is None:
+        return None
+    spec = entry["spec"]
+    floor: dict[str, Any] = round_floor(spec["clients"], spec["model_bytes"], floors)
+    for framework in ("stamen", "flower"):
+        s = entry["summary"].get(framework)
+        ok = s is not None and s["runs_ok"]
+        floor[framework] = {
+            "round_x_floor": s["round_seconds"] / floor["seconds"] if ok else None,
+            "server_peak_rss_x_model": s["server_peak_rss_bytes"] / spec["model_bytes"]
+            if ok
+            else None,
+        }
+    return floor
 
 
 def _stamen(results: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -185,6 +207,14 @@ def run_line(load: Workload, run: dict[str, Any]) -> str:
     )
 
 
+def floors_line(floors: dict[str, Any]) -> str:
+    """One line of progress for the floors."""
+    return (
+        f"floors: loopback {floors['loopback_bytes_per_s'] / 1e9:.2f} GB/s, memcpy "
+        f"{floors['memcpy_bytes_per_s'] / 1e9:.2f} GB/s (best of {len(floors['loopback_seconds'])})"
+    )
+
+
 def micro_line(micro: dict[str, Any]) -> str:
     """One line of progress for the micro-benchmarks."""
     parts = []
@@ -233,6 +263,45 @@ def workload_table(results: dict[str, Any]) -> list[str]:
         cells += _cells(summary, "server_peak_rss_bytes", _mb)
         cells += _cells(summary, "client_peak_rss_bytes", _mb)
         cells += _cells(summary, "wire_bytes", _wire)
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _short(value: float) -> str:
+    return f"{value * 1e3:.2f} ms" if value < 0.01 else _seconds(value)
+
+
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f} x"
+
+
+def floor_table(results: dict[str, Any]) -> list[str]:
+    """One row per workload: its floor, both round times as multiples of it, and both
+    servers' peak RSS as multiples of the model."""
+    floors = results["floors"]
+    rows = [
+        f"Floors (`floors.py`, best of {len(floors['loopback_seconds'])} before the runs): "
+        f"loopback TCP {floors['loopback_bytes_per_s'] / 1e9:.2f} GB/s, memcpy "
+        f"{floors['memcpy_bytes_per_s'] / 1e9:.2f} GB/s. A round's floor is "
+        "2 N M / loopback + N M / memcpy (N clients of M bytes: each model down and up the "
+        "loopback, each result read once into the aggregate); docs/performance.md says what "
+        "it leaves out.",
+        "",
+        "| workload | loopback + aggregation bytes / round | floor | Stamen round | Stamen x floor "
+        "| Flower round | Flower x floor | server peak RSS / model: Stamen | Flower |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["workloads"].values():
+        floor, summary = entry["floor"], entry["summary"]
+        cells = [entry["title"]]
+        cells.append(f"{_wire(floor['loopback_bytes'])} + {_wire(floor['memcpy_bytes'])}")
+        cells.append(_short(floor["seconds"]))
+        for framework in ("stamen", "flower"):
+            s = summary.get(framework)
+            ok = s is not None and s["runs_ok"]
+            cells.append(_seconds(s["round_seconds"]) if ok else "—")
+            cells.append(_times(floor[framework]["round_x_floor"]))
+        cells += [_times(floor[f]["server_peak_rss_x_model"]) for f in ("stamen", "flower")]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -288,6 +357,8 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if results["workloads"]:
         lines += [*workload_table(results), ""]
+        if results.get("floors"):
+            lines += [*floor_table(results), ""]
     if "micro" in results:
         lines += [*micro_table(results["micro"]), ""]
     lines += ["| target (issue #7) | measured | met |", "|---|---|---|"]

@@ -8,6 +8,15 @@ between the frameworks (Stamen, Flower, Stamen, Flower, ...). The server times e
 round from inside its strategy (``configure_fit`` after sampling -> end of
 ``aggregate_fit``) and checks the final model; each process reports its peak RSS and CPU.
 
+Before the runs, the driver measures the machine's floors (``floors.py``: loopback TCP
+throughput and memcpy bandwidth, best of a few tries); each workload's floor is the time
+its round's bytes alone take at those speeds, and the report gives both frameworks' round
+times as multiples of it.
+
+The server's strategy takes one of three forms (``workload.STRATEGY_FORMS``): FedAvg (every
+workload but those below), a FedAvg subclass overriding ``aggregate_fit`` to save the model
+every round (``Bsub``) and FedMedian (``Bmed``), B's federation in each.
+
 Workloads A-D run their nodes as threads calling the framework's own ``start_client``
 (``clients.py``); E (1,000 nodes) and E10k (10,000, Stamen only: Flower's server caps near
 1,000) run them as grpc.aio streams (``swarm.py``), which drive either server with the
@@ -55,9 +64,17 @@ from relay import SpliceRelay  # noqa: E402
 from workload import SharedCounter, Workload  # noqa: E402
 
 ASYNCIO = "asyncio"
+SUB, MED = "subclass", "fedmedian"
 FULL = {
     "A": Workload("A", 10, 4_000_000, rounds=3, processes=2, repeat=3, timeout=240),
     "B": Workload("B", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600),
+    # B with the strategy forms that collect a round's results before aggregating.
+    "Bsub": Workload(
+        "Bsub", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=SUB
+    ),
+    "Bmed": Workload(
+        "Bmed", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=MED
+    ),
     "C": Workload("C", 100, 400_000, rounds=3, processes=4, repeat=3, timeout=300),
     "D": Workload("D", 2, 400_000_000, rounds=2, processes=2, repeat=1, timeout=600),
     "E": Workload("E", 1000, 4_000, 3, processes=4, repeat=1, timeout=300, harness="asyncio"),
@@ -70,6 +87,8 @@ FULL = {
 QUICK = {
     "A": Workload("A", 4, 40_000, rounds=2, processes=2, repeat=1, timeout=60),
     "B": Workload("B", 4, 1_000_000, rounds=2, processes=2, repeat=1, timeout=60),
+    "Bsub": Workload("Bsub", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=SUB),
+    "Bmed": Workload("Bmed", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=MED),
     "C": Workload("C", 10, 4_000, rounds=2, processes=2, repeat=1, timeout=60),
     "D": Workload("D", 2, 4_000_000, rounds=2, processes=2, repeat=1, timeout=60),
     "E": Workload("E", 40, 4_000, 2, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
@@ -77,10 +96,11 @@ QUICK = {
     "Ethreads": Workload("Ethreads", 40, 4_000, rounds=2, processes=2, repeat=1, timeout=60),
 }
 MICRO = {"full": (100_000_000, 10, 5), "quick": (1_000_000, 3, 2)}
-ORDER = ("A", "B", "C", "D", "E", "E10k", "Ethreads", "micro")
-DEFAULT = ("A", "B", "C", "D", "E", "E10k", "Ethreads", "micro")
+ORDER = ("A", "B", "Bsub", "Bmed", "C", "D", "E", "E10k", "Ethreads", "micro")
+DEFAULT = ORDER
 PORT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
+FLOORS_TIMEOUT = 300.0
 
 
 def server_argv(
@@ -91,7 +111,7 @@ def server_argv(
     python = sys.executable if stamen else options.flower_python
     argv = [python, str(HERE / ("server_stamen.py" if stamen else "server_flower.py"))]
     argv += ["--clients", str(load.clients), "--model-bytes", str(load.model_bytes)]
-    argv += ["--rounds", str(load.rounds), "--out", str(out)]
+    argv += ["--rounds", str(load.rounds), "--out", str(out), "--strategy", load.strategy]
     if options.wire == "relay":
         argv += ["--counter", str(counter)]
     elif options.wire == "kernel":
@@ -224,6 +244,18 @@ def run_micro(framework: str, options: argparse.Namespace, log_dir: Path) -> dic
         proc.stop()
 
 
+def measure_floors(quick: bool) -> dict[str, Any]:
+    """``floors.py`` in a process of its own (its buffers would raise the peak RSS that every
+    process started later by this one reports: see floors.py)."""
+    argv = [sys.executable, str(HERE / "floors.py")] + (["--quick"] if quick else [])
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=FLOORS_TIMEOUT, check=False, cwd=HERE
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"floors.py exit {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def flower_python(given: str | None) -> str:
     """Flower's interpreter: the option, ``$STAMEN_FLWR_PYTHON`` or ``.venv-flwr``."""
     return given or os.environ.get("STAMEN_FLWR_PYTHON") or str(REPO / ".venv-flwr/bin/python")
@@ -296,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         "quick": options.quick,
         "transport": options.transport,
         "wire": options.wire,
+        "floors": measure_floors(options.quick),  # before the runs: nothing else of ours runs
         "workloads": {},
     }
+    print(report.floors_line(results["floors"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-fvs-") as tmp:
         log_dir = Path(tmp)
         if options.logs is not None:

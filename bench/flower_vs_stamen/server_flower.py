@@ -1,20 +1,23 @@
 """The Flower 1.12 server of a benchmark run (run with the Flower venv's python).
 
 Usage: ``server_flower.py --clients N --model-bytes M --rounds R --out REPORT.json
-[--counter FILE]``
+[--counter FILE] [--strategy fedavg|subclass|fedmedian]``
 
-``flwr.server.start_server`` (grpc-bidi) with Flower's own FedAvg, timed as
-``server_stamen.py`` times Stamen's, on 127.0.0.1 with a port chosen by the OS. Flower's
-address parser refuses port 0 and Flower does not report the port it bound, so (as
-``tests/interop/peers/flower_server.py`` does) Flower is handed a placeholder address that
-is never bound: its "port in use" check skips the placeholder, gRPC's
-``add_insecure_port`` binds 127.0.0.1:0 in its stead, and ``PORT <n>`` is printed once the
-gRPC server has started. Everything else is Flower's default.
+``flwr.server.start_server`` (grpc-bidi) with Flower's own strategy of the form asked for
+(``workload.strategy_class``: FedAvg, a FedAvg subclass saving the model, FedMedian),
+timed from ``configure_fit`` to the end of ``aggregate_fit`` (``workload.timed``), on
+127.0.0.1 with a port chosen by the OS. Flower's address parser refuses port 0 and Flower
+does not report the port it bound, so (as ``tests/interop/peers/flower_server.py`` does)
+Flower is handed a placeholder address that is never bound: its "port in use" check skips
+the placeholder, gRPC's ``add_insecure_port`` binds 127.0.0.1:0 in its stead, and
+``PORT <n>`` is printed once the gRPC server has started. Everything else is Flower's
+default.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from typing import Any
 
 import flwr as fl
@@ -54,51 +57,23 @@ def listen_on_port_zero(bound: list[int]) -> None:
     server_class.start = start
 
 
-class TimedFedAvg(fl.server.strategy.FedAvg):
-    """Flower's FedAvg, timing each round and keeping the last aggregated model."""
-
-    def __init__(self, clock: workload.RoundClock, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.clock = clock
-        self.final: list[bytes] | None = None
-
-    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-        """Sample (waits until every client is connected), then start the round's clock."""
-        instructions = super().configure_fit(server_round, parameters, client_manager)
-        self.clock.start()
-        return instructions
-
-    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
-        """Aggregate, then stop the round's clock."""
-        self.clock.aggregating()
-        parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        self.clock.stop(len(results), len(failures))
-        if parameters is not None:
-            self.final = parameters.tensors
-        return parameters, metrics
-
-
 def main() -> int:
     """Serve, run the rounds, write the report."""
     args = workload.server_parser(__doc__.splitlines()[0]).parse_args()
     clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss)
     initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
-    strategy = TimedFedAvg(
-        clock,
-        min_fit_clients=args.clients,
-        min_available_clients=args.clients,
-        fraction_evaluate=0.0,
-        initial_parameters=initial,
-    )
-    del initial
-    listen_on_port_zero(clock.counter.ports)
-    started_rss = workload.current_rss_bytes()
-    fl.server.start_server(
-        server_address=PLACEHOLDER_ADDRESS,
-        config=fl.server.ServerConfig(num_rounds=args.rounds),
-        strategy=strategy,
-    )
-    report = workload.server_report("flower", clock, strategy.final, args, started_rss)
+    timed = workload.timed(workload.strategy_class(fl, args.strategy))
+    with tempfile.TemporaryDirectory(prefix="bench-saved-") as save_dir:
+        strategy = timed(clock, **workload.strategy_kwargs(args, initial, save_dir))
+        del initial
+        listen_on_port_zero(clock.counter.ports)
+        started_rss = workload.current_rss_bytes()
+        fl.server.start_server(
+            server_address=PLACEHOLDER_ADDRESS,
+            config=fl.server.ServerConfig(num_rounds=args.rounds),
+            strategy=strategy,
+        )
+        report = workload.server_report("flower", clock, strategy, args, started_rss)
     workload.write_json(args.out, report)
     print("DONE", flush=True)
     return 0

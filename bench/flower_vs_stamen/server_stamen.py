@@ -1,18 +1,20 @@
 """The Stamen server of a benchmark run (run with the Stamen venv's python).
 
 Usage: ``server_stamen.py --clients N --model-bytes M --rounds R --out REPORT.json
-[--counter FILE] [--rest]``
+[--counter FILE] [--rest] [--strategy fedavg|subclass|fedmedian]``
 
 Serves grpc-bidi and grpc-rere (and, with ``--rest``, rest) on 127.0.0.1, ports chosen by
-the OS, prints ``PORT <n>`` (and ``REST_PORT <n>``) once listening, runs ``R`` FedAvg rounds
-over ``N`` clients starting from a zero model of ``M`` bytes, and writes the report of
-``workload.server_report`` (round times, bytes on the wire per round, the check of the
-final model, peak RSS) to ``--out``.
+the OS, prints ``PORT <n>`` (and ``REST_PORT <n>``) once listening, runs ``R`` rounds of the
+strategy form asked for (``workload.strategy_class``: FedAvg, a FedAvg subclass saving the
+model, FedMedian) over ``N`` clients starting from a zero model of ``M`` bytes, and writes
+the report of ``workload.server_report`` (round times, bytes on the wire per round, the
+check of the final model, peak RSS) to ``--out``.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -28,23 +30,13 @@ from stamen.server.fleet.service import FleetService
 WAIT_FOR_CLIENTS = 900.0
 
 
-class TimedFedAvg(fl.server.strategy.FedAvg):
+class TimedFedAvg(workload.clocked(fl.server.strategy.FedAvg)):  # type: ignore[misc]
     """Stamen's FedAvg, timing each round and keeping the last aggregated model.
 
     Stamen's FedAvg aggregates each result as it arrives (``fit_accumulator``); the clock's
-    "aggregation" is the end of it, once every reply is in (``finish``).
+    "aggregation" is the end of it, once every reply is in (``finish``). Overriding
+    ``aggregate_fit`` to time it would turn the streaming off (see ``workload.timed``).
     """
-
-    def __init__(self, clock: workload.RoundClock, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.clock = clock
-        self.final: list[Any] | None = None
-
-    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-        """Sample (waits until every client is connected), then start the round's clock."""
-        instructions = super().configure_fit(server_round, parameters, client_manager)
-        self.clock.start()
-        return instructions
 
     def fit_accumulator(self, server_round: int) -> Any:
         """FedAvg's streaming accumulator, with the clock stopped when it finishes."""
@@ -90,14 +82,25 @@ def main() -> int:
 
     clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss)
     initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
-    strategy = TimedFedAvg(
-        clock,
-        min_fit_clients=args.clients,
-        min_available_clients=args.clients,
-        fraction_evaluate=0.0,
-        initial_parameters=initial,
-    )
-    del initial
+    with tempfile.TemporaryDirectory(prefix="bench-saved-") as save_dir:
+        timed = strategy_class(args.strategy)
+        strategy = timed(clock, **workload.strategy_kwargs(args, initial, save_dir))
+        del initial
+        report = serve(strategy, clock, args)
+    workload.write_json(args.out, report)
+    print("DONE", flush=True)
+    return 0
+
+
+def strategy_class(form: str) -> type:
+    """The timed strategy class of ``form``: FedAvg streams, the others collect."""
+    if form == "fedavg":
+        return TimedFedAvg
+    return workload.timed(workload.strategy_class(fl, form))
+
+
+def serve(strategy: Any, clock: workload.RoundClock, args: Any) -> dict[str, Any]:
+    """Serve, run the rounds; the report."""
     server, config = init_defaults(
         None,
         fl.server.ServerConfig(num_rounds=args.rounds),
@@ -121,10 +124,7 @@ def main() -> int:
         run_server(server, config)
     finally:
         service.stop()
-    report = workload.server_report("stamen", clock, strategy.final, args, started_rss)
-    workload.write_json(args.out, report)
-    print("DONE", flush=True)
-    return 0
+    return workload.server_report("stamen", clock, strategy, args, started_rss)
 
 
 if __name__ == "__main__":

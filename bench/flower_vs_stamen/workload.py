@@ -9,6 +9,15 @@ answers every FitIns with ``parameters + k`` and ``num_examples = 1``, so each F
 adds the mean of ``k``, ``(clients - 1) / 2``, to every value: after ``rounds`` rounds every
 value is ``rounds * (clients - 1) / 2``. :func:`check_tensors` checks that on the ``.npy``
 bytes of the final model without copying them.
+
+The server's strategy takes one of three forms (:data:`STRATEGY_FORMS`, built for either
+framework by :func:`strategy_class`): the framework's plain FedAvg; a FedAvg subclass that
+overrides ``aggregate_fit``, calls the inherited one and saves every round's model with
+``np.savez`` (the pattern Flower's documentation teaches for saving the model); or
+FedMedian. The median of ``parameters + k`` over ``k = 0 .. clients - 1`` is
+``parameters + (clients - 1) / 2`` too (for an even count, the mean of the two middle
+values), so every form must end at the same model; the saving form's last saved file is
+checked as well (:func:`check_saved`).
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ import struct
 import subprocess
 import threading
 import time
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -35,6 +46,12 @@ COUNTER_FORMAT = "<QQ"
 COUNTER_SIZE = struct.calcsize(COUNTER_FORMAT)
 CHECK_CHUNK = 1 << 20
 """Values compared at a time by :func:`check_tensors` (bounds its temporary memory)."""
+STRATEGY_FORMS = {
+    "fedavg": "FedAvg",
+    "subclass": "FedAvg subclass saving the model",
+    "fedmedian": "FedMedian",
+}
+"""The strategy forms a server runs (``--strategy``), with the words a table shows."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ class Workload:
             calling the framework's own ``start_client``) or ``"asyncio"`` (``swarm.py``:
             each node a grpc.aio stream speaking the grpc-bidi wire format directly, the
             same bytes for both frameworks' servers).
+        strategy: The server's strategy form, a key of :data:`STRATEGY_FORMS`.
     """
 
     name: str
@@ -63,11 +81,13 @@ class Workload:
     repeat: int
     timeout: float
     harness: str = "threads"
+    strategy: str = "fedavg"
 
     @property
     def title(self) -> str:
-        """``"B: 10 x 100 MB"``."""
-        return f"{self.name}: {self.clients:,} x {human_bytes(self.model_bytes)}"
+        """``"B: 10 x 100 MB"``, ``"Bmed: 10 x 100 MB, FedMedian"``."""
+        title = f"{self.name}: {self.clients:,} x {human_bytes(self.model_bytes)}"
+        return title if self.strategy == "fedavg" else f"{title}, {STRATEGY_FORMS[self.strategy]}"
 
 
 def human_bytes(size: float) -> str:
@@ -96,21 +116,52 @@ def expected_value(clients: int, rounds: int) -> float:
     return rounds * (clients - 1) / 2
 
 
+def _npy_header(file: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` data ``file`` starts with."""
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(file)
+    return np.lib.format.read_array_header_2_0(file)
+
+
 def npy_view(tensor: bytes) -> np.ndarray:
     """A read-only view (no copy) of the array in ``.npy`` bytes."""
     head = io.BytesIO(bytes(memoryview(tensor)[:4096]))
-    version = np.lib.format.read_magic(head)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+    shape, fortran, dtype = _npy_header(head)
     count = int(np.prod(shape))
     flat = np.frombuffer(tensor, dtype=dtype, count=count, offset=head.tell())
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def check_tensors(tensors: list[bytes], model_bytes: int, expected: float) -> dict[str, Any]:
-    """Compare the final model (``.npy`` tensors) with ``expected``, a chunk at a time.
+Layer = tuple[tuple[int, ...], np.dtype[Any], Iterator[np.ndarray]]
+"""A layer to check: its shape, its dtype and its values, a flat chunk at a time."""
+
+
+def _array_layer(array: np.ndarray) -> Layer:
+    flat = array.reshape(-1)
+    chunks = (flat[i : i + CHECK_CHUNK] for i in range(0, flat.size, CHECK_CHUNK))
+    return array.shape, array.dtype, chunks
+
+
+def _npz_layers(archive: zipfile.ZipFile) -> Iterator[Layer]:
+    """The arrays of an ``np.savez`` archive, read from the file a chunk at a time."""
+    for name in archive.namelist():
+        with archive.open(name) as member:
+            shape, _, dtype = _npy_header(member)
+            size = int(np.prod(shape)) * dtype.itemsize
+            step = CHECK_CHUNK * dtype.itemsize
+            yield (
+                shape,
+                dtype,
+                (
+                    np.frombuffer(member.read(min(step, size - i)), dtype=dtype)
+                    for i in range(0, size, step)
+                ),
+            )
+
+
+def check_layers(layers: Iterable[Layer], model_bytes: int, expected: float) -> dict[str, Any]:
+    """Compare a model, layer by layer and a chunk at a time, with ``expected``.
 
     The tolerance, ``1e-4 * max(1, |expected|)``, allows for float32 accumulation (Flower
     sums the scaled models in float32).
@@ -118,24 +169,35 @@ def check_tensors(tensors: list[bytes], model_bytes: int, expected: float) -> di
     Returns:
         ``{"ok", "expected", "max_abs_error", "first_values", "shapes"}``.
     """
-    shapes = model_shapes(model_bytes)
-    found = [npy_view(t) for t in tensors]
-    error = 0.0
-    for array in found:
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, CHECK_CHUNK):
-            chunk = flat[start : start + CHECK_CHUNK]
+    error, first, shapes, dtypes = 0.0, [], [], []
+    for shape, dtype, chunks in layers:
+        shapes.append(list(shape))
+        dtypes.append(dtype)
+        for index, chunk in enumerate(chunks):
+            if index == 0 and chunk.size:
+                first.append(float(chunk[0]))
             error = max(error, float(np.max(np.abs(chunk.astype(np.float64) - expected))))
-    layout_ok = [a.shape for a in found] == [(n,) for n in shapes] and all(
-        a.dtype == np.float32 for a in found
+    layout_ok = shapes == [[n] for n in model_shapes(model_bytes)] and all(
+        d == np.float32 for d in dtypes
     )
     return {
         "ok": layout_ok and error <= 1e-4 * max(1.0, abs(expected)),
         "expected": expected,
         "max_abs_error": error,
-        "first_values": [float(a.reshape(-1)[0]) for a in found if a.size],
-        "shapes": [list(a.shape) for a in found],
+        "first_values": first,
+        "shapes": shapes,
     }
+
+
+def check_tensors(tensors: list[bytes], model_bytes: int, expected: float) -> dict[str, Any]:
+    """:func:`check_layers` of the final model's ``.npy`` tensors, read without copies."""
+    return check_layers((_array_layer(npy_view(t)) for t in tensors), model_bytes, expected)
+
+
+def check_saved(path: Path, model_bytes: int, expected: float) -> dict[str, Any]:
+    """:func:`check_layers` of a model saved with ``np.savez``, read from the file."""
+    with zipfile.ZipFile(path) as archive:
+        return check_layers(_npz_layers(archive), model_bytes, expected)
 
 
 def peak_rss_bytes() -> int:
@@ -316,11 +378,96 @@ class RoundClock:
         self.started = self._aggregating = None
 
 
+def clocked(base: type) -> type:
+    """``base`` (a strategy class of either framework) with a :class:`RoundClock` started in
+    ``configure_fit`` after sampling (waits until every client is connected), and room for
+    the last aggregated model (``final``) and the files it saved (``saved``, None if it
+    saves none). Its first argument is the clock; the others are ``base``'s."""
+
+    class Clocked(base):  # type: ignore[misc, valid-type]
+        saved: list[Path] | None = None
+
+        def __init__(self, clock: RoundClock, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.clock = clock
+            self.final: list[Any] | None = None
+
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            instructions = super().configure_fit(server_round, parameters, client_manager)
+            self.clock.start()
+            return instructions
+
+    return Clocked
+
+
+def timed(base: type) -> type:
+    """:func:`clocked` ``base`` whose clock stops at the end of ``aggregate_fit``.
+
+    Overriding ``aggregate_fit`` is transparent in Flower. In Stamen it makes the server
+    collect a round's results and call ``aggregate_fit`` instead of folding each result
+    as it arrives, so ``server_stamen.py`` times its plain FedAvg through the streaming
+    accumulator instead, and uses this only for the forms that collect anyway.
+    """
+
+    class Timed(clocked(base)):  # type: ignore[misc]
+        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+            self.clock.aggregating()
+            parameters, metrics = super().aggregate_fit(server_round, results, failures)
+            self.clock.stop(len(results), len(failures))
+            if parameters is not None:
+                self.final = parameters.tensors
+            return parameters, metrics
+
+    return Timed
+
+
+def strategy_class(fl: Any, form: str) -> type:
+    """The untimed strategy class of ``form`` (see :data:`STRATEGY_FORMS`) for ``fl``
+    (``stamen`` or ``flwr``)."""
+    if form == "fedmedian":
+        return fl.server.strategy.FedMedian
+    if form == "fedavg":
+        return fl.server.strategy.FedAvg
+
+    class SaveModelFedAvg(fl.server.strategy.FedAvg):  # type: ignore[misc, name-defined]
+        """FedAvg saving each round's aggregated model as ``round-<n>.npz`` in
+        ``save_dir``, as a user of either framework writes it."""
+
+        def __init__(self, *, save_dir: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.save_dir = Path(save_dir)
+            self.saved: list[Path] = []
+
+        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+            parameters, metrics = super().aggregate_fit(server_round, results, failures)
+            if parameters is not None:
+                path = self.save_dir / f"round-{server_round}.npz"
+                np.savez(path, *fl.common.parameters_to_ndarrays(parameters))
+                self.saved.append(path)
+            return parameters, metrics
+
+    return SaveModelFedAvg
+
+
+def strategy_kwargs(args: Any, initial: Any, save_dir: str) -> dict[str, Any]:
+    """The strategy's keywords: every client in every fit round, no evaluation."""
+    kwargs = {
+        "min_fit_clients": args.clients,
+        "min_available_clients": args.clients,
+        "fraction_evaluate": 0.0,
+        "initial_parameters": initial,
+    }
+    return {**kwargs, "save_dir": save_dir} if args.strategy == "subclass" else kwargs
+
+
 def server_report(
-    framework: str, clock: RoundClock, final: list[bytes] | None, args: Any, started_rss: int
+    framework: str, clock: RoundClock, strategy: Any, args: Any, started_rss: int
 ) -> dict[str, Any]:
-    """What a server script writes at the end of its run (``--out``)."""
+    """What a server script writes at the end of its run (``--out``): ``strategy`` is the
+    :func:`clocked` strategy that ran."""
+    peak = peak_rss_bytes()  # before the checks read anything
     expected = expected_value(args.clients, args.rounds)
+    final = strategy.final
     check = (
         {"ok": False, "error": "no aggregated model"}
         if final is None
@@ -331,18 +478,29 @@ def server_report(
     )
     if not complete:
         check = {**check, "ok": False, "error": f"incomplete rounds: {clock.rounds}"}
+    if strategy.saved is not None:
+        check = {**check, "saved": check_saved_rounds(strategy.saved, args, expected)}
+        check["ok"] = check["ok"] and check["saved"]["ok"]
     return {
         "framework": framework,
+        "strategy": args.strategy,
         "clients": args.clients,
         "model_bytes": args.model_bytes,
         "rounds": clock.rounds,
         "check": check,
         "rss_after_setup_bytes": started_rss,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak,
         "cpu_seconds": cpu_seconds(),
         "rss_trace": clock.trace[:: max(1, len(clock.trace) // 2000)],
         "marks": clock.marks,
     }
+
+
+def check_saved_rounds(saved: list[Path], args: Any, expected: float) -> dict[str, Any]:
+    """One file saved per round, the last one holding the final model."""
+    if len(saved) != args.rounds:
+        return {"ok": False, "error": f"expected {args.rounds} saved models, found {saved}"}
+    return {"file": saved[-1].name, **check_saved(saved[-1], args.model_bytes, expected)}
 
 
 def server_parser(description: str) -> argparse.ArgumentParser:
@@ -351,6 +509,7 @@ def server_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--model-bytes", type=int, required=True)
     parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--strategy", choices=tuple(STRATEGY_FORMS), default="fedavg")
     parser.add_argument(
         "--counter", default=None, help="'kernel' (TCP counters) or the relay's counter file"
     )

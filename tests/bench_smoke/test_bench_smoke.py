@@ -1,8 +1,10 @@
 """Smoke test of the Stamen-vs-Flower benchmark harness (``bench/flower_vs_stamen``).
 
-Runs the driver in ``--quick`` mode (tiny sizes) on workload A, for Stamen and for real
-Flower 1.12 (its own virtualenv), and checks that both runs completed and were checked.
-It tests the harness, not performance: nothing here is timed against a bound.
+Runs the driver in ``--quick`` mode (tiny sizes) for Stamen and for real Flower 1.12 (its
+own virtualenv): workload A, and B in the strategy forms that collect a round's results
+(a FedAvg subclass saving the model, FedMedian); checks that every run completed and was
+checked, and that the report relates each round to the machine's floor. It tests the
+harness, not performance: nothing here is timed against a bound.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,11 +33,8 @@ def flower_python() -> Path:
     return python
 
 
-@pytest.mark.parametrize("wire", ["kernel", "relay"])
-def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> None:
-    """``run.py --quick --workloads A`` runs A on Stamen and on Flower, each run's final
-    model passes the check, and the JSON holds round times, RSS and wire bytes for both;
-    the bytes, counted by the kernel or by a relay, are the models both ways plus framing."""
+def run_quick(tmp_path: Path, workloads: str, wire: str) -> tuple[dict[str, Any], str]:
+    """``run.py --quick`` of ``workloads`` on both frameworks: its JSON and its stdout."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [
@@ -42,7 +42,7 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> 
             str(DRIVER),
             "--quick",
             "--workloads",
-            "A",
+            workloads,
             "--flower-python",
             str(flower_python()),
             "--out",
@@ -57,7 +57,15 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> 
         cwd=REPO,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(out.read_text(encoding="utf-8"))
+    return json.loads(out.read_text(encoding="utf-8")), done.stdout
+
+
+@pytest.mark.parametrize("wire", ["kernel", "relay"])
+def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> None:
+    """``run.py --quick --workloads A`` runs A on Stamen and on Flower, each run's final
+    model passes the check, and the JSON holds round times, RSS and wire bytes for both;
+    the bytes, counted by the kernel or by a relay, are the models both ways plus framing."""
+    result, stdout = run_quick(tmp_path, "A", wire)
     runs = result["workloads"]["A"]["runs"]
     assert sorted(runs) == ["flower", "stamen"]
     for framework, framework_runs in runs.items():
@@ -76,4 +84,35 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> 
         assert run["server_peak_rss_bytes"] > 0 and min(run["client_peak_rss_bytes"]) > 0
     ratio = result["workloads"]["A"]["summary"]["ratio"]
     assert ratio["round_seconds"] is not None and ratio["wire_bytes"] is not None
-    assert "| A: 4 x 40 KB" in done.stdout
+    assert "| A: 4 x 40 KB" in stdout
+
+
+def test_quick_strategy_forms_run_on_both_frameworks_against_the_floor(tmp_path: Path) -> None:
+    """``Bsub`` (a FedAvg subclass overriding ``aggregate_fit`` to save the model with
+    ``np.savez``) and ``Bmed`` (FedMedian) run on both frameworks and end at the expected
+    model; the subclass saved one file per round, the last one the final model. The
+    floors are measured, and each round is a multiple (> 1: the floor is a lower bound)
+    of its workload's floor."""
+    result, stdout = run_quick(tmp_path, "Bsub,Bmed", "none")
+    floors = result["floors"]
+    assert floors["loopback_bytes_per_s"] > 0 and floors["memcpy_bytes_per_s"] > 0
+    for name, form in (("Bsub", "subclass"), ("Bmed", "fedmedian")):
+        entry = result["workloads"][name]
+        assert entry["spec"]["strategy"] == form
+        clients, model_bytes = entry["spec"]["clients"], entry["spec"]["model_bytes"]
+        assert entry["floor"]["loopback_bytes"] == 2 * clients * model_bytes
+        assert entry["floor"]["memcpy_bytes"] == clients * model_bytes
+        for framework, [run] in entry["runs"].items():
+            assert run["ok"], (name, framework, run.get("error"))
+            assert run["check"]["ok"] and run["check"]["max_abs_error"] <= 1e-3, run["check"]
+            saved = run["check"].get("saved")
+            if form == "subclass":
+                assert saved is not None and saved["ok"], saved
+                assert saved["file"] == f"round-{entry['spec']['rounds']}.npz"
+            else:
+                assert saved is None
+            multiples = entry["floor"][framework]
+            assert multiples["round_x_floor"] > 1, (name, framework, entry["floor"])
+            assert multiples["server_peak_rss_x_model"] > 1
+    assert "| Bsub: 4 x 1 MB, FedAvg subclass saving the model |" in stdout
+    assert "| Bmed: 4 x 1 MB, FedMedian |" in stdout

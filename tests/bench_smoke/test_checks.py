@@ -1,0 +1,87 @@
+"""The bench's result checks and floor arithmetic (``bench/flower_vs_stamen``), no servers.
+
+The check of a saved model must fail on a wrong one, or a saving strategy that saved the
+wrong thing would pass the bench.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+HARNESS = Path(__file__).resolve().parents[2] / "bench" / "flower_vs_stamen"
+
+
+def harness_module(name: str) -> ModuleType:
+    """``bench/flower_vs_stamen/<name>.py``, under a name of its own (``bench/simulation``
+    has a ``workload`` module too)."""
+    path = HARNESS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"flower_vs_stamen_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+floors = harness_module("floors")
+workload = harness_module("workload")
+
+MODEL_BYTES = 40_000  # two layers: 9,744 and 256 float32 values
+EXPECTED = 4.5
+
+
+def saved_model(path: Path, offset: float, at: int = 0) -> Path:
+    """An ``np.savez`` of the bench model, every value ``EXPECTED`` but value ``at`` of
+    the big layer, which is off by ``offset``."""
+    layers = [np.full(n, EXPECTED, dtype=np.float32) for n in workload.model_shapes(MODEL_BYTES)]
+    layers[0][at] += offset
+    np.savez(path, *layers)
+    return path
+
+
+def test_a_saved_model_of_the_expected_values_passes(tmp_path: Path) -> None:
+    check = workload.check_saved(saved_model(tmp_path / "m.npz", 0.0), MODEL_BYTES, EXPECTED)
+    assert check["ok"] and check["max_abs_error"] == 0.0
+    assert check["shapes"] == [[9_744], [256]]
+
+
+@pytest.mark.parametrize("at", [0, 9_743])
+def test_a_saved_model_off_by_one_value_fails(tmp_path: Path, at: int) -> None:
+    """One wrong value, first or last (the checks read in chunks), fails the check."""
+    path = saved_model(tmp_path / "m.npz", 1.0, at)
+    check = workload.check_saved(path, MODEL_BYTES, EXPECTED)
+    assert not check["ok"] and check["max_abs_error"] == 1.0
+
+
+def test_a_saved_model_of_another_layout_fails(tmp_path: Path) -> None:
+    path = tmp_path / "m.npz"
+    np.savez(path, np.full(10_000, EXPECTED, dtype=np.float32))
+    assert not workload.check_saved(path, MODEL_BYTES, EXPECTED)["ok"]
+
+
+def test_the_median_form_expects_the_mean_form_value() -> None:
+    """The median of ``p + k`` over ``k = 0 .. N-1`` is the mean, for odd and even ``N``."""
+    for clients in (3, 4, 10):
+        median = float(np.median(np.arange(clients, dtype=np.float32)))
+        assert median == workload.expected_value(clients, 1)
+
+
+def test_a_round_floor_is_two_loopback_crossings_and_one_memcpy_pass() -> None:
+    speeds = {"loopback_bytes_per_s": 2e9, "memcpy_bytes_per_s": 8e9}
+    floor = floors.round_floor(10, 100_000_000, speeds)
+    assert floor["loopback_bytes"] == 2_000_000_000 and floor["memcpy_bytes"] == 1_000_000_000
+    assert floor["seconds"] == pytest.approx(1.0 + 0.125)
+
+
+def test_floors_are_measured_as_bytes_per_second() -> None:
+    measured = floors.measure(quick=True)
+    loop_bytes, copy_bytes, tries = floors.SIZES["quick"]
+    assert len(measured["loopback_seconds"]) == len(measured["memcpy_seconds"]) == tries
+    assert measured["loopback_bytes_per_s"] == loop_bytes / min(measured["loopback_seconds"])
+    assert measured["memcpy_bytes_per_s"] == copy_bytes / min(measured["memcpy_seconds"])
