@@ -25,7 +25,7 @@ from fault_tools import WAIT, FaultFedAvg, expected_parameters
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stamen.errors import DecodeError
+from stamen.errors import DecodeError, FleetError
 from stamen.messages import Code, FitRes, Parameters, Status
 from stamen.ndarrays import parameters_to_ndarrays
 from stamen.protocol.fleet import ERRORS, ErrorKind
@@ -42,6 +42,7 @@ from stamen.protocol.flower_fleet import (
     TaskMeta,
     TaskRes,
 )
+from stamen.protocol.record_limits import RecordLimits, check_push_task_res
 from stamen.server import ServerConfig
 from stamen.server.app import run_server
 from stamen.server.fleet.handler import FleetTiming
@@ -116,8 +117,10 @@ def expected_error(call: FlowerCall, body: bytes) -> ErrorKind | None:
     if len(body) > MAX:
         return ErrorKind.TOO_LARGE
     try:
+        if call is FlowerCall.PUSH_TASK_RES:  # counted first (the node is unknown: defaults)
+            check_push_task_res(body, RecordLimits())
         _DECODERS[call](body)
-    except DecodeError:
+    except (DecodeError, FleetError):
         return ErrorKind.INVALID_ARGUMENT
     if call in (FlowerCall.CREATE_NODE, FlowerCall.DELETE_NODE, FlowerCall.PING):
         return None
@@ -226,6 +229,41 @@ def test_flower_requests_over_the_limit_are_refused(
     assert grpc_call(raw_channel, call, body)[0] == "RESOURCE_EXHAUSTED"
     code, reason = rest_call(http, call, body)
     assert code == 413 and b"limit" in reason
+    assert_serving(raw_channel, http)
+
+
+def _many_metrics(entries: int) -> bytes:
+    """A PushTaskResRequest of node 7 (unknown) whose metrics record holds ``entries``
+    empty entries (2 bytes each on the wire, an object each once decoded)."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        size, length = len(payload), bytearray()
+        while size >= 0x80:
+            length.append(size & 0x7F | 0x80)
+            size >>= 7
+        return bytes([number << 3 | 2, *length, size]) + payload
+
+    record = field(1, b"") * entries  # MetricsRecord.data
+    recordset = field(2, field(1, b"m") + field(2, record))  # RecordSet.metrics
+    task_res = field(4, field(9, recordset))  # TaskRes.task.recordset
+    return field(1, b"\x08\x07") + field(2, task_res)
+
+
+def test_flower_task_res_with_too_many_entries_is_refused_before_decoding(
+    raw_channel: grpc.Channel, http: httpx.Client
+) -> None:
+    """A TaskRes whose metrics hold 10,001 entries (20 KB) is refused, INVALID_ARGUMENT on
+    gRPC and 400 on REST, with a reason naming the limit; 10,000 pass the count (and the
+    unknown node is NOT_FOUND); the server serves on."""
+    over, within = _many_metrics(10_001), _many_metrics(10_000)
+    assert grpc_call(raw_channel, FlowerCall.PUSH_TASK_RES, within)[0] == "NOT_FOUND"
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_channel.unary_unary(FlowerCall.PUSH_TASK_RES.grpc_method)(over, timeout=WAIT)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "RecordLimits.max_entries" in refused.value.details()
+    code, reason = rest_call(http, FlowerCall.PUSH_TASK_RES, over)
+    assert code == 400 and b"more than 10000 metrics and configs entries" in reason
+    assert rest_call(http, FlowerCall.PUSH_TASK_RES, within)[0] == 404
     assert_serving(raw_channel, http)
 
 

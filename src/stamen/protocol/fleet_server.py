@@ -80,16 +80,19 @@ class FleetTiming:
             descriptor limit, at least 64); more are closed as they arrive.
         max_connections_per_peer: REST connections open at once from one IP address
             (None: a quarter of ``max_connections``, at least 16).
-        max_unverified_bytes: Bytes of REST request bodies being read at once before they
-            can be checked (signature, decoding): a body that would go over is refused
-            with 503 (None: ``max_message_length`` + 64 MiB).
+        max_unverified_bytes: Bytes of requests being received or served at once, on
+            every listener together, before they are answered (signature, decoding): REST
+            counts a body's bytes as they arrive, gRPC a call's method size bound until its
+            message is in (gRPC shows no byte before), then each its own size. A request
+            that would go over is refused, 503 / UNAVAILABLE (the node retries), before
+            its body is read (None: ``max_message_length`` + 64 MiB).
         max_reply_size: Largest framed reply whose size the server cannot derive from the
             instruction sent (a GetParametersIns, an empty model; None: half the machine's
             memory). A reply to an instruction carrying a model may be at most 8 times
             that model plus ``max_message_length``.
         create_node_rate: Registrations per second one IP address may make when nodes
             are not authenticated (token bucket, burst ``create_node_burst``); over it,
-            CreateNode is refused with RESOURCE_EXHAUSTED / HTTP 429. None: no limit.
+            CreateNode is refused with UNAVAILABLE / HTTP 429. None: no limit.
         create_node_burst: Registrations one IP address may make at once.
         create_node_global_rate: Registrations per second from everyone together (burst
             ``10 x`` the rate); None: no limit.

@@ -11,10 +11,10 @@ types) falls back to the plain protobuf path, so semantics never differ.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from ..errors import DecodeError
 from ..messages import Parameters
+from ..protocol.wire_walk import LEN as _LEN
+from ..protocol.wire_walk import read_varint, split_fields
 
 __all__ = [
     "length_delimited",
@@ -24,8 +24,6 @@ __all__ = [
     "split_fields",
     "varint",
 ]
-
-_LEN = 2
 
 
 def varint(value: int) -> bytes:
@@ -60,52 +58,6 @@ def parameters_chunks(parameters: Parameters) -> tuple[list[bytes | memoryview],
         chunks += (head, kind)
         size += len(head) + len(kind)
     return chunks, size
-
-
-def read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
-    """The varint at ``data[pos:end]`` and the position after it."""
-    result = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise DecodeError("truncated or overlong varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def split_fields(
-    data: memoryview, start: int, end: int
-) -> Iterator[tuple[int, int, int, int, int]]:
-    """Walk a message's fields: ``(field, wire_type, tag_start, value_start, value_end)``.
-
-    Raises:
-        DecodeError: truncated data, a group, or an unknown wire type.
-    """
-    pos = start
-    while pos < end:
-        tag_start = pos
-        tag, pos = read_varint(data, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise DecodeError("field number 0")
-        if wire == 0:
-            _, value_end = read_varint(data, pos, end)
-        elif wire == 1:
-            value_end = pos + 8
-        elif wire == _LEN:
-            length, pos = read_varint(data, pos, end)
-            value_end = pos + length
-        elif wire == 5:
-            value_end = pos + 4
-        else:
-            raise DecodeError(f"unsupported wire type {wire}")
-        if value_end > end:
-            raise DecodeError("truncated field")
-        yield field, wire, tag_start, pos, value_end
-        pos = value_end
 
 
 def read_parameters(data: memoryview, start: int, end: int) -> Parameters | None:

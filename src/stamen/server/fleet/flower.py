@@ -11,6 +11,7 @@ thin adapters over :meth:`FlowerFleet.handle`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,10 +30,11 @@ from ...protocol.flower_fleet import (
 )
 from ...protocol.flower_server import FlowerLink, FlowerRespond, FlowerResponse
 from ...protocol.mailbox import Task
+from ...protocol.record_limits import RecordLimits, check_push_task_res, push_task_res_node_id
 from ...wire import FlowerCall
 from ...wire import flower_codec as codec
 from .auth import FlowerAuthenticator
-from .handler import DECODE_OFF_LOOP, Fleet
+from .handler import DECODE_OFF_LOOP, Fleet, reply_limits
 
 __all__ = ["FlowerFleet", "Metadata"]
 
@@ -50,6 +52,12 @@ _DECODERS: dict[FlowerCall, Callable[[bytes], object]] = {
     FlowerCall.GET_RUN: codec.decode_get_run_request,
     FlowerCall.GET_FAB: codec.decode_get_fab_request,
 }
+
+
+def _checked_push(body: bytes, limits: RecordLimits) -> object:
+    """Decode a PushTaskResRequest once its records are counted within ``limits``."""
+    check_push_task_res(body, limits)
+    return codec.decode_push_task_res_request(body)
 
 
 def _encode(response: FlowerResponse) -> bytes:
@@ -155,12 +163,15 @@ class FlowerFleet:
                 ErrorKind.TOO_LARGE,
                 f"request of {len(body)} bytes is over the server's max message length {limit}",
             )
+        decode = _DECODERS[call]
+        if call is FlowerCall.PUSH_TASK_RES:  # its records are counted before they are built
+            decode = functools.partial(_checked_push, limits=self.record_limits(body))
         try:
-            if len(body) > DECODE_OFF_LOOP:  # a TaskRes of a million records: not on the loop
+            if len(body) > DECODE_OFF_LOOP:  # a TaskRes of many records: not on the loop
                 loop = asyncio.get_running_loop()
-                request = await loop.run_in_executor(None, _DECODERS[call], body)
+                request = await loop.run_in_executor(None, decode, body)
             else:
-                request = _DECODERS[call](body)
+                request = decode(body)
             key, metadata = self._authenticate(call, body, transport, headers)
         except DecodeError as exc:
             raise FleetError.from_decode(exc) from exc
@@ -170,6 +181,22 @@ class FlowerFleet:
         if isinstance(step, FlowerRespond):
             return _encode(step.response), metadata
         return await self._long_poll(step), metadata
+
+    def record_limits(self, body: bytes) -> RecordLimits:
+        """What the PushTaskResRequest ``body`` may hold: as many arrays as a reply to the
+        pushing node's task in flight may have tensors (:func:`.handler.reply_limits`: the
+        model's tensor count with slack), as many metrics and configs entries as a reply
+        may have metrics; the defaults when the node or its task is unknown."""
+        node = self.fleet.state.get(str(push_task_res_node_id(body)))
+        tasks = () if node is None else tuple(node.flower_tasks)
+        in_flight = [node.mailbox.in_flight(t) for t in tasks if node is not None]
+        limits = [reply_limits(task.instruction) for task in in_flight if task is not None]
+        if not limits:
+            limits = [reply_limits(None)]
+        return RecordLimits(
+            max_arrays=max(limit.max_tensors for limit in limits),
+            max_entries=max(limit.max_metrics for limit in limits),
+        )
 
     async def _long_poll(self, step: AwaitTask) -> bytes:
         node = step.node

@@ -5,6 +5,11 @@ the wire), so that it decides what happens before and while the request arrives:
 
 - the call's metadata is checked first (node authentication: an unauthorized key is
   refused before a byte of its message is read, so it costs no memory);
+- until its message is in, a call holds its method's size bound of the fleet's budget of
+  request bytes (``FleetTiming.max_unverified_bytes``, shared with REST); a call that
+  would go over it is refused UNAVAILABLE before its message is read (gRPC buffers at
+  most a flow-control window of it, 64 KiB), and once read it holds its own size until
+  it is answered;
 - the request must arrive whole within :meth:`FleetTiming.deadline_for` the method's size
   bound, however it trickles; past that, the call ends UNAVAILABLE.
 """
@@ -12,12 +17,13 @@ the wire), so that it decides what happens before and while the request arrives:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
-from ...protocol.fleet import ERRORS, FleetError
+from ...protocol.fleet import ERRORS, ErrorKind, FleetError
 from ...wire import FLEET_SERVICE_NAME, Verb, frame_size
 from .handler import Fleet
 
@@ -25,6 +31,8 @@ __all__ = ["GuardedHandler", "metadata_dict", "rere_handler"]
 
 Behaviour = Callable[[bytes, Any], Awaitable[bytes]]
 Precheck = Callable[[Mapping[str, str]], None]
+
+logger = logging.getLogger("stamen.server")
 
 SMALL_REQUEST = 64 * 1024
 """Size bound of a Fleet request that carries no reply (CreateNode, pulls, heartbeats),
@@ -59,7 +67,7 @@ class GuardedHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is u
     ) -> None:
         self._fleet = fleet
         self._methods = {
-            f"/{service}/{name}": (behaviour, check, fleet.timing.deadline_for(bound))
+            f"/{service}/{name}": (behaviour, check, bound)
             for name, (behaviour, check, bound) in methods.items()
         }
 
@@ -67,7 +75,7 @@ class GuardedHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is u
         found = self._methods.get(handler_call_details.method)
         if found is None:
             return None
-        behaviour, check, deadline = found
+        behaviour, check, bound = found
         metadata = {
             key: value
             for key, value in (handler_call_details.invocation_metadata or ())
@@ -77,7 +85,7 @@ class GuardedHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is u
             check(metadata)
         except FleetError as refusal:
             return grpc.stream_unary_rpc_method_handler(_refuse(refusal))
-        return grpc.stream_unary_rpc_method_handler(_read_then(behaviour, deadline))
+        return grpc.stream_unary_rpc_method_handler(_read_then(behaviour, bound, self._fleet))
 
 
 def _refuse(refusal: FleetError) -> Callable[[Any, Any], Awaitable[bytes]]:
@@ -89,21 +97,61 @@ def _refuse(refusal: FleetError) -> Callable[[Any, Any], Awaitable[bytes]]:
     return refuse
 
 
-def _read_then(behaviour: Behaviour, deadline: float) -> Callable[[Any, Any], Awaitable[bytes]]:
+def _over_budget(fleet: Fleet, bound: int, peer: str) -> FleetError:
+    """The refusal of a call whose message would take the fleet over its budget."""
+    budget = fleet.unverified
+    if budget.should_warn(fleet.loop.time()):
+        logger.warning(
+            "grpc: refusing a call from %s: requests being received or served hold %d "
+            "bytes and its method may send %d, the limit (FleetTiming.max_unverified_bytes) "
+            "is %d; %d refused so far",
+            peer,
+            budget.held,
+            bound,
+            budget.limit,
+            budget.refused,
+        )
+    return FleetError(
+        ErrorKind.UNAVAILABLE,
+        "the server is receiving too many requests at once (FleetTiming."
+        "max_unverified_bytes); retry later",
+    )
+
+
+def _read_then(
+    behaviour: Behaviour, bound: int, fleet: Fleet
+) -> Callable[[Any, Any], Awaitable[bytes]]:
+    """Read the call's one message within its deadline, then serve it. Until the message
+    is in, the call holds its method's size ``bound`` of the fleet's budget (gRPC shows no
+    byte before the whole message): a call that would go over it is refused before it is
+    read; once read, it holds the message's size until it is answered."""
+    deadline = fleet.timing.deadline_for(bound)
+
     async def call(request_iterator: Any, context: grpc.aio.ServicerContext) -> bytes:
         _ = request_iterator  # we use context.read
+        budget = fleet.unverified
+        if not budget.take(bound):
+            await abort_with(context, _over_budget(fleet, bound, context.peer()))
+        held = bound
         try:
-            request = await asyncio.wait_for(context.read(), deadline)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the request did not arrive within {deadline:g} s (the request deadline)",
-            )
-            raise
-        if request is grpc.aio.EOF or not isinstance(request, bytes):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected one request message")
-            raise AssertionError("unreachable")  # abort raises
-        return await behaviour(request, context)
+            try:
+                request = await asyncio.wait_for(context.read(), deadline)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the request did not arrive within {deadline:g} s (the request deadline)",
+                )
+                raise
+            if request is grpc.aio.EOF or not isinstance(request, bytes):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "expected one request message"
+                )
+                raise AssertionError("unreachable")  # abort raises
+            budget.give(held - len(request))
+            held = len(request)
+            return await behaviour(request, context)
+        finally:
+            budget.give(held)
 
     return call
 

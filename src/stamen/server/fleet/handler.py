@@ -30,6 +30,7 @@ from ...messages import (
     Reply,
 )
 from ...ndarrays import Lease
+from ...protocol.budget import ByteBudget
 from ...protocol.clock import Clock
 from ...protocol.fleet import CreateNodeResponse, ErrorKind, FleetError, PullResponse
 from ...protocol.fleet_server import (
@@ -263,6 +264,9 @@ class Fleet:
         )
         self._refused_registrations = 0
         self._refusal_logged = -math.inf
+        self.unverified = ByteBudget(chosen.max_unverified_bytes or max_message_length + (64 << 20))
+        """Request bytes being received or served, before they are answered, on every
+        listener together (``FleetTiming.max_unverified_bytes``)."""
         self.state = FleetState(
             clock=clock or SystemClock(),
             framing=FRAMING,

@@ -18,7 +18,8 @@ and its state for ever:
   (:meth:`FleetTiming.deadline_for` its declared length), however it trickles: 503;
 - with node authentication, a request's headers are checked (key authorized, timestamp
   fresh) before its body is read: 401 at once otherwise;
-- bodies being read, not yet checked, hold at most ``max_unverified_bytes`` in all: a
+- bodies being read or served, not yet answered, hold at most ``max_unverified_bytes``
+  (``Fleet.unverified``, shared with the gRPC listener) in all: a
   body that would go over is refused (503);
 - connections open at once are bounded in all and per IP address: more are closed as
   they arrive, with a WARNING (at most one per 10 s);
@@ -194,8 +195,7 @@ class _Site:
         self.max_per_peer = timing.max_connections_per_peer or max(16, self.max_connections // 4)
         self.per_peer: dict[str, int] = {}
         self.open = 0
-        self.budget = timing.max_unverified_bytes or max_body + (64 << 20)
-        self.unverified = 0
+        self.budget = fleet.unverified  # shared with the gRPC listener
         self.refused = 0
         self._warned = -math.inf
 
@@ -467,38 +467,43 @@ class _Connection(asyncio.Protocol):
         elif over:
             message = f"body is over the limit of {self._site.max_body} bytes"
             self._answer_early(_error(ErrorKind.TOO_LARGE, message, close=True))
-        elif self._site.unverified + len(data) > self._site.budget:
-            logger.warning(
-                "rest: refusing a body from %s: request bodies being read hold %d bytes, "
-                "the limit (FleetTiming.max_unverified_bytes) is %d",
-                self._peer,
-                self._site.unverified,
-                self._site.budget,
-            )
+        elif not self._site.budget.take(len(data)):
+            budget = self._site.budget
+            if budget.should_warn(self._site.loop.time()):
+                logger.warning(
+                    "rest: refusing a body from %s: requests being received or served hold "
+                    "%d bytes, the limit (FleetTiming.max_unverified_bytes) is %d; %d "
+                    "refused so far",
+                    self._peer,
+                    budget.held,
+                    budget.limit,
+                    budget.refused,
+                )
             message = "the server is reading too many request bodies at once; retry later"
             self._answer_early(_error(ErrorKind.UNAVAILABLE, message, close=True))
         else:
             body.chunks.append(data)
             body.held += len(data)
-            self._site.unverified += len(data)
 
     def _unhold(self) -> None:
         """The body being read no longer counts against the budget (handed on, dropped)."""
         body = self._body
         if body is not None and body.held:
-            self._site.unverified -= body.held
+            self._site.budget.give(body.held)
             body.held = 0
 
     def _on_end(self) -> None:
         self._cancel_timer()
-        self._unhold()
-        body, self._body = self._body, None
+        body = self._body
         if body is None or body.verb is None:
+            self._unhold()
+            self._body = None
             self._next_cycle()
             return
+        self._body = None  # its bytes stay held until the request is answered
         self._transport.pause_reading()  # a pipelined request waits for this response
         task = self._site.loop.create_task(
-            self._serve(body.verb, b"".join(body.chunks), body.headers)
+            self._serve(body.verb, b"".join(body.chunks), body.headers, body.held)
         )
         self._task = task
         self._site.tasks.add(task)
@@ -514,8 +519,11 @@ class _Connection(asyncio.Protocol):
 
     # --- answers ------------------------------------------------------------------------
 
-    async def _serve(self, verb: Route, body: bytes, headers: _Headers) -> None:
-        reply = await self._site.respond(verb, body, headers, self._peer)
+    async def _serve(self, verb: Route, body: bytes, headers: _Headers, held: int) -> None:
+        try:
+            reply = await self._site.respond(verb, body, headers, self._peer)
+        finally:
+            self._site.budget.give(held)  # answered (or cut off): no longer held
         self._send(reply)
         await self._drained()  # a client that does not read gets nothing more
         self._task = None
