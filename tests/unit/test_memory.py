@@ -131,6 +131,26 @@ def test_cached_buffers_beyond_the_limit_are_dropped_oldest_first() -> None:
     assert pool.cached_bytes == 0
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_trim_gives_a_cached_buffers_pages_back_and_keeps_it_for_reuse() -> None:
+    pool = BufferPool()
+    block, give_back = pool.take(64 * MIB)
+    first = _address(block)
+    block[:] = 1  # touched: resident
+    give_back()
+    del block
+    before = _rss()
+    assert pool.trim() == 64 * MIB
+    assert before - _rss() > 60 * MIB
+    again, _ = pool.take(64 * MIB)
+    assert _address(again) == first and pool.mapped == 1  # the same mapping, reused
+    assert not again[::4096].any()  # its pages come back as zeros
+
+
 @pytest.fixture
 def small_pool(monkeypatch: pytest.MonkeyPatch) -> BufferPool:
     """Received buffers and sendable tensors of 1 MiB and more from a fresh pool."""

@@ -25,7 +25,7 @@ from ..messages import (
     Reply,
     Status,
 )
-from ..ndarrays import pooled_parameters
+from ..ndarrays import RECEIVE_POOL, pooled_parameters
 from ..protocol.mailbox import ReplyUse
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
@@ -417,6 +417,9 @@ class Server:
                 on_result=fold,
                 observe=self._observer(server_round, "fit"),
             )
+            # Every reply is in: the receive buffers cached for the next round need not
+            # stay resident while the round is aggregated.
+            RECEIVE_POOL.trim()
             if accumulator is not None:
                 parameters, metrics = accumulator.finish(failures)
             else:
