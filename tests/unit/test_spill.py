@@ -223,3 +223,41 @@ def test_a_result_derived_from_a_spilled_one_is_spilled_too() -> None:
     assert bytes(spilled.tensors[0]) == bytes(derived.tensors[0])
     in_memory = ndarrays_to_parameters([np.ones(1000, dtype=np.float32)])
     assert spilled_like(in_memory, derived) is derived
+
+
+_HOLDS_SPILLED = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import stamen as fl
+    from stamen.server.spill import spill_parameters
+
+    model = [np.ones(2_000_000, np.float32)]
+    parameters = fl.common.ndarrays_to_parameters(model)
+    kept = [spill_parameters(parameters, sys.argv[1]) for _ in range(3)]
+    print("SPILLED", flush=True)
+    sys.stdin.readline()  # hold the files until killed
+    """
+)
+
+
+def test_a_killed_server_leaves_no_spill_file_behind(tmp_path: Path) -> None:
+    """The files have no name from the start: neither a live process nor a SIGKILLed one
+    shows any in the spill directory, and the disk comes back with the process."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLDS_SPILLED, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "SPILLED"
+            assert os.listdir(tmp_path) == []
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                mapped = [line for line in maps if str(tmp_path) in line]
+            assert len(mapped) == 3 and all("(deleted)" in line for line in mapped), mapped
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert os.listdir(tmp_path) == []
