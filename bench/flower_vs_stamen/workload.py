@@ -53,6 +53,8 @@ class Workload:
             calling the framework's own ``start_client``) or ``"asyncio"`` (``swarm.py``:
             each node a grpc.aio stream speaking the grpc-bidi wire format directly, the
             same bytes for both frameworks' servers).
+        transport: The Stamen nodes' transport (None: ``run.py --transport``); a
+            workload that names one runs on Stamen only (Flower's nodes speak grpc-bidi).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Workload:
     repeat: int
     timeout: float
     harness: str = "threads"
+    transport: str | None = None
 
     @property
     def title(self) -> str:
