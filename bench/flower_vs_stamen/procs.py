@@ -88,6 +88,9 @@ class Proc:
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(KILL_TIMEOUT)
+        self._reader.join(KILL_TIMEOUT)  # at the pipe's end once the process is gone
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
         self._log.close()
 
 

@@ -81,6 +81,13 @@ FULL = {
     "E10k": Workload(
         "E10k", 10_000, 4_000, 1, processes=2, repeat=1, timeout=600, harness="asyncio"
     ),
+    # The same 10,000 asyncio nodes on Stamen's Fleet protocol (Stamen only).
+    "E10k-rere": Workload(
+        "E10k-rere", 10_000, 4_000, 1, 2, 1, timeout=600, harness=ASYNCIO, transport="grpc-rere"
+    ),
+    "E10k-rest": Workload(
+        "E10k-rest", 10_000, 4_000, 1, 2, 1, timeout=600, harness=ASYNCIO, transport="rest"
+    ),
     # Each framework's own start_client, 1,000 threads: Flower's round takes ~100 s.
     "Ethreads": Workload("Ethreads", 1000, 4_000, rounds=2, processes=4, repeat=1, timeout=900),
 }
@@ -93,14 +100,37 @@ QUICK = {
     "D": Workload("D", 2, 4_000_000, rounds=2, processes=2, repeat=1, timeout=60),
     "E": Workload("E", 40, 4_000, 2, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
     "E10k": Workload("E10k", 200, 4_000, 1, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
+    "E10k-rere": Workload("E10k-rere", 200, 4_000, 1, 2, 1, 60, ASYNCIO, transport="grpc-rere"),
+    "E10k-rest": Workload("E10k-rest", 200, 4_000, 1, 2, 1, 60, ASYNCIO, transport="rest"),
     "Ethreads": Workload("Ethreads", 40, 4_000, rounds=2, processes=2, repeat=1, timeout=60),
 }
 MICRO = {"full": (100_000_000, 10, 5), "quick": (1_000_000, 3, 2)}
-ORDER = ("A", "B", "Bsub", "Bmed", "C", "D", "E", "E10k", "Ethreads", "micro")
+ORDER = (
+    "A",
+    "B",
+    "Bsub",
+    "Bmed",
+    "C",
+    "D",
+    "E",
+    "E10k",
+    "E10k-rere",
+    "E10k-rest",
+    "Ethreads",
+    "micro",
+)
 DEFAULT = ORDER
 PORT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
 FLOORS_TIMEOUT = 300.0
+
+
+def transport_of(framework: str, load: Workload, options: argparse.Namespace) -> str:
+    """The transport of a run's nodes: the workload's, else ``--transport`` (Flower's
+    nodes: grpc-bidi)."""
+    if framework != "stamen":
+        return "grpc-bidi"
+    return load.transport or options.transport
 
 
 def server_argv(
@@ -116,7 +146,7 @@ def server_argv(
         argv += ["--counter", str(counter)]
     elif options.wire == "kernel":
         argv += ["--counter", "kernel"]
-    if stamen and options.transport == "rest":
+    if stamen and transport_of(framework, load, options) == "rest":
         argv.append("--rest")
     if options.trace_rss:
         argv.append("--trace-rss")
@@ -134,9 +164,10 @@ def start_clients(
     for index, (first, count) in enumerate(split(load.clients, load.processes)):
         if swarm:  # a neutral load generator, so Stamen's python for either server
             argv = [sys.executable, str(HERE / "swarm.py")]
+            argv += ["--transport", transport_of(framework, load, options)]
         else:
             python = sys.executable if framework == "stamen" else options.flower_python
-            transport = options.transport if framework == "stamen" else "grpc-bidi"
+            transport = transport_of(framework, load, options)
             argv = [python, str(HERE / "clients.py"), "--framework", framework]
             argv += ["--transport", transport]
         argv += ["--address", address, "--first", str(first), "--count", str(count)]
@@ -181,7 +212,7 @@ def run_federation(
     """
     out = log_dir / f"{framework}-{load.name}-server.json"
     counter = log_dir / f"{framework}-{load.name}-counter"
-    rest = framework == "stamen" and options.transport == "rest"
+    rest = transport_of(framework, load, options) == "rest"
     started = time.monotonic()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     procs: list[Proc] = []
@@ -345,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             load = table[name]
             if options.rounds:
                 load = dataclasses.replace(load, rounds=options.rounds)
-            names = ["stamen"] if name == "E10k" else frameworks
+            names = ["stamen"] if name == "E10k" or load.transport else frameworks
             runs: dict[str, list[dict[str, Any]]] = {f: [] for f in names}
             for index in range(options.repeat or load.repeat):
                 for framework in names:

@@ -9,6 +9,10 @@ strategy form asked for (``workload.strategy_class``: FedAvg, a FedAvg subclass 
 model, FedMedian) over ``N`` clients starting from a zero model of ``M`` bytes, and writes
 the report of ``workload.server_report`` (round times, bytes on the wire per round, the
 check of the final model, peak RSS) to ``--out``.
+
+Every node of a benchmark comes from 127.0.0.1, so the Fleet limits meant for one address
+are lifted (:func:`bench_timing`): no registration rate limit, and REST connections per
+address up to the node count plus a margin (a rest node holds one connection).
 """
 
 from __future__ import annotations
@@ -25,9 +29,22 @@ import stamen as fl
 from stamen.client.app import GRPC_MAX_MESSAGE_LENGTH
 from stamen.server.app import init_defaults, run_server
 from stamen.server.client_manager import SimpleClientManager
+from stamen.server.fleet.handler import FleetTiming
 from stamen.server.fleet.service import FleetService
 
 WAIT_FOR_CLIENTS = 900.0
+CONNECTION_MARGIN = 1024
+
+
+def bench_timing(clients: int) -> FleetTiming:
+    """Fleet limits for ``clients`` nodes that all come from one address (see above)."""
+    connections = clients + CONNECTION_MARGIN
+    return FleetTiming(
+        create_node_rate=None,
+        create_node_global_rate=None,
+        max_connections=connections,
+        max_connections_per_peer=connections,
+    )
 
 
 class TimedFedAvg(workload.clocked(fl.server.strategy.FedAvg)):  # type: ignore[misc]
@@ -112,6 +129,7 @@ def serve(strategy: Any, clock: workload.RoundClock, args: Any) -> dict[str, Any
         address="127.0.0.1:0",
         max_message_length=GRPC_MAX_MESSAGE_LENGTH,
         rest_address="127.0.0.1:0" if args.rest else None,
+        timing=bench_timing(args.clients),
     )
     port = service.start()
     clock.counter.ports = [port] if service.rest_port is None else [port, service.rest_port]

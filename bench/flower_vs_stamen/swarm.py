@@ -1,7 +1,10 @@
-"""Many lightweight grpc-bidi nodes in one asyncio loop (Stamen venv), for E and E10k.
+"""Many lightweight nodes in one asyncio loop (Stamen venv), for E and the E10k workloads.
 
 Usage: ``swarm.py --address HOST:PORT --first K --count N [--streams-per-channel S]
-[--timeout S]``
+[--timeout S] [--transport grpc-bidi|grpc-rere|rest]``
+
+With ``--transport grpc-rere`` or ``rest`` the nodes speak Stamen's Fleet protocol
+(``fleet_swarm.py``); the rest of this docstring is about grpc-bidi, the default.
 
 Each node is one ``FlowerService/Join`` stream (``S`` nodes share a channel, so a TCP
 connection), speaking the wire protocol with ``stamen.wire`` directly: no thread and no
@@ -25,24 +28,31 @@ from typing import Any
 import grpc
 import numpy as np
 import workload
+from fleet_swarm import fleet_swarm, raise_descriptor_limit
 
 from stamen.messages import Code, DisconnectRes, FitIns, FitRes, ReconnectIns, Status
 from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
 from stamen.wire import BIDI_JOIN_METHOD, decode_instruction, encode_reply
 
 MAX_MESSAGE = 536_870_912
+TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
 RETRIES = 10
 """Times a node opens a new stream after the server ended one before sending anything (a
 grpc.aio server cancels calls it cannot take in time when thousands arrive at once; a
 real node retries too)."""
 
 
-async def swarm(address: str, first: int, count: int, channels_count: int, timeout: float) -> int:
-    """Run the nodes until the server ends their streams; return how many ended cleanly."""
-    options = [
+def message_options() -> list[tuple[str, Any]]:
+    """The channels' gRPC options: messages up to :data:`MAX_MESSAGE`."""
+    return [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
     ]
+
+
+async def swarm(address: str, first: int, count: int, channels_count: int, timeout: float) -> int:
+    """Run the nodes until the server ends their streams; return how many ended cleanly."""
+    options = message_options()
     channels = [
         grpc.aio.insecure_channel(address, options=[*options, ("grpc.channel_id", i)])
         for i in range(channels_count)
@@ -107,9 +117,29 @@ def main() -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--streams-per-channel", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--transport", choices=TRANSPORTS, default="grpc-bidi")
     args = parser.parse_args()
     channels = max(1, math.ceil(args.count / args.streams_per_channel))
-    ok = asyncio.run(swarm(args.address, args.first, args.count, channels, args.timeout))
+    if args.transport == "grpc-bidi":
+        ok = asyncio.run(swarm(args.address, args.first, args.count, channels, args.timeout))
+    else:
+        print(f"DESCRIPTORS {raise_descriptor_limit()}", flush=True)
+        counters = asyncio.run(
+            fleet_swarm(
+                args.transport,
+                args.address,
+                args.first,
+                args.count,
+                channels,
+                args.timeout,
+                MAX_MESSAGE,
+                message_options(),
+            )
+        )
+        print(f"RETRIES {counters.retries}", flush=True)
+        for why, times in counters.reasons.most_common(5):
+            print(f"retried {times} x: {why}", file=sys.stderr, flush=True)
+        ok = counters.ended
     print(f"CLIENTS ok={ok} failed={args.count - ok} stuck=0", flush=True)
     print(f"PEAK_RSS {workload.peak_rss_bytes()}", flush=True)
     print(f"CPU {json.dumps(workload.cpu_seconds())}", flush=True)

@@ -71,6 +71,8 @@ class Workload:
             each node a grpc.aio stream speaking the grpc-bidi wire format directly, the
             same bytes for both frameworks' servers).
         strategy: The server's strategy form, a key of :data:`STRATEGY_FORMS`.
+        transport: The Stamen nodes' transport (None: ``run.py --transport``); a
+            workload that names one runs on Stamen only (Flower's nodes speak grpc-bidi).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Workload:
     timeout: float
     harness: str = "threads"
     strategy: str = "fedavg"
+    transport: str | None = None
 
     @property
     def title(self) -> str:

@@ -8,7 +8,13 @@ Usage::
 
     STAMEN_FLWR_SIM_PYTHON=/path/to/venv-with-flwr[simulation]==1.12.0/bin/python \\
         .venv/bin/python bench/simulation/run.py [--clients 1000] [--rounds 10] \\
-        [--fraction 0.1] [--repeat 1] [--out bench/results/simulation.json]
+        [--fraction 0.1 | --sampled K] [--repeat 1] [--cases stamen/threads,...] \\
+        [--out bench/results/simulation.json]
+
+``--clients`` takes a list (``1000,10000,100000``): each case runs at each size, and
+with ``--sampled K`` every size samples the same ``K`` clients per round (fraction
+``K / clients``), so the driver's peak RSS against the size is the memory one registered
+client costs (printed as MB per registered client).
 
 Without ``$STAMEN_FLWR_SIM_PYTHON`` only the Stamen cases run (no ratios). Stamen's cases
 run with this interpreter, which needs Stamen, Ray (``stamen[ray]``) and scikit-learn.
@@ -105,11 +111,12 @@ def _env(data: Path) -> dict[str, str]:
 
 
 def run_case(
-    python: str, framework: str, backend: str, args: argparse.Namespace, data: Path
+    python: str, framework: str, backend: str, clients: int, args: argparse.Namespace, data: Path
 ) -> dict[str, Any]:
     """One case in a fresh process; its JSON line plus the tree's peak memory."""
+    fraction = args.sampled / clients if args.sampled else args.fraction
     command = [python, str(HERE / "case.py"), framework, backend]
-    command += [str(args.clients), str(args.rounds), str(args.fraction)]
+    command += [str(clients), str(args.rounds), str(fraction)]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=log, text=True, env=_env(data)
@@ -193,12 +200,16 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     """Run every case, print a table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--clients", default="1000", help="a number, or a list: 1000,100000")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--sampled", type=int, default=None, help="clients sampled per round")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cases", default=",".join(f"{f}/{b}" for f, b in CASES))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "simulation.json")
     args = parser.parse_args()
+    sizes = [int(n) for n in args.clients.split(",")]
+    cases = [c for c in CASES if f"{c[0]}/{c[1]}" in args.cases.split(",")]
     flwr_python = os.environ.get("STAMEN_FLWR_SIM_PYTHON")
     report: dict[str, Any] = {
         "machine": {
@@ -207,9 +218,10 @@ def main() -> None:
             "platform": platform.platform(),
         },
         "workload": {
-            "clients": args.clients,
+            "clients": sizes,
             "rounds": args.rounds,
             "fraction": args.fraction,
+            "sampled": args.sampled,
             "client_resources": {"num_cpus": 1},
         },
         "cases": {},
@@ -220,24 +232,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "digits.npz"
         _write_digits(data)
-        for framework, backend in CASES:
-            if framework == "flwr" and not flwr_python:
-                continue
-            python = flwr_python if framework == "flwr" else sys.executable
-            runs = [run_case(python, framework, backend, args, data) for _ in range(args.repeat)]
-            report["cases"][f"{framework}/{backend}"] = {"median": _median(runs), "runs": runs}
-            print(f"done: {framework}/{backend}", file=sys.stderr, flush=True)
+        for clients in sizes:
+            for framework, backend in cases:
+                if framework == "flwr" and not flwr_python:
+                    continue
+                python = flwr_python if framework == "flwr" else sys.executable
+                runs = [
+                    run_case(python, framework, backend, clients, args, data)
+                    for _ in range(args.repeat)
+                ]
+                name = f"{framework}/{backend}" + (f"@{clients}" if len(sizes) > 1 else "")
+                report["cases"][name] = {"median": _median(runs), "runs": runs}
+                print(f"done: {name}", file=sys.stderr, flush=True)
     _ratios(report)
+    report["mb_per_registered_client"] = _per_client(report)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(_table(report))
+    for case, mb in report["mb_per_registered_client"].items():
+        print(f"{case}: {mb * 1e3:.2f} KB of driver peak RSS per registered client")
+
+
+def _per_client(report: dict[str, Any]) -> dict[str, float]:
+    """Driver peak RSS per registered client of each case run at several sizes: the slope
+    between the smallest and the largest size (MB per client)."""
+    sizes: dict[str, list[tuple[int, float]]] = {}
+    for case in report["cases"].values():
+        m = case["median"]
+        sizes.setdefault(f"{m['framework']}/{m['backend']}", []).append(
+            (m["clients"], m["driver_peak_kb"] / 1024)
+        )
+    slopes = {}
+    for name, points in sizes.items():
+        (low, low_mb), (high, high_mb) = min(points), max(points)
+        if high > low:
+            slopes[name] = (high_mb - low_mb) / (high - low)
+    return slopes
 
 
 def _ratios(report: dict[str, Any]) -> None:
-    flower = report["cases"].get("flwr/ray", {}).get("median")
-    if flower is None:
-        return
     for name, case in report["cases"].items():
-        if name.startswith("stamen/"):
+        size = name.partition("@")[2]
+        flower = report["cases"].get("flwr/ray" + (f"@{size}" if size else ""), {}).get("median")
+        if name.startswith("stamen/") and flower is not None:
             median = case["median"]
             case["vs_flower"] = {
                 "client_rounds_per_s": median["client_rounds_per_s"]

@@ -103,8 +103,13 @@ class ClientProxy(ABC):
 
     Attributes:
         cid: Unique id of the node within this server.
-        properties: Free-form properties (Flower compatibility).
+        properties: Free-form properties (Flower compatibility; the dict is made on first
+            use, so that 100,000 simulated nodes do not hold 100,000 empty dicts).
     """
+
+    __slots__ = ("__weakref__", "_properties", "cid")
+    """Compact instances (a simulation registers one per virtual node); subclasses that
+    declare no ``__slots__`` of their own get a ``__dict__`` as usual."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ClientProxy:
         primitive = _overridden(cls, "send") or _overridden(cls, "submit")
@@ -118,7 +123,18 @@ class ClientProxy(ABC):
 
     def __init__(self, cid: str) -> None:
         self.cid = cid
-        self.properties: Properties = {}
+        self._properties: Properties | None = None
+
+    @property
+    def properties(self) -> Properties:
+        """Free-form properties (Flower compatibility)."""
+        if self._properties is None:
+            self._properties = {}
+        return self._properties
+
+    @properties.setter
+    def properties(self, value: Properties) -> None:
+        self._properties = value
 
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Send ``ins`` without blocking; the future resolves to the reply.

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..client.dispatch import normalize_client_fn
+from ..client.dispatch import ClientFn, normalize_client_fn
 from ..errors import ConfigError
 from ..logger import shown_progress
 from ..memory import tune_allocator
@@ -32,7 +32,13 @@ from .backends import (
     ThreadsBackend,
     fork_available,
 )
-from .proxy import EncodeCache, VirtualClientProxy
+from .proxy import (
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    EncodeCache,
+    PartitionConfig,
+    VirtualClientProxy,
+)
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +48,7 @@ __all__ = [
     "make_backend",
     "start_simulation",
     "threads_for",
+    "virtual_clients",
 ]
 
 logger = logging.getLogger("stamen.simulation")
@@ -54,12 +61,6 @@ DEFAULT_BACKEND = "processes"
 each, reused across rounds -- the isolation Flower's users get from Ray's actors (a model
 kept in a module global is never shared by two clients at once). Where processes cannot
 be forked (Windows), the threads backend stands in, with a WARNING."""
-
-PARTITION_ID_KEY = "partition-id"
-"""Key of the node's partition index in ``Context.node_config`` (as in Flower)."""
-
-NUM_PARTITIONS_KEY = "num-partitions"
-"""Key of the number of partitions (virtual nodes) in ``Context.node_config``."""
 
 _SCHEDULING = ("DEFAULT", "SPREAD")
 _WAIT_FOR_CLIENTS = 1.0
@@ -194,6 +195,30 @@ def make_backend(
     return ThreadsBackend(workers)
 
 
+def virtual_clients(
+    count: int,
+    *,
+    client_fn: ClientFn,
+    backend: Backend,
+    serialize: bool = False,
+    encode_cache: EncodeCache | None = None,
+) -> Iterator[VirtualClientProxy]:
+    """The proxies of :func:`start_simulation`'s nodes ``0 .. count - 1``: cid ``str(i)``,
+    node id ``i``, ``node_config`` ``{"partition-id": str(i), "num-partitions":
+    str(count)}`` (a :class:`PartitionConfig`, built when a context is made). A proxy costs
+    a few hundred bytes until its node is first sampled."""
+    for i in range(count):
+        yield VirtualClientProxy(
+            str(i),
+            client_fn=client_fn,
+            backend=backend,
+            node_id=i,
+            node_config=PartitionConfig(i, count),
+            serialize=serialize,
+            encode_cache=encode_cache,
+        )
+
+
 def start_simulation(
     *,
     client_fn: Callable[..., Any],
@@ -284,16 +309,9 @@ def start_simulation(
     cache = EncodeCache() if serialize else None
     proxies: list[VirtualClientProxy] = []
     try:
-        for i in range(count):
-            proxy = VirtualClientProxy(
-                str(i),
-                client_fn=fn,
-                backend=engine,
-                node_id=i,
-                node_config={PARTITION_ID_KEY: str(i), NUM_PARTITIONS_KEY: str(count)},
-                serialize=serialize,
-                encode_cache=cache,
-            )
+        for proxy in virtual_clients(
+            count, client_fn=fn, backend=engine, serialize=serialize, encode_cache=cache
+        ):
             if not manager.register(proxy):
                 raise ConfigError(
                     f"client_manager: a client with cid {proxy.cid!r} is already registered"

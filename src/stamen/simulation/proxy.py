@@ -14,6 +14,7 @@ transports: whatever could not travel over the network fails here too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
@@ -23,21 +24,33 @@ from ..context import Context, RecordSet
 from ..errors import ClientAppError, ConnectionLost, DecodeError, ProtocolError, StamenError
 from ..messages import EXCHANGES, DisconnectRes, Instruction, ReconnectIns, Reply
 from ..server.client_proxy import ClientProxy, EncodeCache, expected_reply_type
-from ..typing import UserConfig
+from ..typing import UserConfig, UserConfigValue
 from ..wire import decode_instruction, decode_reply, encode_instruction, encode_reply
 
 if TYPE_CHECKING:
     from .backends import Backend
 
 __all__ = [
+    "NUM_PARTITIONS_KEY",
+    "PARTITION_ID_KEY",
     "CallResult",
     "EncodeCache",
+    "PartitionConfig",
     "VirtualCall",
     "VirtualClientProxy",
     "named_error",
     "run_virtual_call",
     "stage_of",
 ]
+
+PARTITION_ID_KEY = "partition-id"
+"""Key of the node's partition index in ``Context.node_config`` (as in Flower)."""
+
+NUM_PARTITIONS_KEY = "num-partitions"
+"""Key of the number of partitions (virtual nodes) in ``Context.node_config``."""
+
+_EMPTY = RecordSet()
+"""What a fresh context's state equals (compared with, never handed out)."""
 
 CallResult: TypeAlias = tuple[Reply | bytes, RecordSet]
 """What a backend returns for a call: the reply (encoded if serialized) and the state."""
@@ -91,11 +104,38 @@ def run_virtual_call(
     return handle(client_fn, context, instruction), context.state
 
 
+class PartitionConfig(Mapping[str, UserConfigValue]):
+    """``{"partition-id": str(index), "num-partitions": str(count)}``, built when read:
+    the ``node_config`` of a node of ``start_simulation``, two ints instead of a dict and
+    two strings per registered node."""
+
+    __slots__ = ("_count", "_index")
+
+    def __init__(self, index: int, count: int) -> None:
+        self._index, self._count = index, count
+
+    def __getitem__(self, key: str) -> UserConfigValue:
+        if key == PARTITION_ID_KEY:
+            return str(self._index)
+        if key == NUM_PARTITIONS_KEY:
+            return str(self._count)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((PARTITION_ID_KEY, NUM_PARTITIONS_KEY))
+
+    def __len__(self) -> int:
+        return 2
+
+
 class VirtualClientProxy(ClientProxy):
     """A simulated client node, run by a backend in this process or on a Ray cluster.
 
-    The :class:`~stamen.context.Context` is created at the node's first instruction and
-    kept; the client object is not. ``ReconnectIns`` (the end of the run) is answered with
+    A registered node costs only this object (slotted, with its cid and node id): the
+    :class:`~stamen.context.Context` is created at the node's first instruction and kept
+    while its ``state`` holds records (a context whose state is empty after a call is
+    dropped and made afresh for the next one: nothing is lost), and the client object is
+    not kept. ``ReconnectIns`` (the end of the run) is answered with
     ``DisconnectRes(reason="ACK")`` without calling user code.
 
     Args:
@@ -104,12 +144,24 @@ class VirtualClientProxy(ClientProxy):
             (:func:`stamen.client.dispatch.normalize_client_fn`).
         backend: Runs the calls (a :class:`~stamen.simulation.Backend`).
         node_id: ``Context.node_id``.
-        node_config: ``Context.node_config`` (``partition-id``, ``num-partitions``).
-        run_config: ``Context.run_config``.
+        node_config: ``Context.node_config`` (``partition-id``, ``num-partitions``),
+            copied into each context made.
+        run_config: ``Context.run_config`` (None: empty), copied likewise.
         serialize: Round-trip every instruction and reply through the wire codec.
         encode_cache: Shared by the proxies of one run, so that an instruction sent to
             many nodes is encoded once (only with ``serialize``).
     """
+
+    __slots__ = (
+        "_backend",
+        "_client_fn",
+        "_context",
+        "_encode_cache",
+        "_run_config",
+        "node_config",
+        "node_id",
+        "serialize",
+    )
 
     def __init__(
         self,
@@ -118,7 +170,7 @@ class VirtualClientProxy(ClientProxy):
         client_fn: ClientFn,
         backend: Backend,
         node_id: int,
-        node_config: UserConfig,
+        node_config: Mapping[str, UserConfigValue],
         run_config: UserConfig | None = None,
         serialize: bool = False,
         encode_cache: EncodeCache | None = None,
@@ -129,7 +181,7 @@ class VirtualClientProxy(ClientProxy):
         self.serialize = serialize
         self._client_fn = client_fn
         self._backend = backend
-        self._run_config: UserConfig = {} if run_config is None else run_config
+        self._run_config = run_config
         self._encode_cache = encode_cache
         self._context: Context | None = None
 
@@ -141,9 +193,21 @@ class VirtualClientProxy(ClientProxy):
                 node_id=self.node_id,
                 node_config=dict(self.node_config),
                 state=RecordSet(),
-                run_config=dict(self._run_config),
+                run_config=dict(self._run_config or {}),
             )
         return self._context
+
+    def _keep(self, state: RecordSet) -> None:
+        """Keep the node's state after a call; drop a context a fresh one would equal."""
+        context = self.context
+        context.state = state  # a copy when the call ran in another process
+        fresh = (
+            state == _EMPTY
+            and context.node_config == dict(self.node_config)
+            and context.run_config == dict(self._run_config or {})
+        )
+        if fresh:
+            self._context = None
 
     def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
         """Run ``ins`` on the backend; the future resolves to the reply.
@@ -199,7 +263,7 @@ class VirtualClientProxy(ClientProxy):
                     )
                 )
                 return
-            self.context.state = state  # a copy when the call ran in another process
+            self._keep(state)
             future.set_result(reply)
 
         inner.add_done_callback(complete)

@@ -30,6 +30,14 @@ __all__ = ["FleetService", "raise_descriptor_limit", "server_options"]
 logger = logging.getLogger("stamen.server")
 
 
+PENDING_CALLS = 1 << 16
+"""Calls gRPC holds that the server has not taken yet (``grpc.server.max_pending_requests``
+and its hard limit). gRPC's defaults cancel calls at random once 1,000 wait and all of them
+past 3,000, which thousands of nodes calling at once (a round's start on grpc-rere, a
+fleet connecting on grpc-bidi) reach in a moment: the server's event loop takes calls one
+at a time. A waiting call still gives up after gRPC's 30 s in that queue."""
+
+
 def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tuple[str, Any]]:
     """gRPC server options.
 
@@ -55,6 +63,8 @@ def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tu
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.max_connection_idle_ms", max(1, round(idle_limit * 1000))),
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
     ]
 
 
