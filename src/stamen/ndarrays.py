@@ -50,6 +50,7 @@ __all__ = [
     "ndarray_to_sendable",
     "ndarray_to_tensor",
     "ndarrays_to_parameters",
+    "npy_placed",
     "parameters_to_ndarrays",
     "parameters_to_views",
     "pooled_parameters",
@@ -364,6 +365,21 @@ def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:
         return ndarray_to_sendable(ndarray)
     ndarray.flags.writeable = False
     return memory[begin:end].toreadonly()
+
+
+def npy_placed(shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray:
+    """A writable, uninitialized C-order array that sits in its own ``.npy`` blob (in a
+    :class:`ReceivedBuffer`, pooled when large): :func:`ndarray_to_tensor` of it is that
+    blob, without a copy. For results computed to be sent (a new global model)."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        return np.empty(shape, dtype=dtype)
+    header = _npy_header(np.broadcast_to(np.zeros((), dtype=dtype), shape), fortran=False)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = ReceivedBuffer.allocate(len(header) + nbytes)
+    buffer[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+    # A plain ndarray over the buffer: the buffer stays its base (received_buffer_of).
+    return buffer.view(np.ndarray)[len(header) :].view(dtype).reshape(shape)
 
 
 def ndarray_to_sendable(ndarray: NDArray, pool: BufferPool | None = None) -> bytes | memoryview:

@@ -21,6 +21,7 @@ from stamen.messages import FitIns, FitRes
 from stamen.ndarrays import ReceivedBuffer, parameters_to_ndarrays, received_buffer_of
 from stamen.server import ServerConfig
 from stamen.server.fleet.handler import RECEIVE_SLOTS, Fleet
+from stamen.server.spill import is_spilled
 from stamen.testing import NodeThread, node_threads, running_server
 from stamen.testing.conformance import TRANSPORTS
 from stamen.typing import Config, NDArrays, Scalar
@@ -159,3 +160,53 @@ def test_a_users_client_around_a_numpy_client_keeps_its_instruction_intact(
     np.testing.assert_array_equal(
         parameters_to_ndarrays(srv.server.parameters)[0], np.full(SIZE, 5, np.float32)
     )
+
+
+class SavesTheModel(fl.server.strategy.FedAvg):
+    """A FedAvg subclass overriding aggregate_fit (no streaming): records its results."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spilled: list[bool] = []
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        self.spilled += [is_spilled(res.parameters) for _, res in results]
+        return super().aggregate_fit(server_round, results, failures)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_results_kept_for_a_subclass_are_received_straight_into_spill_files(
+    transport: str,
+) -> None:
+    """A strategy without streaming gets every result at once: framed ones are written
+    into spill files as they arrive (no copy, the receive slot back at once), and the
+    round aggregates them exactly."""
+    initial = [np.zeros(SIZE, dtype=np.float32), np.zeros((3, 2), dtype=np.float32)]
+    strategy = SavesTheModel(
+        min_fit_clients=3,
+        min_available_clients=3,
+        fraction_evaluate=0.0,
+        initial_parameters=fl.common.ndarrays_to_parameters(initial),
+    )
+    seen: list[dict[str, bool]] = []
+    with (
+        running_server(
+            config=ServerConfig(num_rounds=2),
+            strategy=strategy,
+            grpc_max_message_length=LIMIT,
+            rest=True,
+        ) as srv,
+        node_threads() as nodes,
+    ):
+        for k in (1, 2, 3):
+            nodes.append(_node(srv, transport, InPlaceClient(k, seen).to_client()))
+        srv.result(WAIT)
+        for node in nodes:
+            assert node.join(WAIT) is None
+        fleet = srv.service.fleet
+        free = asyncio.run_coroutine_threadsafe(_free_slots(fleet), fleet.loop).result(WAIT)
+        assert free == RECEIVE_SLOTS and fleet.slots.late == 0
+        model = parameters_to_ndarrays(srv.server.parameters)
+    assert strategy.spilled == [True] * 6
+    np.testing.assert_allclose(model[0], np.full(SIZE, 14 / 3, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(model[1], np.full((3, 2), 14 / 3, np.float32), rtol=1e-6)

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import ConnectionLost
 from ..messages import Reply
@@ -175,12 +175,23 @@ class Reader(Protocol):
         """Bytes received of the message being put together."""
         ...
 
+    @property
+    def written(self) -> memoryview | None:
+        """The bytes of the message in progress received so far; None if none is."""
+        ...
+
     def reset(self) -> None:
         """Drop a partial message."""
         ...
 
-    def bound(self, max_total: int | None, min_frame: int = 0) -> None:
-        """Bound the next message's announced size and its frames' size."""
+    def bound(
+        self,
+        max_total: int | None,
+        min_frame: int = 0,
+        allocate: Callable[[int], Any] | None = None,
+    ) -> None:
+        """Bound the next message's announced size and its frames' size; ``allocate``
+        gives the buffer it is written into (None: the reader's own)."""
         ...
 
     def feed(self, data: bytes | memoryview) -> bytes | memoryview | None:

@@ -32,6 +32,10 @@ class ReplyUse(Enum):
         "slot goes with the reply's memory, so received models cannot pile up ahead of "
         "the folding"
     )
+    SPILLED = (
+        "kept in the round's results, a large one written into a spill file as it arrives "
+        "(a strategy that needs every result at once): the slot comes back once it is whole"
+    )
 
 
 class Payload(Protocol):

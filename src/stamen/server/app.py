@@ -188,6 +188,7 @@ def start_server(
         server_keys=server_keys,
         events=server.events,
     )
+    service.fleet.spill_directory = server.spill.directory  # large results received there
     sinks = make_sinks(tensorboard_dir=tensorboard_dir, mlflow_uri=mlflow_uri)
     views: list[Callable[[RunEvent], None]] = [*subscribers, *sinks]
     unsubscribe = [server.events.subscribe(view) for view in views]

@@ -169,6 +169,7 @@ def run_instructions(
     log_level: int = logging.WARNING,
     on_result: Callable[[ClientProxy, R], R] | None = None,
     observe: Callable[[ClientProxy, Future[Reply]], None] | None = None,
+    replies: ReplyUse | None = None,
 ) -> tuple[Results[R], Failures[R]]:
     """Send every instruction at once and wait for all replies.
 
@@ -191,8 +192,10 @@ def run_instructions(
         on_result: Folds each result as it arrives (streaming aggregation).
         observe: Told of each reply's future as soon as it ends, in arrival order, on
             whichever thread ends it (progress views); must not block.
+        replies: What is done with the replies (default: ``KEPT`` without ``on_result``,
+            ``FOLDED`` with it); ``SPILLED``: ``on_result`` keeps them in spill files.
     """
-    use = ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED
+    use = replies or (ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED)
     futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
     if observe is not None:
         for proxy, future in futures:
@@ -416,6 +419,7 @@ class Server:
                 expect=FitRes,
                 on_result=fold,
                 observe=self._observer(server_round, "fit"),
+                replies=ReplyUse.SPILLED if accumulator is None else ReplyUse.FOLDED,
             )
             # Every reply is in: the receive buffers cached for the next round need not
             # stay resident while the round is aggregated.

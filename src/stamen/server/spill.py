@@ -37,13 +37,15 @@ from typing import Any
 import numpy as np
 
 from ..messages import FitRes, Parameters
-from ..ndarrays import Lease
+from ..ndarrays import Lease, ReceivedBuffer
 
 __all__ = [
     "DEFAULT_BUDGET",
     "SpillReport",
     "SpillStore",
+    "is_spilled",
     "release",
+    "spill_buffer",
     "spill_parameters",
     "spilled_bytes_mapped",
     "spilled_like",
@@ -182,6 +184,26 @@ def spilled_like(source: Parameters, parameters: Parameters) -> Parameters:
     return parameters
 
 
+def spill_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
+    """A writable buffer of ``size`` bytes over a fresh anonymous spill file in
+    ``directory``: a large result is received straight into it, and once whole its pages
+    go (:func:`release`) while the bytes stay in the file.
+
+    Raises:
+        OSError: the file cannot be made or sized (a full disk, say).
+    """
+    with tempfile.TemporaryFile(dir=directory, prefix="stamen-spill-") as file:
+        os.ftruncate(file.fileno(), size)
+        mapping = mmap.mmap(file.fileno(), size)  # shared, read and write
+    _register(mapping, directory)
+    return np.frombuffer(mapping, dtype=np.uint8, count=size).view(ReceivedBuffer)
+
+
+def is_spilled(parameters: Parameters) -> bool:
+    """True if ``parameters`` lie in a spill file (received into one, or written out)."""
+    return any(len(t) and _mapping_at(_address(t)) is not None for t in parameters.tensors)
+
+
 @dataclass(frozen=True)
 class SpillReport:
     """What one round's results cost: in RAM, and on disk while the round ran."""
@@ -222,6 +244,11 @@ class SpillStore:
         """``reply`` as the round keeps it: itself, or its parameters spilled."""
         size = sum(memoryview(t).nbytes for t in reply.parameters.tensors)
         report = self._report
+        if is_spilled(reply.parameters):  # received straight into a spill file
+            self._report = replace(
+                report, spilled=report.spilled + 1, spilled_bytes=report.spilled_bytes + size
+            )
+            return reply
         # The receive buffers are the round's now: the receive slot they hold comes back
         # at once, so the next result arrives while this one is written out (two models
         # in memory at most, not one per node).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import DecodeError
 from ..ndarrays import ReceivedBuffer
@@ -226,6 +226,7 @@ class FrameReader:
     def __init__(self, max_total: int | None = None, min_frame: int = 0) -> None:
         self.max_total = max_total
         self.min_frame = min_frame
+        self.allocate: Callable[[int], ReceivedBuffer] | None = None
         self._buffer: ReceivedBuffer | None = None
         self._view: memoryview | None = None
         self._total = 0
@@ -237,11 +238,25 @@ class FrameReader:
         """True while a framed message is incomplete."""
         return self._buffer is not None
 
-    def bound(self, max_total: int | None, min_frame: int = 0) -> None:
+    @property
+    def written(self) -> memoryview | None:
+        """The bytes of the message in progress received so far; None if none is."""
+        return None if self._view is None else self._view[: self.received]
+
+    def bound(
+        self,
+        max_total: int | None,
+        min_frame: int = 0,
+        allocate: Callable[[int], ReceivedBuffer] | None = None,
+    ) -> None:
         """Bound the next messages: their announced size and their frames' (see the
-        class); a message in progress keeps the buffer it has."""
+        class); a message in progress keeps the buffer it has. ``allocate(size)`` gives
+        the buffer the next message is written into (default:
+        :meth:`ReceivedBuffer.allocate`; the server passes a spill file's for results
+        that wait on disk)."""
         self.max_total = max_total
         self.min_frame = min_frame
+        self.allocate = allocate
 
     def reset(self) -> None:
         """Drop a partial message (its sender gave it up)."""
@@ -284,7 +299,7 @@ class FrameReader:
                     f"a message of {total} bytes announced: over the {self.max_total} "
                     "bytes expected here"
                 )
-            self._buffer = ReceivedBuffer.allocate(total)
+            self._buffer = (self.allocate or ReceivedBuffer.allocate)(total)
             self._view = self._buffer.data
             self._total = total
         if total != self._total:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from ...wire.codec import DEFAULT_REPLY_LIMITS, ReplyLimits
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from ..events import NodeJoined, NodeLeft, RunEvents
+from ..spill import release, spill_buffer
 from .auth import NodeAuthenticator
 from .slots import ReceiveSlots
 
@@ -248,6 +250,8 @@ class Fleet:
         events: RunEvents | None = None,
     ) -> None:
         self.authenticator = authenticator
+        self.spill_directory: str | None = None
+        """Where results that wait on disk are received (:mod:`..spill`; None: TMPDIR)."""
         self.events = events if events is not None else RunEvents()
         """Where nodes coming and going are published (the server's run events)."""
         self._client_manager = client_manager
@@ -487,7 +491,11 @@ class Fleet:
             return
         ceiling = self.timing.max_reply_size or _memory_bytes() // 2
         limit = reply_size_limit(task.instruction, self.max_message_length, ceiling)
-        node.reader.bound(limit, min(MIN_FRAME, max(1, node.frame_size // 2)))
+        allocate = None
+        if task.replies is ReplyUse.SPILLED:  # written straight into a spill file
+            directory = self.spill_directory
+            allocate = functools.partial(spill_buffer, directory=directory)
+        node.reader.bound(limit, min(MIN_FRAME, max(1, node.frame_size // 2)), allocate)
 
     async def decode_off_loop(
         self, node: Node, task: Task | None, data: bytes | memoryview
@@ -529,14 +537,21 @@ class Fleet:
         Raises:
             DecodeError: malformed or out-of-order frames (the task fails with it).
         """
+        task = node.mailbox.in_flight(task_id)
         if not node.reader.in_progress:
-            self.bound_reader(node, node.mailbox.in_flight(task_id))
+            self.bound_reader(node, task)
+        before = node.reader.received
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
             self.release_slot(node)
             self.state.fail(node, task_id, exc)
             raise
+        if task is not None and task.replies is ReplyUse.SPILLED:
+            # Written into a spill file: its pages need not stay in memory once written.
+            written = whole if whole is not None else node.reader.written
+            if written is not None:
+                release(memoryview(written)[before if whole is None else 0 :])
         if whole is not None:
             self.pass_slot(node, task_id, whole)
         return whole

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..._dtypes import cast_like
 from ...errors import ConfigError, RunError
-from ...ndarrays import Lease
+from ...ndarrays import Lease, npy_placed
 from ...typing import NDArray, NDArrays
 from ..spill import release
 
@@ -235,6 +235,16 @@ def _mean_layer(out: NDArray, acc: NDArray, divisor: np.generic) -> None:
     _in_parts(acc.size, work)
 
 
+def _result_layer(
+    shape: tuple[int, ...], dtype: np.dtype[Any], order: Literal["C", "F"]
+) -> NDArray:
+    """An uninitialized layer of a new model: C-order ones in their ``.npy`` blob
+    (:func:`~stamen.ndarrays.npy_placed`), so the model becomes Parameters without a copy."""
+    if order == "C":
+        return npy_placed(shape, dtype)
+    return np.empty(shape, dtype=dtype, order=order)
+
+
 def _compact(dtype: np.dtype[Any]) -> bool:
     """Layers a compact :class:`WeightedSum` keeps as a running mean in their own dtype."""
     return dtype.kind == "f" and dtype.itemsize <= 4
@@ -408,7 +418,7 @@ class WeightedSum:
                 out.append(layer if consume else layer.copy())
                 continue
             order = _order(layer)
-            result = np.empty(layer.shape, dtype=dtype, order=order)
+            result = _result_layer(layer.shape, dtype, order)
             divisor = layer.dtype.type(self.total_weight)
             _mean_layer(_flat(result, order), _flat(layer, order), divisor)
             out.append(result)
@@ -432,7 +442,7 @@ def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: f
     out_dtype = mean_dtype(a.dtype for a in arrays)
     work_dtype = _work_dtype(out_dtype)
     order = _order(first)
-    result = np.empty(first.shape, dtype=out_dtype, order=order)
+    result = _result_layer(first.shape, out_dtype, order)
     target = _flat(result, order)
     flats = [_flat(a, order) for a in arrays]
     factors = [work_dtype.type(w) for w in weights]
@@ -571,7 +581,7 @@ def _coordinate_wise(models: Sequence[NDArrays], rule: Callable[[NDArray], NDArr
         dtype = _layer_dtype(models, layer)
         first = models[0][layer]
         order = _order(first)
-        result = np.empty(first.shape, dtype=dtype, order=order)
+        result = _result_layer(first.shape, dtype, order)
         target = _flat(result, order)
         for lo, hi, stacked in _parts(models, layer):
             target[lo:hi] = cast_like(rule(stacked), dtype)
