@@ -20,6 +20,8 @@ from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays, para
 from stamen.server import Server
 from stamen.server.spill import (
     SpillStore,
+    is_spilled,
+    receive_buffer,
     release,
     spill_parameters,
     spilled_bytes_mapped,
@@ -264,3 +266,24 @@ def test_a_killed_server_leaves_no_spill_file_behind(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(timeout=30)
     assert os.listdir(tmp_path) == []
+
+
+def test_without_a_usable_spill_directory_results_stay_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spill directory that cannot take files (missing, full) costs memory, never a
+    result: the store keeps it and says why, once."""
+    missing = str(tmp_path / "no-such-directory")
+    store = SpillStore(missing, budget=0)
+    store.begin()
+    reply = _result(4.0, 1_000)
+    with caplog.at_level("WARNING", logger="stamen.server"):
+        assert store.take(None, reply) is reply
+        assert store.take(None, _result(5.0, 1_000)).parameters.tensors
+    warnings = [r.getMessage() for r in caplog.records if "spill files" in r.getMessage()]
+    assert len(warnings) == 1 and missing in warnings[0]
+    assert store.end(1).kept == 2
+    buffer = receive_buffer(4096, missing)
+    assert buffer.nbytes == 4096 and not is_spilled(
+        Parameters(tensors=[buffer.data], tensor_type="numpy.ndarray")
+    )

@@ -44,6 +44,7 @@ __all__ = [
     "SpillReport",
     "SpillStore",
     "is_spilled",
+    "receive_buffer",
     "release",
     "spill_buffer",
     "spill_parameters",
@@ -199,6 +200,30 @@ def spill_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
     return np.frombuffer(mapping, dtype=np.uint8, count=size).view(ReceivedBuffer)
 
 
+def receive_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
+    """:func:`spill_buffer`, or a buffer in memory (and a warning) if no spill file can
+    be made: a result is never lost for want of disk."""
+    try:
+        return spill_buffer(size, directory)
+    except OSError as exc:
+        _warn_once(directory, exc)
+        return ReceivedBuffer.allocate(size)
+
+
+_warned: set[str | None] = set()
+
+
+def _warn_once(directory: str | None, exc: OSError) -> None:
+    if directory not in _warned:
+        _warned.add(directory)
+        logger.warning(
+            "cannot write spill files in %s (%s): results that would wait on disk are kept "
+            "in memory instead",
+            directory or tempfile.gettempdir(),
+            exc,
+        )
+
+
 def is_spilled(parameters: Parameters) -> bool:
     """True if ``parameters`` lie in a spill file (received into one, or written out)."""
     return any(len(t) and _mapping_at(_address(t)) is not None for t in parameters.tensors)
@@ -259,7 +284,14 @@ class SpillStore:
                 report, kept=report.kept + 1, kept_bytes=report.kept_bytes + size
             )
             return reply
-        parameters = spill_parameters(reply.parameters, self.directory)
+        try:
+            parameters = spill_parameters(reply.parameters, self.directory)
+        except OSError as exc:  # a full disk, say: memory still works
+            _warn_once(self.directory, exc)
+            self._report = replace(
+                report, kept=report.kept + 1, kept_bytes=report.kept_bytes + size
+            )
+            return reply
         self._report = replace(
             report, spilled=report.spilled + 1, spilled_bytes=report.spilled_bytes + size
         )

@@ -51,7 +51,7 @@ from ...wire.codec import DEFAULT_REPLY_LIMITS, ReplyLimits
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from ..events import NodeJoined, NodeLeft, RunEvents
-from ..spill import release, spill_buffer
+from ..spill import receive_buffer, release
 from .auth import NodeAuthenticator
 from .slots import ReceiveSlots
 
@@ -494,7 +494,7 @@ class Fleet:
         allocate = None
         if task.replies is ReplyUse.SPILLED:  # written straight into a spill file
             directory = self.spill_directory
-            allocate = functools.partial(spill_buffer, directory=directory)
+            allocate = functools.partial(receive_buffer, directory=directory)
         node.reader.bound(limit, min(MIN_FRAME, max(1, node.frame_size // 2)), allocate)
 
     async def decode_off_loop(
