@@ -51,19 +51,31 @@ class InPlaceClient(fl.client.NumPyClient):
         return parameters, self.k, {}
 
 
-def _server(rounds: int, clients: int) -> Any:
+def _server(rounds: int, clients: int, strategy: fl.server.strategy.FedAvg | None = None) -> Any:
     """A server (grpc and rest) whose messages are bounded to LIMIT: the model is framed."""
     return running_server(
         config=ServerConfig(num_rounds=rounds),
-        strategy=_strategy(clients),
+        strategy=strategy or _strategy(clients),
         grpc_max_message_length=LIMIT,
         rest=True,
     )
 
 
-def _strategy(n: int) -> fl.server.strategy.FedAvg:
+def _train(srv: Any, transport: str, seen: list[dict[str, bool]]) -> None:
+    """Three InPlaceClient nodes (k = 1, 2, 3) on ``transport`` through the server's run."""
+    with node_threads() as nodes:
+        for k in (1, 2, 3):
+            nodes.append(_node(srv, transport, InPlaceClient(k, seen).to_client()))
+        srv.result(WAIT)
+        for node in nodes:
+            assert node.join(WAIT) is None
+
+
+def _strategy(
+    n: int, kind: type[fl.server.strategy.FedAvg] = fl.server.strategy.FedAvg
+) -> fl.server.strategy.FedAvg:
     initial = [np.zeros(SIZE, dtype=np.float32), np.zeros((3, 2), dtype=np.float32)]
-    return fl.server.strategy.FedAvg(
+    return kind(
         min_fit_clients=n,
         min_available_clients=n,
         fraction_evaluate=0.0,
@@ -91,15 +103,8 @@ def test_nodes_train_in_the_received_buffer_and_the_server_keeps_the_first_reply
     transport: str,
 ) -> None:
     seen: list[dict[str, bool]] = []
-    with (
-        _server(rounds=2, clients=3) as srv,
-        node_threads() as nodes,
-    ):
-        for k in (1, 2, 3):
-            nodes.append(_node(srv, transport, InPlaceClient(k, seen).to_client()))
-        srv.result(WAIT)
-        for node in nodes:
-            assert node.join(WAIT) is None
+    with _server(rounds=2, clients=3) as srv:
+        _train(srv, transport, seen)
         parameters = srv.server.parameters
         # The kept buffer gave its receive slot back: otherwise each later reply waits
         # out the slots' patience, and the global model holds a slot for ever.
@@ -181,28 +186,10 @@ def test_results_kept_for_a_subclass_are_received_straight_into_spill_files(
     """A strategy without streaming gets every result at once: framed ones are written
     into spill files as they arrive (no copy, the receive slot back at once), and the
     round aggregates them exactly."""
-    initial = [np.zeros(SIZE, dtype=np.float32), np.zeros((3, 2), dtype=np.float32)]
-    strategy = SavesTheModel(
-        min_fit_clients=3,
-        min_available_clients=3,
-        fraction_evaluate=0.0,
-        initial_parameters=fl.common.ndarrays_to_parameters(initial),
-    )
-    seen: list[dict[str, bool]] = []
-    with (
-        running_server(
-            config=ServerConfig(num_rounds=2),
-            strategy=strategy,
-            grpc_max_message_length=LIMIT,
-            rest=True,
-        ) as srv,
-        node_threads() as nodes,
-    ):
-        for k in (1, 2, 3):
-            nodes.append(_node(srv, transport, InPlaceClient(k, seen).to_client()))
-        srv.result(WAIT)
-        for node in nodes:
-            assert node.join(WAIT) is None
+    strategy = _strategy(3, SavesTheModel)
+    assert isinstance(strategy, SavesTheModel)
+    with _server(rounds=2, clients=3, strategy=strategy) as srv:
+        _train(srv, transport, [])
         fleet = srv.service.fleet
         free = asyncio.run_coroutine_threadsafe(_free_slots(fleet), fleet.loop).result(WAIT)
         assert free == RECEIVE_SLOTS and fleet.slots.late == 0
