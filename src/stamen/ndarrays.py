@@ -21,6 +21,7 @@ reply: ``stamen.protocol.mailbox.ReplyUse``). An array still in its
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -443,8 +444,12 @@ _SIMPLE_HEADER = re.compile(
 and 3.12.0-3.12.1 can fail ``ast.parse`` when threads parse at once: gh-106905)."""
 
 
+@functools.lru_cache(maxsize=256)
 def _read_simple_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int] | None:
-    """A version 1.0 header of a plain dtype, or None for anything else."""
+    """A version 1.0 header of a plain dtype, or None for anything else.
+
+    Cached: a round's results repeat the same few headers (one per layer) node after node.
+    """
     if prefix[:8] != b"\x93NUMPY\x01\x00":
         return None
     try:

@@ -30,7 +30,7 @@ from ..protocol.mailbox import ReplyUse
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
-from .client_proxy import ClientProxy
+from .client_proxy import ClientProxy, batched_posts
 from .events import (
     ReplyArrived,
     ResultRefused,
@@ -196,7 +196,8 @@ def run_instructions(
             ``FOLDED`` with it); ``SPILLED``: ``on_result`` keeps them in spill files.
     """
     use = replies or (ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED)
-    futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
+    with batched_posts():  # one wake-up of the fleet's loop for the whole round
+        futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
     if observe is not None:
         for proxy, future in futures:
             future.add_done_callback(_observer(observe, proxy))

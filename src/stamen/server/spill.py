@@ -116,6 +116,8 @@ def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
     The data stays in the result's file and is read again if read again; memory that is
     not a spilled result's is left alone (this is a no-op there).
     """
+    if not _starts:  # nothing is spilled: the common case costs one test
+        return
     if isinstance(array, np.ndarray):
         if array.size == 0:
             return

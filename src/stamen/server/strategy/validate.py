@@ -126,6 +126,10 @@ _FINITE_BLOCK = 1 << 16
 
 
 def _all_finite(array: NDArray) -> bool:
+    if array.size <= _FINITE_BLOCK:  # small: one call, no scratch
+        finite = bool(np.isfinite(array).all())
+        release(array)
+        return finite
     flat = array.ravel(order="K")  # a view of a C- or F-contiguous array
     mask = np.empty(min(flat.size, _FINITE_BLOCK), dtype=bool)
     for start in range(0, flat.size, _FINITE_BLOCK):
