@@ -36,6 +36,7 @@ import bisect
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
 import os
@@ -46,9 +47,19 @@ from typing import Any, cast
 
 import numpy as np
 
-__all__ = ["BufferPool", "limit_arenas", "tune_allocator"]
+__all__ = ["BufferPool", "limit_arenas", "physical_memory_bytes", "tune_allocator"]
 
 logger = logging.getLogger("stamen")
+
+
+@functools.cache
+def physical_memory_bytes() -> int:
+    """This machine's physical memory, in bytes (asked once)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - every Linux and macOS has both
+        return 1 << 62
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from stamen.client.app import make_node_config
 from stamen.errors import AuthError, ConfigError, DecodeError, ProtocolError
+from stamen.memory import physical_memory_bytes
 from stamen.protocol.auth import (
     HEADER_SESSION,
     MAC_TRAILER_BYTES,
@@ -168,7 +169,7 @@ def test_frame_reader_takes_a_message_at_its_bound() -> None:
 
 def test_default_max_model_bytes_is_half_the_memory_at_least_one_message() -> None:
     half = default_max_model_bytes(1)
-    assert half == frames_module._memory_bytes() // 2
+    assert half == physical_memory_bytes() // 2
     assert default_max_model_bytes(half * 4) == half * 4
     assert TransportSettings("a:1", max_message_length=10).model_bound == half
     assert TransportSettings("a:1", 10, max_model_bytes=123).model_bound == 123

@@ -18,10 +18,10 @@ PushReply on grpc-rere and rest.
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import DecodeError
+from ..memory import physical_memory_bytes
 from ..ndarrays import ReceivedBuffer
 from . import _fast
 
@@ -199,13 +199,6 @@ def read_frame(data: bytes | memoryview) -> tuple[int, int, memoryview] | None:
     return total, offset, chunk
 
 
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover - every Linux and macOS has both
-        return 1 << 62
-
-
 class FrameReader:
     """Puts the frames of one link's incoming messages back together, in order.
 
@@ -289,10 +282,10 @@ class FrameReader:
         if self._buffer is None:
             if offset != 0:
                 raise DecodeError(f"expected the first frame (offset 0), received offset {offset}")
-            if total > _memory_bytes():
+            if total > physical_memory_bytes():
                 raise DecodeError(
                     f"a message of {total} bytes announced: more than this machine's "
-                    f"{_memory_bytes()} bytes of memory"
+                    f"{physical_memory_bytes()} bytes of memory"
                 )
             if self.max_total is not None and total > self.max_total:
                 raise DecodeError(

@@ -16,12 +16,12 @@ import contextlib
 import functools
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ...clock import SystemClock
 from ...errors import AuthError, ConnectionLost, DecodeError
+from ...memory import physical_memory_bytes
 from ...messages import (
     DisconnectRes,
     EvaluateIns,
@@ -165,13 +165,6 @@ class TokenBuckets:
         self._buckets = {
             k: b for k, b in self._buckets.items() if self._refill(b, rate, burst, now) < burst
         }
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # pragma: no cover - every Linux and macOS has both
-        return 1 << 62
 
 
 def reply_limits(instruction: Instruction | None) -> ReplyLimits:
@@ -489,7 +482,7 @@ class Fleet:
         :func:`reply_size_limit`) and its frames' (:data:`MIN_FRAME`)."""
         if task is None:
             return
-        ceiling = self.timing.max_reply_size or _memory_bytes() // 2
+        ceiling = self.timing.max_reply_size or physical_memory_bytes() // 2
         limit = reply_size_limit(task.instruction, self.max_message_length, ceiling)
         allocate = None
         if task.replies is ReplyUse.SPILLED:  # written straight into a spill file
