@@ -75,9 +75,18 @@ FULL = {
     "Bmed": Workload(
         "Bmed", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=MED
     ),
+    # 50 clients x 40 MB: the memory bound with many results, in the three forms.
+    "B50": Workload("B50", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600),
+    "B50sub": Workload(
+        "B50sub", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600, strategy=SUB
+    ),
+    "B50med": Workload(
+        "B50med", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600, strategy=MED
+    ),
     "C": Workload("C", 100, 400_000, rounds=3, processes=4, repeat=3, timeout=300),
     "D": Workload("D", 2, 400_000_000, rounds=2, processes=2, repeat=1, timeout=600),
     "E": Workload("E", 1000, 4_000, 3, processes=4, repeat=1, timeout=300, harness="asyncio"),
+    "E500": Workload("E500", 500, 4_000, 3, processes=2, repeat=1, timeout=300, harness=ASYNCIO),
     "E10k": Workload(
         "E10k", 10_000, 4_000, 1, processes=2, repeat=1, timeout=600, harness="asyncio"
     ),
@@ -96,9 +105,13 @@ QUICK = {
     "B": Workload("B", 4, 1_000_000, rounds=2, processes=2, repeat=1, timeout=60),
     "Bsub": Workload("Bsub", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=SUB),
     "Bmed": Workload("Bmed", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=MED),
+    "B50": Workload("B50", 6, 400_000, rounds=2, processes=2, repeat=1, timeout=60),
+    "B50sub": Workload("B50sub", 6, 400_000, 2, processes=2, repeat=1, timeout=60, strategy=SUB),
+    "B50med": Workload("B50med", 6, 400_000, 2, processes=2, repeat=1, timeout=60, strategy=MED),
     "C": Workload("C", 10, 4_000, rounds=2, processes=2, repeat=1, timeout=60),
     "D": Workload("D", 2, 4_000_000, rounds=2, processes=2, repeat=1, timeout=60),
     "E": Workload("E", 40, 4_000, 2, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
+    "E500": Workload("E500", 20, 4_000, 2, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
     "E10k": Workload("E10k", 200, 4_000, 1, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
     "E10k-rere": Workload("E10k-rere", 200, 4_000, 1, 2, 1, 60, ASYNCIO, transport="grpc-rere"),
     "E10k-rest": Workload("E10k-rest", 200, 4_000, 1, 2, 1, 60, ASYNCIO, transport="rest"),
@@ -110,9 +123,13 @@ ORDER = (
     "B",
     "Bsub",
     "Bmed",
+    "B50",
+    "B50sub",
+    "B50med",
     "C",
     "D",
     "E",
+    "E500",
     "E10k",
     "E10k-rere",
     "E10k-rest",
