@@ -262,6 +262,7 @@ def test_drippers_filling_both_ports_do_not_lock_honest_nodes_out(
         elapsed = time.monotonic() - started
         assert line == "ROUNDS 1 done", (line, server.log.read_text()[-3000:])
         assert elapsed < ROUND_WITHIN, f"the round took {elapsed:.1f} s"
+        print(f"round over {elapsed:.1f} s after the REST node started")
         for node in nodes:
             assert node.wait_exit(20) == "EXIT ok", node.stderr_tail()
         assert drippers.reopened > 0  # the server closed drippers, which came back
