@@ -251,8 +251,8 @@ def test_drippers_filling_both_ports_do_not_lock_honest_nodes_out(
         drippers = Drippers(slots)
         drippers.start()
         # Both limits bite before the REST node comes.
-        server.wait_log("FleetTiming.max_connections)", 20)
-        server.wait_log("FleetTiming.max_grpc_connections", 20)
+        server.wait_log("without a whole request, to make room", 20)
+        server.wait_log("that carried no call, to make room", 20)
 
         started = time.monotonic()
         nodes.append(

@@ -192,10 +192,9 @@ class FleetService:
         except BaseException:
             self.stop()
             raise
+        logger.info("serving grpc-bidi and grpc-rere on %s (port %d)", self._address, self.port)
         logger.info(
-            "serving grpc-bidi and grpc-rere on %s (port %d, at most %d connections)",
-            self._address,
-            self.port,
+            "grpc: at most %d connections at once (FleetTiming.max_grpc_connections)",
             self.grpc_connection_limit,
         )
         if self.rest_port is not None:
