@@ -190,3 +190,36 @@ def test_rest_connections_per_address_are_bounded(caplog: pytest.LogCaptureFixtu
             for sock in held:
                 sock.close()
     assert "refusing connections" in caplog.text
+
+
+def test_at_the_rest_limit_the_oldest_connection_without_a_request_makes_room(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    timing = FleetTiming(max_connections=4, max_connections_per_peer=4)
+    with running_server(rest=True, timing=timing, run=False) as srv:
+        assert srv.rest_port is not None
+        held = []
+        try:
+            for _ in range(4):  # each sends the start of a request's head, never its end
+                sock = socket.create_connection(("127.0.0.1", srv.rest_port), timeout=5)
+                sock.sendall(b"POST / HTTP/1.1\r\n")
+                held.append(sock)
+            other = socket.socket()
+            other.bind(("127.0.0.2", 0))
+            other.settimeout(5)
+            other.connect(("127.0.0.1", srv.rest_port))
+            with contextlib.closing(other):
+                body = codec.encode_create_node_request(CreateNodeRequest())
+                lines = f"POST {Verb.CREATE_NODE.rest_path} HTTP/1.1\r\nhost: x\r\n"
+                lines += f"content-type: {REST_CONTENT_TYPE}\r\ncontent-length: {len(body)}\r\n\r\n"
+                other.sendall(lines.encode() + body)
+                assert _status(other) == 200
+            with contextlib.suppress(ConnectionResetError):
+                assert held[0].recv(1) == b""  # the oldest was closed to make room
+            held[1].setblocking(False)
+            with pytest.raises(BlockingIOError):
+                held[1].recv(1)  # the others are still open
+        finally:
+            for sock in held:
+                sock.close()
+    assert "without a whole request, to make room" in caplog.text

@@ -77,9 +77,16 @@ class FleetTiming:
         min_throughput: Bytes per second a request must average for the default
             ``request_deadline`` (default 256 KiB/s).
         max_connections: REST connections open at once (None: half the process's file
-            descriptor limit, at least 64); more are closed as they arrive.
+            descriptor limit, at least 64). At the limit, a new connection makes the
+            server close the one that has waited longest without sending a whole request
+            (it is refused only when every connection is being served).
         max_connections_per_peer: REST connections open at once from one IP address
-            (None: a quarter of ``max_connections``, at least 16).
+            (None: a quarter of ``max_connections``, at least 16); more are closed as
+            they arrive.
+        max_grpc_connections: gRPC connections open at once (None: the descriptor limit
+            less REST's ``max_connections`` and a reserve of an eighth, at least 64, for
+            the server's own files; at least 64). gRPC closes more as they arrive; from
+            7/8 of it the server closes connections that carry no call, down to 3/4.
         max_unverified_bytes: Bytes of requests being received or served at once, on
             every listener together, before they are answered (signature, decoding): REST
             counts a body's bytes as they arrive, gRPC a call's method size bound until its
@@ -106,6 +113,7 @@ class FleetTiming:
     min_throughput: float = 256 * 1024
     max_connections: int | None = None
     max_connections_per_peer: int | None = None
+    max_grpc_connections: int | None = None
     max_unverified_bytes: int | None = None
     max_reply_size: int | None = None
     create_node_rate: float | None = 20.0
@@ -124,6 +132,7 @@ class FleetTiming:
         for name in (
             "max_connections",
             "max_connections_per_peer",
+            "max_grpc_connections",
             "max_unverified_bytes",
             "max_reply_size",
             "create_node_rate",
@@ -143,6 +152,21 @@ class FleetTiming:
         if self.request_deadline is not None:
             return self.request_deadline
         return max(self.silence_limit, 5.0) + size / self.min_throughput
+
+    def rest_connection_limits(self, descriptors: int) -> tuple[int, int]:
+        """REST connections open at once, in all and per IP address, for a process that
+        may open ``descriptors`` files (see ``max_connections``)."""
+        total = self.max_connections or max(64, descriptors // 2)
+        return total, self.max_connections_per_peer or max(16, total // 4)
+
+    def grpc_connection_limit(self, descriptors: int, *, rest: bool) -> int:
+        """gRPC connections open at once, for a process that may open ``descriptors``
+        files and serves REST or not (see ``max_grpc_connections``)."""
+        if self.max_grpc_connections is not None:
+            return self.max_grpc_connections
+        reserve = max(64, descriptors // 8)
+        rest_share = self.rest_connection_limits(descriptors)[0] if rest else 0
+        return max(64, descriptors - reserve - rest_share)
 
     @property
     def silence_limit(self) -> float:

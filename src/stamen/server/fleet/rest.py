@@ -21,8 +21,10 @@ and its state for ever:
 - bodies being read or served, not yet answered, hold at most ``max_unverified_bytes``
   (``Fleet.unverified``, shared with the gRPC listener) in all: a
   body that would go over is refused (503);
-- connections open at once are bounded in all and per IP address: more are closed as
-  they arrive, with a WARNING (at most one per 10 s);
+- connections open at once are bounded per IP address (more are closed as they arrive)
+  and in all: at the limit, the connection that has waited longest without sending a
+  whole request is closed to make room for the new one, so slow or idle clients cannot
+  lock a node out; a WARNING (at most one per 10 s) says either;
 - a request's headers must be complete within :func:`body_idle_limit` of the
   connection's opening or of the previous response (a client that starts a request and
   stops, or keeps a connection open and idle);
@@ -191,26 +193,33 @@ class _Site:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         timing = fleet.timing
-        self.max_connections = timing.max_connections or max(64, descriptor_limit() // 2)
-        self.max_per_peer = timing.max_connections_per_peer or max(16, self.max_connections // 4)
+        self.max_connections, self.max_per_peer = timing.rest_connection_limits(descriptor_limit())
         self.per_peer: dict[str, int] = {}
         self.open = 0
         self.budget = fleet.unverified  # shared with the gRPC listener
         self.refused = 0
+        self.evicted = 0
+        self.waiting: dict[_Connection, None] = {}
+        """Counted connections without a whole request (awaiting one, or reading its
+        body), the one that has waited longest first."""
         self._warned = -math.inf
 
-    def admit(self, host: str) -> bool:
+    def admit(self, connection: _Connection, host: str) -> bool:
         """Count a new connection from ``host``; False (with a rate-limited WARNING) when
-        it is one too many, in all or from that address."""
+        it is one too many from that address. At the limit in all, the connection that
+        has waited longest without sending a whole request is closed to make room (a
+        slow or idle client gives way to a new one); only when every connection is being
+        served is the new one refused."""
         count = self.per_peer.get(host, 0)
+        if count < self.max_per_peer and self.open >= self.max_connections:
+            self._evict_oldest()
         if self.open < self.max_connections and count < self.max_per_peer:
             self.open += 1
             self.per_peer[host] = count + 1
+            self.waiting[connection] = None
             return True
         self.refused += 1
-        now = self.loop.time()
-        if now - self._warned >= 10.0:
-            self._warned = now
+        if self._should_warn():
             logger.warning(
                 "rest: refusing connections: %d open (limit %d), %d from %s (limit %d per "
                 "address); %d refused so far (FleetTiming.max_connections, "
@@ -224,8 +233,35 @@ class _Site:
             )
         return False
 
-    def release(self, host: str) -> None:
-        """A counted connection from ``host`` closed."""
+    def _evict_oldest(self) -> None:
+        """Close the connection that has waited longest for a whole request, if any."""
+        oldest = next(iter(self.waiting), None)
+        if oldest is None:
+            return
+        self.evicted += 1
+        if self._should_warn():
+            logger.warning(
+                "rest: %d connections open (limit %d, FleetTiming.max_connections): closing "
+                "the one from %s, %.1f s without a whole request, to make room; %d closed "
+                "so far",
+                self.open,
+                self.max_connections,
+                oldest.peer,
+                self.loop.time() - oldest.waiting_since,
+                self.evicted,
+            )
+        oldest.evict()
+
+    def _should_warn(self) -> bool:
+        now = self.loop.time()
+        if now - self._warned < 10.0:
+            return False
+        self._warned = now
+        return True
+
+    def release(self, connection: _Connection, host: str) -> None:
+        """A counted connection from ``host`` closed (or is being closed)."""
+        self.waiting.pop(connection, None)
         self.open -= 1
         left = self.per_peer.get(host, 1) - 1
         if left > 0:
@@ -338,6 +374,8 @@ class _Connection(asyncio.Protocol):
         self._site = site
         self._h11 = h11.Connection(h11.SERVER)
         self._peer = "?"
+        self.waiting_since = 0.0
+        """Loop time since which the connection has waited for a whole request."""
         self._host: str | None = None  # counted by the site while set
         self._timer: asyncio.TimerHandle | None = None
         self._begun = False  # a byte of the awaited request's head has come
@@ -360,7 +398,8 @@ class _Connection(asyncio.Protocol):
             return
         self._peer = _peer(transport)
         host = peer_host(self._peer)
-        if not self._site.admit(host):
+        self.waiting_since = self._site.loop.time()
+        if not self._site.admit(self, host):
             self._transport.abort()
             return
         self._host = host
@@ -391,9 +430,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._site.connections.discard(self)
-        if self._host is not None:
-            self._site.release(self._host)
-            self._host = None
+        self._uncount()
         self._unhold()
         self._writable.set()
         if self._body is not None and self._body.verb is not None:
@@ -411,6 +448,22 @@ class _Connection(asyncio.Protocol):
         """Close the connection unless a request is being read or served."""
         if self._task is None and (self._body is None or self._body.verb is None):
             self._transport.close()
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client."""
+        return self._peer
+
+    def _uncount(self) -> None:
+        if self._host is not None:
+            self._site.release(self, self._host)
+            self._host = None
+
+    def evict(self) -> None:
+        """Cut the connection now to make room for a new one: it no longer counts."""
+        self._uncount()
+        self._unhold()
+        self.abort()
 
     def abort(self) -> None:
         """Cut the connection now."""
@@ -501,6 +554,7 @@ class _Connection(asyncio.Protocol):
             self._next_cycle()
             return
         self._body = None  # its bytes stay held until the request is answered
+        self._site.waiting.pop(self, None)
         self._transport.pause_reading()  # a pipelined request waits for this response
         task = self._site.loop.create_task(
             self._serve(body.verb, b"".join(body.chunks), body.headers, body.held)
@@ -607,6 +661,10 @@ class _Connection(asyncio.Protocol):
         leaves its connection idle, would otherwise hold the connection for ever."""
         self._begun = bool(self._h11.trailing_data[0])  # pipelined bytes already in
         self._head_only = False
+        if self._host is not None:  # counted: waits for a whole request again, newest
+            self.waiting_since = self._site.loop.time()
+            self._site.waiting.pop(self, None)
+            self._site.waiting[self] = None
         self._set_timer(self._site.limit, self._headers_late)
 
     def _headers_late(self) -> None:

@@ -21,14 +21,16 @@ from .auth import FlowerAuthenticator, NodeAuthenticator, ServerKeys
 from .flower import FlowerFleet
 from .flower_grpc import flower_handler
 from .grpc_bidi import bidi_handler
+from .grpc_guard import CallLedger, ConnectionGuard, tracked
 from .grpc_rere import rere_handler
 from .handler import Fleet, FleetTiming
-from .rest import RestListener
+from .rest import RestListener, descriptor_limit
 
 __all__ = ["FleetService", "raise_descriptor_limit", "server_options"]
 
 logger = logging.getLogger("stamen.server")
 
+_MAX_CONNECTIONS = "grpc.max_allowed_incoming_connections"
 
 PENDING_CALLS = 1 << 16
 """Calls gRPC holds that the server has not taken yet (``grpc.server.max_pending_requests``
@@ -38,8 +40,13 @@ fleet connecting on grpc-bidi) reach in a moment: the server's event loop takes 
 at a time. A waiting call still gives up after gRPC's 30 s in that queue."""
 
 
-def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tuple[str, Any]]:
+def server_options(
+    max_message_length: int, idle_limit: float = 60.0, max_connections: int | None = None
+) -> list[tuple[str, Any]]:
     """gRPC server options.
+
+    gRPC accepts at most ``max_connections`` connections at once (None: no limit) and
+    closes more as they arrive (see :mod:`.grpc_guard`).
 
     A connection with no call for ``idle_limit`` seconds is closed (see
     :attr:`FleetTiming.connection_idle_limit`). One that does not complete its handshake
@@ -65,6 +72,7 @@ def server_options(max_message_length: int, idle_limit: float = 60.0) -> list[tu
         ("grpc.max_connection_idle_ms", max(1, round(idle_limit * 1000))),
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+        *([] if max_connections is None else [(_MAX_CONNECTIONS, max_connections)]),
     ]
 
 
@@ -173,6 +181,9 @@ class FleetService:
         self._grpc: Any = None
         self._rest: RestListener | None = None
         self._liveness: asyncio.Task[None] | None = None
+        self._guard: asyncio.Task[None] | None = None
+        self.grpc_connection_limit = 0
+        """Connections the gRPC listener takes at once (set by :meth:`start`)."""
         self.port: int = 0
         self.rest_port: int | None = None
 
@@ -191,6 +202,10 @@ class FleetService:
             self.stop()
             raise
         logger.info("serving grpc-bidi and grpc-rere on %s (port %d)", self._address, self.port)
+        logger.info(
+            "grpc: at most %d connections at once (FleetTiming.max_grpc_connections)",
+            self.grpc_connection_limit,
+        )
         if self.rest_port is not None:
             logger.info("serving rest on %s (port %d)", self._rest_address, self.rest_port)
         logger.info(
@@ -199,13 +214,17 @@ class FleetService:
         return self.port
 
     async def _start(self) -> int:
+        timing = self.fleet.timing
+        cap = timing.grpc_connection_limit(descriptor_limit(), rest=self._rest_address is not None)
+        self.grpc_connection_limit = cap
         server = grpc.aio.server(
-            options=server_options(self._max_message_length, self.fleet.timing.idle_limit),
+            options=server_options(self._max_message_length, timing.idle_limit, cap),
             maximum_concurrent_rpcs=None,
         )
-        server.add_generic_rpc_handlers(
-            (bidi_handler(self.fleet), rere_handler(self.fleet), flower_handler(self.flower))
-        )
+        ledger = CallLedger()
+        loop = asyncio.get_running_loop()
+        handlers = (bidi_handler(self.fleet), rere_handler(self.fleet), flower_handler(self.flower))
+        server.add_generic_rpc_handlers(tuple(tracked(h, ledger, loop.time) for h in handlers))
         try:
             if self._credentials is None:
                 port = server.add_insecure_port(self._address)
@@ -223,6 +242,7 @@ class FleetService:
         if self._rest_address is not None:
             await self._start_rest(self._rest_address)
         self._liveness = asyncio.create_task(self.fleet.watch_liveness())
+        self._guard = asyncio.create_task(ConnectionGuard(int(port), cap, ledger).watch())
         return int(port)
 
     async def _start_rest(self, address: str) -> None:
@@ -253,8 +273,9 @@ class FleetService:
 
         async def _stop() -> None:
             self.fleet.close_all("server stopped")
-            if self._liveness is not None:
-                self._liveness.cancel()
+            for task in (self._liveness, self._guard):
+                if task is not None:
+                    task.cancel()
             if self._rest is not None:
                 await self._rest.stop()
             if self._grpc is not None:
