@@ -249,9 +249,14 @@ def test_slot_ledger_admits_in_instruction_order_and_after_patience() -> None:
     assert ledger.admit(1, waited=0.0)
     assert not ledger.admit(3, waited=9.9)  # no free slot
     assert ledger.admit(3, waited=10.0) and ledger.late == 1 and ledger.free == -1
+    ledger.begin(4)
+    assert not ledger.admit(4, waited=60.0)  # max_late (1) late replies in already
+    ledger.release()
+    assert ledger.admit(4, waited=60.0) and ledger.late == 2
     ledger.release()
     ledger.release()
     ledger.end(1)
+    ledger.end(4)
     changes = ledger.changes
     ledger.end(3)
     assert ledger.changes == changes + 1

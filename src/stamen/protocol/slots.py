@@ -9,7 +9,9 @@ in only when every instruction sent before its own has ended (replied, failed or
 out), so that each received model is folded and freed before the next one arrives. A
 reply that has waited ``patience`` seconds is let in regardless of order and of free
 slots (a slow node, or replies the server holds on to, do not hold up the rest for ever;
-the cost is memory, not progress).
+the cost is memory, not progress), but only ``max_late`` such replies at once: a long
+queue of replies that all outwaited the patience (50 nodes answering together while each
+reply takes a while to fold) goes through a few at a time, not all at once.
 
 The ledger only decides; the server's shell (``stamen.server.fleet.slots``) waits, asking
 again whenever :attr:`SlotLedger.changes` moves or the patience runs out. Time is the
@@ -28,13 +30,18 @@ class SlotLedger:
 
     Args:
         size: Replies received at once.
-        patience: Seconds after which a waiting reply is let in regardless.
+        patience: Seconds after which a waiting reply is let in regardless of order and of
+            free slots.
+        max_late: Replies let in that way at once, beyond ``size`` (default: ``size``):
+            a long queue of patient replies (50 nodes answering together) goes through
+            ``size + max_late`` at a time, not all at once, so memory stays bounded.
     """
 
-    def __init__(self, size: int, patience: float = 10.0) -> None:
+    def __init__(self, size: int, patience: float = 10.0, max_late: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"ReceiveSlots: expected size >= 1, received {size}")
         self.patience = patience
+        self.max_late = size if max_late is None else max_late
         self.free = size
         """Slots not in use (below 0 while late replies hold more than ``size``)."""
         self.late = 0
@@ -64,7 +71,7 @@ class SlotLedger:
         if self.free > 0 and (first is None or first >= seq):
             self.free -= 1
             return True
-        if waited >= self.patience:
+        if waited >= self.patience and self.free > -self.max_late:
             self.late += 1
             self.free -= 1  # may go below 0: released slots even it out
             return True
