@@ -7,8 +7,9 @@ the robust rules (median, trimmed mean, Krum, Bulyan), a user's own strategy —
 every result of the round at once. Held in RAM, ten 100 MB results are a gigabyte.
 
 :class:`SpillStore` keeps a round's results in RAM up to a budget and writes the rest,
-as they arrive, into files of their own in a spill directory, each mapped read-only: a
-result's ``Parameters.tensors`` are then ``memoryview`` slices of its file (bytes-like:
+as they arrive, into spill files in a spill directory (results share files of
+:data:`SEGMENT_BYTES`, so a round holds a few descriptors), mapped: a result's
+``Parameters.tensors`` are then read-only ``memoryview`` slices of its file (bytes-like:
 ``np.frombuffer``, ``parameters_to_ndarrays``, ``bytes(...)`` work unchanged). The files
 are anonymous (``O_TMPFILE`` on Linux; elsewhere unlinked as soon as made): no name is
 ever visible, and the disk is given back when the last view of a file dies — at the end
@@ -41,8 +42,10 @@ from ..ndarrays import Lease, ReceivedBuffer
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "SEGMENT_BYTES",
     "SpillReport",
     "SpillStore",
+    "close_segments",
     "is_spilled",
     "receive_buffer",
     "release",
@@ -141,19 +144,67 @@ def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
 
 # --- writing results out ---------------------------------------------------------------------
 
+SEGMENT_BYTES = 1 << 30
+"""Address space of one spill file. Results share files (a result larger than this gets
+one of its own): a round of a thousand spilled results holds a few file descriptors, not
+a thousand (a mapping keeps its file open). The files are sparse: disk is used only as
+results are written."""
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
+_COPY_CHUNK = 8 << 20
+"""Bytes copied into a spill file before their pages are let go."""
+
+
+class _Segment:
+    """One anonymous spill file, mapped whole (shared, read and write), handed out a
+    result at a time. It lives as long as its mapping: the views of its results."""
+
+    def __init__(self, capacity: int, directory: str | None) -> None:
+        with tempfile.TemporaryFile(dir=directory, prefix="stamen-spill-") as file:
+            os.ftruncate(file.fileno(), capacity)
+            self.mapping = mmap.mmap(file.fileno(), capacity)  # keeps its own descriptor
+        _register(self.mapping, directory)
+        self.used = 0
+
+    def take(self, size: int) -> int | None:
+        """The offset of ``size`` fresh bytes (page-aligned), or None if they do not fit."""
+        offset = self.used
+        if offset + size > len(self.mapping):
+            return None
+        self.used = -(-(offset + size) // _ALIGN) * _ALIGN
+        return offset
+
+
+_segments_lock = threading.Lock()
+_segments: dict[str | None, _Segment] = {}
+"""The spill file each directory's next results go to."""
+
+
+def _space(size: int, directory: str | None) -> tuple[mmap.mmap, int]:
+    """``size`` bytes of spill file in ``directory``: its mapping and their offset."""
+    with _segments_lock:
+        segment = _segments.get(directory)
+        offset = None if segment is None else segment.take(size)
+        if segment is None or offset is None:
+            segment = _Segment(max(SEGMENT_BYTES, -(-size // _ALIGN) * _ALIGN), directory)
+            _segments[directory] = segment
+            offset = segment.take(size)
+        assert offset is not None
+        return segment.mapping, offset
+
+
+def close_segments(directory: str | None) -> None:
+    """The next results in ``directory`` go to a new spill file; the current one goes
+    (with its disk) once the results in it are let go. Called at the end of a round."""
+    with _segments_lock:
+        _segments.pop(directory, None)
 
 
 def spill_parameters(parameters: Parameters, directory: str | None = None) -> Parameters:
-    """``parameters`` written to an anonymous file in ``directory`` (default: the
-    system's temporary directory) and returned as read-only views of it.
+    """``parameters`` copied into a spill file in ``directory`` (default: the system's
+    temporary directory) and returned as read-only views of it.
 
     Raises:
-        OSError: the file cannot be made or written (a full disk, say).
+        OSError: no spill file can be made (a full disk, say).
     """
     views = [memoryview(t).cast("B") for t in parameters.tensors]
     offsets: list[int] = []
@@ -163,16 +214,17 @@ def spill_parameters(parameters: Parameters, directory: str | None = None) -> Pa
         size = -(-(size + view.nbytes) // _ALIGN) * _ALIGN
     if size == 0:
         return parameters
-    with tempfile.TemporaryFile(dir=directory, prefix="stamen-spill-") as file:
-        fd = file.fileno()
-        os.ftruncate(fd, size)
-        for view, offset in zip(views, offsets, strict=True):
-            _write_all(fd, view, offset)
-        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-    _register(mapping, directory)
+    mapping, base = _space(size, directory)
     whole = memoryview(mapping)
+    for view, offset in zip(views, offsets, strict=True):
+        for at in range(0, view.nbytes, _COPY_CHUNK):
+            chunk = view[at : at + _COPY_CHUNK]
+            target = whole[base + offset + at : base + offset + at + chunk.nbytes]
+            target[:] = chunk
+            release(target)  # written: in the file, out of memory
     tensors: list[bytes | memoryview] = [
-        whole[offset : offset + view.nbytes] for view, offset in zip(views, offsets, strict=True)
+        whole[base + offset : base + offset + view.nbytes].toreadonly()
+        for view, offset in zip(views, offsets, strict=True)
     ]
     return Parameters(tensors=tensors, tensor_type=parameters.tensor_type)
 
@@ -188,18 +240,15 @@ def spilled_like(source: Parameters, parameters: Parameters) -> Parameters:
 
 
 def spill_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
-    """A writable buffer of ``size`` bytes over a fresh anonymous spill file in
-    ``directory``: a large result is received straight into it, and once whole its pages
-    go (:func:`release`) while the bytes stay in the file.
+    """A writable buffer of ``size`` bytes in a spill file in ``directory``: a large
+    result is received straight into it, and as it lands its pages go (:func:`release`)
+    while the bytes stay in the file.
 
     Raises:
-        OSError: the file cannot be made or sized (a full disk, say).
+        OSError: no spill file can be made (a full disk, say).
     """
-    with tempfile.TemporaryFile(dir=directory, prefix="stamen-spill-") as file:
-        os.ftruncate(file.fileno(), size)
-        mapping = mmap.mmap(file.fileno(), size)  # shared, read and write
-    _register(mapping, directory)
-    return np.frombuffer(mapping, dtype=np.uint8, count=size).view(ReceivedBuffer)
+    mapping, offset = _space(size, directory)
+    return np.frombuffer(mapping, dtype=np.uint8, count=size, offset=offset).view(ReceivedBuffer)
 
 
 def receive_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
@@ -301,6 +350,7 @@ class SpillStore:
 
     def end(self, server_round: int) -> SpillReport:
         """The round's report, logged when anything waited on disk."""
+        close_segments(self.directory)
         report = self._report
         if report.spilled:
             logger.info(
