@@ -232,3 +232,17 @@ def test_prg_masks_are_deterministic_and_in_range():
     assert np.array_equal(a, sm.prg_mask(seed, 1000, 2**20))
     assert a.max() < 2**20
     assert not np.array_equal(a, sm.prg_mask(bytes(32), 1000, 2**20))
+
+
+def test_masks_applied_in_blocks_are_the_whole_masks_summed():
+    length = 2 * 2**15 + 5  # two whole blocks and a partial one
+    seeds = [bytes([i]) * 32 for i in range(3)]
+    total = np.arange(length, dtype=np.uint32)
+    sm.apply_masks(total, seeds[:2], seeds[2:])
+    want = np.arange(length, dtype=np.uint64)
+    want += sm.prg_mask(seeds[0], length, 2**32).astype(np.uint64)
+    want += sm.prg_mask(seeds[1], length, 2**32).astype(np.uint64)
+    want -= sm.prg_mask(seeds[2], length, 2**32).astype(np.uint64)
+    assert np.array_equal(total, want.astype(np.uint32))
+    # a prefix of a mask is the mask of the shorter length
+    assert np.array_equal(sm.prg_mask(seeds[0], 7, 2**32), sm.prg_mask(seeds[0], length, 2**32)[:7])

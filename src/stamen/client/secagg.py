@@ -35,7 +35,7 @@ from ..messages import (
     Reply,
     Status,
 )
-from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
+from ..ndarrays import ndarrays_to_parameters, parameters_to_views
 from ..protocol.secagg import KEY_PREFIX, KEY_STAGE, Request, SecAggNode
 from ..records import ConfigsRecord
 
@@ -98,7 +98,8 @@ def answer(
     reply = run(FitIns(instruction.parameters, config))
     if not isinstance(reply, FitRes) or reply.status.code != Code.OK:
         return reply
-    vector = node.mask(parameters_to_ndarrays(reply.parameters), reply.num_examples)
+    # Read-only views of the trained model: quantizing reads it once, copies nothing.
+    vector = node.mask(parameters_to_views(reply.parameters), reply.num_examples)
     _save(context, node)
     return FitRes(
         status=_OK,
