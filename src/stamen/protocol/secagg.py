@@ -789,8 +789,14 @@ class SecAggNode:
                 f"reconstruction_threshold={params.threshold}"
             )
 
-    def mask(self, arrays: Sequence[NDArray[Any]], num_examples: int) -> NDArray[np.uint32]:
-        """The masked input of the trained ``arrays`` (weighted by ``num_examples``).
+    def mask(
+        self,
+        arrays: Sequence[NDArray[Any]],
+        num_examples: int,
+        out: NDArray[np.uint32] | None = None,
+    ) -> NDArray[np.uint32]:
+        """The masked input of the trained ``arrays`` (weighted by ``num_examples``),
+        written to ``out`` if given (one value more than the parameters).
 
         Raises:
             ProtocolError: not in COLLECT_MASKED.
@@ -809,6 +815,7 @@ class SecAggNode:
             quantization_range=params.quantization_range,
             max_weight=params.max_weight,
             rng=generator,
+            out=out,
         )
         # The self mask, and each pairwise mask: added by the smaller sid, subtracted by
         # the larger, so that they cancel in the sum.

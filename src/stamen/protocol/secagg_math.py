@@ -142,15 +142,23 @@ def quantize(
     quantization_range: int,
     max_weight: float,
     rng: np.random.Generator,
+    out: Vector | None = None,
 ) -> Vector:
-    """A node's weighted, quantized contribution: ``[q, quantized parameters...]``.
+    """A node's weighted, quantized contribution: ``[q, quantized parameters...]``,
+    written to ``out`` if given (``1 +`` the number of parameters long).
 
     ``rng`` draws the stochastic rounding.
+
+    Raises:
+        ConfigError: ``out`` has the wrong length.
     """
     q = weight_factor(num_examples, max_weight, quantization_range)
     scale = q / quantization_range
     length = sum(int(np.size(a)) for a in arrays)
-    out = np.empty(1 + length, dtype=np.uint32)
+    if out is None:
+        out = np.empty(1 + length, dtype=np.uint32)
+    elif out.shape != (1 + length,):
+        raise ConfigError(f"secagg: expected a vector of {1 + length} values, got {out.shape}")
     out[0] = q
     # (clip(w' x, -c, c) + c) T / 2c  ==  clip(x w' T / 2c + T / 2, 0, T)
     slope = scale * quantization_range / (2.0 * clipping_range)
