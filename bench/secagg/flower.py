@@ -1,30 +1,30 @@
 """Flower 1.12's SecAgg+ on the workload of ``run.py``: one FedAvg fit round, with and
 without ``SecAggPlusWorkflow``, under ``flwr.simulation.run_simulation`` (Ray).
 
-Usage (under a virtualenv with ``flwr[simulation]==1.12.0``, ``make .venv-flwr-sim/.installed``)::
+Run by ``run.py --flower PYTHON``, where PYTHON has ``flwr[simulation]==1.12.0``
+(``make .venv-flwr-sim/.installed``)::
 
-    .venv-flwr-sim/bin/python bench/secagg/flower.py --nodes 10 --shares 5 --threshold 3
-    .venv-flwr-sim/bin/python bench/secagg/flower.py --nodes 100 --shares 15 --threshold 8
+    .venv/bin/python bench/secagg/run.py --flower .venv-flwr-sim/bin/python --repeat 1
+    .venv/bin/python bench/secagg/run.py --flower .venv-flwr-sim/bin/python --repeat 1 \\
+        --nodes 100 --shares 7 --threshold 4
 
 Each case runs in a process of its own. The model is one 1000 x (params / 1000) float32
 layer; a node's ``fit`` adds a constant (as in ``run.py``), so the plain round is nearly
-all messaging and aggregation. Nodes carry ``secaggplus_mod`` in the secure case only.
-Two rounds run and the second is timed (the first starts Ray's actors), from the
-strategy's ``configure_fit`` (the workflow's first step of the fit round, SecAgg+'s
-setup included) to the return of its ``aggregate_fit`` (after unmasking); process CPU time (user + system, this process and its finished children) is
-reported too, though Ray's workers are not its children and are not counted. Writes
-``bench/results/secagg-flower.json``.
+all messaging and aggregation. Nodes carry ``secaggplus_mod`` in the secure case only;
+Ray runs them, one CPU each (so 2 at a time here). Two rounds run and the second is
+timed (the first starts Ray's actors), from the strategy's ``configure_fit`` (the
+workflow's first step of the fit round, SecAgg+'s setup included) to the return of its
+``aggregate_fit`` (after unmasking). ``cpu_s`` and ``peak_rss_mb`` are the server
+process's only (the ServerApp, its driver and the simulation engine): Ray's workers,
+which run the nodes, are other processes and not counted; bytes are not measured.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -75,7 +75,9 @@ def _case(nodes: int, params: int, secure: bool, shares: int, threshold: int) ->
 
     @server_app.main()
     def main(driver: Driver, context: Context) -> None:
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=_TIMED), strategy=strategy)
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=_TIMED), strategy=strategy
+        )
         fit = (
             SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
             if secure
@@ -103,13 +105,13 @@ def _case(nodes: int, params: int, secure: bool, shares: int, threshold: int) ->
         "num_shares": shares if secure else None,
         "threshold": threshold if secure else None,
         "round_s": round(marks["end"] - marks["start"], 3),
-        "cpu_s_server_process": round(marks["cpu_end"] - marks["cpu_start"], 3),
+        "cpu_s": round(marks["cpu_end"] - marks["cpu_start"], 3),
         "results": int(marks["results"]),
         "failures": int(marks["failures"]),
         "run_s": round(total, 1),
-        "peak_rss_mb_server_process": round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-        ),
+        "bytes_per_node": None,
+        "bytes_server": None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 
@@ -123,47 +125,11 @@ def _cpu() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="*", default=[10])
-    parser.add_argument("--params", type=int, default=1_000_000)
-    parser.add_argument("--shares", type=int)
-    parser.add_argument("--threshold", type=int)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case (median)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.case:
-        n, p, s, k, t = (int(v) for v in args.case)
-        print(json.dumps(_case(n, p, bool(s), k, t)))
-        return
-    target = Path(__file__).resolve().parents[1] / "results" / "secagg-flower.json"
-    results: list[dict[str, Any]] = json.loads(target.read_text()) if target.exists() else []
-    for nodes in args.nodes:
-        shares = args.shares or (5 if nodes <= 10 else 15)
-        threshold = args.threshold or (3 if nodes <= 10 else 8)
-        for secure in (False, True):
-            runs = []
-            for _ in range(args.repeat):
-                command = [sys.executable, __file__, "--case", str(nodes), str(args.params)]
-                command += [str(int(secure)), str(shares), str(threshold)]
-                done = subprocess.run(
-                    command, capture_output=True, text=True, timeout=args.timeout
-                )
-                if done.returncode != 0:
-                    raise SystemExit(f"case {command[3:]} failed:\n{done.stderr[-4000:]}")
-                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            runs.sort(key=lambda r: float(r["round_s"]))
-            row = {**runs[len(runs) // 2], "round_s_all": [r["round_s"] for r in runs]}
-            print(json.dumps(row), flush=True)
-            key = (row["nodes"], row["params"], row["secagg"], row["num_shares"])
-            results = [
-                r
-                for r in results
-                if (r["nodes"], r["params"], r["secagg"], r["num_shares"]) != key
-            ]
-            results.append(row)
-    target.parent.mkdir(exist_ok=True)
-    target.write_text(json.dumps(results, indent=1) + "\n")
+    """``flower.py --case NODES PARAMS SECURE SHARES THRESHOLD``: one case, as a JSON line."""
+    if len(sys.argv) != 7 or sys.argv[1] != "--case":
+        raise SystemExit(f"usage: {sys.argv[0]} --case NODES PARAMS SECURE SHARES THRESHOLD")
+    n, p, s, k, t = (int(v) for v in sys.argv[2:])
+    print(json.dumps(_case(n, p, bool(s), k, t)))
 
 
 if __name__ == "__main__":
