@@ -216,7 +216,14 @@ def test_quantization_round_trip_and_weights():
     gen = np.random.default_rng(0)
     x = gen.uniform(-C, C, 10_000)
     for n in (1, 999, 1000, 5000):
-        v = sm.quantize([x], n, clipping_range=C, quantization_range=T, max_weight=1000.0, rng=gen)
+        v = sm.quantize(
+            [x],
+            n,
+            clipping_range=C,
+            quantization_range=T,
+            max_weight=1000.0,
+            noise_seed=gen.bytes(32),
+        )
         assert v[0] == sm.weight_factor(n, 1000.0, T)
         back = sm.dequantize(
             v, 1, [(10_000,)], [np.dtype(np.float64)], clipping_range=C, quantization_range=T
@@ -246,3 +253,15 @@ def test_masks_applied_in_blocks_are_the_whole_masks_summed():
     assert np.array_equal(total, want.astype(np.uint32))
     # a prefix of a mask is the mask of the shorter length
     assert np.array_equal(sm.prg_mask(seeds[0], 7, 2**32), sm.prg_mask(seeds[0], length, 2**32)[:7])
+
+
+def test_stochastic_rounding_rounds_up_as_often_as_the_fraction_says():
+    # weight 1 (q = T): x maps to x T / 2c + T / 2; pick x 0.3 of a step above a grid point
+    step = 2 * C / T
+    x = np.full(20_000, 1000 * step + 0.3 * step)
+    v = sm.quantize(
+        [x], 1000, clipping_range=C, quantization_range=T, max_weight=1000.0, noise_seed=bytes(32)
+    )
+    low = T // 2 + 1000
+    assert set(np.unique(v[1:]).tolist()) == {low, low + 1}
+    assert abs(float(np.mean(v[1:] == low + 1)) - 0.3) < 0.02  # 6 standard deviations

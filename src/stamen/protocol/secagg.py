@@ -804,17 +804,13 @@ class SecAggNode:
         if self.stage is not NodeStage.MASKING or not self._b:
             raise ProtocolError("secagg: no masked input is due")
         params = self._require_params()
-        # Rounding noise must be fair and fast, not secret (the masks hide the input).
-        generator = np.random.Generator(
-            np.random.SFC64(np.frombuffer(self._rng(_SECRET), np.uint32))
-        )
         vector = sm.quantize(
             arrays,
             num_examples,
             clipping_range=params.clipping_range,
             quantization_range=params.quantization_range,
             max_weight=params.max_weight,
-            rng=generator,
+            noise_seed=self._rng(_SECRET),
             out=out,
         )
         # The self mask, and each pairwise mask: added by the smaller sid, subtracted by

@@ -141,13 +141,14 @@ def quantize(
     clipping_range: float,
     quantization_range: int,
     max_weight: float,
-    rng: np.random.Generator,
+    noise_seed: bytes,
     out: Vector | None = None,
 ) -> Vector:
     """A node's weighted, quantized contribution: ``[q, quantized parameters...]``,
     written to ``out`` if given (``1 +`` the number of parameters long).
 
-    ``rng`` draws the stochastic rounding.
+    The stochastic rounding draws its noise from the PRG of the 32-byte ``noise_seed``
+    (fast, and as good as the masks' randomness; it need not stay secret).
 
     Raises:
         ConfigError: ``out`` has the wrong length.
@@ -167,6 +168,8 @@ def quantize(
     block = _BLOCK  # work in blocks that stay in the CPU cache
     value = np.empty(block, dtype=np.float64)
     noise = np.empty(block, dtype=np.float64)
+    bits = np.empty(block + 4, dtype=np.uint32)
+    stream = _keystream(noise_seed)
     for array in arrays:
         flat = np.asarray(array).reshape(-1)
         for start in range(0, flat.size, block):
@@ -176,7 +179,7 @@ def quantize(
             # Stochastic rounding: floor(v + u), u ~ U[0, 1), rounds up with probability
             # frac(v). Clipping v + u to [0, T] gives what clipping v first would: the
             # cast to uint32 truncates, which is floor for the non-negative result.
-            rng.random(out=u)
+            np.multiply(_draw(stream, bits, part.size), 2.0**-32, out=u)  # U[0, 1)
             u += offset
             v += u
             np.clip(v, 0.0, quantization_range, out=v)
