@@ -213,13 +213,18 @@ def dequantize(
     factor = quantization_range / weight
     layers: list[NDArray[np.generic]] = []
     position = 1
+    value = np.empty(min(_BLOCK, length), dtype=np.float64)  # in blocks, in the CPU cache
     for shape, dtype in zip(shapes, dtypes, strict=True):
         size = int(np.prod(shape, dtype=np.int64))
-        value = total[position : position + size].astype(np.float64)
-        value *= step
-        value -= count * clipping_range
-        value *= factor
-        layers.append(value.reshape(shape).astype(dtype, copy=False))
+        layer = np.empty(size, dtype=dtype)
+        for start in range(0, size, _BLOCK):
+            part = total[position + start : position + min(start + _BLOCK, size)]
+            v = value[: part.size]
+            np.multiply(part, step, out=v)
+            v -= count * clipping_range
+            v *= factor
+            layer[start : start + part.size] = v
+        layers.append(layer.reshape(shape))
         position += size
     return layers
 
