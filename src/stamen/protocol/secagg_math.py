@@ -66,6 +66,7 @@ def _zeros(size: int) -> memoryview:
 
 
 _ZEROS = b""
+_BIG_ENDIAN = sys.byteorder == "big"  # the keystream is read little-endian everywhere
 
 
 def _keystream(seed: bytes) -> CipherContext:
@@ -80,7 +81,7 @@ def _draw(stream: CipherContext, buffer: Vector, size: int) -> Vector:
     if size:
         stream.update_into(_zeros(4 * size), buffer.data.cast("B"))
     out = buffer[:size]
-    if sys.byteorder == "big":
+    if _BIG_ENDIAN:
         out.byteswap(inplace=True)
     return out
 
@@ -104,10 +105,15 @@ def apply_masks(total: Vector, add: Sequence[bytes], subtract: Sequence[bytes]) 
     streams: list[tuple[CipherContext, np.ufunc]] = [(_keystream(s), np.add) for s in add]
     streams += [(_keystream(seed), np.subtract) for seed in subtract]
     block = np.empty(min(_BLOCK, total.size) + 4, dtype=np.uint32)
+    raw, zeros = block.data.cast("B"), _zeros(4 * (block.size - 4))
     for start in range(0, total.size, _BLOCK):
         part = total[start : start + _BLOCK]
-        for stream, fold in streams:
-            fold(part, _draw(stream, block, part.size), out=part)
+        plain, mask = zeros[: 4 * part.size], block[: part.size]
+        for stream, fold in streams:  # the hot loop: _draw, inlined
+            stream.update_into(plain, raw)
+            if _BIG_ENDIAN:
+                mask.byteswap(inplace=True)
+            fold(part, mask, out=part)
 
 
 def add_into(total: Vector, vector: Vector) -> None:
