@@ -553,7 +553,9 @@ class SecAggServer:
         masks its neighbours added with the nodes that dropped before sending (all in one
         blocked pass over the sum, :func:`secagg_math.apply_masks`)."""
         add: list[bytes] = []
-        subtract = [self._rebuild(sid, self._b_shares, "self mask") for sid in self._masked_in]
+        subtract = [
+            self._rebuild(sid, self._b_shares, "self mask") for sid in sorted(self._masked_in)
+        ]
         for sid in sorted(self._dropped_masked):
             sk2 = _private(self._rebuild(sid, self._sk_shares, "masking key"))
             if _public(sk2) != self._keys[sid][1]:
@@ -675,8 +677,9 @@ class SecAggNode:
         node._sk1 = bytes.fromhex(data["sk1"])
         node._sk2 = bytes.fromhex(data["sk2"])
         node._b = bytes.fromhex(data["b"])
-        node._channels = {int(k): bytes.fromhex(v) for k, v in data["channels"].items()}
-        node._seeds = {int(k): bytes.fromhex(v) for k, v in data["seeds"].items()}
+        # .get: a state saved before these were kept (its round restarts at SETUP)
+        node._channels = {int(k): bytes.fromhex(v) for k, v in data.get("channels", {}).items()}
+        node._seeds = {int(k): bytes.fromhex(v) for k, v in data.get("seeds", {}).items()}
         node._b_shares = {int(k): bytes.fromhex(v) for k, v in data["b_shares"].items()}
         node._sk_shares = {int(k): bytes.fromhex(v) for k, v in data["sk_shares"].items()}
         node._masking = list(data["masking"])
