@@ -13,6 +13,7 @@ from stamen.protocol import secagg_math as sm
 from stamen.protocol.secagg import (
     KEY_ACTIVE,
     KEY_DROPPED,
+    KEY_VERSION,
     NodeStage,
     SecAggNode,
     SecAggParams,
@@ -265,3 +266,16 @@ def test_stochastic_rounding_rounds_up_as_often_as_the_fraction_says():
     low = T // 2 + 1000
     assert set(np.unique(v[1:]).tolist()) == {low, low + 1}
     assert abs(float(np.mean(v[1:] == low + 1)) - 0.3) < 0.02  # 6 standard deviations
+
+
+def test_a_server_and_a_node_of_other_protocol_versions_refuse_each_other():
+    server = SecAggServer(1, ["a", "b", "c"], _params(3, 3, 2), 11, _rng(2))
+    config = server.configs()["a"]
+    old_server = {k: v for k, v in config.items() if k != KEY_VERSION}
+    with pytest.raises(ProtocolError, match="version None"):
+        SecAggNode(_rng(1)).setup(old_server)
+    reply = SecAggNode(_rng(1)).setup(config)
+    old_node = {k: v for k, v in reply.items() if k != KEY_VERSION}
+    with pytest.raises(ProtocolError, match="version None"):
+        server.receive("a", old_node)
+    server.receive("a", reply)  # the same version is taken

@@ -6,8 +6,9 @@ round at the server, ``_SERVER_TRANSITIONS``) and :class:`SecAggNode` (a node's 
 the driver carries over ordinary instructions, and draw every random byte from an
 injected ``rng(n) -> bytes``. The stages::
 
-    SETUP           server -> node  parameters, the node's secure id (sid)
-                    node -> server  two X25519 public keys: pk1 (encryption), pk2 (masking)
+    SETUP           server -> node  parameters, the node's secure id (sid), the version
+                    node -> server  two X25519 public keys: pk1 (encryption), pk2 (masking),
+                                    and its version (either side refuses another one)
     SHARE_KEYS      server -> node  its neighbours' public keys (num_shares nodes, itself too)
                     node -> server  for each neighbour, AEAD(ChaCha20-Poly1305, key from
                                     X25519(sk1, pk1_j) through HKDF) of the Shamir shares of
@@ -60,6 +61,8 @@ from .shamir import combine, split
 __all__ = [
     "KEY_PREFIX",
     "KEY_STAGE",
+    "KEY_VERSION",
+    "VERSION",
     "NodeStage",
     "Request",
     "SecAggNode",
@@ -84,6 +87,12 @@ KEY_B = KEY_PREFIX + "b."
 KEY_SK = KEY_PREFIX + "sk."
 KEY_ACTIVE = KEY_PREFIX + "active"
 KEY_DROPPED = KEY_PREFIX + "dropped"
+KEY_VERSION = KEY_PREFIX + "version"
+
+VERSION = 2
+"""The protocol's version, sent both ways at SETUP: a server and a node of different
+versions draw different masks (version 1 used AES-256-CTR), so each refuses the other
+rather than produce a wrong sum."""
 
 _AAD = b"stamen-secagg-v1"
 _SECRET = 32
@@ -190,6 +199,15 @@ class SecAggParams:
         ):
             raise ProtocolError(f"secagg: parameters out of range: {params}")
         return params
+
+
+def _check_version(entries: Mapping[str, Scalar], them: str, us: str) -> None:
+    theirs = entries.get(KEY_VERSION)
+    if theirs != VERSION or isinstance(theirs, bool):
+        raise ProtocolError(
+            f"secagg: refused: {them} runs SecAgg+ protocol version {theirs!r} (none: "
+            f"version 1), {us} version {VERSION}: their masks would not cancel"
+        )
 
 
 def _int(config: Mapping[str, Scalar], key: str) -> int:
@@ -411,7 +429,7 @@ class SecAggServer:
         for sid in sorted(self._active):
             config: dict[str, Scalar] = {KEY_STAGE: request.value, KEY_ROUND: self.server_round}
             if request is Request.SETUP:
-                config[KEY_SID] = sid
+                config[KEY_SID], config[KEY_VERSION] = sid, VERSION
                 config.update(self.params.to_config())
             elif request is Request.SHARE_KEYS:
                 for other in self._neighbours[sid] & self._active:
@@ -446,6 +464,7 @@ class SecAggServer:
             raise ProtocolError(f"secagg: node {cid} is not expected to answer now")
         request = self.request
         if request is Request.SETUP:
+            _check_version(properties, f"node {cid}", "this server")
             self._keys[sid] = (_bytes(properties, KEY_PK1, 32), _bytes(properties, KEY_PK2, 32))
         elif request is Request.SHARE_KEYS:
             ciphertexts = _keyed(properties, KEY_CT)
@@ -720,6 +739,7 @@ class SecAggNode:
 
     def setup(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """SETUP: new key pairs; the public keys."""
+        _check_version(config, "the server", "this node")
         params = SecAggParams.from_config(config)
         sid = _int(config, KEY_SID)
         self._enter(Request.SETUP, config)
@@ -727,7 +747,11 @@ class SecAggNode:
         self._sk1, self._sk2 = self._rng(_SECRET), self._rng(_SECRET)
         self._b, self._channels, self._seeds = b"", {}, {}
         self._b_shares, self._sk_shares, self._masking = {}, {}, []
-        return {KEY_PK1: _public(_private(self._sk1)), KEY_PK2: _public(_private(self._sk2))}
+        return {
+            KEY_PK1: _public(_private(self._sk1)),
+            KEY_PK2: _public(_private(self._sk2)),
+            KEY_VERSION: VERSION,
+        }
 
     def share_keys(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """SHARE_KEYS: the encrypted shares of b and sk2 for each neighbour."""
