@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python bench/secagg/run.py                 # 10 and 100 nodes x 1 M parameters
     .venv/bin/python bench/secagg/run.py --quick         # 10 nodes x 10 k parameters
     .venv/bin/python bench/secagg/run.py --nodes 100 --params 1000000 --shares 15 --threshold 8
+    .venv/bin/python bench/secagg/run.py --flower .venv-flwr-sim/bin/python --repeat 1
 
 Each case runs in a process of its own (so its peak RSS is its own): the round loop
 (``Server.fit_round``) with ``FedAvg`` or ``SecAggPlus(FedAvg)``, over in-process nodes
@@ -13,7 +14,12 @@ reply too), as a network node's messages would; a pool of 2 threads runs the nod
 Round time is wall-clock (the median of ``--repeat`` runs), CPU time is the process's
 (user + system, all threads) over the round: on a shared machine the second is the
 steadier. Bytes are the encoded messages (``stamen.wire``), both directions, without transport
-framing. Writes ``bench/results/secagg.json`` and prints a table.
+framing. Writes ``bench/results/secagg.json`` (``secagg-kK.json`` with ``--shares K``)
+and prints a table.
+
+``--flower PYTHON`` runs the same cases under Flower 1.12 (``flower.py``: its
+``SecAggPlusWorkflow`` and ``secaggplus_mod`` under ``run_simulation``, i.e. Ray) with that
+interpreter, into ``secagg-flower*.json``; see ``flower.py`` for what is measured there.
 """
 
 from __future__ import annotations
@@ -110,6 +116,20 @@ def _case(nodes: int, params: int, secure: bool, shares: int, threshold: int) ->
     }
 
 
+FLOWER = Path(__file__).with_name("flower.py")
+"""The same round under Flower 1.12 (``--flower PYTHON``)."""
+
+
+def _run_case(python: str, script: Path, case: list[str], timeout: float) -> dict[str, object]:
+    """One case in a process of its own: its JSON line."""
+    done = subprocess.run(
+        [python, str(script), "--case", *case], capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"case {case} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -118,24 +138,28 @@ def main() -> None:
     parser.add_argument("--shares", type=int)
     parser.add_argument("--threshold", type=int)
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (median)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    parser.add_argument(
+        "--flower",
+        metavar="PYTHON",
+        help="run the cases under Flower 1.12 (flower.py) with this interpreter, which "
+        "has flwr[simulation]==1.12.0 (make .venv-flwr-sim/.installed)",
+    )
     parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         n, p, s, k, t = (int(v) for v in args.case)
         print(json.dumps(_case(n, p, bool(s), k, t)))
         return
+    python, script = (args.flower, FLOWER) if args.flower else (sys.executable, Path(__file__))
     plan = [(10, 10_000)] if args.quick else [(n, args.params) for n in (args.nodes or [10, 100])]
     results = []
     for nodes, params in plan:
         shares = args.shares or (5 if nodes <= 10 else 15)
         threshold = args.threshold or (3 if nodes <= 10 else 8)
         for secure in (False, True):
-            runs = []
-            for _ in range(args.repeat):
-                command = [sys.executable, __file__, "--case", str(nodes), str(params)]
-                command += [str(int(secure)), str(shares), str(threshold)]
-                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
+            case = [str(v) for v in (nodes, params, int(secure), shares, threshold)]
+            runs = [_run_case(python, script, case, args.timeout) for _ in range(args.repeat)]
             runs.sort(key=lambda r: float(r["round_s"]))  # type: ignore[arg-type]
             row = {
                 **runs[len(runs) // 2],
@@ -144,14 +168,16 @@ def main() -> None:
             }
             results.append(row)
             print(row, flush=True)
-    name = "secagg.json" if args.shares is None else f"secagg-k{args.shares}.json"
-    target = Path(__file__).resolve().parents[1] / "results" / name
+    name = "secagg-flower" if args.flower else "secagg"
+    name += "" if args.shares is None else f"-k{args.shares}"
+    target = Path(__file__).resolve().parents[1] / "results" / f"{name}.json"
     target.parent.mkdir(exist_ok=True)
     target.write_text(json.dumps(results, indent=1) + "\n")
     header = ("nodes", "params", "secagg", "round s", "CPU s", "MB/node", "MB server", "RSS MB")
     print(" ".join(f"{h:>9}" for h in header))
     for r in results:
-        mb_node, mb_server = r["bytes_per_node"] / 1e6, r["bytes_server"] / 1e6
+        mb_node = r["bytes_per_node"] / 1e6 if r["bytes_per_node"] is not None else float("nan")
+        mb_server = r["bytes_server"] / 1e6 if r["bytes_server"] is not None else float("nan")
         print(
             f"{r['nodes']:>9} {r['params']:>9} {r['secagg']!s:>9} {r['round_s']:>9} "
             f"{r['cpu_s']:>9} "

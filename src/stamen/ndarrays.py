@@ -56,6 +56,7 @@ __all__ = [
     "parameters_to_views",
     "pooled_parameters",
     "received_buffer_of",
+    "tensor_with_array",
 ]
 
 TENSOR_TYPE = "numpy.ndarray"
@@ -346,6 +347,19 @@ class Lease:
     def __repr__(self) -> str:
         state = "held" if self._held else "handed on"
         return f"Lease({len(self.buffers)} buffer(s), {state})"
+
+
+def tensor_with_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[memoryview, NDArray]:
+    """A new tensor (the ``.npy`` bytes of a C-ordered array of ``shape`` and ``dtype``)
+    and that array, writable, inside it: for a sender that computes an array only to
+    send it, which then needs no encoding copy. The tensor (read-only) shows what is
+    written to the array: fill the array before handing the tensor on.
+    """
+    header = _npy_header(np.broadcast_to(np.zeros((), dtype), shape), fortran=False)
+    blob = bytearray(len(header) + math.prod(shape) * dtype.itemsize)
+    blob[: len(header)] = header
+    array = np.frombuffer(blob, dtype=dtype, offset=len(header)).reshape(shape)
+    return memoryview(blob).toreadonly(), array
 
 
 def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:

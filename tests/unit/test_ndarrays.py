@@ -23,6 +23,7 @@ from stamen.ndarrays import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
     received_buffer_of,
+    tensor_with_array,
 )
 from stamen.protocol.mailbox import ReplyUse
 from stamen.server.fleet.handler import slot_lease
@@ -457,3 +458,14 @@ def test_the_reply_use_says_whether_a_slot_follows_the_memory() -> None:
     received = Lease([buffer])
     held = slot_lease(ReplyUse.FOLDED, received)
     assert held is not None and held.buffers == (buffer,) and not received.held
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((5,), np.uint32), ((3, 4), np.float64), ((0,), np.int8)]
+)
+def test_an_array_written_in_its_tensor_is_what_the_tensor_decodes_to(shape, dtype):
+    tensor, array = tensor_with_array(shape, np.dtype(dtype))
+    array[...] = np.arange(array.size).reshape(shape)
+    assert tensor.readonly
+    assert bytes(tensor) == ndarray_to_bytes(array)
+    assert np.array_equal(bytes_to_ndarray(tensor), array)

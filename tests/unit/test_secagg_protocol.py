@@ -13,6 +13,7 @@ from stamen.protocol import secagg_math as sm
 from stamen.protocol.secagg import (
     KEY_ACTIVE,
     KEY_DROPPED,
+    KEY_VERSION,
     NodeStage,
     SecAggNode,
     SecAggParams,
@@ -216,7 +217,14 @@ def test_quantization_round_trip_and_weights():
     gen = np.random.default_rng(0)
     x = gen.uniform(-C, C, 10_000)
     for n in (1, 999, 1000, 5000):
-        v = sm.quantize([x], n, clipping_range=C, quantization_range=T, max_weight=1000.0, rng=gen)
+        v = sm.quantize(
+            [x],
+            n,
+            clipping_range=C,
+            quantization_range=T,
+            max_weight=1000.0,
+            noise_seed=gen.bytes(32),
+        )
         assert v[0] == sm.weight_factor(n, 1000.0, T)
         back = sm.dequantize(
             v, 1, [(10_000,)], [np.dtype(np.float64)], clipping_range=C, quantization_range=T
@@ -232,3 +240,42 @@ def test_prg_masks_are_deterministic_and_in_range():
     assert np.array_equal(a, sm.prg_mask(seed, 1000, 2**20))
     assert a.max() < 2**20
     assert not np.array_equal(a, sm.prg_mask(bytes(32), 1000, 2**20))
+
+
+def test_masks_applied_in_blocks_are_the_whole_masks_summed():
+    length = 2 * 2**15 + 5  # two whole blocks and a partial one
+    seeds = [bytes([i]) * 32 for i in range(3)]
+    total = np.arange(length, dtype=np.uint32)
+    sm.apply_masks(total, seeds[:2], seeds[2:])
+    want = np.arange(length, dtype=np.uint64)
+    want += sm.prg_mask(seeds[0], length, 2**32).astype(np.uint64)
+    want += sm.prg_mask(seeds[1], length, 2**32).astype(np.uint64)
+    want -= sm.prg_mask(seeds[2], length, 2**32).astype(np.uint64)
+    assert np.array_equal(total, want.astype(np.uint32))
+    # a prefix of a mask is the mask of the shorter length
+    assert np.array_equal(sm.prg_mask(seeds[0], 7, 2**32), sm.prg_mask(seeds[0], length, 2**32)[:7])
+
+
+def test_stochastic_rounding_rounds_up_as_often_as_the_fraction_says():
+    # weight 1 (q = T): x maps to x T / 2c + T / 2; pick x 0.3 of a step above a grid point
+    step = 2 * C / T
+    x = np.full(20_000, 1000 * step + 0.3 * step)
+    v = sm.quantize(
+        [x], 1000, clipping_range=C, quantization_range=T, max_weight=1000.0, noise_seed=bytes(32)
+    )
+    low = T // 2 + 1000
+    assert set(np.unique(v[1:]).tolist()) == {low, low + 1}
+    assert abs(float(np.mean(v[1:] == low + 1)) - 0.3) < 0.02  # 6 standard deviations
+
+
+def test_a_server_and_a_node_of_other_protocol_versions_refuse_each_other():
+    server = SecAggServer(1, ["a", "b", "c"], _params(3, 3, 2), 11, _rng(2))
+    config = server.configs()["a"]
+    old_server = {k: v for k, v in config.items() if k != KEY_VERSION}
+    with pytest.raises(ProtocolError, match="version None"):
+        SecAggNode(_rng(1)).setup(old_server)
+    reply = SecAggNode(_rng(1)).setup(config)
+    old_node = {k: v for k, v in reply.items() if k != KEY_VERSION}
+    with pytest.raises(ProtocolError, match="version None"):
+        server.receive("a", old_node)
+    server.receive("a", reply)  # the same version is taken

@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
+
 from ..context import Context
 from ..errors import ProtocolError
 from ..messages import (
@@ -32,10 +34,11 @@ from ..messages import (
     GetPropertiesIns,
     GetPropertiesRes,
     Instruction,
+    Parameters,
     Reply,
     Status,
 )
-from ..ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
+from ..ndarrays import TENSOR_TYPE, parameters_to_views, tensor_with_array
 from ..protocol.secagg import KEY_PREFIX, KEY_STAGE, Request, SecAggNode
 from ..records import ConfigsRecord
 
@@ -98,11 +101,16 @@ def answer(
     reply = run(FitIns(instruction.parameters, config))
     if not isinstance(reply, FitRes) or reply.status.code != Code.OK:
         return reply
-    vector = node.mask(parameters_to_ndarrays(reply.parameters), reply.num_examples)
+    # Quantized and masked from read-only views of the trained model, straight into the
+    # tensor that is sent: no copy of either.
+    trained = parameters_to_views(reply.parameters)
+    length = 1 + sum(int(array.size) for array in trained)
+    tensor, vector = tensor_with_array((length,), np.dtype(np.uint32))
+    node.mask(trained, reply.num_examples, out=vector)
     _save(context, node)
     return FitRes(
         status=_OK,
-        parameters=ndarrays_to_parameters([vector]),
+        parameters=Parameters(tensors=[tensor], tensor_type=TENSOR_TYPE),
         num_examples=reply.num_examples,
         metrics=reply.metrics,
     )

@@ -6,8 +6,9 @@ round at the server, ``_SERVER_TRANSITIONS``) and :class:`SecAggNode` (a node's 
 the driver carries over ordinary instructions, and draw every random byte from an
 injected ``rng(n) -> bytes``. The stages::
 
-    SETUP           server -> node  parameters, the node's secure id (sid)
-                    node -> server  two X25519 public keys: pk1 (encryption), pk2 (masking)
+    SETUP           server -> node  parameters, the node's secure id (sid), the version
+                    node -> server  two X25519 public keys: pk1 (encryption), pk2 (masking),
+                                    and its version (either side refuses another one)
     SHARE_KEYS      server -> node  its neighbours' public keys (num_shares nodes, itself too)
                     node -> server  for each neighbour, AEAD(ChaCha20-Poly1305, key from
                                     X25519(sk1, pk1_j) through HKDF) of the Shamir shares of
@@ -60,6 +61,8 @@ from .shamir import combine, split
 __all__ = [
     "KEY_PREFIX",
     "KEY_STAGE",
+    "KEY_VERSION",
+    "VERSION",
     "NodeStage",
     "Request",
     "SecAggNode",
@@ -84,6 +87,12 @@ KEY_B = KEY_PREFIX + "b."
 KEY_SK = KEY_PREFIX + "sk."
 KEY_ACTIVE = KEY_PREFIX + "active"
 KEY_DROPPED = KEY_PREFIX + "dropped"
+KEY_VERSION = KEY_PREFIX + "version"
+
+VERSION = 2
+"""The protocol's version, sent both ways at SETUP: a server and a node of different
+versions draw different masks (version 1 used AES-256-CTR), so each refuses the other
+rather than produce a wrong sum."""
 
 _AAD = b"stamen-secagg-v1"
 _SECRET = 32
@@ -192,6 +201,15 @@ class SecAggParams:
         return params
 
 
+def _check_version(entries: Mapping[str, Scalar], them: str, us: str) -> None:
+    theirs = entries.get(KEY_VERSION)
+    if theirs != VERSION or isinstance(theirs, bool):
+        raise ProtocolError(
+            f"secagg: refused: {them} runs SecAgg+ protocol version {theirs!r} (none: "
+            f"version 1), {us} version {VERSION}: their masks would not cancel"
+        )
+
+
 def _int(config: Mapping[str, Scalar], key: str) -> int:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int):
@@ -246,30 +264,30 @@ def _derive(shared: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
-def _public(private: bytes) -> bytes:
-    return (
-        X25519PrivateKey.from_private_bytes(private)
-        .public_key()
-        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def _private(secret: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(secret)
+
+
+def _public(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
 
 
-def _agree(private: bytes, public: bytes, info: bytes) -> bytes:
+def _agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public)
-        )
+        shared = private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:  # a low-order public key
         raise ProtocolError(f"secagg: unusable public key: {exc}") from None
     return _derive(shared, info)
 
 
-def _pairwise_seed(sk2: bytes, pk2: bytes) -> bytes:
+def _pairwise_seed(sk2: X25519PrivateKey, pk2: bytes) -> bytes:
     return _agree(sk2, pk2, _AAD + b" pairwise mask")
 
 
-def _channel(sk1: bytes, pk1: bytes) -> ChaCha20Poly1305:
-    return ChaCha20Poly1305(_agree(sk1, pk1, _AAD + b" share encryption"))
+def _channel_key(sk1: X25519PrivateKey, pk1: bytes) -> bytes:
+    return _agree(sk1, pk1, _AAD + b" share encryption")
 
 
 def _aad(server_round: int, src: int, dst: int) -> bytes:
@@ -411,7 +429,7 @@ class SecAggServer:
         for sid in sorted(self._active):
             config: dict[str, Scalar] = {KEY_STAGE: request.value, KEY_ROUND: self.server_round}
             if request is Request.SETUP:
-                config[KEY_SID] = sid
+                config[KEY_SID], config[KEY_VERSION] = sid, VERSION
                 config.update(self.params.to_config())
             elif request is Request.SHARE_KEYS:
                 for other in self._neighbours[sid] & self._active:
@@ -446,6 +464,7 @@ class SecAggServer:
             raise ProtocolError(f"secagg: node {cid} is not expected to answer now")
         request = self.request
         if request is Request.SETUP:
+            _check_version(properties, f"node {cid}", "this server")
             self._keys[sid] = (_bytes(properties, KEY_PK1, 32), _bytes(properties, KEY_PK2, 32))
         elif request is Request.SHARE_KEYS:
             ciphertexts = _keyed(properties, KEY_CT)
@@ -549,41 +568,38 @@ class SecAggServer:
         return True
 
     def _unmask(self) -> None:
-        t, m = self.params.threshold, self.params.modulus_range
-        length = self._total.size
-        scratch = np.empty(length + 4, dtype=np.uint32)  # one buffer for every mask
-        for sid in sorted(self._masked_in):
-            shares = self._b_shares.get(sid, {})
-            if len(shares) < t:
-                raise ProtocolError(
-                    f"{len(shares)} share(s) of node {self._cids[sid]}'s self mask came "
-                    f"back, fewer than reconstruction_threshold={t}"
-                )
-            b = combine(dict(list(shares.items())[:t]), _SECRET)
-            sm.subtract_from(self._total, sm.prg_mask(b, length, m, scratch))
+        """Remove every mask from the sum: each contributor's self mask, and the pairwise
+        masks its neighbours added with the nodes that dropped before sending (all in one
+        blocked pass over the sum, :func:`secagg_math.apply_masks`)."""
+        add: list[bytes] = []
+        subtract = [
+            self._rebuild(sid, self._b_shares, "self mask") for sid in sorted(self._masked_in)
+        ]
         for sid in sorted(self._dropped_masked):
-            shares = self._sk_shares.get(sid, {})
-            if len(shares) < t:
-                raise ProtocolError(
-                    f"{len(shares)} share(s) of dropped node {self._cids[sid]}'s masking key "
-                    f"came back, fewer than reconstruction_threshold={t}"
-                )
-            sk2 = combine(dict(list(shares.items())[:t]), _SECRET)
+            sk2 = _private(self._rebuild(sid, self._sk_shares, "masking key"))
             if _public(sk2) != self._keys[sid][1]:
                 raise ProtocolError(
                     f"the shares of node {self._cids[sid]}'s masking key do not rebuild it"
                 )
             for other in sorted(self._masked_in):
-                if sid not in self._forward[other]:
-                    continue  # ``other`` never masked with ``sid``
-                seed = _pairwise_seed(sk2, self._keys[other][1])
-                mask = sm.prg_mask(seed, length, m, scratch)
-                # ``other`` added the mask if its sid is the smaller one: undo that.
-                if other < sid:
-                    sm.subtract_from(self._total, mask)
-                else:
-                    sm.add_into(self._total, mask)
-        sm.reduce(self._total, m)
+                if sid in self._forward[other]:  # ``other`` masked with ``sid``
+                    # ``other`` added the mask if its sid is the smaller one: undo that.
+                    undo = subtract if other < sid else add
+                    undo.append(_pairwise_seed(sk2, self._keys[other][1]))
+        sm.apply_masks(self._total, add, subtract)
+        sm.reduce(self._total, self.params.modulus_range)
+
+    def _rebuild(self, sid: int, shares: dict[int, dict[int, bytes]], what: str) -> bytes:
+        """Node ``sid``'s secret from the first ``threshold`` of its ``shares``."""
+        t = self.params.threshold
+        mine = shares.get(sid, {})
+        if len(mine) < t:
+            dropped = "" if what == "self mask" else "dropped "
+            raise ProtocolError(
+                f"{len(mine)} share(s) of {dropped}node {self._cids[sid]}'s {what} came "
+                f"back, fewer than reconstruction_threshold={t}"
+            )
+        return combine(dict(list(mine.items())[:t]), _SECRET)
 
     @property
     def contributors(self) -> list[str]:
@@ -642,7 +658,8 @@ class SecAggNode:
         self._sk1 = b""
         self._sk2 = b""
         self._b = b""
-        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._channels: dict[int, bytes] = {}  # neighbour -> key sealing its shares
+        self._seeds: dict[int, bytes] = {}  # neighbour -> seed of our pairwise mask
         self._b_shares: dict[int, bytes] = {}
         self._sk_shares: dict[int, bytes] = {}
         self._masking: list[int] = []
@@ -659,7 +676,8 @@ class SecAggNode:
                 "sk1": self._sk1.hex(),
                 "sk2": self._sk2.hex(),
                 "b": self._b.hex(),
-                "keys": {str(k): [v[0].hex(), v[1].hex()] for k, v in self._keys.items()},
+                "channels": {str(k): v.hex() for k, v in self._channels.items()},
+                "seeds": {str(k): v.hex() for k, v in self._seeds.items()},
                 "b_shares": {str(k): v.hex() for k, v in self._b_shares.items()},
                 "sk_shares": {str(k): v.hex() for k, v in self._sk_shares.items()},
                 "masking": self._masking,
@@ -678,9 +696,9 @@ class SecAggNode:
         node._sk1 = bytes.fromhex(data["sk1"])
         node._sk2 = bytes.fromhex(data["sk2"])
         node._b = bytes.fromhex(data["b"])
-        node._keys = {
-            int(k): (bytes.fromhex(v[0]), bytes.fromhex(v[1])) for k, v in data["keys"].items()
-        }
+        # .get: a state saved before these were kept (its round restarts at SETUP)
+        node._channels = {int(k): bytes.fromhex(v) for k, v in data.get("channels", {}).items()}
+        node._seeds = {int(k): bytes.fromhex(v) for k, v in data.get("seeds", {}).items()}
         node._b_shares = {int(k): bytes.fromhex(v) for k, v in data["b_shares"].items()}
         node._sk_shares = {int(k): bytes.fromhex(v) for k, v in data["sk_shares"].items()}
         node._masking = list(data["masking"])
@@ -721,13 +739,19 @@ class SecAggNode:
 
     def setup(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """SETUP: new key pairs; the public keys."""
+        _check_version(config, "the server", "this node")
         params = SecAggParams.from_config(config)
         sid = _int(config, KEY_SID)
         self._enter(Request.SETUP, config)
         self.params, self.sid = params, sid
         self._sk1, self._sk2 = self._rng(_SECRET), self._rng(_SECRET)
-        self._b, self._keys, self._b_shares, self._sk_shares, self._masking = b"", {}, {}, {}, []
-        return {KEY_PK1: _public(self._sk1), KEY_PK2: _public(self._sk2)}
+        self._b, self._channels, self._seeds = b"", {}, {}
+        self._b_shares, self._sk_shares, self._masking = {}, {}, []
+        return {
+            KEY_PK1: _public(_private(self._sk1)),
+            KEY_PK2: _public(_private(self._sk2)),
+            KEY_VERSION: VERSION,
+        }
 
     def share_keys(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """SHARE_KEYS: the encrypted shares of b and sk2 for each neighbour."""
@@ -736,27 +760,31 @@ class SecAggNode:
         pk1s, pk2s = _keyed(config, KEY_PK1 + "."), _keyed(config, KEY_PK2 + ".")
         if set(pk1s) != set(pk2s) or any(len(k) != 32 for k in (*pk1s.values(), *pk2s.values())):
             raise ProtocolError("secagg: malformed neighbour keys")
-        if pk1s.get(self.sid) != _public(self._sk1) or pk2s.get(self.sid) != _public(self._sk2):
+        sk1, sk2 = _private(self._sk1), _private(self._sk2)
+        if pk1s.get(self.sid) != _public(sk1) or pk2s.get(self.sid) != _public(sk2):
             raise ProtocolError("secagg: refused: the server lists other keys for this node")
         if not params.threshold <= len(pk1s) <= params.num_shares:
             raise ProtocolError(
                 f"secagg: refused: {len(pk1s)} neighbours, expected between "
                 f"reconstruction_threshold={params.threshold} and num_shares={params.num_shares}"
             )
-        self._keys = {sid: (pk1s[sid], pk2s[sid]) for sid in pk1s}
+        others = sorted(set(pk1s) - {self.sid})
+        # Both agreements with each neighbour, once: the stages after this one reuse them.
+        self._channels = {sid: _channel_key(sk1, pk1s[sid]) for sid in others}
+        self._seeds = {sid: _pairwise_seed(sk2, pk2s[sid]) for sid in others}
         self._b = self._rng(_SECRET)
-        points = [_x(sid) for sid in sorted(self._keys)]
+        points = [_x(sid) for sid in sorted(pk1s)]
         b_shares = split(self._b, params.threshold, points, self._rng)
         sk_shares = split(self._sk2, params.threshold, points, self._rng)
+        self._b_shares[self.sid] = b_shares[_x(self.sid)]
+        self._sk_shares[self.sid] = sk_shares[_x(self.sid)]
         out: dict[str, Scalar] = {}
-        for dst in sorted(self._keys):
-            plaintext = b_shares[_x(dst)] + sk_shares[_x(dst)]
-            if dst == self.sid:
-                self._b_shares[dst], self._sk_shares[dst] = b_shares[_x(dst)], sk_shares[_x(dst)]
-                continue
+        for dst in others:
             nonce = self._rng(_NONCE)
-            sealed = _channel(self._sk1, self._keys[dst][0]).encrypt(
-                nonce, plaintext, _aad(self.server_round, self.sid, dst)
+            sealed = ChaCha20Poly1305(self._channels[dst]).encrypt(
+                nonce,
+                b_shares[_x(dst)] + sk_shares[_x(dst)],
+                _aad(self.server_round, self.sid, dst),
             )
             out[f"{KEY_CT}{dst}"] = nonce + sealed
         return out
@@ -767,10 +795,10 @@ class SecAggNode:
         params = self._require_params()
         ciphertexts = _keyed(config, KEY_CT)
         for src, ciphertext in ciphertexts.items():
-            if src not in self._keys or src == self.sid:
+            if src not in self._channels:
                 raise ProtocolError(f"secagg: refused: shares from non-neighbour {src}")
             try:
-                plaintext = _channel(self._sk1, self._keys[src][0]).decrypt(
+                plaintext = ChaCha20Poly1305(self._channels[src]).decrypt(
                     ciphertext[:_NONCE],
                     ciphertext[_NONCE:],
                     _aad(self.server_round, src, self.sid),
@@ -788,8 +816,14 @@ class SecAggNode:
                 f"reconstruction_threshold={params.threshold}"
             )
 
-    def mask(self, arrays: Sequence[NDArray[Any]], num_examples: int) -> NDArray[np.uint32]:
-        """The masked input of the trained ``arrays`` (weighted by ``num_examples``).
+    def mask(
+        self,
+        arrays: Sequence[NDArray[Any]],
+        num_examples: int,
+        out: NDArray[np.uint32] | None = None,
+    ) -> NDArray[np.uint32]:
+        """The masked input of the trained ``arrays`` (weighted by ``num_examples``),
+        written to ``out`` if given (one value more than the parameters).
 
         Raises:
             ProtocolError: not in COLLECT_MASKED.
@@ -797,29 +831,23 @@ class SecAggNode:
         if self.stage is not NodeStage.MASKING or not self._b:
             raise ProtocolError("secagg: no masked input is due")
         params = self._require_params()
-        generator = np.random.default_rng(int.from_bytes(self._rng(_SECRET), "big"))
         vector = sm.quantize(
             arrays,
             num_examples,
             clipping_range=params.clipping_range,
             quantization_range=params.quantization_range,
             max_weight=params.max_weight,
-            rng=generator,
+            noise_seed=self._rng(_SECRET),
+            out=out,
         )
-        m = params.modulus_range
-        scratch = np.empty(vector.size + 4, dtype=np.uint32)  # one buffer for every mask
-        sm.add_into(vector, sm.prg_mask(self._b, vector.size, m, scratch))
-        for other in self._masking:
-            if other == self.sid:
-                continue
-            seed = _pairwise_seed(self._sk2, self._keys[other][1])
-            mask = sm.prg_mask(seed, vector.size, m, scratch)
-            if self.sid < other:
-                sm.add_into(vector, mask)
-            else:
-                sm.subtract_from(vector, mask)
+        # The self mask, and each pairwise mask: added by the smaller sid, subtracted by
+        # the larger, so that they cancel in the sum.
+        others = [sid for sid in self._masking if sid != self.sid]
+        add = [self._b] + [self._seeds[sid] for sid in others if self.sid < sid]
+        subtract = [self._seeds[sid] for sid in others if self.sid > sid]
+        sm.apply_masks(vector, add, subtract)
         self._b = b""  # only its shares are needed now
-        return sm.reduce(vector, m)
+        return sm.reduce(vector, params.modulus_range)
 
     def unmask(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """UNMASK: b shares of the active neighbours, sk2 shares of the dropped ones."""
@@ -849,5 +877,5 @@ class SecAggNode:
             out[f"{KEY_SK}{sid}"] = self._sk_shares[sid]
         # The round is over: forget its secrets.
         self._sk1 = self._sk2 = self._b = b""
-        self._b_shares, self._sk_shares = {}, {}
+        self._channels, self._seeds, self._b_shares, self._sk_shares = {}, {}, {}, {}
         return out

@@ -4,8 +4,9 @@ A node's contribution is one flat ``uint32`` vector: entry 0 is its quantized we
 the others its quantized, weighted parameters (every layer flattened, in order). All
 arithmetic is in ``uint32``, which wraps modulo 2**32; since the modulus ``M`` is a power
 of two dividing 2**32, reducing with ``& (M - 1)`` at the end gives the value modulo
-``M``. Masks are AES-256-CTR keystreams (a PRG keyed by a 32-byte seed), so a masked
-vector is uniform over [0, M).
+``M``. Masks are AES-128-CTR keystreams (a PRG keyed by a 32-byte seed: key and initial
+counter), so a masked vector is uniform over [0, M); they are drawn and folded in
+cache-sized blocks (:func:`apply_masks`), never held whole.
 
 Quantization, with clipping range ``c``, quantization range ``T`` and ``max_weight``
 ``W``: a node with ``n`` examples has weight ``w = min(n, W) / W`` in (0, 1], sent as
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from numpy.typing import NDArray
 
 from ..errors import ConfigError
@@ -37,20 +38,23 @@ from ..errors import ConfigError
 __all__ = [
     "Vector",
     "add_into",
+    "apply_masks",
     "check_capacity",
     "dequantize",
     "error_bound",
     "prg_mask",
     "quantize",
     "reduce",
-    "subtract_from",
     "weight_factor",
 ]
 
 Vector = NDArray[np.uint32]
 """A node's quantized (or masked) contribution, or a sum of them."""
 
-_ZERO_NONCE = bytes(16)
+_KEY = 16
+"""AES-128: the first 16 bytes of a 32-byte seed key the PRG, the last 16 start its counter."""
+_BLOCK = 1 << 15
+"""Values per block: masks are drawn and folded a block at a time, in the CPU cache."""
 
 
 def _zeros(size: int) -> memoryview:
@@ -62,42 +66,59 @@ def _zeros(size: int) -> memoryview:
 
 
 _ZEROS = b""
-_BLOCK = 1 << 15
+_BIG_ENDIAN = sys.byteorder == "big"  # the keystream is read little-endian everywhere
 
 
-def prg_mask(seed: bytes, length: int, modulus: int, scratch: Vector | None = None) -> Vector:
+def _keystream(seed: bytes) -> CipherContext:
+    if len(seed) != 2 * _KEY:
+        raise ConfigError(f"secagg: expected a 32-byte mask seed, got {len(seed)} bytes")
+    return Cipher(algorithms.AES(seed[:_KEY]), modes.CTR(seed[_KEY:])).encryptor()
+
+
+def _draw(stream: CipherContext, buffer: Vector, size: int) -> Vector:
+    """The next ``size`` uint32 of ``stream`` (read little-endian), written to the start
+    of ``buffer``, which has room for 4 values more (``update_into`` needs a block)."""
+    if size:
+        stream.update_into(_zeros(4 * size), buffer.data.cast("B"))
+    out = buffer[:size]
+    if _BIG_ENDIAN:
+        out.byteswap(inplace=True)
+    return out
+
+
+def prg_mask(seed: bytes, length: int, modulus: int) -> Vector:
     """``length`` pseudo-random values uniform in [0, modulus), from a 32-byte ``seed``
-    (AES-256-CTR keystream: the same seed gives the same mask).
+    (AES-128-CTR keystream: the same seed gives the same mask). The masks that
+    :func:`apply_masks` adds are these, before the reduction modulo ``modulus``."""
+    mask = _draw(_keystream(seed), np.empty(length + 4, dtype=np.uint32), length)
+    return reduce(mask, modulus)
 
-    With ``scratch`` (a uint32 array of ``length + 4`` values, from a previous call's
-    ``.base``), the mask is written there instead of into new memory."""
-    if len(seed) != 32:
-        raise ConfigError(f"prg_mask: expected a 32-byte seed, got {len(seed)} bytes")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
-    # update_into needs room for one block more than the data: 4 more uint32.
-    out = (
-        scratch
-        if scratch is not None and scratch.size == length + 4
-        else np.empty(length + 4, dtype=np.uint32)
-    )
-    if length:
-        encryptor.update_into(_zeros(4 * length), out.data.cast("B"))
-    mask = out[:length]
-    if sys.byteorder == "big":  # the keystream is read little-endian on every machine
-        mask.byteswap(inplace=True)
-    if modulus != 2**32:
-        np.bitwise_and(mask, np.uint32(modulus - 1), out=mask)
-    return mask
+
+def apply_masks(total: Vector, add: Sequence[bytes], subtract: Sequence[bytes]) -> None:
+    """``total += sum(prg(s) for s in add) - sum(prg(s) for s in subtract)`` modulo
+    2**32, in place (reduce with :func:`reduce`), where ``prg(s)`` is
+    ``prg_mask(s, total.size, 2**32)``.
+
+    Work goes a block of ``total`` at a time, each mask drawn for that block only, so
+    the masks never exist whole: memory is one block, whatever the number of seeds.
+    """
+    streams: list[tuple[CipherContext, np.ufunc]] = [(_keystream(s), np.add) for s in add]
+    streams += [(_keystream(seed), np.subtract) for seed in subtract]
+    block = np.empty(min(_BLOCK, total.size) + 4, dtype=np.uint32)
+    raw, zeros = block.data.cast("B"), _zeros(4 * (block.size - 4))
+    for start in range(0, total.size, _BLOCK):
+        part = total[start : start + _BLOCK]
+        plain, mask = zeros[: 4 * part.size], block[: part.size]
+        for stream, fold in streams:  # the hot loop: _draw, inlined
+            stream.update_into(plain, raw)
+            if _BIG_ENDIAN:
+                mask.byteswap(inplace=True)
+            fold(part, mask, out=part)
 
 
 def add_into(total: Vector, vector: Vector) -> None:
     """``total += vector`` modulo 2**32 (reduce with :func:`reduce`)."""
     np.add(total, vector, out=total, casting="unsafe")
-
-
-def subtract_from(total: Vector, vector: Vector) -> None:
-    """``total -= vector`` modulo 2**32."""
-    np.subtract(total, vector, out=total, casting="unsafe")
 
 
 def reduce(vector: Vector, modulus: int) -> Vector:
@@ -126,16 +147,25 @@ def quantize(
     clipping_range: float,
     quantization_range: int,
     max_weight: float,
-    rng: np.random.Generator,
+    noise_seed: bytes,
+    out: Vector | None = None,
 ) -> Vector:
-    """A node's weighted, quantized contribution: ``[q, quantized parameters...]``.
+    """A node's weighted, quantized contribution: ``[q, quantized parameters...]``,
+    written to ``out`` if given (``1 +`` the number of parameters long).
 
-    ``rng`` draws the stochastic rounding.
+    The stochastic rounding draws its noise from the PRG of the 32-byte ``noise_seed``
+    (fast, and as good as the masks' randomness; it need not stay secret).
+
+    Raises:
+        ConfigError: ``out`` has the wrong length.
     """
     q = weight_factor(num_examples, max_weight, quantization_range)
     scale = q / quantization_range
     length = sum(int(np.size(a)) for a in arrays)
-    out = np.empty(1 + length, dtype=np.uint32)
+    if out is None:
+        out = np.empty(1 + length, dtype=np.uint32)
+    elif out.shape != (1 + length,):
+        raise ConfigError(f"secagg: expected a vector of {1 + length} values, got {out.shape}")
     out[0] = q
     # (clip(w' x, -c, c) + c) T / 2c  ==  clip(x w' T / 2c + T / 2, 0, T)
     slope = scale * quantization_range / (2.0 * clipping_range)
@@ -143,19 +173,22 @@ def quantize(
     position = 1
     block = _BLOCK  # work in blocks that stay in the CPU cache
     value = np.empty(block, dtype=np.float64)
+    noise = np.empty(block, dtype=np.float64)
+    bits = np.empty(block + 4, dtype=np.uint32)
+    stream = _keystream(noise_seed)
     for array in arrays:
         flat = np.asarray(array).reshape(-1)
         for start in range(0, flat.size, block):
             part = flat[start : start + block]
-            v = value[: part.size]
+            v, u = value[: part.size], noise[: part.size]
             np.multiply(part, slope, out=v)  # float64 whatever the layer's dtype
-            v += offset
-            np.maximum(v, 0.0, out=v)
-            np.minimum(v, quantization_range, out=v)
             # Stochastic rounding: floor(v + u), u ~ U[0, 1), rounds up with probability
-            # frac(v); the cast to uint32 truncates, which is floor for v + u >= 0.
-            v += rng.random(part.size, dtype=np.float32)
-            np.minimum(v, quantization_range, out=v)
+            # frac(v). Clipping v + u to [0, T] gives what clipping v first would: the
+            # cast to uint32 truncates, which is floor for the non-negative result.
+            np.multiply(_draw(stream, bits, part.size), 2.0**-32, out=u)  # U[0, 1)
+            u += offset
+            v += u
+            np.clip(v, 0.0, quantization_range, out=v)
             out[position + start : position + start + part.size] = v
         position += flat.size
     return out
@@ -186,13 +219,18 @@ def dequantize(
     factor = quantization_range / weight
     layers: list[NDArray[np.generic]] = []
     position = 1
+    value = np.empty(min(_BLOCK, length), dtype=np.float64)  # in blocks, in the CPU cache
     for shape, dtype in zip(shapes, dtypes, strict=True):
         size = int(np.prod(shape, dtype=np.int64))
-        value = total[position : position + size].astype(np.float64)
-        value *= step
-        value -= count * clipping_range
-        value *= factor
-        layers.append(value.reshape(shape).astype(dtype, copy=False))
+        layer = np.empty(size, dtype=dtype)
+        for start in range(0, size, _BLOCK):
+            part = total[position + start : position + min(start + _BLOCK, size)]
+            v = value[: part.size]
+            np.multiply(part, step, out=v)
+            v -= count * clipping_range
+            v *= factor
+            layer[start : start + part.size] = v
+        layers.append(layer.reshape(shape))
         position += size
     return layers
 

@@ -71,9 +71,9 @@ class SecAggPlus(Strategy):
     ``start_server(strategy=SecAggPlus(FedAvg(...), num_shares=..., ...))``, or
     ``ServerApp(strategy=SecAggPlus(...))``. Nodes need no change: Stamen nodes answer the
     protocol's stages before their client is called (:mod:`stamen.client.secagg`). A node
-    that does not take part (a Flower node, a Stamen node older than SecAgg+) is refused
-    with an ERROR naming it and counted as a failure of the round: its update is never
-    aggregated in the clear.
+    that does not take part (a Flower node, a Stamen node older than SecAgg+ or of another
+    SecAgg+ protocol version) is refused with an ERROR naming it and counted as a failure
+    of the round: its update is never aggregated in the clear.
 
     Each node sends ``[w, w * parameters]`` quantized and masked, with
     ``w = min(num_examples, max_weight) / max_weight``; the server divides the sum by the
@@ -292,8 +292,9 @@ def _check_share_counts(num_shares: object, threshold: object) -> None:
 
 
 _NOT_SUPPORTED = (
-    "does not take part in Stamen SecAgg+ (a Flower node, or a Stamen node older than "
-    "SecAgg+): refused; its update is never aggregated in the clear"
+    "does not take part in Stamen SecAgg+ (a Flower node, a Stamen node older than "
+    "SecAgg+, or one of another SecAgg+ protocol version): refused; its update is never "
+    "aggregated in the clear"
 )
 
 
