@@ -263,6 +263,22 @@ def test_slot_ledger_admits_in_instruction_order_and_after_patience() -> None:
     assert ledger.admit(2, waited=0.0)
 
 
+def test_slot_ledger_lets_the_first_unfinished_reply_in_past_late_ones() -> None:
+    """Replies let in late hold every slot and are folded only after the first unfinished
+    instruction's reply: that one still comes in, so the round cannot deadlock."""
+    ledger = SlotLedger(1, patience=10.0)
+    for seq in (1, 2, 3, 4):
+        ledger.begin(seq)
+    assert ledger.admit(1, waited=0.0)  # in order
+    assert ledger.admit(3, waited=11.0)  # late: 2 is slow
+    ledger.release()  # 1 folded and freed
+    ledger.end(1)
+    assert ledger.admit(4, waited=11.0)  # late again: slots now held by 3 and 4
+    assert not ledger.admit(4 + 1, waited=0.0)
+    assert ledger.admit(2, waited=0.0)  # the first unfinished: let in all the same
+    assert ledger.free == -2
+
+
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()

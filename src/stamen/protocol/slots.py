@@ -11,7 +11,9 @@ reply that has waited ``patience`` seconds is let in regardless of order and of 
 slots (a slow node, or replies the server holds on to, do not hold up the rest for ever;
 the cost is memory, not progress), but only ``max_late`` such replies at once: a long
 queue of replies that all outwaited the patience (50 nodes answering together while each
-reply takes a while to fold) goes through a few at a time, not all at once.
+reply takes a while to fold) goes through a few at a time, not all at once. The reply of
+the first unfinished instruction always gets in: the folding waits for it, so replies let
+in late that hold every slot must not keep it out.
 
 The ledger only decides; the server's shell (``stamen.server.fleet.slots``) waits, asking
 again whenever :attr:`SlotLedger.changes` moves or the patience runs out. Time is the
@@ -69,6 +71,12 @@ class SlotLedger:
         ended, or it has waited ``patience`` seconds."""
         first = self._order[0] if self._order else None
         if self.free > 0 and (first is None or first >= seq):
+            self.free -= 1
+            return True
+        if first == seq:
+            # The first unfinished instruction's reply is what the folding waits for: if
+            # replies let in late hold every slot, it still comes in (one more buffer),
+            # or they would wait for it, and it for them, for ever.
             self.free -= 1
             return True
         if waited >= self.patience and self.free > -self.max_late:
