@@ -73,3 +73,46 @@ def test_size_must_be_positive() -> None:
     """Zero slots would block every large reply for ever: refused."""
     with pytest.raises(ValueError, match="expected size >= 1, received 0"):
         ReceiveSlots(0)
+
+
+def test_a_patient_reply_held_back_by_late_ones_waits_without_spinning() -> None:
+    """Past its patience, a reply that the late-reply cap keeps out waits for a change of
+    the ledger: it does not ask again and again (which would starve the event loop)."""
+    from stamen.testing.clock import FakeClock
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def scenario() -> tuple[int, bool]:
+        clock = FakeClock()
+        slots = ReceiveSlots(1, patience=10.0, clock=clock)
+        asks = 0
+        admit = slots.ledger.admit
+
+        def counted(seq: int, waited: float) -> bool:
+            nonlocal asks
+            asks += 1
+            return admit(seq, waited)
+
+        slots.ledger.admit = counted  # type: ignore[method-assign]
+        for seq in (1, 2, 3, 4):
+            slots.begin(seq)
+        await slots.acquire(1)  # in order; 2 will be slow
+        third = asyncio.create_task(slots.acquire(3))
+        fourth = asyncio.create_task(slots.acquire(4))
+        await settle()
+        clock.advance(11.0)  # both patient now
+        slots.end(99)  # a change: they look again; 3 gets in late, 4 meets the cap
+        await asyncio.wait_for(third, 5)
+        await settle()
+        before = asks
+        for _ in range(200):
+            await asyncio.sleep(0)
+        spun = asks - before
+        slots.release()  # a slot back: 4 gets in
+        await asyncio.wait_for(fourth, 5)
+        return spun, fourth.done()
+
+    spun, done = asyncio.run(scenario())
+    assert done and spun == 0, f"asked {spun} times while nothing changed"

@@ -66,6 +66,9 @@ class ReceiveSlots:
         while not self.ledger.admit(seq, self._clock.monotonic() - since):
             changed = self._changed
             remaining = since + self.ledger.patience - self._clock.monotonic()
+            if remaining <= 0:  # patient already: only a change of the ledger lets it in
+                await changed.wait()
+                continue
             # asyncio.TimeoutError: not the builtin TimeoutError on Python 3.10
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(remaining, 0.0))
+                await asyncio.wait_for(changed.wait(), remaining)
