@@ -37,7 +37,7 @@ from stamen.protocol.fleet_server import (
     Respond,
     TakeReply,
 )
-from stamen.protocol.slots import SlotLedger
+from stamen.protocol.slots import Admission, SlotLedger
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.fleet.handler import Fleet
 from stamen.testing import FakeClock
@@ -220,10 +220,10 @@ def test_reception_decides_per_message() -> None:
     assert task is not None
     assert state.reception(node, task.task_id, b"\x0a\x00") is Reception.FEED
     assert state.reception(node, task.task_id, frames[0]) is Reception.NEEDS_SLOT
-    node.slot = True
+    node.slot = Admission.ORDERED
     assert state.reception(node, task.task_id, frames[0]) is Reception.FEED
     assert node.reader.feed(frames[0]) is None  # now in progress
-    node.slot = False
+    node.slot = None
     assert state.reception(node, task.task_id, frames[1]) is Reception.FEED
     step = state.request("PUSH", PushRequest(node.node_id, task.task_id, frames[1]), REST)
     assert step == TakeReply(node, task.task_id, frames[1])
@@ -241,42 +241,41 @@ def test_a_closing_fleet_refuses_requests() -> None:
 
 
 def test_slot_ledger_admits_in_instruction_order_and_after_patience() -> None:
-    """A later instruction's reply waits for earlier ones, unless it waited ``patience``."""
+    """A later instruction's reply waits for earlier ones, unless it waited ``patience``;
+    then it takes a late slot, of which there are ``max_late``."""
     ledger = SlotLedger(1, patience=10.0)
-    for seq in (1, 2, 3):
+    for seq in (1, 2, 3, 4):
         ledger.begin(seq)
-    assert not ledger.admit(2, waited=0.0)  # 1 has not ended
-    assert ledger.admit(1, waited=0.0)
-    assert not ledger.admit(3, waited=9.9)  # no free slot
-    assert ledger.admit(3, waited=10.0) and ledger.late == 1 and ledger.free == -1
-    ledger.begin(4)
-    assert not ledger.admit(4, waited=60.0)  # max_late (1) late replies in already
-    ledger.release()
-    assert ledger.admit(4, waited=60.0) and ledger.late == 2
-    ledger.release()
-    ledger.release()
+    assert ledger.admit(2, waited=0.0) is None  # 1 has not ended
+    assert ledger.admit(1, waited=0.0) is Admission.ORDERED
+    assert ledger.admit(3, waited=9.9) is None  # no free slot, not patient yet
+    assert ledger.admit(3, waited=10.0) is Admission.LATE
+    assert (ledger.late, ledger.free, ledger.late_free) == (1, 0, 0)
+    assert ledger.admit(4, waited=60.0) is None  # the one late slot is taken
+    ledger.release(Admission.LATE)
+    assert ledger.admit(4, waited=60.0) is Admission.LATE and ledger.late == 2
+    ledger.release(Admission.LATE)
+    ledger.release(Admission.ORDERED)
     ledger.end(1)
     ledger.end(4)
     changes = ledger.changes
     ledger.end(3)
     assert ledger.changes == changes + 1
-    assert ledger.admit(2, waited=0.0)
+    assert ledger.admit(2, waited=0.0) is Admission.ORDERED
 
 
-def test_slot_ledger_lets_the_first_unfinished_reply_in_past_late_ones() -> None:
-    """Replies let in late hold every slot and are folded only after the first unfinished
-    instruction's reply: that one still comes in, so the round cannot deadlock."""
+def test_slot_ledger_keeps_the_turn_s_slot_from_late_replies() -> None:
+    """Late replies, folded only after the reply whose turn it is, have slots of their
+    own: they never hold the slot that reply needs, so the round cannot deadlock."""
     ledger = SlotLedger(1, patience=10.0)
     for seq in (1, 2, 3, 4):
         ledger.begin(seq)
-    assert ledger.admit(1, waited=0.0)  # in order
-    assert ledger.admit(3, waited=11.0)  # late: 2 is slow
-    ledger.release()  # 1 folded and freed
+    assert ledger.admit(1, waited=0.0) is Admission.ORDERED
+    assert ledger.admit(3, waited=11.0) is Admission.LATE  # 2 is slow
+    ledger.release(Admission.ORDERED)  # 1 folded and freed
     ledger.end(1)
-    assert ledger.admit(4, waited=11.0)  # late again: slots now held by 3 and 4
-    assert not ledger.admit(4 + 1, waited=0.0)
-    assert ledger.admit(2, waited=0.0)  # the first unfinished: let in all the same
-    assert ledger.free == -2
+    assert ledger.admit(4, waited=11.0) is None  # the late slot is 3's
+    assert ledger.admit(2, waited=0.0) is Admission.ORDERED  # its turn: its own slot
 
 
 @pytest.fixture

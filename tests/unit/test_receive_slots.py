@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from stamen.protocol.slots import Admission
 from stamen.server.fleet.slots import ReceiveSlots
 
 
@@ -90,7 +91,7 @@ def test_a_patient_reply_held_back_by_late_ones_waits_without_spinning() -> None
         asks = 0
         admit = slots.ledger.admit
 
-        def counted(seq: int, waited: float) -> bool:
+        def counted(seq: int, waited: float) -> Admission | None:
             nonlocal asks
             asks += 1
             return admit(seq, waited)
@@ -110,7 +111,7 @@ def test_a_patient_reply_held_back_by_late_ones_waits_without_spinning() -> None
         for _ in range(200):
             await asyncio.sleep(0)
         spun = asks - before
-        slots.release()  # a slot back: 4 gets in
+        slots.release(Admission.LATE)  # 3's late slot back: 4 gets in
         await asyncio.wait_for(fourth, 5)
         return spun, fourth.done()
 

@@ -36,6 +36,7 @@ from .fleet import (
     SimpleRequest,
 )
 from .mailbox import Mailbox, Task
+from .slots import Admission
 
 __all__ = [
     "TRANSITIONS",
@@ -259,8 +260,8 @@ class NodeRecord:
     """Long-polls held open now (a node with one is alive: it is waiting for work)."""
     reading_task: int = 0
     """The task whose reply :attr:`reader` is putting together."""
-    slot: bool = False
-    """The node holds a receive slot for the large reply it is sending."""
+    slot: Admission | None = None
+    """The receive slot the node holds for the large reply it is sending (None: none)."""
     silence_limit: float | None = None
     """This node's own heartbeat timeout (a Flower node's, from its ping interval);
     None: the fleet's :attr:`FleetTiming.silence_limit`."""
@@ -595,7 +596,7 @@ class FleetState:
             framed = self.framing.is_frame(data)
             if task is None:
                 return Reception.IGNORE if framed else Reception.LATE
-            if framed and not node.slot:
+            if framed and node.slot is None:
                 return Reception.NEEDS_SLOT
         return Reception.FEED
 
@@ -603,7 +604,7 @@ class FleetState:
         """:meth:`reception` on a stream (grpc-bidi), where every message belongs to the
         instruction just sent: a reply to a task that ended meanwhile is still read to
         its end (then discarded as late), or the stream would lose its place."""
-        if not node.reader.in_progress and self.framing.is_frame(data) and not node.slot:
+        if not node.reader.in_progress and self.framing.is_frame(data) and node.slot is None:
             return Reception.NEEDS_SLOT
         return Reception.FEED
 

@@ -9,11 +9,10 @@ in only when every instruction sent before its own has ended (replied, failed or
 out), so that each received model is folded and freed before the next one arrives. A
 reply that has waited ``patience`` seconds is let in regardless of order and of free
 slots (a slow node, or replies the server holds on to, do not hold up the rest for ever;
-the cost is memory, not progress), but only ``max_late`` such replies at once: a long
-queue of replies that all outwaited the patience (50 nodes answering together while each
-reply takes a while to fold) goes through a few at a time, not all at once. The reply of
-the first unfinished instruction always gets in: the folding waits for it, so replies let
-in late that hold every slot must not keep it out.
+the cost is memory, not progress), on slots of its own (``max_late``): a long queue of
+replies that all outwaited the patience (50 nodes answering together while each reply
+takes a while to fold) goes through a few at a time, not all at once, and replies let in
+late never take the slot of the reply whose turn it is (the folding waits for that one).
 
 The ledger only decides; the server's shell (``stamen.server.fleet.slots``) waits, asking
 again whenever :attr:`SlotLedger.changes` moves or the patience runs out. Time is the
@@ -23,29 +22,38 @@ caller's: ``admit`` is told how long the reply has waited.
 from __future__ import annotations
 
 import heapq
+from enum import Enum
 
-__all__ = ["SlotLedger"]
+__all__ = ["Admission", "SlotLedger"]
+
+
+class Admission(Enum):
+    """How a reply was let in, and so which slot its release gives back."""
+
+    ORDERED = "in its turn, on one of the ``size`` slots"
+    LATE = "after waiting ``patience`` seconds, on one of the ``max_late`` slots"
 
 
 class SlotLedger:
     """Receive slots handed out in instruction order (see the module docstring).
 
     Args:
-        size: Replies received at once.
-        patience: Seconds after which a waiting reply is let in regardless of order and of
-            free slots.
-        max_late: Replies let in that way at once, beyond ``size`` (default: ``size``):
-            a long queue of patient replies (50 nodes answering together) goes through
-            ``size + max_late`` at a time, not all at once, so memory stays bounded.
+        size: Replies received at once in their turn.
+        patience: Seconds after which a waiting reply may come in out of its turn.
+        max_late: Slots of their own for such replies (default: ``size``): a long queue
+            of patient replies (50 nodes answering together) goes through a few at a
+            time, not all at once. Kept apart from the ordered slots, so replies let in
+            late never keep out the reply whose turn it is, which the folding waits for.
     """
 
     def __init__(self, size: int, patience: float = 10.0, max_late: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"ReceiveSlots: expected size >= 1, received {size}")
         self.patience = patience
-        self.max_late = size if max_late is None else max_late
         self.free = size
-        """Slots not in use (below 0 while late replies hold more than ``size``)."""
+        """Ordered slots not in use."""
+        self.late_free = size if max_late is None else max_late
+        """Late slots not in use."""
         self.late = 0
         """Replies let in because they had waited ``patience`` seconds."""
         self.changes = 0
@@ -65,27 +73,25 @@ class SlotLedger:
             heapq.heappop(self._order)
         self.changes += 1
 
-    def admit(self, seq: int, waited: float) -> bool:
+    def admit(self, seq: int, waited: float) -> Admission | None:
         """Take a slot for the reply to instruction ``seq``, which has waited ``waited``
-        seconds, if it may enter now: a slot is free and every earlier instruction has
-        ended, or it has waited ``patience`` seconds."""
+        seconds, if it may enter now: an ordered slot is free and every earlier
+        instruction has ended, or it has waited ``patience`` seconds and a late slot is
+        free. None: not now."""
         first = self._order[0] if self._order else None
         if self.free > 0 and (first is None or first >= seq):
             self.free -= 1
-            return True
-        if first == seq:
-            # The first unfinished instruction's reply is what the folding waits for: if
-            # replies let in late hold every slot, it still comes in (one more buffer),
-            # or they would wait for it, and it for them, for ever.
-            self.free -= 1
-            return True
-        if waited >= self.patience and self.free > -self.max_late:
+            return Admission.ORDERED
+        if waited >= self.patience and self.late_free > 0:
             self.late += 1
-            self.free -= 1  # may go below 0: released slots even it out
-            return True
-        return False
+            self.late_free -= 1
+            return Admission.LATE
+        return None
 
-    def release(self) -> None:
-        """Give a slot back."""
-        self.free += 1
+    def release(self, admission: Admission = Admission.ORDERED) -> None:
+        """Give back the slot a reply was let in on."""
+        if admission is Admission.LATE:
+            self.late_free += 1
+        else:
+            self.free += 1
         self.changes += 1

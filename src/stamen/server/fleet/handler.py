@@ -417,20 +417,18 @@ class Fleet:
     async def take_slot(self, node: Node, seq: int, wait: float | None) -> None:
         """Hold a receive slot for the node's incoming reply (see :mod:`.slots`); after
         ``wait`` seconds go on without one."""
-        if node.slot:
+        if node.slot is not None:
             return
         try:
-            await asyncio.wait_for(self.slots.acquire(seq), wait)
+            node.slot = await asyncio.wait_for(self.slots.acquire(seq), wait)
         except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
             logger.info("node %s: receiving its reply without waiting for a slot", node.cid)
-            return
-        node.slot = True
 
     def release_slot(self, node: Node) -> None:
         """Give back the node's receive slot, if it holds one."""
-        if node.slot:
-            node.slot = False
-            self.slots.release()
+        if node.slot is not None:
+            admission, node.slot = node.slot, None
+            self.slots.release(admission)
 
     def pass_slot(self, node: Node, task_id: int, whole: bytes | memoryview) -> None:
         """A large reply was received whole. What the server does with it (its task's
@@ -440,17 +438,17 @@ class Fleet:
         models cannot pile up ahead of the folding."""
         task = node.mailbox.in_flight(task_id)
         held = None
-        if node.slot and task is not None:  # the fleet received it: the lease is its own
+        if node.slot is not None and task is not None:  # received by the fleet: its lease
             held = slot_lease(task.replies, Lease.over([whole]))
-        if held is None:
+        if held is None or node.slot is None:
             self.release_slot(node)
             return
-        node.slot = False
+        admission, node.slot = node.slot, None
         loop, slots = self._loop, self.slots
 
         def give_back() -> None:  # runs in whichever thread frees (or keeps) the buffer
             with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
-                loop.call_soon_threadsafe(slots.release)
+                loop.call_soon_threadsafe(slots.release, admission)
 
         held.when_released(give_back)
 

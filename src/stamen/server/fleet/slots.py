@@ -13,7 +13,7 @@ import contextlib
 
 from ...clock import SystemClock
 from ...protocol.clock import Clock
-from ...protocol.slots import SlotLedger
+from ...protocol.slots import Admission, SlotLedger
 
 __all__ = ["ReceiveSlots"]
 
@@ -51,19 +51,20 @@ class ReceiveSlots:
         self.ledger.end(seq)
         self._notify()
 
-    def release(self) -> None:
-        """Give the slot back."""
-        self.ledger.release()
+    def release(self, admission: Admission = Admission.ORDERED) -> None:
+        """Give back the slot a reply was let in on."""
+        self.ledger.release(admission)
         self._notify()
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def acquire(self, seq: int) -> None:
-        """Wait for a slot and for the turn of instruction ``seq`` (cancellable)."""
+    async def acquire(self, seq: int) -> Admission:
+        """Wait for a slot and for the turn of instruction ``seq`` (cancellable); how it
+        was let in (give it back with :meth:`release`)."""
         since = self._clock.monotonic()
-        while not self.ledger.admit(seq, self._clock.monotonic() - since):
+        while (admission := self.ledger.admit(seq, self._clock.monotonic() - since)) is None:
             changed = self._changed
             remaining = since + self.ledger.patience - self._clock.monotonic()
             if remaining <= 0:  # patient already: only a change of the ledger lets it in
@@ -72,3 +73,4 @@ class ReceiveSlots:
             # asyncio.TimeoutError: not the builtin TimeoutError on Python 3.10
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
+        return admission
