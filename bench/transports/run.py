@@ -1,11 +1,13 @@
 """Round time and bytes on the wire per round, for each transport.
 
-Workloads: 10 clients x 4 MB and 100 clients x 400 KB (float32 models), 3 FedAvg rounds,
-clients as threads in this process. Every byte between the nodes and the server passes
+Workloads (float32 models, 3 FedAvg rounds, clients as threads in this process): A 10
+clients x 4 MB, C 100 x 400 KB (the default), B 10 x 100 MB and D 2 x 400 MB (``--workloads
+A,B,C,D``; B and D need a few GB of memory). Every byte between the nodes and the server passes
 through a counting TCP relay on 127.0.0.1, so "bytes per round" is what crossed the
 loopback (HTTP/2 or HTTP/1.1 framing included), both directions.
 
-Usage: python bench/transports/run.py [--rounds N] [--out bench/results/transports.json]
+Usage: python bench/transports/run.py [--rounds N] [--workloads A,C] [--transports rest,...]
+                                     [--out bench/results/transports.json]
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from stamen.memory import tune_allocator
 from stamen.server.strategy.strategy import FitFailures, FitResults
 from stamen.testing import NodeThread, running_server
 
-WORKLOADS = {"A: 10 x 4 MB": (10, 4_000_000), "C: 100 x 400 KB": (100, 400_000)}
+WORKLOADS = {
+    "A": ("A: 10 x 4 MB", 10, 4_000_000),
+    "B": ("B: 10 x 100 MB", 10, 100_000_000),
+    "C": ("C: 100 x 400 KB", 100, 400_000),
+    "D": ("D: 2 x 400 MB", 2, 400_000_000),
+}
 TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
 
 
@@ -170,19 +177,23 @@ def run_one(transport: str, clients: int, model_bytes: int, rounds: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default="A,C", help="comma-separated, of A,B,C,D")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--out", default="bench/results/transports.json")
     args = parser.parse_args(argv)
     tune_allocator()  # before the node threads exist: malloc settings are process-wide
     results = []
-    for name, (clients, size) in WORKLOADS.items():
-        for transport in TRANSPORTS:
+    for key in args.workloads.split(","):
+        name, clients, size = WORKLOADS[key.strip()]
+        for transport in args.transports.split(","):
             result = run_one(transport, clients, size, args.rounds)
             result["workload"] = name
             results.append(result)
             print(
                 f"{name:18} {transport:10} round {result['round_seconds_median']:7.3f} s   "
                 f"wire {result['bytes_per_round_median'] / 1e6:8.1f} MB/round   "
-                f"(payload {result['payload_bytes_per_round'] / 1e6:.1f} MB)",
+                f"(payload {result['payload_bytes_per_round'] / 1e6:.1f} MB)  "
+                f"rounds {' '.join(f'{t:.3f}' for t in result['round_seconds'])}",
                 flush=True,
             )
     out = Path(args.out)
