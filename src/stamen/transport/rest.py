@@ -56,6 +56,8 @@ def rest_base_url(address: str, *, secure: bool) -> str:
 _DEFAULT_HEADERS = {"content-type": REST_CONTENT_TYPE, "accept": REST_CONTENT_TYPE}
 _MAX_CONNECTIONS = 10
 """Connections a node keeps to its server (its requests and its heartbeats need two)."""
+_KEEPALIVE = 5.0
+"""Seconds an idle connection is kept for the next request (httpx's default, as before)."""
 
 
 def env_proxy(base_url: str) -> str | None:
@@ -90,11 +92,14 @@ class RestRequester:
         proxy = env_proxy(self._base_url)
         if proxy is not None:
             self._pool = httpcore.HTTPProxy(
-                proxy_url=proxy, ssl_context=context, max_connections=_MAX_CONNECTIONS
+                proxy_url=proxy,
+                ssl_context=context,
+                max_connections=_MAX_CONNECTIONS,
+                keepalive_expiry=_KEEPALIVE,
             )
         else:
             self._pool = httpcore.ConnectionPool(
-                ssl_context=context, max_connections=_MAX_CONNECTIONS
+                ssl_context=context, max_connections=_MAX_CONNECTIONS, keepalive_expiry=_KEEPALIVE
             )
 
     def _tls_or(self, error: StamenError, exc: Exception) -> StamenError:

@@ -226,9 +226,7 @@ def scan_push_request(data: bytes | memoryview) -> PushRequest | None:
         header = pb.RequestHeader()
         if head is not None:
             header.ParseFromString(head.tobytes())
-    except DecodeError as exc:
-        raise DecodeError(f"invalid PushReplyRequest ({len(data)} bytes): {exc}") from exc
-    except Exception as exc:  # protobuf: a malformed header
+    except Exception as exc:  # malformed fields, or a header protobuf refuses
         raise DecodeError(f"invalid PushReplyRequest ({len(data)} bytes): {exc}") from exc
     task_id = values.get(2, 0)
     return PushRequest(header.node_id, task_id, message.toreadonly(), header.protocol_version)
