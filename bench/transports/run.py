@@ -1,11 +1,16 @@
 """Round time and bytes on the wire per round, for each transport.
 
-Workloads: 10 clients x 4 MB and 100 clients x 400 KB (float32 models), 3 FedAvg rounds,
-clients as threads in this process. Every byte between the nodes and the server passes
+Workloads (float32 models, 3 FedAvg rounds, clients as threads in this process): A 10
+clients x 4 MB, C 100 x 400 KB (the default), B 10 x 100 MB and D 2 x 400 MB (``--workloads
+A,B,C,D``; B and D need a few GB of memory). Every byte between the nodes and the server passes
 through a counting TCP relay on 127.0.0.1, so "bytes per round" is what crossed the
 loopback (HTTP/2 or HTTP/1.1 framing included), both directions.
 
-Usage: python bench/transports/run.py [--rounds N] [--out bench/results/transports.json]
+CPU seconds per round are the process's (every thread: server, relay and clients), which
+other programs on a shared machine disturb less than the round's wall time.
+
+Usage: python bench/transports/run.py [--rounds N] [--workloads A,C] [--transports rest,...]
+                                     [--out bench/results/transports.json]
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ import numpy as np
 
 import stamen as fl
 from stamen.memory import tune_allocator
-from stamen.server.strategy.strategy import FitFailures, FitResults
 from stamen.testing import NodeThread, running_server
 
-WORKLOADS = {"A: 10 x 4 MB": (10, 4_000_000), "C: 100 x 400 KB": (100, 400_000)}
+WORKLOADS = {
+    "A": ("A: 10 x 4 MB", 10, 4_000_000),
+    "B": ("B: 10 x 100 MB", 10, 100_000_000),
+    "C": ("C: 100 x 400 KB", 100, 400_000),
+    "D": ("D: 2 x 400 MB", 2, 400_000_000),
+}
 TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
 
 
@@ -86,26 +95,32 @@ class Relay:
 
 
 class Bench(fl.server.strategy.FedAvg):
-    """FedAvg that timestamps each round and snapshots the relay's byte counter."""
+    """FedAvg that timestamps each round and snapshots the relay's byte counter.
+
+    The round ends in :meth:`evaluate`, which the server calls right after aggregation:
+    overriding ``aggregate_fit`` instead would turn FedAvg's streaming aggregation off
+    (the server would then keep every result, on disk beyond its RAM budget, and B and D
+    would measure file writes).
+    """
 
     def __init__(self, relay_ref: list[Relay], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.relay_ref = relay_ref
-        self.marks: list[tuple[float, int]] = []
-        self.rounds: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, float, int]] = []
+        self.rounds: list[tuple[float, float, int]] = []
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
         instructions = super().configure_fit(server_round, parameters, client_manager)
         # Clients are connected now (sampling waited for them): the round starts here.
-        self.marks.append((time.perf_counter(), self.relay_ref[0].bytes))
+        self.marks.append((time.perf_counter(), time.process_time(), self.relay_ref[0].bytes))
         return instructions
 
-    def aggregate_fit(self, server_round: int, results: FitResults, failures: FitFailures) -> Any:
-        out = super().aggregate_fit(server_round, results, failures)
-        start, sent = self.marks[-1]
-        self.rounds.append((time.perf_counter() - start, self.relay_ref[0].bytes - sent))
-        assert not failures, failures
-        return out
+    def evaluate(self, server_round: int, parameters: Any) -> Any:
+        if server_round > 0:  # round 0 evaluates the initial model: no fit before it
+            start, cpu, sent = self.marks[-1]
+            elapsed = time.perf_counter() - start
+            self.rounds.append((elapsed, time.process_time() - cpu, self.relay_ref[0].bytes - sent))
+        return super().evaluate(server_round, parameters)
 
 
 class Client(fl.client.NumPyClient):
@@ -149,12 +164,14 @@ def run_one(transport: str, clients: int, model_bytes: int, rounds: int) -> dict
                 assert node.join(60) is None
         finally:
             relay.stop()
-    # Every client adds k with weight 1: the mean adds (clients - 1) / 2 per round.
+    # Every client adds k with weight 1: the mean adds (clients - 1) / 2 per round (so no
+    # client's result was missing from any round).
     expected = rounds * (clients - 1) / 2
     final = fl.common.parameters_to_ndarrays(srv.server.parameters)[0]
     assert np.allclose(final, expected), (final[:3], expected)
-    times = [t for t, _ in strategy.rounds]
-    sizes = [b for _, b in strategy.rounds]
+    times = [t for t, _, _ in strategy.rounds]
+    cpus = [c for _, c, _ in strategy.rounds]
+    sizes = [b for _, _, b in strategy.rounds]
     return {
         "transport": transport,
         "clients": clients,
@@ -162,6 +179,7 @@ def run_one(transport: str, clients: int, model_bytes: int, rounds: int) -> dict
         "rounds": rounds,
         "round_seconds_median": statistics.median(times),
         "round_seconds": times,
+        "round_cpu_seconds_median": statistics.median(cpus),
         "bytes_per_round_median": statistics.median(sizes),
         "payload_bytes_per_round": 2 * clients * model_bytes,
     }
@@ -170,19 +188,24 @@ def run_one(transport: str, clients: int, model_bytes: int, rounds: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default="A,C", help="comma-separated, of A,B,C,D")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--out", default="bench/results/transports.json")
     args = parser.parse_args(argv)
     tune_allocator()  # before the node threads exist: malloc settings are process-wide
     results = []
-    for name, (clients, size) in WORKLOADS.items():
-        for transport in TRANSPORTS:
+    for key in args.workloads.split(","):
+        name, clients, size = WORKLOADS[key.strip()]
+        for transport in args.transports.split(","):
             result = run_one(transport, clients, size, args.rounds)
             result["workload"] = name
             results.append(result)
             print(
                 f"{name:18} {transport:10} round {result['round_seconds_median']:7.3f} s   "
+                f"CPU {result['round_cpu_seconds_median']:7.3f} s   "
                 f"wire {result['bytes_per_round_median'] / 1e6:8.1f} MB/round   "
-                f"(payload {result['payload_bytes_per_round'] / 1e6:.1f} MB)",
+                f"(payload {result['payload_bytes_per_round'] / 1e6:.1f} MB)  "
+                f"rounds {' '.join(f'{t:.3f}' for t in result['round_seconds'])}",
                 flush=True,
             )
     out = Path(args.out)

@@ -71,6 +71,7 @@ IO_LIBRARIES = {
     "asyncio",
     "grpc",
     "h11",
+    "httpcore",
     "httpx",
     "select",
     "selectors",

@@ -71,13 +71,15 @@ def test_built_in_transports_are_registered_first() -> None:
 
 
 def test_importing_the_registry_loads_no_network_library() -> None:
-    """Importing stamen.transport (and validating a node's arguments) loads no grpc/httpx."""
+    """Importing stamen.transport (and validating a node's arguments) loads no grpc and no
+    HTTP client library."""
     code = (
         "import sys, stamen.transport, stamen.client.app as a\n"
         "from stamen.client import NumPyClient\n"
         "a.make_node_config(server_address='h:1', client=NumPyClient().to_client(),"
         " transport='rest')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'httpx')))\n"
+        "libraries = ('grpc', 'httpx', 'httpcore')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in libraries))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

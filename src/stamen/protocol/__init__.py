@@ -1,6 +1,6 @@
 """Sans-IO protocol core: state machines and policies, no sockets, threads or clocks.
 
-Nothing here imports grpc, httpx, socket, threading or time (a test checks it).
+Nothing here imports grpc, an HTTP library, socket, threading or time (a test checks it).
 """
 
 from __future__ import annotations

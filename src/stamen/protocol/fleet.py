@@ -105,7 +105,7 @@ class PullResponse:
     """The next instruction, or ``task_id == 0`` when there was none in time."""
 
     task_id: int
-    server_message: bytes
+    server_message: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,5 +114,5 @@ class PushRequest:
 
     node_id: int
     task_id: int
-    client_message: bytes
+    client_message: bytes | memoryview
     protocol_version: int = PROTOCOL_VERSION

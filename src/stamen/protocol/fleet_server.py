@@ -308,7 +308,7 @@ class TakeReply:
 
     node: NodeRecord
     task_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 Step = Respond | AwaitTask | TakeReply

@@ -10,7 +10,7 @@ needs one :func:`register_transport` call and no other edit (docs/transports.md)
     register_transport("my-transport", MyTransport)  # or "my_package.module:MyTransport"
 
 The built-in transports are registered by dotted path and imported on first use:
-importing this package loads neither grpc nor httpx.
+importing this package loads neither grpc nor an HTTP client library.
 """
 
 from __future__ import annotations

@@ -80,7 +80,9 @@ Node = NodeRecord
 DECODE_OFF_LOOP = 16 * 1024
 """Replies (and requests) larger than this are decoded on a worker thread, not on the
 event loop every transport shares: the loop never spends more than a few milliseconds on
-one message, whatever it holds."""
+one message, whatever it holds. A PushReply laid out as Stamen nodes write it is read on
+the loop whatever its size (``fleet_codec.scan_push_request`` walks its three fields and
+copies nothing); its reply is then decoded as above."""
 
 TENSOR_SLACK = 2
 """A reply to an instruction carrying a model of ``n`` tensors may hold up to
@@ -452,7 +454,7 @@ class Fleet:
 
         held.when_released(give_back)
 
-    async def receive(self, node: Node, task_id: int, data: bytes) -> Reply | None:
+    async def receive(self, node: Node, task_id: int, data: bytes | memoryview) -> Reply | None:
         """Take one pushed message of the reply to task ``task_id``: a whole reply or a
         frame of one. Returns the reply once it is whole (and delivers it), else None.
 
@@ -630,9 +632,11 @@ class Fleet:
         if verb is Verb.CREATE_NODE:
             self.admit_registration(peer)
         try:
-            if len(body) > DECODE_OFF_LOOP:
+            # A reply as Stamen nodes send it is read in place; anything else by protobuf.
+            request: object = codec.scan_push_request(body) if verb is Verb.PUSH else None
+            if request is None and len(body) > DECODE_OFF_LOOP:
                 request = await self._loop.run_in_executor(None, _DECODERS[verb], body)
-            else:
+            elif request is None:
                 request = _DECODERS[verb](body)
             step = self.state.request(verb.name, request, caller)
             return await self._perform(step)
