@@ -52,7 +52,15 @@ from stamen.wire import FLOWER_REST_CONTENT_TYPE, FlowerCall
 from stamen.wire import flower_codec as codec
 
 MAX = 64 * 1024
-TIMING = FleetTiming(heartbeat_interval=0.2, heartbeat_timeout=1.0, poll_timeout=0.5)
+# Fuzzing registers hundreds of nodes from one address within seconds: the registration
+# rate limit (tested in tests/security) would answer some of them 429.
+TIMING = FleetTiming(
+    heartbeat_interval=0.2,
+    heartbeat_timeout=1.0,
+    poll_timeout=0.5,
+    create_node_rate=None,
+    create_node_global_rate=None,
+)
 FUZZ = settings(
     max_examples=150,
     deadline=None,
