@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 
 import stamen as fl
-from stamen.messages import Code, FitRes, Parameters, Status
+from stamen.client import NumPyClient
+from stamen.client.dispatch import handle
+from stamen.context import Context, RecordSet
+from stamen.messages import Code, FitRes, Instruction, Parameters, Reply, Status
 from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays, parameters_to_views
-from stamen.server import Server
+from stamen.server import ClientProxy, Server, SimpleClientManager
 from stamen.server.spill import (
     SpillStore,
     close_segments,
@@ -29,11 +33,47 @@ from stamen.server.spill import (
     spilled_like,
 )
 from stamen.server.strategy import FedAvg, aggregate
-from tests.unit.test_server import FakeProxy, Shift, _manager
 
 OK = Status(code=Code.OK, message="")
 # the module (the package exports its function ``aggregate`` under the same name)
 aggregate_module = importlib.import_module("stamen.server.strategy.aggregate")
+
+
+class Shift(NumPyClient):
+    """Trains by adding ``delta`` to a model of two 10.0s; holds ``n`` examples."""
+
+    def __init__(self, delta: float, n: int) -> None:
+        self.delta, self.n = delta, n
+
+    def get_parameters(self, config: Any) -> list[np.ndarray]:
+        return [np.full(2, 10.0)]
+
+    def fit(self, parameters: Any, config: Any) -> Any:
+        return [p + self.delta for p in parameters], self.n, {}
+
+    def evaluate(self, parameters: Any, config: Any) -> Any:
+        return 0.0, self.n, {}
+
+
+class LocalProxy(ClientProxy):
+    """A ClientProxy whose submit() runs its client in-process (a done Future)."""
+
+    def __init__(self, cid: str, client: NumPyClient) -> None:
+        super().__init__(cid)
+        self.client = client.to_client()
+        self.context = Context(node_id=-1, node_config={}, state=RecordSet(), run_config={})
+
+    def submit(self, ins: Instruction, timeout: float | None) -> Future[Reply]:
+        future: Future[Reply] = Future()
+        future.set_result(handle(lambda context: self.client, self.context, ins))
+        return future
+
+
+def _manager(*proxies: ClientProxy) -> SimpleClientManager:
+    manager = SimpleClientManager(wait_timeout=0.05, seed=0)
+    for proxy in proxies:
+        assert manager.register(proxy)
+    return manager
 
 
 def _rss() -> int:
@@ -118,7 +158,7 @@ class SavesEveryRound(FedAvg):
 
 @pytest.mark.parametrize("budget", [0, 1 << 30])
 def test_a_subclass_trains_the_same_with_results_on_disk(budget: int) -> None:
-    proxies = [FakeProxy(str(k), Shift(float(k), k + 1, 0.0).to_client()) for k in range(4)]
+    proxies = [LocalProxy(str(k), Shift(float(k), k + 1)) for k in range(4)]
     strategy = SavesEveryRound(fraction_evaluate=0.0)
     server = Server(client_manager=_manager(*proxies), strategy=strategy)
     server.spill = SpillStore(budget=budget)
