@@ -353,7 +353,7 @@ def check_reconnect_later(transport: TransportUnderTest | str) -> None:
         assert second.cid != first.cid
         assert second.reconnect(ReconnectIns(seconds=0), timeout=_WAIT).reason == "RECONNECT"
         assert node.join(_WAIT) is None
-        assert manager.num_available() == 0
+        assert manager.wait_until(lambda nodes: not nodes, _WAIT)  # the server forgets it
 
 
 def check_end_of_run(transport: TransportUnderTest | str) -> None:
@@ -371,7 +371,7 @@ def check_end_of_run(transport: TransportUnderTest | str) -> None:
         _start(srv, transport, AddClient(1).to_client(), nodes)
         srv.result(_WAIT)
         _expect_clean_exit(nodes)
-        assert manager.num_available() == 0
+        assert manager.wait_until(lambda nodes: not nodes, _WAIT)  # the server forgets it
         assert len(srv.service.fleet) == 0
 
 
@@ -498,6 +498,7 @@ def check_liveness(transport: TransportUnderTest | str) -> None:
             # The node now vanishes: no heartbeat, no reply.
             error = future.exception(timeout=_WAIT)
             assert isinstance(error, ConnectionLost) and "no heartbeat" in str(error), error
-            assert manager.num_available() == 0
+            # its instruction fails as it is dropped; the unregistering follows at once
+            assert manager.wait_until(lambda nodes: not nodes, _WAIT)
         finally:
             requester.close()
