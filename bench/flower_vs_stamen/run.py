@@ -84,7 +84,7 @@ FULL = {
         "B50med", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600, strategy=MED
     ),
     "C": Workload("C", 100, 400_000, rounds=3, processes=4, repeat=3, timeout=300),
-    "D": Workload("D", 2, 400_000_000, rounds=2, processes=2, repeat=1, timeout=600),
+    "D": Workload("D", 2, 400_000_000, rounds=3, processes=2, repeat=1, timeout=600),
     "E": Workload("E", 1000, 4_000, 3, processes=4, repeat=1, timeout=300, harness="asyncio"),
     "E500": Workload("E500", 500, 4_000, 3, processes=2, repeat=1, timeout=300, harness=ASYNCIO),
     "E10k": Workload(

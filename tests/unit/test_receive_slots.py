@@ -117,3 +117,39 @@ def test_a_patient_reply_held_back_by_late_ones_waits_without_spinning() -> None
 
     spun, done = asyncio.run(scenario())
     assert done and spun == 0, f"asked {spun} times while nothing changed"
+
+
+def test_a_queue_that_moves_lets_nobody_in_out_of_turn() -> None:
+    """Replies queued behind replies that keep coming in their turn are not let in late,
+    however long they have waited (one model at a time bounds the server's memory); once
+    the head of the queue stalls for ``patience``, they are."""
+    from stamen.testing.clock import FakeClock
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        slots = ReceiveSlots(1, patience=10.0, clock=clock)
+        for seq in range(1, 6):
+            slots.begin(seq)
+        waiting = {seq: asyncio.create_task(slots.acquire(seq)) for seq in range(2, 6)}
+        assert await asyncio.wait_for(slots.acquire(1), 5) is Admission.ORDERED
+        for seq in (1, 2):  # each reply takes 6 s: the queue moves, slower than patience
+            clock.advance(6.0)
+            slots.release()
+            slots.end(seq)
+            await settle()
+            assert await asyncio.wait_for(waiting[seq + 1], 5) is Admission.ORDERED
+            assert not any(waiting[later].done() for later in range(seq + 2, 6))
+        assert slots.late == 0  # 4 and 5 waited 12 s, but the queue moved every 6 s
+        clock.advance(10.5)  # reply 3 stalls in its slot: past patience, 4 gets in late
+        await asyncio.sleep(0)
+        slots.end(99)  # any change of the ledger makes the waiters look again
+        await settle()
+        assert waiting[4].done() and waiting[4].result() is Admission.LATE
+        assert not waiting[5].done()  # the one late slot is taken
+        waiting[5].cancel()
+
+    asyncio.run(scenario())

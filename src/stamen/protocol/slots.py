@@ -7,16 +7,21 @@ instructions were sent (see ``run_instructions``), so the useful order to receiv
 that same order: :class:`SlotLedger` lets ``size`` replies in at a time, and lets a reply
 in only when every instruction sent before its own has ended (replied, failed or timed
 out), so that each received model is folded and freed before the next one arrives. A
-reply that has waited ``patience`` seconds is let in regardless of order and of free
-slots (a slow node, or replies the server holds on to, do not hold up the rest for ever;
-the cost is memory, not progress), on slots of its own (``max_late``): a long queue of
+reply that has waited ``patience`` seconds *while the round made no progress* (the
+earliest unfinished instruction stayed the same) is let in regardless of order and of
+free slots (a slow node, or replies the server holds on to, do not hold up the rest for
+ever; the cost is memory, not progress). While replies come in one after the other (every
+node answering at once, each reply taking a second to receive), none is let in out of
+its turn however long the queue: one model at a time is what bounds the server's
+memory. Replies let in late come on slots of its own (``max_late``): a long queue of
 replies that all outwaited the patience (50 nodes answering together while each reply
 takes a while to fold) goes through a few at a time, not all at once, and replies let in
 late never take the slot of the reply whose turn it is (the folding waits for that one).
 
 The ledger only decides; the server's shell (``stamen.server.fleet.slots``) waits, asking
 again whenever :attr:`SlotLedger.changes` moves or the patience runs out. Time is the
-caller's: ``admit`` is told how long the reply has waited.
+caller's: ``admit`` is told how long the reply has waited since it arrived or since
+:attr:`SlotLedger.head` last moved, whichever came later.
 """
 
 from __future__ import annotations
@@ -65,6 +70,11 @@ class SlotLedger:
         """Instruction ``seq`` was sent and has not ended yet."""
         self._unfinished.add(seq)
         heapq.heappush(self._order, seq)
+
+    @property
+    def head(self) -> int | None:
+        """The earliest instruction that has not ended (None: every one has)."""
+        return self._order[0] if self._order else None
 
     def end(self, seq: int) -> None:
         """Instruction ``seq`` ended (its reply arrived, or it failed)."""

@@ -31,6 +31,10 @@ class ReceiveSlots:
         self.ledger = SlotLedger(size, patience)
         self._clock = clock or SystemClock()
         self._changed = asyncio.Event()
+        self._moved = self._clock.monotonic()
+        """When :attr:`SlotLedger.head` last moved: a reply's patience runs from then at
+        the earliest (replies that keep coming in turn are progress; only a stall lets a
+        reply in out of its turn)."""
 
     @property
     def free(self) -> int:
@@ -48,7 +52,10 @@ class ReceiveSlots:
 
     def end(self, seq: int) -> None:
         """Instruction ``seq`` ended (its reply arrived, or it failed)."""
+        head = self.ledger.head
         self.ledger.end(seq)
+        if self.ledger.head != head:
+            self._moved = self._clock.monotonic()
         self._notify()
 
     def release(self, admission: Admission = Admission.ORDERED) -> None:
@@ -62,9 +69,14 @@ class ReceiveSlots:
 
     async def acquire(self, seq: int) -> Admission:
         """Wait for a slot and for the turn of instruction ``seq`` (cancellable); how it
-        was let in (give it back with :meth:`release`)."""
-        since = self._clock.monotonic()
-        while (admission := self.ledger.admit(seq, self._clock.monotonic() - since)) is None:
+        was let in (give it back with :meth:`release`). Its patience runs from its
+        arrival or from the last move of the ledger's head, whichever came later."""
+        arrived = self._clock.monotonic()
+        while True:
+            since = max(arrived, self._moved)
+            admission = self.ledger.admit(seq, self._clock.monotonic() - since)
+            if admission is not None:
+                return admission
             changed = self._changed
             remaining = since + self.ledger.patience - self._clock.monotonic()
             if remaining <= 0:  # patient already: only a change of the ledger lets it in
@@ -73,4 +85,3 @@ class ReceiveSlots:
             # asyncio.TimeoutError: not the builtin TimeoutError on Python 3.10
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-        return admission
