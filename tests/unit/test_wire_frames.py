@@ -87,6 +87,19 @@ def test_small_messages_are_sent_whole() -> None:
     assert read_frame(b"abcdef") is None
 
 
+def test_frames_may_be_smaller_than_the_message_bound() -> None:
+    """A message over the bound goes in frames of the size asked for (never over the
+    bound); one within it still goes whole."""
+    payload = Payload([bytes(range(256)) * 40])  # 10,240 bytes
+    frames = list(payload.messages(4096, 1000))
+    assert [read_frame(f)[1] for f in frames] == list(range(0, 10_240, 1000))  # type: ignore[index]
+    reader = FrameReader()
+    assembled = [reader.feed(f) for f in frames]
+    assert assembled[-1] is not None and bytes(assembled[-1]) == payload.tobytes()
+    assert len(list(payload.messages(4096, 10_000))) == 3  # capped at the bound
+    assert list(payload.messages(20_000, 1000)) == [payload.tobytes()]
+
+
 def test_frame_size_respects_the_message_bound() -> None:
     """Frames stay under grpc_max_message_length with room for their headers."""
     assert frame_size(512 << 20) == FRAME_SIZE

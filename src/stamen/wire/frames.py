@@ -148,13 +148,15 @@ class Payload:
         inner = len(head) + stop - offset
         return b"".join([_FRAME_TAG, _fast.varint(inner), head, *self._slices(offset, stop)])
 
-    def messages(self, size: int) -> Iterator[bytes]:
-        """What to send: the whole message if it fits in ``size`` bytes, else its frames."""
+    def messages(self, size: int, frame: int | None = None) -> Iterator[bytes]:
+        """What to send: the whole message if it fits in ``size`` bytes, else its frames
+        of ``frame`` bytes (at most ``size``; default ``size``)."""
         if self.size <= size:
             yield self.tobytes()
             return
-        for offset in range(0, self.size, size):
-            yield self.frame(offset, size)
+        step = size if frame is None else max(1, min(frame, size))
+        for offset in range(0, self.size, step):
+            yield self.frame(offset, step)
 
 
 def is_frame(data: bytes | memoryview) -> bool:

@@ -49,6 +49,13 @@ __all__ = ["bidi_handler"]
 
 logger = logging.getLogger("stamen.server")
 
+SEND_FRAME = 1 << 20
+"""Data bytes per frame of an instruction too large for one message. Every node of a
+round is sent its model at once, and gRPC holds a few frames of each stream in its
+buffers until the node's flow-control window takes them: 1 MiB frames keep that near
+3 MiB per node (a 10 x 100 MB round's server peaked 30-40 MB lower than with 4 MiB
+frames, in the same time). Instructions that fit in one message are sent whole."""
+
 
 class _Revoked(Exception):
     """The node's key was removed from the authorized keys while its stream was open."""
@@ -185,7 +192,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                 ):
                     raise _Revoked(f"node {node.cid}: its key is no longer authorized")
                 if frames:
-                    for message in task.payload.messages(node.frame_size):
+                    for message in task.payload.messages(node.frame_size, SEND_FRAME):
                         await context.write(sealed(message))
                     del message  # the last frame: not kept while the node works
                 else:
