@@ -194,10 +194,14 @@ def unused_over_limit(
     for group in unused.values():
         if len(group) <= limit:
             continue
-        seen = sorted((first_seen.get(link.peer, now), link.inode, link) for link in group)
-        old = [link for since, _, link in seen if now - since >= min_age]
+        group.sort(key=lambda link: (first_seen.get(link.peer, now), link.inode))
+        old = [link for link in group if now - first_seen.get(link.peer, now) >= min_age]
         chosen += old[: len(group) - limit]
     return chosen
+
+
+_Rank = tuple[int, float, int]
+"""Which of an address's connections goes first: (0 never called / 1 called, since, inode)."""
 
 
 def victims(
@@ -220,7 +224,7 @@ def victims(
     if excess <= 0:
         return []
 
-    def rank(link: Link) -> tuple[int, float, int] | None:
+    def rank(link: Link) -> _Rank | None:
         if link.peer in ledger.in_flight:
             return None
         last = ledger.last_call.get(link.peer)
@@ -229,17 +233,26 @@ def victims(
         seen = first_seen.get(link.peer, now)
         return (0, seen, link.inode) if now - seen >= min_age else None
 
-    held = Counter(address_of(link.peer) for link in links)
-    closable: dict[str, list[tuple[tuple[int, float, int], Link]]] = {}
+    closable: dict[str, list[tuple[_Rank, Link]]] = {}
     for link in links:
         if (r := rank(link)) is not None:
             closable.setdefault(address_of(link.peer), []).append((r, link))
+    held = Counter(address_of(link.peer) for link in links)
+    return _fairly(closable, held, excess)
+
+
+def _fairly(
+    closable: dict[str, list[tuple[_Rank, Link]]], held: Counter[str], count: int
+) -> list[Link]:
+    """``count`` of the ``closable`` connections (by address, ranked), one at a time from
+    the address that ``held`` the most connections, the best-ranked first between
+    addresses holding as many."""
     for group in closable.values():
         group.sort(key=lambda pair: pair[0], reverse=True)  # the next victim last
     queue = [(-held[address], group[-1][0], address) for address, group in closable.items()]
     heapq.heapify(queue)
     chosen: list[Link] = []
-    while queue and len(chosen) < excess:
+    while queue and len(chosen) < count:
         _, _, address = heapq.heappop(queue)
         group = closable[address]
         chosen.append(group.pop()[1])
