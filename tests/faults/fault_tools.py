@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
@@ -628,3 +629,130 @@ class FakeHttpServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(WAIT)
+
+
+# --- connections that drip bytes and never make a call ----------------------------------------
+
+DRIP_EVERY = 0.3
+"""Seconds between two bytes of a dripping connection."""
+
+
+def _grpc_head() -> bytes:
+    """HTTP/2 preface, an empty SETTINGS frame, and the start of a HEADERS frame on stream
+    1 whose one literal header's value is announced ~16,000 bytes long."""
+    value = 16_000
+    block = b"\x00\x01x\x7f"  # literal, new name "x", value length >= 127 ...
+    rest, varint = value - 127, bytearray()
+    while rest >= 0x80:
+        varint.append(rest & 0x7F | 0x80)
+        rest >>= 7
+    varint.append(rest)
+    block += bytes(varint)
+    length = len(block) + value
+    frame = length.to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big")  # END_HEADERS
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    return b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + frame + block
+
+
+GRPC_HEAD = _grpc_head()
+"""The start of a gRPC call that never ends: the server never hands it to Stamen."""
+
+
+@dataclass
+class DripSlot:
+    """One dripping connection: to ``target`` from ``source``, beginning with ``head``."""
+
+    target: tuple[str, int]
+    source: str
+    head: bytes
+    sock: socket.socket | None = None
+    started: bool = False  # the head is sent
+
+
+@dataclass
+class Drippers:
+    """Connections that each drip a byte per tick, reopened when the server closes them
+    (a thread; :meth:`stop` closes every socket)."""
+
+    slots: list[DripSlot]
+    reopened: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="drippers", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            assert not self._thread.is_alive(), "the dripper thread did not stop"
+        for slot in self.slots:
+            self._close(slot)
+
+    def wait_reopened(self, count: int, timeout: float) -> None:
+        """Wait until the server has closed ``count`` connections (bounded)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.reopened >= count, timeout):
+                raise AssertionError(
+                    f"expected the server to close {count} dripping connections within "
+                    f"{timeout} s, it closed {self.reopened}"
+                )
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for slot in self.slots:
+                    self._tick(slot)
+                self._stop.wait(DRIP_EVERY)
+        finally:
+            for slot in self.slots:
+                self._close(slot)
+
+    def _tick(self, slot: DripSlot) -> None:
+        if slot.sock is None:
+            self._open(slot)
+            return
+        try:
+            while slot.sock.recv(65536):  # what the server says is read and dropped
+                pass
+            self._closed_by_server(slot)  # b"": the server closed it
+            return
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._closed_by_server(slot)
+            return
+        try:
+            slot.sock.send(b"a" if slot.started else slot.head)
+            slot.started = True
+        except BlockingIOError:
+            pass  # still connecting (a full accept queue), or the buffer is full
+        except OSError:
+            self._closed_by_server(slot)
+
+    def _open(self, slot: DripSlot) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.bind((slot.source, 0))
+            sock.connect_ex(slot.target)
+        except OSError:
+            sock.close()
+            return
+        slot.sock, slot.started = sock, False
+
+    def _closed_by_server(self, slot: DripSlot) -> None:
+        self._close(slot)
+        with self._changed:
+            self.reopened += 1
+            self._changed.notify_all()
+
+    @staticmethod
+    def _close(slot: DripSlot) -> None:
+        if slot.sock is not None:
+            with contextlib.suppress(OSError):
+                slot.sock.close()
+            slot.sock = None

@@ -23,17 +23,15 @@ from __future__ import annotations
 import contextlib
 import queue
 import resource
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fault_tools import NodeProcess
+from fault_tools import GRPC_HEAD, Drippers, DripSlot, NodeProcess
 
 from stamen.wire import Verb
 
@@ -41,115 +39,9 @@ SERVER = Path(__file__).resolve().parents[1] / "security" / "limits_server_proc.
 DESCRIPTORS = 1024
 DRIPPERS = 1100
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
-DRIP_EVERY = 0.3
 ROUND_WITHIN = 15.0
 
 REST_HEAD = f"POST {Verb.HEARTBEAT.rest_path} HTTP/1.1\r\nhost: x\r\nx-drip: ".encode()
-
-
-def _grpc_head() -> bytes:
-    """HTTP/2 preface, an empty SETTINGS frame, and the start of a HEADERS frame on stream
-    1 whose one literal header's value is announced ~16,000 bytes long."""
-    value = 16_000
-    block = b"\x00\x01x\x7f"  # literal, new name "x", value length >= 127 ...
-    rest, varint = value - 127, bytearray()
-    while rest >= 0x80:
-        varint.append(rest & 0x7F | 0x80)
-        rest >>= 7
-    varint.append(rest)
-    block += bytes(varint)
-    length = len(block) + value
-    frame = length.to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big")  # END_HEADERS
-    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    return b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + frame + block
-
-
-GRPC_HEAD = _grpc_head()
-
-
-@dataclass
-class _Slot:
-    target: tuple[str, int]
-    source: str
-    head: bytes
-    sock: socket.socket | None = None
-    started: bool = False  # the head is sent
-
-
-@dataclass
-class Drippers:
-    """Connections that each drip a byte per tick, reopened when the server closes them
-    (a thread; :meth:`stop` closes every socket)."""
-
-    slots: list[_Slot]
-    reopened: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="drippers", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            assert not self._thread.is_alive(), "the dripper thread did not stop"
-        for slot in self.slots:
-            self._close(slot)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                for slot in self.slots:
-                    self._tick(slot)
-                self._stop.wait(DRIP_EVERY)
-        finally:
-            for slot in self.slots:
-                self._close(slot)
-
-    def _tick(self, slot: _Slot) -> None:
-        if slot.sock is None:
-            self._open(slot)
-            return
-        try:
-            while slot.sock.recv(65536):  # what the server says is read and dropped
-                pass
-            self._close(slot)  # b"": the server closed it
-            self.reopened += 1
-            return
-        except BlockingIOError:
-            pass
-        except OSError:
-            self._close(slot)
-            self.reopened += 1
-            return
-        try:
-            slot.sock.send(b"a" if slot.started else slot.head)
-            slot.started = True
-        except BlockingIOError:
-            pass  # still connecting (a full accept queue), or the buffer is full
-        except OSError:
-            self._close(slot)
-            self.reopened += 1
-
-    def _open(self, slot: _Slot) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.bind((slot.source, 0))
-            sock.connect_ex(slot.target)
-        except OSError:
-            sock.close()
-            return
-        slot.sock, slot.started = sock, False
-
-    @staticmethod
-    def _close(slot: _Slot) -> None:
-        if slot.sock is not None:
-            with contextlib.suppress(OSError):
-                slot.sock.close()
-            slot.sock = None
 
 
 class ServerProcess:
@@ -237,7 +129,7 @@ def test_drippers_filling_both_ports_do_not_lock_honest_nodes_out(
         assert ports[0] == "PORTS", ports
         grpc_port, rest_port = int(ports[1]), int(ports[2])
         slots = [
-            _Slot(
+            DripSlot(
                 ("127.0.0.1", rest_port if i % 2 == 0 else grpc_port),
                 SOURCES[i // 2 % len(SOURCES)],
                 REST_HEAD if i % 2 == 0 else GRPC_HEAD,

@@ -87,7 +87,15 @@ class FleetTiming:
         max_grpc_connections: gRPC connections open at once (None: the descriptor limit
             less REST's ``max_connections`` and a reserve of an eighth, at least 64, for
             the server's own files; at least 64). gRPC closes more as they arrive; from
-            7/8 of it the server closes connections that carry no call, down to 3/4.
+            7/8 of it the server closes connections that carry no call, down to 3/4,
+            from the addresses holding the most connections first.
+        max_grpc_unused_per_peer: gRPC connections from one IP address that have not
+            made a call yet (None: a quarter of ``max_grpc_connections``, at least 16).
+            The server closes more, the longest-known first, once they have been
+            connected for 2 s without a call. Connections that made a call do not
+            count: a node makes its first call as soon as it is connected, so any number
+            of nodes may share an address (a host, a NAT, 127.0.0.1); only clients that
+            hold connections without using them are cut.
         max_unverified_bytes: Bytes of requests being received or served at once, on
             every listener together, before they are answered (signature, decoding): REST
             counts a body's bytes as they arrive, gRPC a call's method size bound until its
@@ -115,6 +123,7 @@ class FleetTiming:
     max_connections: int | None = None
     max_connections_per_peer: int | None = None
     max_grpc_connections: int | None = None
+    max_grpc_unused_per_peer: int | None = None
     max_unverified_bytes: int | None = None
     max_reply_size: int | None = None
     create_node_rate: float | None = 20.0
@@ -134,6 +143,7 @@ class FleetTiming:
             "max_connections",
             "max_connections_per_peer",
             "max_grpc_connections",
+            "max_grpc_unused_per_peer",
             "max_unverified_bytes",
             "max_reply_size",
             "create_node_rate",
@@ -160,14 +170,17 @@ class FleetTiming:
         total = self.max_connections or max(64, descriptors // 2)
         return total, self.max_connections_per_peer or max(16, total // 4)
 
-    def grpc_connection_limit(self, descriptors: int, *, rest: bool) -> int:
-        """gRPC connections open at once, for a process that may open ``descriptors``
-        files and serves REST or not (see ``max_grpc_connections``)."""
+    def grpc_connection_limits(self, descriptors: int, *, rest: bool) -> tuple[int, int]:
+        """gRPC connections open at once, and connections that have not made a call yet
+        per IP address, for a process that may open ``descriptors`` files and serves
+        REST or not (see ``max_grpc_connections``, ``max_grpc_unused_per_peer``)."""
         if self.max_grpc_connections is not None:
-            return self.max_grpc_connections
-        reserve = max(64, descriptors // 8)
-        rest_share = self.rest_connection_limits(descriptors)[0] if rest else 0
-        return max(64, descriptors - reserve - rest_share)
+            cap = self.max_grpc_connections
+        else:
+            reserve = max(64, descriptors // 8)
+            rest_share = self.rest_connection_limits(descriptors)[0] if rest else 0
+            cap = max(64, descriptors - reserve - rest_share)
+        return cap, self.max_grpc_unused_per_peer or max(16, cap // 4)
 
     @property
     def silence_limit(self) -> float:

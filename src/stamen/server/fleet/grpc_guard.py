@@ -1,7 +1,7 @@
 """Room for new nodes on the gRPC listener when slow or idle clients fill it.
 
 gRPC core caps the listener's connections (``grpc.max_allowed_incoming_connections``,
-:meth:`FleetTiming.grpc_connection_limit`): over the cap it closes each new connection
+:meth:`FleetTiming.grpc_connection_limits`): over the cap it closes each new connection
 as it accepts it, so no flood of connections takes the process's last file descriptors
 (REST, checkpoints and spill files need theirs). But gRPC keeps the connections it has,
 however little they do: clients that connect and drip bytes without ever making a call
@@ -9,12 +9,22 @@ would hold every place, and a node could not connect until gRPC's idle limit clo
 
 So the guard looks at the listener's connections every :data:`PERIOD` seconds (the
 kernel's table of TCP sockets, ``/proc/self/net/tcp6``) and at the calls the server is
-serving (:class:`CallLedger`, fed by :func:`tracked`). When the connections reach
-:func:`high_water` of the cap, it closes connections that carry no call, down to
-:func:`low_water`: first those that never made a call (longest-known first), then those
-idle longest. A connection with a call in flight is never closed. Closing is a
-``shutdown`` of the socket through a duplicate of gRPC's descriptor, after checking that
-the duplicate is the connection meant: gRPC then sees the peer gone and closes it.
+serving (:class:`CallLedger`, fed by :func:`tracked`). Two rules, both pure functions:
+
+* per address (:func:`unused_over_limit`): one IP address may hold at most
+  ``FleetTiming.max_grpc_unused_per_peer`` connections that have not made a call; of
+  more, those connected for :data:`FIRST_CALL_WITHIN` seconds without a call are closed,
+  longest-known first. Connections that made a call do not count, so any number of nodes
+  may share an address.
+* under pressure (:func:`victims`): when the connections reach :func:`high_water` of the
+  cap, connections that carry no call are closed down to :func:`low_water`, one at a
+  time from the address holding the most connections (so a flooding address gives way
+  before a node from another one loses its connection); within an address, first those
+  that never made a call (longest-known first), then those idle longest.
+
+A connection with a call in flight is never closed. Closing is a ``shutdown`` of the
+socket through a duplicate of gRPC's descriptor, after checking that the duplicate is
+the connection meant: gRPC then sees the peer gone and closes it.
 
 Linux only (``/proc``); elsewhere the guard does nothing and the cap alone holds.
 """
@@ -23,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +47,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "FIRST_CALL_WITHIN",
     "PERIOD",
     "CallLedger",
     "ConnectionGuard",
@@ -42,6 +55,7 @@ __all__ = [
     "high_water",
     "low_water",
     "tracked",
+    "unused_over_limit",
     "victims",
 ]
 
@@ -50,6 +64,10 @@ logger = logging.getLogger("stamen.server")
 PERIOD = 0.25
 """Seconds between two looks at the listener's connections (at least: a look that takes
 long, on a server with many connections, waits 20 times as long before the next)."""
+FIRST_CALL_WITHIN = 2.0
+"""Seconds a connection may stay without a call before the per-address limit may close
+it (a node makes its first call at once; gRPC may take a moment to hand it over when
+thousands of calls wait)."""
 _TABLES = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
 _LISTEN = "0A"
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -147,6 +165,45 @@ def low_water(cap: int) -> int:
     return max(0, cap - max(2, cap // 4))
 
 
+def address_of(peer: str) -> str:
+    """The IP address of a gRPC peer: ``ipv4:10.0.0.1:5000`` -> ``ipv4:10.0.0.1``."""
+    return peer.rpartition(":")[0]
+
+
+def _never_called(link: Link, ledger: CallLedger) -> bool:
+    return link.peer not in ledger.in_flight and link.peer not in ledger.last_call
+
+
+def unused_over_limit(
+    links: Iterable[Link],
+    ledger: CallLedger,
+    first_seen: Mapping[str, float],
+    now: float,
+    *,
+    limit: int,
+    min_age: float,
+) -> list[Link]:
+    """The connections to close because their address holds more than ``limit`` that
+    have not made a call: of each such address's, the longest-known ones over the limit,
+    of those known for ``min_age`` seconds. Connections that made a call do not count."""
+    unused: dict[str, list[Link]] = {}
+    for link in links:
+        if _never_called(link, ledger):
+            unused.setdefault(address_of(link.peer), []).append(link)
+    chosen: list[Link] = []
+    for group in unused.values():
+        if len(group) <= limit:
+            continue
+        group.sort(key=lambda link: (first_seen.get(link.peer, now), link.inode))
+        old = [link for link in group if now - first_seen.get(link.peer, now) >= min_age]
+        chosen += old[: len(group) - limit]
+    return chosen
+
+
+_Rank = tuple[int, float, int]
+"""Which of an address's connections goes first: (0 never called / 1 called, since, inode)."""
+
+
 def victims(
     links: Iterable[Link],
     ledger: CallLedger,
@@ -157,27 +214,52 @@ def victims(
     min_age: float,
 ) -> list[Link]:
     """The connections to close so that at most ``keep`` remain, of those carrying no
-    call: first those that never made one and have been known for ``min_age`` seconds
-    (a node makes its first call as soon as it is connected), longest-known first; then
-    those whose last call ended longest ago."""
+    call, one at a time from the address holding the most connections (all of its
+    connections counted, those closed already not). Within an address, and between
+    addresses holding as many: first those that never made a call and have been known
+    for ``min_age`` seconds (a node makes its first call as soon as it is connected),
+    longest-known first; then those whose last call ended longest ago."""
     links = list(links)
     excess = len(links) - keep
     if excess <= 0:
         return []
 
-    def rank(link: Link) -> tuple[int, float] | None:
+    def rank(link: Link) -> _Rank | None:
         if link.peer in ledger.in_flight:
             return None
         last = ledger.last_call.get(link.peer)
         if last is not None:
-            return (1, last)
+            return (1, last, link.inode)
         seen = first_seen.get(link.peer, now)
-        return (0, seen) if now - seen >= min_age else None
+        return (0, seen, link.inode) if now - seen >= min_age else None
 
-    ranked = sorted(
-        ((r, link) for link in links if (r := rank(link)) is not None), key=lambda p: p[0]
-    )
-    return [link for _, link in ranked[:excess]]
+    closable: dict[str, list[tuple[_Rank, Link]]] = {}
+    for link in links:
+        if (r := rank(link)) is not None:
+            closable.setdefault(address_of(link.peer), []).append((r, link))
+    held = Counter(address_of(link.peer) for link in links)
+    return _fairly(closable, held, excess)
+
+
+def _fairly(
+    closable: dict[str, list[tuple[_Rank, Link]]], held: Counter[str], count: int
+) -> list[Link]:
+    """``count`` of the ``closable`` connections (by address, ranked), one at a time from
+    the address that ``held`` the most connections, the best-ranked first between
+    addresses holding as many."""
+    for group in closable.values():
+        group.sort(key=lambda pair: pair[0], reverse=True)  # the next victim last
+    queue = [(-held[address], group[-1][0], address) for address, group in closable.items()]
+    heapq.heapify(queue)
+    chosen: list[Link] = []
+    while queue and len(chosen) < count:
+        _, _, address = heapq.heappop(queue)
+        group = closable[address]
+        chosen.append(group.pop()[1])
+        held[address] -= 1
+        if group:
+            heapq.heappush(queue, (-held[address], group[-1][0], address))
+    return chosen
 
 
 # --- the kernel's view (IO) -------------------------------------------------------------
@@ -264,17 +346,22 @@ def close_links(links: Iterable[Link], port: int) -> int:
 
 
 class ConnectionGuard:
-    """Keeps room on the gRPC listener on ``port`` whose connections gRPC caps at ``cap``
+    """Keeps room on the gRPC listener on ``port`` whose connections gRPC caps at ``cap``,
+    with at most ``unused_per_peer`` connections that have not made a call per address
     (see the module's doc). Runs on the fleet's loop (:meth:`watch`); its looks at the
     kernel's tables run on a worker thread."""
 
-    def __init__(self, port: int, cap: int, ledger: CallLedger) -> None:
+    def __init__(self, port: int, cap: int, ledger: CallLedger, unused_per_peer: int) -> None:
         self.port = port
         self.cap = cap
+        self.unused_per_peer = unused_per_peer
         self.ledger = ledger
         self.closed = 0
+        """Connections closed to make room (at high water)."""
+        self.closed_unused = 0
+        """Connections closed for the per-address limit."""
         self._first_seen: dict[str, float] = {}
-        self._warned = -math.inf
+        self._warned = {"room": -math.inf, "unused": -math.inf}
 
     async def watch(self) -> None:
         """Look, close what must be, wait; until cancelled."""
@@ -286,33 +373,69 @@ class ConnectionGuard:
             await asyncio.sleep(max(PERIOD, 20 * spent))
 
     async def look(self, loop: asyncio.AbstractEventLoop) -> int:
-        """One look: close idle connections if there are too many; return how many."""
+        """One look: close connections over the per-address limit, then idle ones if
+        there are too many; return how many were closed."""
         links = await asyncio.to_thread(links_on, self.port)
         now = loop.time()
         seen = self._first_seen
         self._first_seen = {link.peer: seen.get(link.peer, now) for link in links}
         self.ledger.forget_all_but(self._first_seen)
-        if len(links) < high_water(self.cap):
-            return 0
-        chosen = victims(
+        crowding = unused_over_limit(
             links,
+            self.ledger,
+            self._first_seen,
+            now,
+            limit=self.unused_per_peer,
+            min_age=FIRST_CALL_WITHIN,
+        )
+        closed = await self._close_unused(crowding, now) if crowding else 0
+        gone = set(crowding)
+        left = [link for link in links if link not in gone]
+        if len(left) < high_water(self.cap):
+            return closed
+        chosen = victims(
+            left,
             self.ledger,
             self._first_seen,
             now,
             keep=low_water(self.cap),
             min_age=PERIOD,
         )
-        closed = await asyncio.to_thread(close_links, chosen, self.port) if chosen else 0
-        self.closed += closed
-        if now - self._warned >= 10.0:
-            self._warned = now
+        made_room = await asyncio.to_thread(close_links, chosen, self.port) if chosen else 0
+        self.closed += made_room
+        if self._should_warn("room", now):
             logger.warning(
                 "grpc: %d connections open (gRPC refuses more than %d, "
                 "FleetTiming.max_grpc_connections): closed %d that carried no call, to make "
-                "room; %d closed so far",
-                len(links),
+                "room (from the addresses holding the most connections first); %d closed "
+                "so far",
+                len(left),
                 self.cap,
-                closed,
+                made_room,
                 self.closed,
             )
+        return closed + made_room
+
+    async def _close_unused(self, chosen: list[Link], now: float) -> int:
+        closed = await asyncio.to_thread(close_links, chosen, self.port)
+        self.closed_unused += closed
+        if self._should_warn("unused", now):
+            worst, count = Counter(address_of(link.peer) for link in chosen).most_common(1)[0]
+            logger.warning(
+                "grpc: closing %d connections that made no call within %.0f s, %d of them "
+                "from %s: one address may hold at most %d connections without a call "
+                "(FleetTiming.max_grpc_unused_per_peer); %d closed so far",
+                closed,
+                FIRST_CALL_WITHIN,
+                count,
+                worst.partition(":")[2],
+                self.unused_per_peer,
+                self.closed_unused,
+            )
         return closed
+
+    def _should_warn(self, reason: str, now: float) -> bool:
+        if now - self._warned[reason] < 10.0:
+            return False
+        self._warned[reason] = now
+        return True

@@ -184,6 +184,9 @@ class FleetService:
         self._guard: asyncio.Task[None] | None = None
         self.grpc_connection_limit = 0
         """Connections the gRPC listener takes at once (set by :meth:`start`)."""
+        self.grpc_unused_per_peer = 0
+        """Connections without a call the gRPC listener keeps per address (set by
+        :meth:`start`)."""
         self.port: int = 0
         self.rest_port: int | None = None
 
@@ -203,8 +206,10 @@ class FleetService:
             raise
         logger.info("serving grpc-bidi and grpc-rere on %s (port %d)", self._address, self.port)
         logger.info(
-            "grpc: at most %d connections at once (FleetTiming.max_grpc_connections)",
+            "grpc: at most %d connections at once (FleetTiming.max_grpc_connections), %d "
+            "without a call per address (FleetTiming.max_grpc_unused_per_peer)",
             self.grpc_connection_limit,
+            self.grpc_unused_per_peer,
         )
         if self.rest_port is not None:
             logger.info("serving rest on %s (port %d)", self._rest_address, self.rest_port)
@@ -215,8 +220,10 @@ class FleetService:
 
     async def _start(self) -> int:
         timing = self.fleet.timing
-        cap = timing.grpc_connection_limit(descriptor_limit(), rest=self._rest_address is not None)
-        self.grpc_connection_limit = cap
+        cap, unused_per_peer = timing.grpc_connection_limits(
+            descriptor_limit(), rest=self._rest_address is not None
+        )
+        self.grpc_connection_limit, self.grpc_unused_per_peer = cap, unused_per_peer
         server = grpc.aio.server(
             options=server_options(self._max_message_length, timing.idle_limit, cap),
             maximum_concurrent_rpcs=None,
@@ -242,7 +249,9 @@ class FleetService:
         if self._rest_address is not None:
             await self._start_rest(self._rest_address)
         self._liveness = asyncio.create_task(self.fleet.watch_liveness())
-        self._guard = asyncio.create_task(ConnectionGuard(int(port), cap, ledger).watch())
+        self._guard = asyncio.create_task(
+            ConnectionGuard(int(port), cap, ledger, unused_per_peer).watch()
+        )
         return int(port)
 
     async def _start_rest(self, address: str) -> None:
