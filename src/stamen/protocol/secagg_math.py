@@ -4,9 +4,10 @@ A node's contribution is one flat ``uint32`` vector: entry 0 is its quantized we
 the others its quantized, weighted parameters (every layer flattened, in order). All
 arithmetic is in ``uint32``, which wraps modulo 2**32; since the modulus ``M`` is a power
 of two dividing 2**32, reducing with ``& (M - 1)`` at the end gives the value modulo
-``M``. Masks are AES-128-CTR keystreams (a PRG keyed by a 32-byte seed: key and initial
-counter), so a masked vector is uniform over [0, M); they are drawn and folded in
-cache-sized blocks (:func:`apply_masks`), never held whole.
+``M``. Masks are AES-128-CTR keystreams (a PRG keyed by a 32-byte seed: key and nonce,
+:func:`_keystream`), so a masked vector is uniform over [0, M); they are drawn and folded
+in cache-sized blocks, never held whole: by the node as it quantizes each block
+(:func:`quantize`), by the server over its sum (:func:`apply_masks`).
 
 Quantization, with clipping range ``c``, quantization range ``T`` and ``max_weight``
 ``W``: a node with ``n`` examples has weight ``w = min(n, W) / W`` in (0, 1], sent as
