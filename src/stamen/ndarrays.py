@@ -356,10 +356,11 @@ def tensor_with_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[mem
     written to the array: fill the array before handing the tensor on.
     """
     header = _npy_header(np.broadcast_to(np.zeros((), dtype), shape), fortran=False)
-    blob = bytearray(len(header) + math.prod(shape) * dtype.itemsize)
-    blob[: len(header)] = header
-    array = np.frombuffer(blob, dtype=dtype, offset=len(header)).reshape(shape)
-    return memoryview(blob).toreadonly(), array
+    # np.empty, not bytearray: the values are not zeroed first (a pass over them saved)
+    blob = np.empty(len(header) + math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    blob[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+    array = blob[len(header) :].view(dtype).reshape(shape)
+    return blob.data.toreadonly(), array
 
 
 def ndarray_to_tensor(ndarray: NDArray) -> bytes | memoryview:

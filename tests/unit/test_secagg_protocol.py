@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from stamen.errors import ConfigError, ProtocolError
 from stamen.protocol import secagg_math as sm
@@ -254,6 +255,36 @@ def test_masks_applied_in_blocks_are_the_whole_masks_summed():
     assert np.array_equal(total, want.astype(np.uint32))
     # a prefix of a mask is the mask of the shorter length
     assert np.array_equal(sm.prg_mask(seeds[0], 7, 2**32), sm.prg_mask(seeds[0], length, 2**32)[:7])
+
+
+def test_the_mask_prg_is_aes_128_ctr_from_counter_2_of_the_seeds_nonce():
+    seed = bytes(range(100, 132))
+    length = 2**15 + 3
+    iv = seed[16:28] + (2).to_bytes(4, "big")
+    ctr = Cipher(algorithms.AES(seed[:16]), modes.CTR(iv)).encryptor()
+    want = np.frombuffer(ctr.update(bytes(4 * length)), dtype="<u4")
+    assert np.array_equal(sm.prg_mask(seed, length, 2**32), want)
+    with pytest.raises(ConfigError, match="longer than one mask keystream"):
+        sm.prg_mask(seed, 4 * 2**32, 2**32)
+
+
+def test_quantizing_and_masking_in_one_pass_equals_masking_after():
+    gen = np.random.default_rng(11)
+    # layers that cross blocks, end inside one, fill one exactly, and are empty
+    sizes = [5, 2**15 - 6, 2**15 + 17, 0, 3, 2 * 2**15 - 20, 1]
+    arrays = [gen.uniform(-2 * C, 2 * C, n).astype(np.float32) for n in sizes]
+    seeds = [gen.bytes(32) for _ in range(4)]
+    quantized = dict(clipping_range=C, quantization_range=T, max_weight=1000.0)
+    both = sm.quantize(
+        arrays, 77, noise_seed=bytes(32), add=seeds[:3], subtract=seeds[3:], **quantized
+    )
+    after = sm.quantize(arrays, 77, noise_seed=bytes(32), **quantized)
+    sm.apply_masks(after, seeds[:3], seeds[3:])
+    assert both.size == 1 + sum(sizes)
+    assert np.array_equal(both, after)
+    nothing = sm.quantize([], 77, noise_seed=bytes(32), add=seeds[:1], **quantized)
+    mask = int(sm.prg_mask(seeds[0], 1, 2**32)[0])
+    assert nothing.tolist() == [(sm.weight_factor(77, 1000.0, T) + mask) % 2**32]
 
 
 def test_stochastic_rounding_rounds_up_as_often_as_the_fraction_says():

@@ -89,10 +89,11 @@ KEY_ACTIVE = KEY_PREFIX + "active"
 KEY_DROPPED = KEY_PREFIX + "dropped"
 KEY_VERSION = KEY_PREFIX + "version"
 
-VERSION = 2
+VERSION = 3
 """The protocol's version, sent both ways at SETUP: a server and a node of different
-versions draw different masks (version 1 used AES-256-CTR), so each refuses the other
-rather than produce a wrong sum."""
+versions draw different masks (version 1 used AES-256-CTR, version 2 AES-128-CTR on the
+counter blocks ``seed[16:32] + i``; version 3 counts on ``seed[16:28] || i`` from
+``i = 2``, as AES-GCM does), so each refuses the other rather than produce a wrong sum."""
 
 _AAD = b"stamen-secagg-v1"
 _SECRET = 32
@@ -831,6 +832,9 @@ class SecAggNode:
         if self.stage is not NodeStage.MASKING or not self._b:
             raise ProtocolError("secagg: no masked input is due")
         params = self._require_params()
+        # The self mask, and each pairwise mask: added by the smaller sid, subtracted by
+        # the larger, so that they cancel in the sum; folded in as each block is quantized.
+        others = [sid for sid in self._masking if sid != self.sid]
         vector = sm.quantize(
             arrays,
             num_examples,
@@ -839,13 +843,9 @@ class SecAggNode:
             max_weight=params.max_weight,
             noise_seed=self._rng(_SECRET),
             out=out,
+            add=[self._b] + [self._seeds[sid] for sid in others if self.sid < sid],
+            subtract=[self._seeds[sid] for sid in others if self.sid > sid],
         )
-        # The self mask, and each pairwise mask: added by the smaller sid, subtracted by
-        # the larger, so that they cancel in the sum.
-        others = [sid for sid in self._masking if sid != self.sid]
-        add = [self._b] + [self._seeds[sid] for sid in others if self.sid < sid]
-        subtract = [self._seeds[sid] for sid in others if self.sid > sid]
-        sm.apply_masks(vector, add, subtract)
         self._b = b""  # only its shares are needed now
         return sm.reduce(vector, params.modulus_range)
 

@@ -62,6 +62,16 @@ def test_aggregate_accumulates_in_float64() -> None:
     assert out[0][0] == np.float32((1e8 + 1000) / 1001)
 
 
+def test_a_model_given_several_times_counts_with_each_weight() -> None:
+    """The same model (one list, as SecAgg+ gives its survivors) is read once with its
+    weights summed: the mean is what the repeated terms give."""
+    shared, other = [v(1.0, 2.0), v(4.0)], [v(3.0, 0.0), v(8.0)]
+    out = aggregate([(shared, 3), (other, 2), (shared, 5)])
+    np.testing.assert_allclose(out[0], v(1.4, 1.6), rtol=1e-15)  # (8 x 1 + 2 x 3) / 10
+    np.testing.assert_allclose(out[1], v(4.8), rtol=1e-15)
+    assert aggregate([(shared, 1), (shared, 7)])[0].tolist() == [1.0, 2.0]
+
+
 def test_aggregate_streams_one_model_at_a_time() -> None:
     """aggregate() consumes a generator and keeps no model it has added: when model k is
     produced, model k - 2 is gone (k - 1 is still the caller's loop variable)."""

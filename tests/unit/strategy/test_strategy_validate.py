@@ -117,6 +117,25 @@ def test_checked_results_decode_lazily_and_can_stop(kit: Any) -> None:
         list(checked)
 
 
+def test_results_sharing_parameters_are_checked_once(kit: Any) -> None:
+    """Results that carry one Parameters object (SecAgg+'s survivors, each with the
+    aggregate) get the same arrays, one list, each result still counted; a bad shared one
+    is refused for each result that carries it."""
+    shared, bad = kit.params(model(2.0)), kit.params(model(np.nan))
+    results = [
+        (kit.proxy(cid), FitRes(Status(Code.OK, ""), params, n, {}))
+        for cid, params, n in [("a", shared, 1), ("b", bad, 1), ("c", shared, 3), ("d", bad, 2)]
+    ]
+    valid, failures = validate_fit_results(1, results, [], GLOBAL)
+    assert [p.cid for p, _, _ in valid] == ["a", "c"]
+    assert valid[0][2] is valid[1][2]
+    assert [f.proxy.cid for f in failures if isinstance(f, InvalidResult)] == ["b", "d"]
+    streaming = CheckedFitResults(1, results, [], ModelLayout.of(GLOBAL), keep_tensors=False)
+    first, second = (streaming.check(p, r) for p, r in (results[0], results[2]))
+    assert first is not None and second is not None and first is not second
+    np.testing.assert_array_equal(first[0], second[0])
+
+
 def test_evaluate_results_refuse_negative_examples_and_bad_losses(kit: Any) -> None:
     """Evaluate results with num_examples < 0 or a NaN/Inf loss are refused; 0 examples pass."""
     results = [

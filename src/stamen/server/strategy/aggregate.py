@@ -476,15 +476,34 @@ def _weighted_mean(results: Sequence[tuple[NDArrays, float]]) -> NDArrays:
                 f"aggregate: result {index} has layers {[a.shape for a in arrays]}, "
                 f"expected {shapes}"
             )
-    weights = [weight for _, weight in results]
     total: float = 0
-    for weight in weights:
+    for _, weight in results:
         total += weight
     _check_total(total)
+    models, weights = _merge_repeated(results)
     return [
-        _mean_of_layer([arrays[layer] for arrays, _ in results], weights, total)
+        _mean_of_layer([arrays[layer] for arrays in models], weights, total)
         for layer in range(len(shapes))
     ]
+
+
+def _merge_repeated(
+    results: Sequence[tuple[NDArrays, float]],
+) -> tuple[list[NDArrays], list[float]]:
+    """The distinct models of ``results`` and their weights: a model given more than once
+    (the same list, as SecAgg+ gives every survivor the one aggregate) is read once, with
+    its weights summed (``sum_k w_k x = (sum_k w_k) x``, up to rounding)."""
+    index: dict[int, int] = {}
+    models: list[NDArrays] = []
+    weights: list[float] = []
+    for arrays, weight in results:
+        at = index.setdefault(id(arrays), len(models))
+        if at == len(models):
+            models.append(arrays)
+            weights.append(weight)
+        else:
+            weights[at] += weight
+    return models, weights
 
 
 def aggregate(results: Iterable[tuple[NDArrays, int]]) -> NDArrays:

@@ -252,6 +252,7 @@ class CheckedFitResults:
         self._stop_on_refusal = stop_on_refusal
         self._keep_tensors = keep_tensors
         self._iterated = False
+        self._verdicts: dict[int, tuple[NDArrays | None, str | None]] = {}
         self.reference = reference if reference is not None else self._majority_layout()
 
     def _majority_layout(self) -> ModelLayout | None:
@@ -278,6 +279,21 @@ class CheckedFitResults:
         return layout
 
     def _check(self, fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
+        """The verdict on ``fit_res``'s parameters, given once per Parameters object: a
+        result that carries one already checked (SecAgg+ gives every survivor the one
+        aggregate) gets the same arrays, the very same list, without a second look.
+
+        Only while the checked results are kept (``keep_tensors``): they keep each
+        Parameters, so its id, alive; a streaming check keeps nothing.
+        """
+        if not self._keep_tensors:
+            return self._verdict(fit_res)
+        key = id(fit_res.parameters)
+        if key not in self._verdicts:
+            self._verdicts[key] = self._verdict(fit_res)
+        return self._verdicts[key]
+
+    def _verdict(self, fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
         arrays, reason = _decode(fit_res)
         if arrays is None:
             return None, reason
