@@ -60,7 +60,7 @@ def listen_on_port_zero(bound: list[int]) -> None:
 def main() -> int:
     """Serve, run the rounds, write the report."""
     args = workload.server_parser(__doc__.splitlines()[0]).parse_args()
-    clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss)
+    clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss, args.rounds)
     initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
     timed = workload.timed(workload.strategy_class(fl, args.strategy))
     with tempfile.TemporaryDirectory(prefix="bench-saved-") as save_dir:

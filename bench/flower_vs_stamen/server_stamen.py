@@ -64,6 +64,7 @@ class TimedFedAvg(workload.clocked(fl.server.strategy.FedAvg)):  # type: ignore[
 
         class Timed:
             added = 0
+            last = strategy.clock.is_last(server_round)
 
             def add(self, client: Any, res: Any) -> None:
                 self.added += 1
@@ -73,7 +74,7 @@ class TimedFedAvg(workload.clocked(fl.server.strategy.FedAvg)):  # type: ignore[
                 strategy.clock.aggregating()
                 parameters, metrics = inner.finish(failures)
                 strategy.clock.stop(self.added, len(failures))
-                if parameters is not None:
+                if parameters is not None and self.last:
                     strategy.final = parameters.tensors
                 return parameters, metrics
 
@@ -97,7 +98,7 @@ def main() -> int:
     parser.add_argument("--rest", action="store_true", help="serve the rest transport too")
     args = parser.parse_args()
 
-    clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss)
+    clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss, args.rounds)
     initial = fl.common.ndarrays_to_parameters(workload.initial_model(args.model_bytes))
     with tempfile.TemporaryDirectory(prefix="bench-saved-") as save_dir:
         timed = strategy_class(args.strategy)

@@ -332,8 +332,15 @@ class RoundClock:
     ``trace_rss``, a thread samples the process's RSS every 20 ms (see :attr:`trace`).
     """
 
-    def __init__(self, counter: WireCounter | KernelWireCounter, trace_rss: bool = False) -> None:
+    def __init__(
+        self,
+        counter: WireCounter | KernelWireCounter,
+        trace_rss: bool = False,
+        rounds: int | None = None,
+    ) -> None:
         self.counter = counter
+        self.last_round = rounds
+        """The run's last round (None: unknown): see :meth:`is_last`."""
         self.rounds: list[dict[str, Any]] = []
         self.started: float | None = None
         self._snapshot: Any = None
@@ -353,6 +360,12 @@ class RoundClock:
         now = time.perf_counter()
         self.marks.append((now - self.origin, name))
         return now
+
+    def is_last(self, server_round: int) -> bool:
+        """Whether ``server_round`` is the run's last: only its model is kept for the
+        final check (keeping each round's model until the next one replaced it would
+        hold a model the framework itself may have let go, and weigh on its memory)."""
+        return self.last_round is None or server_round >= self.last_round
 
     def start(self) -> None:
         """The round's instructions exist: start the clock (once the bytes are counted)."""
@@ -417,7 +430,7 @@ def timed(base: type) -> type:
             self.clock.aggregating()
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
             self.clock.stop(len(results), len(failures))
-            if parameters is not None:
+            if parameters is not None and self.clock.is_last(server_round):
                 self.final = parameters.tensors
             return parameters, metrics
 

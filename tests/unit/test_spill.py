@@ -348,3 +348,76 @@ def test_many_spilled_results_share_a_few_files(tmp_path: Path) -> None:
     close_segments(str(tmp_path))
     later = spill_parameters(ndarrays_to_parameters([np.ones(10, np.float32)]), str(tmp_path))
     assert descriptors() - before <= 2 and is_spilled(later)
+
+
+class SeesTheOldModel(FedAvg):
+    """Records, as each round aggregates, whether the server's model waits on disk."""
+
+    def __init__(self, server: list[Server], fail_round: int | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.server, self.fail_round = server, fail_round
+        self.parked: list[bool] = []
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        self.parked.append(is_spilled(self.server[0].parameters))
+        if server_round == self.fail_round:
+            return None, {}
+        return super().aggregate_fit(server_round, results, failures)
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_the_old_model_waits_on_disk_while_results_are_aggregated(budget: int) -> None:
+    """A model over the RAM budget is spilled once every node has its instruction, and
+    the rounds train exactly as with it in RAM; a round that aggregates nothing keeps it
+    (back in memory). A model within the budget stays where it is."""
+    proxies = [LocalProxy(str(k), Shift(float(k), k + 1)) for k in range(4)]
+    holder: list[Server] = []
+    strategy = SeesTheOldModel(holder, fail_round=2, fraction_evaluate=0.0)
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    holder.append(server)
+    server.spill = SpillStore(budget=budget)
+    server.fit(num_rounds=3, timeout=None)
+    assert strategy.parked == [budget == 0] * 3
+    assert not is_spilled(server.parameters)  # the new model of round 3
+    # rounds 1 and 3 add 2 each (see above); round 2 kept its model
+    np.testing.assert_allclose(parameters_to_ndarrays(server.parameters)[0], np.full(2, 14.0))
+
+
+def test_the_old_model_is_let_go_while_results_are_aggregated() -> None:
+    """No reference the server keeps (its last round's results, the encoded instruction,
+    the round's instructions) holds the old model while a round aggregates: the memory
+    of round 1's model (where the aggregation computed it) is free in round 2's."""
+    import gc
+    import weakref
+
+    from stamen.ndarrays import POOLED_FROM, received_buffer_of
+
+    class Big(Shift):  # a model of POOLED_FROM bytes: in pooled memory
+        def get_parameters(self, config: Any) -> list[np.ndarray]:
+            return [np.full(POOLED_FROM // 8 + 1, 10.0)]
+
+    proxies = [LocalProxy(str(k), Big(float(k), 1)) for k in range(3)]
+    holder: list[Server] = []
+    watched: list[weakref.ref[Any]] = []
+    alive: list[bool] = []
+
+    class Watches(SeesTheOldModel):
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            buffer = received_buffer_of(np.frombuffer(parameters.tensors[0], np.uint8))
+            if server_round == 2:
+                assert buffer is not None  # computed in its .npy place
+                watched.append(weakref.ref(buffer))
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+            if watched:
+                gc.collect()
+                alive.append(watched[0]() is not None)
+            return super().aggregate_fit(server_round, results, failures)
+
+    strategy = Watches(holder, fraction_evaluate=0.0)
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    holder.append(server)
+    server.spill = SpillStore(budget=0)
+    server.fit(num_rounds=2, timeout=None)
+    assert alive == [False]

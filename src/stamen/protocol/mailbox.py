@@ -53,8 +53,9 @@ class Payload(Protocol):
         """The frame holding ``size`` bytes of the message from ``offset``."""
         ...
 
-    def messages(self, size: int) -> Iterator[bytes]:
-        """The whole message if it fits in ``size`` bytes, else its frames."""
+    def messages(self, size: int, frame: int | None = None) -> Iterator[bytes]:
+        """The whole message if it fits in ``size`` bytes, else its frames of ``frame``
+        bytes (at most ``size``; default ``size``)."""
         ...
 
 

@@ -290,6 +290,13 @@ class EncodeCache:
 
 _encode_cache = EncodeCache()
 
+
+def forget_encodings() -> None:
+    """Drop the network proxies' encoding of the last instruction (and the model it
+    holds): once every node has its instruction, only the server's own copy is needed."""
+    _encode_cache.clear()
+
+
 _batch = threading.local()
 """The posts of :func:`batched_posts` under way on this thread (``pending``)."""
 

@@ -30,7 +30,7 @@ from ..protocol.mailbox import ReplyUse
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
-from .client_proxy import ClientProxy, batched_posts
+from .client_proxy import ClientProxy, batched_posts, forget_encodings
 from .events import (
     ReplyArrived,
     ResultRefused,
@@ -42,7 +42,7 @@ from .events import (
 )
 from .history import History
 from .progress import ProgressLog
-from .spill import SpillStore
+from .spill import SpillStore, is_spilled
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
 from .strategy.validate import collect_refusals
@@ -345,16 +345,13 @@ class Server:
         not_aggregated: list[str] = []  # why, for each fit round that aggregated nothing
         fit_rounds = 0
         for server_round in range(first_round, num_rounds + 1):
-            fitted = self.fit_round(server_round, timeout)
-            if fitted is not None:
-                parameters, fit_metrics, (results, failures) = fitted
+            # No local keeps a round's results or models into the next round (the old
+            # model is let go while a round's results are aggregated).
+            why = self._take_fit(server_round, self.fit_round(server_round, timeout), history)
+            if why is not None:
                 fit_rounds += 1
-                if parameters is not None:
-                    self.parameters = parameters
-                else:
-                    reason = _nothing_aggregated(results, failures)
-                    not_aggregated.append(f"round {server_round}: {reason}")
-                history.add_metrics_distributed_fit(server_round, fit_metrics)
+                if why:
+                    not_aggregated.append(f"round {server_round}: {why}")
             self._evaluate_centralized(server_round, history)
             evaluated = self.evaluate_round(server_round, timeout)
             if evaluated is not None:
@@ -371,6 +368,26 @@ class Server:
                 "so the model never trained; " + " | ".join(not_aggregated)
             )
         return history
+
+    def _take_fit(
+        self,
+        server_round: int,
+        fitted: (
+            tuple[Parameters | None, dict[str, Scalar], tuple[Results[FitRes], Failures[FitRes]]]
+            | None
+        ),
+        history: History,
+    ) -> str | None:
+        """Keep what a fit round gave: None if it did not run, else why it aggregated
+        nothing ("" if it did)."""
+        if fitted is None:
+            return None
+        parameters, fit_metrics, (results, failures) = fitted
+        history.add_metrics_distributed_fit(server_round, fit_metrics)
+        if parameters is None:
+            return _nothing_aggregated(results, failures)
+        self.parameters = parameters
+        return ""
 
     def _start_or_resume(self, timeout: float | None) -> tuple[History, int]:
         resumed = None if self.checkpointer is None else self.checkpointer.load_latest()
@@ -422,6 +439,13 @@ class Server:
                 observe=self._observer(server_round, "fit"),
                 replies=ReplyUse.SPILLED if accumulator is None else ReplyUse.FOLDED,
             )
+            parked = None
+            if accumulator is None:
+                # Every node has its instruction: the old model waits on disk while the
+                # results are aggregated, and its memory takes the new model.
+                del instructions
+                forget_encodings()
+                parked = self.parameters = self.spill.park(self.parameters)
             # Every reply is in: the receive buffers cached for the next round need not
             # stay resident while the round is aggregated.
             RECEIVE_POOL.trim()
@@ -432,6 +456,8 @@ class Server:
                 parameters, metrics = self.strategy.aggregate_fit(
                     server_round, list(results), failures
                 )
+                if parameters is None and parked is not None and is_spilled(parked):
+                    self.parameters = pooled_parameters(parked)  # it stays: back in RAM
         self._tell_refused(server_round, refused)
         self.spill.end(server_round)
         self.events.publish(

@@ -348,6 +348,20 @@ class SpillStore:
         )
         return replace(reply, parameters=parameters)
 
+    def park(self, parameters: Parameters) -> Parameters:
+        """The global model of a round whose results wait to be aggregated, moved to a
+        spill file if it is larger than the RAM budget: its memory can then take the
+        new model while the old one waits on disk, in case the round aggregates nothing.
+        ``parameters`` themselves if small, spilled already, or if no file can be made."""
+        size = sum(memoryview(t).nbytes for t in parameters.tensors)
+        if size <= self.budget or is_spilled(parameters):
+            return parameters
+        try:
+            return spill_parameters(parameters, self.directory)
+        except OSError as exc:  # a full disk, say: memory still works
+            _warn_once(self.directory, exc)
+            return parameters
+
     def end(self, server_round: int) -> SpillReport:
         """The round's report, logged when anything waited on disk."""
         close_segments(self.directory)

@@ -130,9 +130,10 @@ class FedAvg(Strategy):
         self.fit_metrics_aggregation_fn = fit_metrics_aggregation_fn
         self.evaluate_metrics_aggregation_fn = evaluate_metrics_aggregation_fn
         self.inplace = inplace
-        # The global model of the current round (until its layout is taken), and its layout.
-        self._global: Parameters | None = initial_parameters
-        self._layout: ModelLayout | None = None
+        # The layout of the current round's global model (results are checked against it).
+        self._layout: ModelLayout | None = (
+            None if initial_parameters is None else ModelLayout.of_parameters(initial_parameters)
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(accept_failures={self.accept_failures})"
@@ -193,19 +194,14 @@ class FedAvg(Strategy):
     # --- the global model's layout ---------------------------------------------------------
 
     def observe_global_model(self, parameters: Parameters) -> None:
-        """Remember the global model sent this round; results are checked against it.
-
-        Only a reference is kept; its layout is taken (one decoding) when the round's
-        results are checked, and the reference is dropped then.
-        """
-        self._global = parameters
-        self._layout = None
+        """Remember the layout of the global model sent this round (its tensors' ``.npy``
+        headers: no values are read); results are checked against it. No reference to the
+        model is kept: the server lets it go while the round's results are aggregated
+        (``SpillStore.park``)."""
+        self._layout = ModelLayout.of_parameters(parameters)
 
     def reference_layout(self) -> ModelLayout | None:
         """The layout of the current global model; None if unknown, empty or not NumPy."""
-        if self._global is not None:
-            self._layout = ModelLayout.of_parameters(self._global)
-            self._global = None
         return self._layout
 
     # --- aggregation -----------------------------------------------------------------------
