@@ -26,6 +26,7 @@ does nothing to memory that is not a spilled result's.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import mmap
 import os
@@ -113,6 +114,30 @@ def spilled_bytes_mapped() -> int:
         return sum(end - start for start, end, ref, _ in _maps if ref() is not None)
 
 
+def _advise(mapping: mmap.mmap, advice: str, start: int = 0, length: int = 0) -> None:
+    """``madvise`` where the platform has it; nothing elsewhere."""
+    flag = getattr(mmap, advice, None)
+    if flag is not None:
+        with contextlib.suppress(ValueError, OSError):
+            mapping.madvise(flag, start, length or len(mapping) - start)
+
+
+def _readable(parameters: Parameters) -> None:
+    """Readahead back on for the spilled tensors of ``parameters`` (whole now: read in
+    order from here on, from the disk if memory was short meanwhile)."""
+    for tensor in parameters.tensors:
+        if not len(tensor):
+            continue
+        address = _address(tensor)
+        found = _mapping_at(address)
+        if found is None:
+            continue
+        start, end, mapping, _ = found
+        first = (address - start) // _PAGE * _PAGE
+        last = min(address + memoryview(tensor).nbytes, end) - start
+        _advise(mapping, "MADV_NORMAL", first, last - first)
+
+
 def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
     """Let the pages of ``array`` go from the process if it lies in a spilled result.
 
@@ -162,6 +187,11 @@ class _Segment:
         with tempfile.TemporaryFile(dir=directory, prefix="stamen-spill-") as file:
             os.ftruncate(file.fileno(), capacity)
             self.mapping = mmap.mmap(file.fileno(), capacity)  # keeps its own descriptor
+        # Results are written into holes of a sparse file: with the kernel's readahead,
+        # each write fault zero-filled a large readahead window first (a 10 x 100 MB
+        # round received its results in 10 s instead of 3). Once written, a result is
+        # read back in order: readahead is turned on again for it (:func:`_readable`).
+        _advise(self.mapping, "MADV_RANDOM")
         _register(self.mapping, directory)
         self.used = 0
 
@@ -226,7 +256,9 @@ def spill_parameters(parameters: Parameters, directory: str | None = None) -> Pa
         whole[base + offset : base + offset + view.nbytes].toreadonly()
         for view, offset in zip(views, offsets, strict=True)
     ]
-    return Parameters(tensors=tensors, tensor_type=parameters.tensor_type)
+    spilled = Parameters(tensors=tensors, tensor_type=parameters.tensor_type)
+    _readable(spilled)
+    return spilled
 
 
 def spilled_like(source: Parameters, parameters: Parameters) -> Parameters:
@@ -321,6 +353,7 @@ class SpillStore:
         size = sum(memoryview(t).nbytes for t in reply.parameters.tensors)
         report = self._report
         if is_spilled(reply.parameters):  # received straight into a spill file
+            _readable(reply.parameters)
             self._report = replace(
                 report, spilled=report.spilled + 1, spilled_bytes=report.spilled_bytes + size
             )
