@@ -76,12 +76,12 @@ FULL = {
         "Bmed", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=MED
     ),
     # 50 clients x 40 MB: the memory bound with many results, in the three forms.
-    "B50": Workload("B50", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600),
+    "B50": Workload("B50", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600),
     "B50sub": Workload(
-        "B50sub", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600, strategy=SUB
+        "B50sub", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600, strategy=SUB
     ),
     "B50med": Workload(
-        "B50med", 50, 40_000_000, rounds=2, processes=5, repeat=1, timeout=600, strategy=MED
+        "B50med", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600, strategy=MED
     ),
     "C": Workload("C", 100, 400_000, rounds=3, processes=4, repeat=3, timeout=300),
     "D": Workload("D", 2, 400_000_000, rounds=3, processes=2, repeat=1, timeout=600),

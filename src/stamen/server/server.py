@@ -446,9 +446,10 @@ class Server:
                 del instructions
                 forget_encodings()
                 parked = self.parameters = self.spill.park(self.parameters)
-            # Every reply is in: the receive buffers cached for the next round need not
-            # stay resident while the round is aggregated.
-            RECEIVE_POOL.trim()
+                # Every reply is in: the receive buffers cached for the next round need
+                # not stay resident while the round is aggregated. (A streaming round
+                # has aggregated already: its buffers stay, warm for the next round.)
+                RECEIVE_POOL.trim()
             if accumulator is not None:
                 parameters, metrics = accumulator.finish(failures)
             else:
