@@ -25,6 +25,7 @@ from stamen.server.spill import is_spilled
 from stamen.testing import NodeThread, node_threads, running_server
 from stamen.testing.conformance import TRANSPORTS
 from stamen.typing import Config, NDArrays, Scalar
+from stamen.wire.frames import is_frame
 
 WAIT = 60.0
 LIMIT = 64 * 1024  # grpc_max_message_length: a 400 KB model travels in frames
@@ -197,3 +198,27 @@ def test_results_kept_for_a_subclass_are_received_straight_into_spill_files(
     assert strategy.spilled == [True] * 6
     np.testing.assert_allclose(model[0], np.full(SIZE, 14 / 3, np.float32), rtol=1e-6)
     np.testing.assert_allclose(model[1], np.full((3, 2), 14 / 3, np.float32), rtol=1e-6)
+
+
+def test_grpc_bidi_replies_waiting_their_turn_stay_with_their_nodes() -> None:
+    """On grpc-bidi a large reply's first frame is read only once the reply holds its
+    receive slot: replies waiting their turn are not held, a frame each, by the server
+    (fifty 40 MB replies held 200 MB so). Every frame the fleet takes arrives with the
+    node's slot held."""
+    seen: list[dict[str, bool]] = []
+    unslotted: list[str] = []
+    with _server(rounds=2, clients=3) as srv:
+        fleet = srv.service.fleet
+        assemble = fleet.assemble
+
+        async def watched(node: Any, task: Any, data: bytes) -> Any:
+            if is_frame(data) and node.slot is None:
+                unslotted.append(node.cid)
+            return await assemble(node, task, data)
+
+        fleet.assemble = watched  # type: ignore[method-assign]
+        _train(srv, "grpc-bidi", seen)
+        free = asyncio.run_coroutine_threadsafe(_free_slots(fleet), fleet.loop).result(WAIT)
+    assert len(seen) == 6  # three nodes, two rounds: every reply came in
+    assert unslotted == [], f"frames read before their reply held a slot: {unslotted}"
+    assert free == RECEIVE_SLOTS and fleet.slots.late == 0

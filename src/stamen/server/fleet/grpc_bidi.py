@@ -197,6 +197,13 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     del message  # the last frame: not kept while the node works
                 else:
                     await context.write(sealed(task.payload.tobytes()))
+                if frames and len(task.payload) > node.frame_size:
+                    # A large instruction's reply is large too: it waits for its receive
+                    # slot before its first frame is read, so the replies waiting their
+                    # turn stay with their nodes (each would hold a frame here: fifty
+                    # nodes, 200 MB). Not watched for silence meanwhile (it cannot be
+                    # read); its turn comes in instruction order, or after the patience.
+                    await fleet.take_slot(node, task.seq, None)
                 node.last_seen = clock.monotonic()
                 awaiting[0] = True
                 try:
