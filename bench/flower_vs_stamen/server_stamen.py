@@ -60,25 +60,31 @@ class TimedFedAvg(workload.clocked(fl.server.strategy.FedAvg)):  # type: ignore[
         inner = super().fit_accumulator(server_round)
         if inner is None:
             raise RuntimeError("FedAvg offered no streaming accumulator")
-        strategy = self
+        return timed_accumulator(self, inner, server_round)
 
-        class Timed:
-            added = 0
-            last = strategy.clock.is_last(server_round)
 
-            def add(self, client: Any, res: Any) -> None:
-                self.added += 1
-                inner.add(client, res)
+def timed_accumulator(strategy: Any, inner: Any, server_round: int) -> Any:
+    """``inner``, a round's streaming accumulator, whose ``finish`` stops the clock of
+    ``strategy`` (a ``workload.clocked`` strategy) once every reply is in, and keeps the
+    last round's model in ``strategy.final``."""
 
-            def finish(self, failures: Any) -> Any:
-                strategy.clock.aggregating()
-                parameters, metrics = inner.finish(failures)
-                strategy.clock.stop(self.added, len(failures))
-                if parameters is not None and self.last:
-                    strategy.final = parameters.tensors
-                return parameters, metrics
+    class Timed:
+        added = 0
+        last = strategy.clock.is_last(server_round)
 
-        return Timed()
+        def add(self, client: Any, res: Any) -> None:
+            self.added += 1
+            inner.add(client, res)
+
+        def finish(self, failures: Any) -> Any:
+            strategy.clock.aggregating()
+            parameters, metrics = inner.finish(failures)
+            strategy.clock.stop(self.added, len(failures))
+            if parameters is not None and self.last:
+                strategy.final = parameters.tensors
+            return parameters, metrics
+
+    return Timed()
 
 
 def report_connections(manager: SimpleClientManager, clock: workload.RoundClock) -> None:
