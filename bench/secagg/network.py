@@ -80,6 +80,24 @@ def start_nodes(case: dict[str, Any], address: str, options: Any, log_dir: Path)
     return procs
 
 
+def wait_for_mark(server: Proc, clients: list[Proc], mark: str, deadline: float) -> None:
+    """Until the server prints ``mark``; fail as soon as a process fails, or at
+    ``deadline``."""
+    while True:
+        try:
+            server.wait_for_line(mark, min(1.0, max(0.0, deadline - time.monotonic())))
+            return
+        except RuntimeError:
+            if server.proc.poll() is not None or time.monotonic() >= deadline:
+                raise
+        for client in clients:
+            if client.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{client.name} exited ({client.proc.returncode}) "
+                    f"before {mark}: {client.tail()}"
+                )
+
+
 def run_once(case: dict[str, Any], options: Any, log_dir: Path) -> dict[str, Any]:
     """One run of ``case``: the measurements. Every process started is stopped on the way
     out, whatever happened.
@@ -100,9 +118,9 @@ def run_once(case: dict[str, Any], options: Any, log_dir: Path) -> dict[str, Any
             case, f"{'http://' if rest else ''}127.0.0.1:{port}", options, log_dir
         )
         procs.extend(clients)
-        server.wait_for_line("ROUND_START", max(0.0, deadline - time.monotonic()))
+        wait_for_mark(server, clients, "ROUND_START", deadline)
         cpu_before = nodes_cpu(clients)
-        server.wait_for_line("ROUND_END", max(0.0, deadline - time.monotonic()))
+        wait_for_mark(server, clients, "ROUND_END", deadline)
         cpu_round = nodes_cpu(clients) - cpu_before
         wait_for_run(server, clients, deadline)
         for client in clients:
