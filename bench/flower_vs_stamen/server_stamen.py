@@ -36,10 +36,12 @@ WAIT_FOR_CLIENTS = 900.0
 CONNECTION_MARGIN = 1024
 
 
-def bench_timing(clients: int) -> FleetTiming:
-    """Fleet limits for ``clients`` nodes that all come from one address (see above)."""
+def bench_timing(clients: int, heartbeat_timeout: float | None = None) -> FleetTiming:
+    """Fleet limits for ``clients`` nodes that all come from one address (see above);
+    ``heartbeat_timeout``: the silence after which a busy node is dropped (None: 45 s)."""
     connections = clients + CONNECTION_MARGIN
     return FleetTiming(
+        heartbeat_timeout=heartbeat_timeout,
         create_node_rate=None,
         create_node_global_rate=None,
         max_connections=connections,
@@ -136,7 +138,7 @@ def serve(strategy: Any, clock: workload.RoundClock, args: Any) -> dict[str, Any
         address="127.0.0.1:0",
         max_message_length=GRPC_MAX_MESSAGE_LENGTH,
         rest_address="127.0.0.1:0" if args.rest else None,
-        timing=bench_timing(args.clients),
+        timing=bench_timing(args.clients, getattr(args, "heartbeat_timeout", None)),
     )
     port = service.start()
     clock.counter.ports = [port] if service.rest_port is None else [port, service.rest_port]

@@ -66,6 +66,8 @@ def server_argv(case: dict[str, Any], rest: bool, out: Path) -> list[str]:
     argv += ["--counter", "kernel"]
     if case["secagg"]:
         argv += ["--shares", str(case["num_shares"]), "--threshold", str(case["threshold"])]
+    if case["heartbeat_timeout"]:
+        argv += ["--heartbeat-timeout", str(case["heartbeat_timeout"])]
     return argv + (["--rest"] if rest else [])
 
 
@@ -159,6 +161,7 @@ def measurements(
         ),
         "max_abs_error": report["bound_check"]["max_abs_error"],
         "bound": report["bound_check"]["bound"],
+        "tolerance": report["bound_check"]["tolerance"],
         "load": round(load, 2),
     }
 
@@ -167,6 +170,10 @@ def run_case(case: dict[str, Any], options: Any) -> dict[str, Any]:
     """``--repeat`` runs of ``case``: the median run's row, with every run's times."""
     runs = []
     for _ in range(options.repeat):
+        if options.logs:  # kept: the processes' stderr and the server's report
+            options.logs.mkdir(parents=True, exist_ok=True)
+            runs.append(run_once(case, options, Path(tempfile.mkdtemp(dir=options.logs))))
+            continue
         with tempfile.TemporaryDirectory(prefix="secagg-network-") as logs:
             runs.append(run_once(case, options, Path(logs)))
     runs.sort(key=lambda r: float(r["round_s"]))
@@ -195,6 +202,7 @@ def plan(options: Any) -> list[dict[str, Any]]:
                     "threshold": threshold if secure else None,
                     "transport": options.transport,
                     "processes": options.processes,
+                    "heartbeat_timeout": options.heartbeat_timeout,
                 }
             )
     return cases
@@ -228,6 +236,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (median)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--out", type=Path, help="the JSON results (default bench/results/)")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds of silence after which the server drops a node (default 45): "
+        "1,000 nodes x 1 M on 2 cores receive their models more slowly than that",
+    )
+    parser.add_argument("--logs", type=Path, help="keep each run's logs and report here")
     options = parser.parse_args()
     rows = []
     for case in plan(options):

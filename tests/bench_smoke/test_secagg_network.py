@@ -45,7 +45,7 @@ def test_quick_round_with_and_without_secagg_over_the_network(
     payload = 2 * NODES * 4 * PARAMS  # the model down and the update up, per node
     for row in (plain, secure):
         assert (row["nodes"], row["params"], row["transport"]) == (NODES, PARAMS, transport)
-        assert row["max_abs_error"] <= row["bound"] + 1e-6, row
+        assert row["max_abs_error"] <= row["tolerance"] <= row["bound"] + NODES * 2.4e-7, row
         assert payload < row["wire_bytes"] < 1.2 * payload, row
         assert row["bytes_per_node"] == row["wire_bytes"] // NODES
         assert row["connections_lost"] == 0
