@@ -36,10 +36,12 @@ WAIT_FOR_CLIENTS = 900.0
 CONNECTION_MARGIN = 1024
 
 
-def bench_timing(clients: int) -> FleetTiming:
-    """Fleet limits for ``clients`` nodes that all come from one address (see above)."""
+def bench_timing(clients: int, heartbeat_timeout: float | None = None) -> FleetTiming:
+    """Fleet limits for ``clients`` nodes that all come from one address (see above);
+    ``heartbeat_timeout``: the silence after which a busy node is dropped (None: 45 s)."""
     connections = clients + CONNECTION_MARGIN
     return FleetTiming(
+        heartbeat_timeout=heartbeat_timeout,
         create_node_rate=None,
         create_node_global_rate=None,
         max_connections=connections,
@@ -60,25 +62,31 @@ class TimedFedAvg(workload.clocked(fl.server.strategy.FedAvg)):  # type: ignore[
         inner = super().fit_accumulator(server_round)
         if inner is None:
             raise RuntimeError("FedAvg offered no streaming accumulator")
-        strategy = self
+        return timed_accumulator(self, inner, server_round)
 
-        class Timed:
-            added = 0
-            last = strategy.clock.is_last(server_round)
 
-            def add(self, client: Any, res: Any) -> None:
-                self.added += 1
-                inner.add(client, res)
+def timed_accumulator(strategy: Any, inner: Any, server_round: int) -> Any:
+    """``inner``, a round's streaming accumulator, whose ``finish`` stops the clock of
+    ``strategy`` (a ``workload.clocked`` strategy) once every reply is in, and keeps the
+    last round's model in ``strategy.final``."""
 
-            def finish(self, failures: Any) -> Any:
-                strategy.clock.aggregating()
-                parameters, metrics = inner.finish(failures)
-                strategy.clock.stop(self.added, len(failures))
-                if parameters is not None and self.last:
-                    strategy.final = parameters.tensors
-                return parameters, metrics
+    class Timed:
+        added = 0
+        last = strategy.clock.is_last(server_round)
 
-        return Timed()
+        def add(self, client: Any, res: Any) -> None:
+            self.added += 1
+            inner.add(client, res)
+
+        def finish(self, failures: Any) -> Any:
+            strategy.clock.aggregating()
+            parameters, metrics = inner.finish(failures)
+            strategy.clock.stop(self.added, len(failures))
+            if parameters is not None and self.last:
+                strategy.final = parameters.tensors
+            return parameters, metrics
+
+    return Timed()
 
 
 def report_connections(manager: SimpleClientManager, clock: workload.RoundClock) -> None:
@@ -130,7 +138,7 @@ def serve(strategy: Any, clock: workload.RoundClock, args: Any) -> dict[str, Any
         address="127.0.0.1:0",
         max_message_length=GRPC_MAX_MESSAGE_LENGTH,
         rest_address="127.0.0.1:0" if args.rest else None,
-        timing=bench_timing(args.clients),
+        timing=bench_timing(args.clients, getattr(args, "heartbeat_timeout", None)),
     )
     port = service.start()
     clock.counter.ports = [port] if service.rest_port is None else [port, service.rest_port]

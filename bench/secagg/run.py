@@ -14,8 +14,8 @@ reply too), as a network node's messages would; a pool of 2 threads runs the nod
 Round time is wall-clock (the median of ``--repeat`` runs), CPU time is the process's
 (user + system, all threads) over the round: on a shared machine the second is the
 steadier. Bytes are the encoded messages (``stamen.wire``), both directions, without transport
-framing. Writes ``bench/results/secagg.json`` (``secagg-kK.json`` with ``--shares K``)
-and prints a table.
+framing. Writes ``bench/results/secagg.json`` (``secagg-kK.json`` with ``--shares K``,
+or ``--out``) and prints a table.
 
 ``--flower PYTHON`` runs the same cases under Flower 1.12 (``flower.py``: its
 ``SecAggPlusWorkflow`` and ``secaggplus_mod`` under ``run_simulation``, i.e. Ray) with that
@@ -145,6 +145,7 @@ def main() -> None:
         help="run the cases under Flower 1.12 (flower.py) with this interpreter, which "
         "has flwr[simulation]==1.12.0 (make .venv-flwr-sim/.installed)",
     )
+    parser.add_argument("--out", type=Path, help="the JSON results (default: see above)")
     parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -170,7 +171,7 @@ def main() -> None:
             print(row, flush=True)
     name = "secagg-flower" if args.flower else "secagg"
     name += "" if args.shares is None else f"-k{args.shares}"
-    target = Path(__file__).resolve().parents[1] / "results" / f"{name}.json"
+    target = args.out or Path(__file__).resolve().parents[1] / "results" / f"{name}.json"
     target.parent.mkdir(exist_ok=True)
     target.write_text(json.dumps(results, indent=1) + "\n")
     header = ("nodes", "params", "secagg", "round s", "CPU s", "MB/node", "MB server", "RSS MB")
