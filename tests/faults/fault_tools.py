@@ -30,6 +30,7 @@ from stamen.messages import Parameters
 from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
 from stamen.server.client_manager import ClientManager, SimpleClientManager
 from stamen.server.client_proxy import ClientProxy
+from stamen.server.fleet.handler import FleetTiming
 from stamen.server.strategy.strategy import FitFailures, FitResults
 from stamen.testing.conformance import AddClient, RecordingFedAvg
 from stamen.typing import Config, NDArrays, Scalar
@@ -45,6 +46,17 @@ NODE_SCRIPT = Path(__file__).resolve().parent / "fault_node.py"
 
 WAIT = 30.0
 """Bound of any wait that only stops a broken test (a passing test never gets near it)."""
+
+FUZZ_TIMING = FleetTiming(
+    heartbeat_interval=0.2,
+    heartbeat_timeout=1.0,
+    poll_timeout=0.5,
+    create_node_rate=None,
+    create_node_global_rate=None,
+)
+"""Fleet timing of the servers the fuzzers feed: short beats and polls, and no
+registration rate limit (a fuzzer registers hundreds of nodes from one address within
+seconds; tests/security/test_resource_limits.py tests the limit)."""
 
 
 def remaining(deadline: float) -> float:

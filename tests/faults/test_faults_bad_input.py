@@ -29,7 +29,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from fault_tools import WAIT, FaultFedAvg, WatchedClientManager
+from fault_tools import FUZZ_TIMING, WAIT, FaultFedAvg, WatchedClientManager
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -78,15 +78,6 @@ from stamen.wire import fleet_codec as fc
 MAX = 64 * 1024
 """The garbage server's grpc_max_message_length."""
 
-# The fuzzer registers hundreds of nodes from one address: no registration rate limit
-# here (tests/security/test_resource_limits.py tests it).
-TIMING = FleetTiming(
-    heartbeat_interval=0.2,
-    heartbeat_timeout=1.0,
-    poll_timeout=0.5,
-    create_node_rate=None,
-    create_node_global_rate=None,
-)
 
 FUZZ = settings(
     max_examples=200,
@@ -197,7 +188,11 @@ def garbage_server() -> Iterator[RunningServer]:
     """The server all garbage goes to (run=False: the honest run is started by its test)."""
     manager = WatchedClientManager()
     with running_server(
-        run=False, rest=True, grpc_max_message_length=MAX, timing=TIMING, client_manager=manager
+        run=False,
+        rest=True,
+        grpc_max_message_length=MAX,
+        timing=FUZZ_TIMING,
+        client_manager=manager,
     ) as srv:
         yield srv
 

@@ -21,7 +21,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from fault_tools import WAIT, FaultFedAvg, expected_parameters
+from fault_tools import FUZZ_TIMING, WAIT, FaultFedAvg, expected_parameters
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,22 +45,12 @@ from stamen.protocol.flower_fleet import (
 from stamen.protocol.record_limits import RecordLimits, check_push_task_res
 from stamen.server import ServerConfig
 from stamen.server.app import run_server
-from stamen.server.fleet.handler import FleetTiming
 from stamen.testing import NodeThread, RunningServer, node_threads, running_server
 from stamen.testing.conformance import AddClient
 from stamen.wire import FLOWER_REST_CONTENT_TYPE, FlowerCall
 from stamen.wire import flower_codec as codec
 
 MAX = 64 * 1024
-# Fuzzing registers hundreds of nodes from one address within seconds: the registration
-# rate limit (tested in tests/security) would answer some of them 429.
-TIMING = FleetTiming(
-    heartbeat_interval=0.2,
-    heartbeat_timeout=1.0,
-    poll_timeout=0.5,
-    create_node_rate=None,
-    create_node_global_rate=None,
-)
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -137,7 +127,9 @@ def expected_error(call: FlowerCall, body: bytes) -> ErrorKind | None:
 
 @pytest.fixture(scope="module")
 def garbage_server() -> Iterator[RunningServer]:
-    with running_server(run=False, rest=True, grpc_max_message_length=MAX, timing=TIMING) as srv:
+    with running_server(
+        run=False, rest=True, grpc_max_message_length=MAX, timing=FUZZ_TIMING
+    ) as srv:
         yield srv
 
 

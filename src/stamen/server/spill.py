@@ -114,28 +114,41 @@ def spilled_bytes_mapped() -> int:
         return sum(end - start for start, end, ref, _ in _maps if ref() is not None)
 
 
-def _advise(mapping: mmap.mmap, advice: str, start: int = 0, length: int = 0) -> None:
-    """``madvise`` where the platform has it; nothing elsewhere."""
+def _advise(mapping: mmap.mmap, advice: str, start: int = 0, length: int | None = None) -> None:
+    """``madvise`` where the platform has it (the mapping may have been closed
+    meanwhile); nothing elsewhere."""
     flag = getattr(mmap, advice, None)
     if flag is not None:
         with contextlib.suppress(ValueError, OSError):
-            mapping.madvise(flag, start, length or len(mapping) - start)
+            mapping.madvise(flag, start, len(mapping) - start if length is None else length)
+
+
+def _pages(array: np.ndarray[Any, Any] | memoryview | bytes) -> tuple[mmap.mmap, int, int] | None:
+    """The spill file mapping ``array`` lies in, and the pages it covers there (offset,
+    length); None if it is empty or not a spilled result's."""
+    if isinstance(array, np.ndarray):
+        if array.size == 0:
+            return None
+        address = int(array.__array_interface__["data"][0])
+        nbytes = int(array.nbytes)
+    else:
+        if len(array) == 0:
+            return None
+        address, nbytes = _address(array), memoryview(array).nbytes
+    found = _mapping_at(address)
+    if found is None:
+        return None
+    start, end, mapping, _ = found
+    first = (address - start) // _PAGE * _PAGE
+    return mapping, first, min(address + nbytes, end) - start - first
 
 
 def _readable(parameters: Parameters) -> None:
     """Readahead back on for the spilled tensors of ``parameters`` (whole now: read in
     order from here on, from the disk if memory was short meanwhile)."""
     for tensor in parameters.tensors:
-        if not len(tensor):
-            continue
-        address = _address(tensor)
-        found = _mapping_at(address)
-        if found is None:
-            continue
-        start, end, mapping, _ = found
-        first = (address - start) // _PAGE * _PAGE
-        last = min(address + memoryview(tensor).nbytes, end) - start
-        _advise(mapping, "MADV_NORMAL", first, last - first)
+        if (pages := _pages(tensor)) is not None:
+            _advise(pages[0], "MADV_NORMAL", pages[1], pages[2])
 
 
 def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
@@ -146,25 +159,8 @@ def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
     """
     if not _starts:  # nothing is spilled: the common case costs one test
         return
-    if isinstance(array, np.ndarray):
-        if array.size == 0:
-            return
-        address = int(array.__array_interface__["data"][0])
-        nbytes = int(array.nbytes)
-    else:
-        if len(array) == 0:
-            return
-        address, nbytes = _address(array), memoryview(array).nbytes
-    found = _mapping_at(address)
-    if found is None:
-        return
-    start, end, mapping, _ = found
-    first = (address - start) // _PAGE * _PAGE
-    last = min(address + nbytes, end) - start
-    try:
-        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-    except (ValueError, OSError):  # closed meanwhile, or a platform without madvise
-        return
+    if (pages := _pages(array)) is not None:
+        _advise(pages[0], "MADV_DONTNEED", pages[1], pages[2])
 
 
 # --- writing results out ---------------------------------------------------------------------
@@ -307,6 +303,10 @@ def _warn_once(directory: str | None, exc: OSError) -> None:
         )
 
 
+def _nbytes(parameters: Parameters) -> int:
+    return sum(memoryview(t).nbytes for t in parameters.tensors)
+
+
 def is_spilled(parameters: Parameters) -> bool:
     """True if ``parameters`` lie in a spill file (received into one, or written out)."""
     return any(len(t) and _mapping_at(_address(t)) is not None for t in parameters.tensors)
@@ -350,7 +350,7 @@ class SpillStore:
 
     def take(self, _proxy: object, reply: FitRes) -> FitRes:
         """``reply`` as the round keeps it: itself, or its parameters spilled."""
-        size = sum(memoryview(t).nbytes for t in reply.parameters.tensors)
+        size = _nbytes(reply.parameters)
         report = self._report
         if is_spilled(reply.parameters):  # received straight into a spill file
             _readable(reply.parameters)
@@ -386,8 +386,7 @@ class SpillStore:
         spill file if it is larger than the RAM budget: its memory can then take the
         new model while the old one waits on disk, in case the round aggregates nothing.
         ``parameters`` themselves if small, spilled already, or if no file can be made."""
-        size = sum(memoryview(t).nbytes for t in parameters.tensors)
-        if size <= self.budget or is_spilled(parameters):
+        if _nbytes(parameters) <= self.budget or is_spilled(parameters):
             return parameters
         try:
             return spill_parameters(parameters, self.directory)
