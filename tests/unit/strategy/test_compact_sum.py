@@ -1,6 +1,9 @@
-"""WeightedSum(compact=True): float32 layers as a running mean in their own dtype."""
+"""WeightedSum(compact=True): float32 layers summed in float32 (Flower's arithmetic),
+float16 layers as a running mean, both in their own dtype."""
 
 from __future__ import annotations
+
+from functools import reduce
 
 import numpy as np
 import pytest
@@ -29,6 +32,48 @@ def test_one_model_comes_back_exactly() -> None:
         np.testing.assert_array_equal(got, want)
 
 
+def test_float32_layers_are_summed_as_flower_sums_them() -> None:
+    """Flower 1.12's ``aggregate``, written as it is: ``layer * num_examples`` for each
+    result (a float32 product), ``reduce(np.add, ...)`` in arrival order, ``/ total``. The
+    compact sum computes the same bits, weights of 1 and integer weights alike."""
+    rng = np.random.default_rng(7)
+    for weights in ([1, 1, 1, 1, 1], [3, 1, 70, 2, 1_000]):
+        models = [[rng.standard_normal(40_000).astype(np.float32)] for _ in weights]
+        acc = WeightedSum(compact=True)
+        for model, weight in zip(models, weights, strict=True):
+            acc.add(model, weight)
+        total = sum(weights)
+        pairs = zip(models, weights, strict=True)
+        weighted = [[layer * n for layer in model] for model, n in pairs]
+        flower = [reduce(np.add, layers) / total for layers in zip(*weighted, strict=True)]
+        [got] = acc.mean(consume=True)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, flower[0])
+        assert got.tobytes() == flower[0].tobytes()
+
+
+def test_one_model_comes_back_exactly_after_its_sum_was_read() -> None:
+    """The first model's weight is applied to the float32 sum only when it is needed: a
+    second model or :meth:`sum`, which then reports ``n * w``."""
+    model = [np.float32([0.1, 1 / 3, 7e-8, -2.5])]
+    acc = WeightedSum(compact=True)
+    acc.add(model, 3)
+    np.testing.assert_array_equal(acc.mean()[0], model[0])
+    np.testing.assert_array_equal(acc.sum()[0], model[0] * np.float32(3))
+    acc.add([np.float32([1, 1, 1, 1])], 1)
+    np.testing.assert_array_equal(acc.sum()[0], model[0] * np.float32(3) + np.float32(1))
+
+
+def test_float16_layers_keep_a_running_mean() -> None:
+    """float16 sums overflow at 65,504; its running mean does not."""
+    acc = WeightedSum(compact=True)
+    for _ in range(3):
+        acc.add([np.full(4, 60_000, dtype=np.float16)], 1_000)
+    [mean] = acc.mean(consume=True)
+    assert mean.dtype == np.float16
+    np.testing.assert_array_equal(mean, np.full(4, 60_000, dtype=np.float16))
+
+
 def test_running_mean_matches_the_float64_sum() -> None:
     """Many float32 models: the compact mean is within a few ulps of the float64 one, and
     float64 layers stay exact sums."""
@@ -49,7 +94,7 @@ def test_running_mean_matches_the_float64_sum() -> None:
 
 
 def test_compact_layers_take_the_models_dtype() -> None:
-    """The running state of a float32 layer is float32: one model's worth of memory."""
+    """The state of a float32 layer is float32: one model's worth of memory."""
     acc = WeightedSum(compact=True)
     acc.add([np.ones(1000, dtype=np.float32)], 2)
     assert acc._acc is not None and acc._acc[0].dtype == np.float32

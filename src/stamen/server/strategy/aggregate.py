@@ -185,6 +185,9 @@ def _scaled_into(out: NDArray, block: NDArray, weight: np.generic) -> None:
 
 def _fold_into(acc: NDArray, block: NDArray, weight: np.generic, scratch: NDArray) -> None:
     """``acc += weight * block``, with ``scratch`` (of ``acc``'s size) for the product."""
+    if weight == 1 and acc.dtype.kind == "f" and block.dtype == acc.dtype:
+        np.add(acc, block, out=acc)  # x * 1.0 is x: no product to hold
+        return
     _scaled_into(scratch, block, weight)
     np.add(acc, scratch, out=acc)
 
@@ -235,6 +238,15 @@ def _mean_layer(out: NDArray, acc: NDArray, divisor: np.generic) -> None:
     _in_parts(acc.size, work)
 
 
+def _scale_layer(layer: NDArray, scale: np.generic) -> None:
+    """``layer *= scale`` in place; a 1-D array."""
+
+    def work(start: int, stop: int) -> None:
+        np.multiply(layer[start:stop], scale, out=layer[start:stop])
+
+    _in_parts(layer.size, work)
+
+
 def _result_layer(
     shape: tuple[int, ...], dtype: np.dtype[Any], order: Literal["C", "F"]
 ) -> NDArray:
@@ -246,8 +258,17 @@ def _result_layer(
 
 
 def _compact(dtype: np.dtype[Any]) -> bool:
-    """Layers a compact :class:`WeightedSum` keeps as a running mean in their own dtype."""
+    """Layers a compact :class:`WeightedSum` keeps in their own dtype: float32 as a sum
+    (Flower's arithmetic), float16 (whose sums overflow at 65,504) as a running mean."""
     return dtype.kind == "f" and dtype.itemsize <= 4
+
+
+def _sum_dtype(dtype: np.dtype[Any], compact: bool) -> np.dtype[Any]:
+    """The dtype a sum of layers whose mean is of ``dtype`` is kept in: float32 for a
+    float32 layer of a compact sum, else float64 or wider (:func:`_work_dtype`)."""
+    if compact and dtype == np.float32:
+        return dtype
+    return _work_dtype(dtype)
 
 
 def _fold_mean_layer(acc: NDArray, values: NDArray, ratio: float, first: bool) -> None:
@@ -283,18 +304,24 @@ class WeightedSum:
     :func:`~stamen.ndarrays.parameters_to_views`, are fine).
 
     ``compact=True`` (the server's streaming aggregation) halves the memory of float32 and
-    float16 layers: they are kept as a running weighted *mean* in their own dtype, each
-    update ``m += (n_k / N_k) (w_k - m)`` computed in float64 and rounded once. The mean of
-    one model is that model exactly; with several, results may differ from the float64
-    sum in the last bit (Flower sums float32 layers in float32). A running mean that
-    receives a layer of a wider dtype (a float64 result after float32 ones) becomes a
-    float64 sum from there on (``m * N``), so the mean is computed in the promoted dtype.
+    float16 layers by keeping them in their own dtype. A float32 layer is summed in
+    float32, ``acc += n_k * w_k`` and ``acc / N`` at the end: Flower 1.12's arithmetic
+    (``reduce(np.add, [w * n ...]) / N``), bit for bit when the results come in the same
+    order, and about twice as fast as casting every value to float64 and back. A float16
+    layer, whose sums would overflow at 65,504, is kept as a running weighted *mean*, each
+    update ``m += (n_k / N_k) (w_k - m)`` computed in float64 and rounded once. Either way
+    the mean of one model is that model exactly; with several, results may differ from
+    the float64 sum in the last bits. A layer that receives a wider dtype (a float64
+    result after float32 ones) becomes a float64 sum from there on, so the mean is
+    computed in the promoted dtype.
     """
 
     def __init__(self, *, compact: bool = False) -> None:
         self._acc: list[NDArray] | None = None
         self._seen: list[list[np.dtype[Any]]] = []
         self._running: list[bool] = []
+        self._float32: list[bool] = []  # a compact sum's float32 sums
+        self._pending: float | None = None  # the first model's weight, until applied to them
         self._compact = compact
         self.total_weight: float = 0
         self.count = 0
@@ -317,8 +344,8 @@ class WeightedSum:
                 np.multiply(layer, work.type(self.total_weight), out=widened)
                 self._acc[index] = widened
                 self._running[index] = False
-            elif _work_dtype(target) != layer.dtype:
-                self._acc[index] = layer.astype(_work_dtype(target), order="K")
+            elif _sum_dtype(target, self._compact) != layer.dtype:
+                self._acc[index] = layer.astype(_sum_dtype(target, self._compact), order="K")
 
     def add(self, arrays: NDArrays, weight: float = 1, *, lease: Lease | None = None) -> None:
         """Add ``weight * arrays``.
@@ -340,16 +367,21 @@ class WeightedSum:
         if self._acc is None:
             self._acc = []
             self._running = []
+            self._float32 = []
+            self._pending = weight
             for index, a in enumerate(arrays):
                 compact = self._compact and _compact(a.dtype)
-                self._running.append(compact)
+                self._running.append(compact and a.dtype != np.float32)
+                self._float32.append(compact and a.dtype == np.float32)
                 alias = lease.alias(a) if compact and lease is not None else None
                 if alias is not None:
                     self._acc.append(alias)
                     adopted[index] = True
                     continue
-                dtype = a.dtype if compact else _work_dtype(a.dtype)
-                self._acc.append(np.empty(a.shape, dtype=dtype, order=_order(a)))
+                if compact:
+                    self._acc.append(_result_layer(a.shape, a.dtype, _order(a)))
+                else:
+                    self._acc.append(np.empty(a.shape, dtype=_work_dtype(a.dtype), order=_order(a)))
             self._seen = [[a.dtype] for a in arrays]
             if lease is not None and any(adopted):  # slots are not held until round end
                 lease.keep()
@@ -361,32 +393,48 @@ class WeightedSum:
                 f"expected {[s.shape for s in self._acc]}"
             )
         else:
+            self._settle()
             self._widen(arrays)
         total = self.total_weight + weight
         for index, (array, in_place) in enumerate(zip(arrays, adopted, strict=True)):
-            if in_place:
-                continue  # the running mean of one model is that model, where it lies
             layer = self._acc[index]
             order = _order(layer)
+            if in_place:
+                continue  # the model's own memory: its mean (a float32 sum's first term)
             if self._running[index]:
                 if total <= 0:
                     raise RunError(f"aggregate: weights add up to {total}; cannot weight by it")
                 _fold_mean_layer(_flat(layer, order), _flat(array, order), weight / total, first)
             else:
-                weight_value = layer.dtype.type(weight)
-                _fold_layer(_flat(layer, order), _flat(array, order), weight_value, first)
+                scale = layer.dtype.type(1 if first and self._float32[index] else weight)
+                _fold_layer(_flat(layer, order), _flat(array, order), scale, first)  # _settle
             release(array)
         self.total_weight = total
         self.count += 1
 
+    def _settle(self) -> None:
+        """Apply the first model's weight to the float32 sums.
+
+        They hold that model as it came until a second one is added, so the mean of one
+        model is that model to the bit (``n * w / n`` in float32 may not be ``w``).
+        """
+        if self._pending is None or self._acc is None:
+            return
+        for layer, float32 in zip(self._acc, self._float32, strict=True):
+            if float32 and layer.dtype == np.float32 and self._pending != 1:
+                _scale_layer(_flat(layer, _order(layer)), np.float32(self._pending))
+        self._pending = None
+
     def sum(self) -> NDArrays:
-        """``sum_k n_k w_k`` in float64 (complex128 for complex layers).
+        """``sum_k n_k w_k`` in float64 (complex128 for complex layers; float32 for the
+        float32 layers of a compact sum).
 
         Raises:
             RunError: nothing was added.
         """
         if self._acc is None:
             raise RunError("aggregate: expected at least one result, received none")
+        self._settle()
         return [
             layer * np.float64(self.total_weight) if running else layer.copy()
             for layer, running in zip(self._acc, self._running, strict=True)
@@ -396,8 +444,9 @@ class WeightedSum:
         """``sum_k n_k w_k / sum_k n_k``, each layer in the :func:`mean_dtype` of its inputs.
 
         ``consume=True``: the sum is not needed afterwards, so running means are handed
-        out as they are and each float64 sum is freed once its layer is done (the peak
-        stays near one model's sums instead of sums plus result).
+        out as they are, a sum kept in the result's dtype (a compact float32 sum) is
+        divided where it lies, and each float64 sum is freed once its layer is done (the
+        peak stays near one model's sums instead of sums plus result).
 
         Raises:
             RunError: nothing was added, or the weights add up to 0 or less.
@@ -414,11 +463,14 @@ class WeightedSum:
             layer = layers[index]
             if consume:
                 layers[index] = np.empty(0)  # drop our reference as we go
-            if self._running[index] and layer.dtype == dtype:
-                out.append(layer if consume else layer.copy())
+            one_model = self._float32[index] and self._pending is not None
+            if (self._running[index] or one_model) and layer.dtype == dtype:
+                out.append(layer if consume else layer.copy())  # a mean already
                 continue
             order = _order(layer)
-            result = _result_layer(layer.shape, dtype, order)
+            # a consumed sum of the result's dtype becomes the result where it lies
+            in_place = consume and layer.dtype == dtype and not self._running[index]
+            result = layer if in_place else _result_layer(layer.shape, dtype, order)
             divisor = layer.dtype.type(self.total_weight)
             _mean_layer(_flat(result, order), _flat(layer, order), divisor)
             out.append(result)
