@@ -17,7 +17,7 @@ from typing import Protocol
 from ..errors import ConnectionLost
 from ..messages import Instruction, Reply
 
-__all__ = ["Mailbox", "Payload", "ReplyUse", "Task"]
+__all__ = ["SENT", "Mailbox", "Payload", "ReplyUse", "Task"]
 
 DoneCallback = Callable[[Reply | BaseException], None]
 
@@ -59,6 +59,26 @@ class Payload(Protocol):
         ...
 
 
+class _Sent:
+    """The payload of a task whose instruction the node has whole: nothing to send."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def tobytes(self) -> bytes:
+        raise RuntimeError("the instruction was sent and its encoding let go")
+
+    def frame(self, offset: int, size: int) -> bytes:
+        raise RuntimeError("the instruction was sent and its encoding let go")
+
+    def messages(self, size: int, frame: int | None = None) -> Iterator[bytes]:
+        raise RuntimeError("the instruction was sent and its encoding let go")
+
+
+SENT: Payload = _Sent()
+"""What :meth:`Task.sent` leaves in place of the payload."""
+
+
 @dataclass(slots=True)
 class Task:
     """One instruction for a node and what to do when it ends."""
@@ -73,6 +93,18 @@ class Task:
     replies: ReplyUse = ReplyUse.KEPT
     """What the server does with the reply (kept until the round ends, or folded and
     dropped at once): says when a large reply's receive slot comes back."""
+    on_sent: Callable[[], None] | None = None
+    """Called once the node has the whole instruction (:meth:`sent`)."""
+
+    def sent(self) -> None:
+        """The node has the whole instruction, and no transport will send it again (a
+        stream's: a pull-based node may ask for it again after a lost response): its
+        encoding is let go, so the model it holds is not kept alive by this task while
+        the node works, and ``on_sent`` is told."""
+        self.payload = SENT
+        on_sent, self.on_sent = self.on_sent, None
+        if on_sent is not None:
+            on_sent()
 
 
 class Mailbox:
@@ -103,6 +135,7 @@ class Mailbox:
         seq: int = 0,
         *,
         replies: ReplyUse = ReplyUse.KEPT,
+        on_sent: Callable[[], None] | None = None,
     ) -> int:
         """Queue an instruction (``payload`` is its encoded form); return the task id."""
         task_id = self._next_id
@@ -110,7 +143,7 @@ class Mailbox:
         if self._closed is not None:
             on_done(self._closed)
             return task_id
-        self._pending.append(Task(task_id, instruction, payload, on_done, seq, replies))
+        self._pending.append(Task(task_id, instruction, payload, on_done, seq, replies, on_sent))
         if self._wakeup is not None:
             self._wakeup()
         return task_id

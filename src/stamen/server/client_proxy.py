@@ -44,7 +44,14 @@ from ..wire import Payload, RefusedResult, encode_instruction_payload, with_refu
 if TYPE_CHECKING:
     from .fleet.slots import ReceiveSlots
 
-__all__ = ["ClientProxy", "EncodeCache", "RemoteClientProxy", "expected_reply_type"]
+__all__ = [
+    "ClientProxy",
+    "Deliveries",
+    "EncodeCache",
+    "RemoteClientProxy",
+    "expected_reply_type",
+    "tracking",
+]
 
 _R = TypeVar("_R", bound=Reply)
 
@@ -348,6 +355,80 @@ def batched_posts() -> Iterator[None]:
                     closed()
 
 
+class Deliveries:
+    """Says once (``on_all``, from any thread) when every instruction of a round is with
+    its node or has ended, and some node is still working on one: then only the
+    server's own copy of the model is needed for the rest of the round.
+
+    :meth:`RemoteClientProxy.send` within :func:`tracking` tracks each instruction it
+    posts: its task's :meth:`~stamen.protocol.mailbox.Task.sent` (a stream's: a
+    pull-based node may ask for an instruction again, so its task keeps it) and its end.
+    Other proxies track nothing, so the round's :meth:`seal` says how many instructions
+    it sent, and nothing is said unless every one was tracked.
+    """
+
+    def __init__(self, on_all: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._on_all: Callable[[], None] | None = on_all
+        self._tracked = 0
+        self._open = 0  # neither with its node nor ended
+        self._working = 0  # with its node, not ended
+        self._expected: int | None = None
+
+    def track(self) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Count one more instruction; returns the functions that say it is with its
+        node and that it has ended (each counts once, in either order)."""
+        with self._lock:
+            self._tracked += 1
+            self._open += 1
+        state = ["open"]
+
+        def sent() -> None:
+            with self._lock:
+                if state[0] != "open":
+                    return
+                state[0] = "sent"
+                self._open -= 1
+                self._working += 1
+            self._check()
+
+        def ended() -> None:
+            with self._lock:
+                if state[0] == "open":
+                    self._open -= 1
+                elif state[0] == "sent":
+                    self._working -= 1
+                state[0] = "ended"
+
+        return sent, ended
+
+    def seal(self, expected: int) -> None:
+        """The round sent ``expected`` instructions in all: no more will be tracked."""
+        with self._lock:
+            self._expected = expected
+        self._check()
+
+    def _check(self) -> None:
+        with self._lock:
+            ready = self._open == 0 and self._working > 0 and self._expected == self._tracked
+            on_all = self._on_all if ready else None
+            if on_all is not None:
+                self._on_all = None
+        if on_all is not None:
+            on_all()
+
+
+@contextlib.contextmanager
+def tracking(deliveries: Deliveries) -> Iterator[None]:
+    """Within it, :meth:`RemoteClientProxy.send` on this thread tracks the delivery of
+    each instruction it posts in ``deliveries``."""
+    _batch.deliveries = deliveries
+    try:
+        yield
+    finally:
+        _batch.deliveries = None
+
+
 _sequence = itertools.count(1)  # next() is atomic under the GIL: instructions in submit order
 
 
@@ -406,6 +487,11 @@ class RemoteClientProxy(ClientProxy):
         future.set_running_or_notify_cancel()
         expected = expected_reply_type(ins)
         seq = next(_sequence)
+        deliveries: Deliveries | None = getattr(_batch, "deliveries", None)
+        delivered = None
+        if deliveries is not None:
+            delivered, ended = deliveries.track()
+            future.add_done_callback(lambda _: ended())
         payload = self._with_notice(ins, _encode_cache.encode(ins))
         if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
@@ -437,7 +523,9 @@ class RemoteClientProxy(ClientProxy):
         def post() -> None:
             if self._slots is not None:
                 self._slots.begin(seq)
-            task_id = self.mailbox.post(ins, payload, on_done, seq, replies=replies)
+            task_id = self.mailbox.post(
+                ins, payload, on_done, seq, replies=replies, on_sent=delivered
+            )
             if timeout is not None and not future.done():
                 self._loop.call_later(
                     timeout,

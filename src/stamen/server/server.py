@@ -30,7 +30,13 @@ from ..protocol.mailbox import ReplyUse
 from ..typing import Scalar
 from .checkpoint import Checkpoint, Checkpointer
 from .client_manager import ClientManager
-from .client_proxy import ClientProxy, batched_posts, forget_encodings
+from .client_proxy import (
+    ClientProxy,
+    Deliveries,
+    batched_posts,
+    forget_encodings,
+    tracking,
+)
 from .events import (
     ReplyArrived,
     ResultRefused,
@@ -42,7 +48,7 @@ from .events import (
 )
 from .history import History
 from .progress import ProgressLog
-from .spill import SpillStore, is_spilled
+from .spill import SpillStore
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
 from .strategy.validate import collect_refusals
@@ -161,6 +167,10 @@ def _signal(done: queue.SimpleQueue[int], index: int) -> Callable[[Future[Any]],
     return lambda _future: done.put(index)
 
 
+_DELIVERED = -1
+"""What :func:`run_instructions` finds in its queue once every node has its instruction."""
+
+
 def run_instructions(
     instructions: Sequence[tuple[ClientProxy, Instruction]],
     timeout: float | None,
@@ -170,6 +180,7 @@ def run_instructions(
     on_result: Callable[[ClientProxy, R], R] | None = None,
     observe: Callable[[ClientProxy, Future[Reply]], None] | None = None,
     replies: ReplyUse | None = None,
+    on_delivered: Callable[[], None] | None = None,
 ) -> tuple[Results[R], Failures[R]]:
     """Send every instruction at once and wait for all replies.
 
@@ -194,9 +205,14 @@ def run_instructions(
             whichever thread ends it (progress views); must not block.
         replies: What is done with the replies (default: ``KEPT`` without ``on_result``,
             ``FOLDED`` with it); ``SPILLED``: ``on_result`` keeps them in spill files.
+        on_delivered: With ``on_result``: called on this thread, between two results,
+            once every node has its whole instruction (or its instruction has ended), if
+            the proxies can tell (network nodes on a stream: :class:`Deliveries`).
     """
     use = replies or (ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED)
-    with batched_posts():  # one wake-up of the fleet's loop for the whole round
+    done: queue.SimpleQueue[int] = queue.SimpleQueue()
+    deliveries = Deliveries(lambda: done.put(_DELIVERED))
+    with batched_posts(), tracking(deliveries):  # one wake-up of the fleet's loop
         futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
     if observe is not None:
         for proxy, future in futures:
@@ -207,14 +223,19 @@ def run_instructions(
         for proxy, future in futures:
             _outcome(proxy, future, expect, filed, log_level)
         return filed
-    done: queue.SimpleQueue[int] = queue.SimpleQueue()
     for index, (_, future) in enumerate(futures):
         future.add_done_callback(_signal(done, index))
+    deliveries.seal(len(futures))
     arrived: set[int] = set()
     results = filed[0]
     for position in range(len(futures)):
         while position not in arrived:
-            arrived.add(done.get())  # every future ends: replies, timeouts, disconnects
+            index = done.get()  # every future ends: replies, timeouts, disconnects
+            if index == _DELIVERED:
+                if on_delivered is not None:
+                    on_delivered()
+                continue
+            arrived.add(index)
         proxy, future = futures[position]
         futures[position] = (proxy, _DONE)  # drop our reference to the reply
         reply = _outcome(proxy, future, expect, filed, log_level)
@@ -430,6 +451,14 @@ class Server:
         self.spill.begin()
         began = time.monotonic()
         self.events.publish(RoundStarted(server_round, "fit", len(instructions)))
+        parked = [False]
+
+        def park() -> None:
+            # Every node has its instruction: the old model waits on disk while the
+            # results are received and aggregated, and its memory takes theirs.
+            forget_encodings()
+            parked[0] = parked[0] or self.spill.park(self.parameters)
+
         with collect_refusals() as refused:
             results, failures = run_instructions(
                 instructions,
@@ -438,27 +467,23 @@ class Server:
                 on_result=fold,
                 observe=self._observer(server_round, "fit"),
                 replies=ReplyUse.SPILLED if accumulator is None else ReplyUse.FOLDED,
+                on_delivered=park,
             )
-            parked = None
+            del instructions
             if accumulator is None:
-                # Every node has its instruction: the old model waits on disk while the
-                # results are aggregated, and its memory takes the new model.
-                del instructions
-                forget_encodings()
-                parked = self.parameters = self.spill.park(self.parameters)
+                park()
                 # Every reply is in: the receive buffers cached for the next round need
                 # not stay resident while the round is aggregated. (A streaming round
                 # has aggregated already: its buffers stay, warm for the next round.)
                 RECEIVE_POOL.trim()
-            if accumulator is not None:
-                parameters, metrics = accumulator.finish(failures)
-            else:
                 # A list of its own: the strategy may reorder or trim it.
                 parameters, metrics = self.strategy.aggregate_fit(
                     server_round, list(results), failures
                 )
-                if parameters is None and parked is not None and is_spilled(parked):
-                    self.parameters = pooled_parameters(parked)  # it stays: back in RAM
+            else:
+                parameters, metrics = accumulator.finish(failures)
+            if parameters is None and parked[0]:
+                self.parameters = pooled_parameters(self.parameters)  # it stays: back in RAM
         self._tell_refused(server_round, refused)
         self.spill.end(server_round)
         self.events.publish(

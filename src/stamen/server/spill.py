@@ -381,18 +381,23 @@ class SpillStore:
         )
         return replace(reply, parameters=parameters)
 
-    def park(self, parameters: Parameters) -> Parameters:
-        """The global model of a round whose results wait to be aggregated, moved to a
-        spill file if it is larger than the RAM budget: its memory can then take the
-        new model while the old one waits on disk, in case the round aggregates nothing.
-        ``parameters`` themselves if small, spilled already, or if no file can be made."""
+    def park(self, parameters: Parameters) -> bool:
+        """Move the global model of a round whose nodes all have it into a spill file,
+        if it is larger than the RAM budget: each tensor in ``parameters.tensors`` is
+        replaced, in place, by a view of the same bytes in the file, so every
+        instruction that carries this ``Parameters`` object sees it there, and the
+        memory it was in can take the results (and the new model) while the old one
+        waits on disk in case the round aggregates nothing. False (nothing done) if it
+        is small, spilled already, or no file can be made."""
         if _nbytes(parameters) <= self.budget or is_spilled(parameters):
-            return parameters
+            return False
         try:
-            return spill_parameters(parameters, self.directory)
+            spilled = spill_parameters(parameters, self.directory)
         except OSError as exc:  # a full disk, say: memory still works
             _warn_once(self.directory, exc)
-            return parameters
+            return False
+        parameters.tensors[:] = spilled.tensors
+        return True
 
     def end(self, server_round: int) -> SpillReport:
         """The round's report, logged when anything waited on disk."""

@@ -197,7 +197,9 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     del message  # the last frame: not kept while the node works
                 else:
                     await context.write(sealed(task.payload.tobytes()))
-                if frames and len(task.payload) > node.frame_size:
+                large = frames and len(task.payload) > node.frame_size
+                task.sent()  # a stream never sends it again: its model may go to disk
+                if large:
                     # A large instruction's reply is large too: it waits for its receive
                     # slot before its first frame is read, so the replies waiting their
                     # turn stay with their nodes (each would hold a frame here: fifty

@@ -45,6 +45,7 @@ from ...protocol.fleet_server import (
     Step,
 )
 from ...protocol.mailbox import ReplyUse, Task
+from ...protocol.slots import Admission
 from ...wire import FRAMING, Verb, decode_reply
 from ...wire import fleet_codec as codec
 from ...wire.codec import DEFAULT_REPLY_LIMITS, ReplyLimits
@@ -228,6 +229,16 @@ def slot_lease(use: ReplyUse, lease: Lease) -> Lease | None:
     if use is ReplyUse.FOLDED and lease.buffers:
         return lease.transfer()
     return None
+
+
+def _spilled_on_arrival(task: Task, slot: Admission | None) -> bool:
+    """Whether a framed reply is received straight into a spill file: every reply of a
+    round whose results wait on disk, and a reply let in out of its turn
+    (:attr:`Admission.LATE`) in a round that folds its replies in instruction order,
+    which must wait for the replies before it: on disk, not in a model-sized buffer."""
+    return task.replies is ReplyUse.SPILLED or (
+        task.replies is ReplyUse.FOLDED and slot is Admission.LATE
+    )
 
 
 class Fleet:
@@ -437,11 +448,12 @@ class Fleet:
         :class:`~stamen.protocol.mailbox.ReplyUse`) says when its slot comes back: now for a
         reply kept until the round ends; for one folded and dropped at once (streaming
         aggregation), when its buffer is freed (or kept as the running mean), so received
-        models cannot pile up ahead of the folding."""
+        models cannot pile up ahead of the folding; now again for one received into a
+        spill file, whose memory is the file's."""
         task = node.mailbox.in_flight(task_id)
         held = None
-        if node.slot is not None and task is not None:  # received by the fleet: its lease
-            held = slot_lease(task.replies, Lease.over([whole]))
+        if node.slot is not None and task is not None and not _spilled_on_arrival(task, node.slot):
+            held = slot_lease(task.replies, Lease.over([whole]))  # received by the fleet
         if held is None or node.slot is None:
             self.release_slot(node)
             return
@@ -485,7 +497,7 @@ class Fleet:
         ceiling = self.timing.max_reply_size or physical_memory_bytes() // 2
         limit = reply_size_limit(task.instruction, self.max_message_length, ceiling)
         allocate = None
-        if task.replies is ReplyUse.SPILLED:  # written straight into a spill file
+        if _spilled_on_arrival(task, node.slot):  # written straight into a spill file
             directory = self.spill_directory
             allocate = functools.partial(receive_buffer, directory=directory)
         node.reader.bound(limit, min(MIN_FRAME, max(1, node.frame_size // 2)), allocate)
@@ -540,7 +552,7 @@ class Fleet:
             self.release_slot(node)
             self.state.fail(node, task_id, exc)
             raise
-        if task is not None and task.replies is ReplyUse.SPILLED:
+        if task is not None and _spilled_on_arrival(task, node.slot):
             # Written into a spill file: its pages need not stay in memory once written.
             written = whole if whole is not None else node.reader.written
             if written is not None:

@@ -1,0 +1,115 @@
+"""The old model waits on disk while a streaming round receives its results (grpc-bidi).
+
+Once every node has its instruction, the server's copy of the old model is only needed
+if the round aggregates nothing: it is moved to a spill file (its tensors replaced in
+place by views of the same bytes), and the memory it was in is free for the replies.
+These tests run real rounds against a real server and check that it happens during the
+round, that the old model's memory is really let go, and that training is exact.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+import stamen as fl
+from stamen.ndarrays import parameters_to_ndarrays, received_buffer_of
+from stamen.server import ServerConfig
+from stamen.server.spill import SpillStore, is_spilled
+from stamen.testing import NodeThread, node_threads, running_server
+from stamen.typing import Config, NDArrays, Scalar
+
+WAIT = 60.0
+LIMIT = 64 * 1024  # grpc_max_message_length: a 400 KB model travels in frames
+SIZE = 100_000
+
+
+class Adds(fl.client.NumPyClient):
+    """Returns ``parameters + k`` with ``k`` examples; the last node (``waits``) first
+    waits until the server has parked the round's model, and records what it sees."""
+
+    def __init__(self, k: int, waits: threading.Semaphore | None, seen: list[bool]) -> None:
+        self.k, self.waits, self.seen = k, waits, seen
+
+    def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        if self.waits is not None:
+            self.seen.append(self.waits.acquire(timeout=WAIT))
+        return [p + np.float32(self.k) for p in parameters], self.k, {}
+
+
+class WatchesTheModel(fl.server.strategy.FedAvg):
+    """Streaming FedAvg (``aggregate_fit`` not overridden) that keeps a weak reference to
+    the buffer each round's model lies in, and whether it was alive at aggregation."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.buffers: list[weakref.ref[Any] | None] = []
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        buffer = received_buffer_of(np.frombuffer(parameters.tensors[0], np.uint8))
+        self.buffers.append(None if buffer is None else weakref.ref(buffer))
+        return super().configure_fit(server_round, parameters, client_manager)
+
+
+def test_a_streaming_round_parks_the_old_model_once_every_node_has_it() -> None:
+    initial = [np.zeros(SIZE, dtype=np.float32)]
+    strategy = WatchesTheModel(
+        min_fit_clients=3,
+        min_available_clients=3,
+        fraction_evaluate=0.0,
+        initial_parameters=fl.common.ndarrays_to_parameters(initial),
+    )
+    assert strategy.fit_accumulator(1) is not None  # the round streams
+    parks = threading.Semaphore(0)
+    freed: list[bool] = []
+    seen: list[bool] = []
+    with running_server(
+        config=ServerConfig(num_rounds=3),
+        strategy=strategy,
+        grpc_max_message_length=LIMIT,
+    ) as srv:
+        store = SpillStore(budget=0)
+        park = store.park
+
+        def parking(parameters: Any) -> bool:
+            parked = park(parameters)
+            if parked:
+                assert is_spilled(parameters)  # in place: the same object, on disk
+                watched = strategy.buffers[-1]
+                gc.collect()
+                freed.append(watched is not None and watched() is None)
+                parks.release()
+            return parked
+
+        store.park = parking  # type: ignore[method-assign]
+        srv.server.spill = store
+        with node_threads() as nodes:
+            for k in (1, 2, 3):
+                client = Adds(k, parks if k == 3 else None, seen).to_client()
+                nodes.append(
+                    NodeThread(
+                        {
+                            "server_address": srv.address,
+                            "transport": "grpc-bidi",
+                            "client": client,
+                            "grpc_max_message_length": LIMIT,
+                        }
+                    ).start()
+                )
+            srv.result(WAIT)
+            for node in nodes:
+                assert node.join(WAIT) is None
+        model = parameters_to_ndarrays(srv.server.parameters)
+        assert not is_spilled(srv.server.parameters)  # the new model, in memory
+    # Node 3 replied only after each round's park: the model went to disk mid-round.
+    assert seen == [True, True, True]
+    # Rounds 2 and 3 sent a model computed in a received buffer: parked, it was freed
+    # (round 1's initial model is plain bytes: nothing to watch).
+    assert strategy.buffers[0] is None
+    assert freed[1:] == [True, True], freed
+    # (1 + 4 + 9) / 6 = 7/3 a round, as if nothing had moved.
+    np.testing.assert_allclose(model[0], np.full(SIZE, 7.0, np.float32), rtol=1e-6)

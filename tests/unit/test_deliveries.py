@@ -1,0 +1,90 @@
+"""When every node has its instruction (Deliveries, Task.sent), and where a reply let
+in out of its turn is received (_spilled_on_arrival)."""
+
+from __future__ import annotations
+
+from stamen.messages import FitIns, Parameters
+from stamen.protocol.mailbox import SENT, Mailbox, ReplyUse, Task
+from stamen.protocol.slots import Admission
+from stamen.server.client_proxy import Deliveries
+from stamen.server.fleet.handler import _spilled_on_arrival
+from stamen.wire import Payload
+
+
+def _deliveries() -> tuple[Deliveries, list[int]]:
+    told: list[int] = []
+    return Deliveries(lambda: told.append(1)), told
+
+
+def test_told_once_every_instruction_is_sent_and_one_is_still_worked_on() -> None:
+    deliveries, told = _deliveries()
+    tracked = [deliveries.track() for _ in range(3)]
+    deliveries.seal(3)
+    tracked[0][0]()
+    tracked[1][1]()  # ended before it was sent (a node that left): counts as done
+    assert told == []
+    tracked[2][0]()
+    assert told == [1]
+    tracked[2][0]()  # again, and the ends: nothing more
+    for _, ended in tracked:
+        ended()
+    assert told == [1]
+
+
+def test_not_told_when_every_instruction_has_ended() -> None:
+    """Nothing is left to free once every reply is in (pull-based nodes, whose tasks keep
+    their instruction until the reply): saying so then would only cost a write."""
+    deliveries, told = _deliveries()
+    tracked = [deliveries.track() for _ in range(2)]
+    deliveries.seal(2)
+    for _, ended in tracked:
+        ended()
+        ended()
+    assert told == []
+
+
+def test_not_told_unless_every_instruction_of_the_round_was_tracked() -> None:
+    """A round with a proxy that cannot tell (simulated, a user's) never hears it."""
+    deliveries, told = _deliveries()
+    sent, _ = deliveries.track()
+    sent()
+    assert told == []  # not sealed yet: more may come
+    deliveries.seal(2)  # two instructions, one tracked
+    assert told == []
+
+
+def test_told_at_the_seal_when_every_instruction_was_sent_before() -> None:
+    deliveries, told = _deliveries()
+    for _ in range(2):
+        deliveries.track()[0]()
+    assert told == []
+    deliveries.seal(2)
+    assert told == [1]
+
+
+def test_a_sent_task_lets_its_encoding_go_and_says_so_once() -> None:
+    calls: list[int] = []
+    mailbox = Mailbox("n1")
+    ins = FitIns(Parameters([b"\x01" * 10], "numpy.ndarray"), {})
+    mailbox.post(ins, Payload.of(b"x" * 10), lambda _: None, on_sent=lambda: calls.append(1))
+    task = mailbox.take()
+    assert task is not None and len(task.payload) == 10
+    task.sent()
+    task.sent()
+    assert calls == [1]
+    assert task.payload is SENT and len(task.payload) == 0
+    assert task.instruction is ins  # what the reply is checked against stays
+
+
+def test_a_reply_let_in_out_of_its_turn_is_received_into_a_spill_file() -> None:
+    """In a streaming round the results fold in instruction order: a reply let in late
+    would wait in a model-sized buffer for the ones before it; it waits on disk."""
+
+    def task(replies: ReplyUse) -> Task:
+        return Task(1, FitIns(Parameters([], ""), {}), Payload.of(b""), lambda _: None, 1, replies)
+
+    assert _spilled_on_arrival(task(ReplyUse.FOLDED), Admission.LATE)
+    assert not _spilled_on_arrival(task(ReplyUse.FOLDED), Admission.ORDERED)
+    assert not _spilled_on_arrival(task(ReplyUse.FOLDED), None)
+    assert _spilled_on_arrival(task(ReplyUse.SPILLED), Admission.ORDERED)
+    assert not _spilled_on_arrival(task(ReplyUse.KEPT), Admission.LATE)
