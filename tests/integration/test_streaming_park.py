@@ -19,6 +19,7 @@ import numpy as np
 import stamen as fl
 from stamen.ndarrays import parameters_to_ndarrays, received_buffer_of
 from stamen.server import ServerConfig
+from stamen.server.server import PARK_STREAMING_FROM
 from stamen.server.spill import SpillStore, is_spilled
 from stamen.testing import NodeThread, node_threads, running_server
 from stamen.typing import Config, NDArrays, Scalar
@@ -29,8 +30,8 @@ SIZE = 100_000
 
 
 class Adds(fl.client.NumPyClient):
-    """Returns ``parameters + k`` with ``k`` examples; the last node (``waits``) first
-    waits until the server has parked the round's model, and records what it sees."""
+    """Returns ``parameters + k`` with ``k`` examples; with ``waits``, it first waits
+    until the server has parked the round's model, and records whether it did."""
 
     def __init__(self, k: int, waits: threading.Semaphore | None, seen: list[bool]) -> None:
         self.k, self.waits, self.seen = k, waits, seen
@@ -55,18 +56,18 @@ class WatchesTheModel(fl.server.strategy.FedAvg):
         return super().configure_fit(server_round, parameters, client_manager)
 
 
-def test_a_streaming_round_parks_the_old_model_once_every_node_has_it() -> None:
+def _run(nodes_k: tuple[int, ...], waits: threading.Semaphore | None, seen: list[bool]) -> Any:
+    """A 3-round streaming FedAvg run on grpc-bidi with one node per ``k``; returns the
+    strategy, the server's final model, and whether each park call parked."""
     initial = [np.zeros(SIZE, dtype=np.float32)]
     strategy = WatchesTheModel(
-        min_fit_clients=3,
-        min_available_clients=3,
+        min_fit_clients=len(nodes_k),
+        min_available_clients=len(nodes_k),
         fraction_evaluate=0.0,
         initial_parameters=fl.common.ndarrays_to_parameters(initial),
     )
     assert strategy.fit_accumulator(1) is not None  # the round streams
-    parks = threading.Semaphore(0)
-    freed: list[bool] = []
-    seen: list[bool] = []
+    parks: list[tuple[bool, bool]] = []  # (parked, the model's old buffer freed)
     with running_server(
         config=ServerConfig(num_rounds=3),
         strategy=strategy,
@@ -81,15 +82,16 @@ def test_a_streaming_round_parks_the_old_model_once_every_node_has_it() -> None:
                 assert is_spilled(parameters)  # in place: the same object, on disk
                 watched = strategy.buffers[-1]
                 gc.collect()
-                freed.append(watched is not None and watched() is None)
-                parks.release()
+                parks.append((True, watched is not None and watched() is None))
+                if waits is not None:
+                    waits.release(len(nodes_k))
             return parked
 
         store.park = parking  # type: ignore[method-assign]
         srv.server.spill = store
         with node_threads() as nodes:
-            for k in (1, 2, 3):
-                client = Adds(k, parks if k == 3 else None, seen).to_client()
+            for k in nodes_k:
+                client = Adds(k, waits, seen).to_client()
                 nodes.append(
                     NodeThread(
                         {
@@ -105,11 +107,29 @@ def test_a_streaming_round_parks_the_old_model_once_every_node_has_it() -> None:
                 assert node.join(WAIT) is None
         model = parameters_to_ndarrays(srv.server.parameters)
         assert not is_spilled(srv.server.parameters)  # the new model, in memory
-    # Node 3 replied only after each round's park: the model went to disk mid-round.
-    assert seen == [True, True, True]
+    return strategy, model, parks
+
+
+def test_a_streaming_round_parks_the_old_model_once_every_node_has_it() -> None:
+    waits = threading.Semaphore(0)
+    seen: list[bool] = []
+    strategy, model, parks = _run((1, 2, 3), waits, seen)
+    # Every node replied only after its round's park: the model went to disk mid-round.
+    assert seen == [True] * 9
     # Rounds 2 and 3 sent a model computed in a received buffer: parked, it was freed
     # (round 1's initial model is plain bytes: nothing to watch).
     assert strategy.buffers[0] is None
-    assert freed[1:] == [True, True], freed
+    assert [freed for _, freed in parks[1:]] == [True, True], parks
     # (1 + 4 + 9) / 6 = 7/3 a round, as if nothing had moved.
     np.testing.assert_allclose(model[0], np.full(SIZE, 7.0, np.float32), rtol=1e-6)
+
+
+def test_a_streaming_round_of_two_nodes_keeps_the_model_in_memory() -> None:
+    """With two replies to come the write would cost more than it saves
+    (``PARK_STREAMING_FROM``): nothing is parked, and the rounds train the same."""
+    assert PARK_STREAMING_FROM == 3
+    seen: list[bool] = []
+    _, model, parks = _run((1, 2), None, seen)
+    assert parks == []
+    # (1 + 4) / 3 = 5/3 a round
+    np.testing.assert_allclose(model[0], np.full(SIZE, 5.0, np.float32), rtol=1e-6)
