@@ -172,9 +172,11 @@ PARK_STREAMING_FROM = 3
 round parks the old global model on disk (a round that collects its results always
 does). A streaming round folds each reply as it lands, so parking saves one model of
 memory while the remaining replies are received, for the price of writing the model
-out. With two nodes that is one reply's reception; measured on 2 x 400 MB (bench `D`)
-it cost more than it saved: rounds of 6.8-7.5 s instead of 1.9 s on a virtual machine
-where new page-cache pages are slow to come by, for 390 MB less at the peak."""
+out (0.1-0.2 s per 400 MB once its spill file is warm, seconds while the page cache
+grows). With two nodes that is one reply's reception. On 2 x 400 MB (bench ``D``) every
+run that parked had a slow second round (6.8-8.0 s, four runs), against one run in three
+without (7.0 s; 1.8-1.9 s otherwise), for 390 MB less at the peak: two-node rounds keep
+the model in memory (bench/HISTORY.md)."""
 
 _DELIVERED = -1
 """What :func:`run_instructions` finds in its queue once every node has its instruction."""
