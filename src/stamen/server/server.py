@@ -48,7 +48,7 @@ from .events import (
 )
 from .history import History
 from .progress import ProgressLog
-from .spill import SpillStore
+from .spill import SpillStore, is_spilled
 from .strategy import FedAvg, Strategy
 from .strategy.strategy import FitAccumulator
 from .strategy.validate import collect_refusals
@@ -465,17 +465,15 @@ class Server:
         self.spill.begin()
         began = time.monotonic()
         self.events.publish(RoundStarted(server_round, "fit", len(instructions)))
-        parked = [False]
 
-        def park(outstanding: int = 0) -> None:
+        def park(outstanding: int) -> None:
             # Every node has its instruction: the old model waits on disk while the
             # results are received and aggregated, and its memory takes theirs. A
             # streaming round parks it only with replies from PARK_STREAMING_FROM nodes
             # or more still to come (see there).
-            if accumulator is not None and outstanding < PARK_STREAMING_FROM:
-                return
-            forget_encodings()
-            parked[0] = parked[0] or self.spill.park(self.parameters)
+            if accumulator is None or outstanding >= PARK_STREAMING_FROM:
+                forget_encodings()
+                self.spill.park(self.parameters)  # nothing if parked already
 
         with collect_refusals() as refused:
             results, failures = run_instructions(
@@ -487,9 +485,8 @@ class Server:
                 replies=ReplyUse.SPILLED if accumulator is None else ReplyUse.FOLDED,
                 on_delivered=park,
             )
-            del instructions
             if accumulator is None:
-                park()
+                park(0)
                 # Every reply is in: the receive buffers cached for the next round need
                 # not stay resident while the round is aggregated. (A streaming round
                 # has aggregated already: its buffers stay, warm for the next round.)
@@ -500,7 +497,7 @@ class Server:
                 )
             else:
                 parameters, metrics = accumulator.finish(failures)
-            if parameters is None and parked[0]:
+            if parameters is None and is_spilled(self.parameters):
                 self.parameters = pooled_parameters(self.parameters)  # it stays: back in RAM
         self._tell_refused(server_round, refused)
         self.spill.end(server_round)

@@ -271,6 +271,12 @@ def _sum_dtype(dtype: np.dtype[Any], compact: bool) -> np.dtype[Any]:
     return _work_dtype(dtype)
 
 
+def _float32_sum(layer: NDArray, running: bool) -> bool:
+    """Whether a :class:`WeightedSum` layer is a compact sum's float32 sum (a sum that is
+    not compact is float64 or wider)."""
+    return not running and layer.dtype == np.float32
+
+
 def _fold_mean_layer(acc: NDArray, values: NDArray, ratio: float, first: bool) -> None:
     """``acc += ratio * (values - acc)``, computed in float64 block by block; 1-D arrays."""
 
@@ -320,8 +326,7 @@ class WeightedSum:
         self._acc: list[NDArray] | None = None
         self._seen: list[list[np.dtype[Any]]] = []
         self._running: list[bool] = []
-        self._float32: list[bool] = []  # a compact sum's float32 sums
-        self._pending: float | None = None  # the first model's weight, until applied to them
+        self._pending: float | None = None  # the first model's weight, until _settle
         self._compact = compact
         self.total_weight: float = 0
         self.count = 0
@@ -367,12 +372,10 @@ class WeightedSum:
         if self._acc is None:
             self._acc = []
             self._running = []
-            self._float32 = []
             self._pending = weight
             for index, a in enumerate(arrays):
                 compact = self._compact and _compact(a.dtype)
                 self._running.append(compact and a.dtype != np.float32)
-                self._float32.append(compact and a.dtype == np.float32)
                 alias = lease.alias(a) if compact and lease is not None else None
                 if alias is not None:
                     self._acc.append(alias)
@@ -397,17 +400,18 @@ class WeightedSum:
             self._widen(arrays)
         total = self.total_weight + weight
         for index, (array, in_place) in enumerate(zip(arrays, adopted, strict=True)):
-            layer = self._acc[index]
-            order = _order(layer)
             if in_place:
                 continue  # the model's own memory: its mean (a float32 sum's first term)
+            layer = self._acc[index]
+            order = _order(layer)
             if self._running[index]:
                 if total <= 0:
                     raise RunError(f"aggregate: weights add up to {total}; cannot weight by it")
                 _fold_mean_layer(_flat(layer, order), _flat(array, order), weight / total, first)
             else:
-                scale = layer.dtype.type(1 if first and self._float32[index] else weight)
-                _fold_layer(_flat(layer, order), _flat(array, order), scale, first)  # _settle
+                unscaled = first and _float32_sum(layer, running=False)  # see _settle
+                scale = layer.dtype.type(1 if unscaled else weight)
+                _fold_layer(_flat(layer, order), _flat(array, order), scale, first)
             release(array)
         self.total_weight = total
         self.count += 1
@@ -420,9 +424,10 @@ class WeightedSum:
         """
         if self._pending is None or self._acc is None:
             return
-        for layer, float32 in zip(self._acc, self._float32, strict=True):
-            if float32 and layer.dtype == np.float32 and self._pending != 1:
-                _scale_layer(_flat(layer, _order(layer)), np.float32(self._pending))
+        if self._pending != 1:
+            for layer, running in zip(self._acc, self._running, strict=True):
+                if _float32_sum(layer, running):
+                    _scale_layer(_flat(layer, _order(layer)), np.float32(self._pending))
         self._pending = None
 
     def sum(self) -> NDArrays:
@@ -463,13 +468,15 @@ class WeightedSum:
             layer = layers[index]
             if consume:
                 layers[index] = np.empty(0)  # drop our reference as we go
-            one_model = self._float32[index] and self._pending is not None
-            if (self._running[index] or one_model) and layer.dtype == dtype:
+            running = self._running[index]
+            float32_sum = _float32_sum(layer, running)
+            one_model = float32_sum and self._pending is not None
+            if (running or one_model) and layer.dtype == dtype:
                 out.append(layer if consume else layer.copy())  # a mean already
                 continue
             order = _order(layer)
-            # a consumed sum of the result's dtype becomes the result where it lies
-            in_place = consume and layer.dtype == dtype and not self._running[index]
+            # a consumed float32 sum is divided where it lies: it is the result
+            in_place = consume and float32_sum and dtype == np.float32
             result = layer if in_place else _result_layer(layer.shape, dtype, order)
             divisor = layer.dtype.type(self.total_weight)
             _mean_layer(_flat(result, order), _flat(layer, order), divisor)
