@@ -50,7 +50,7 @@ from .history import History
 from .progress import ProgressLog
 from .spill import SpillStore, is_spilled
 from .strategy import FedAvg, Strategy
-from .strategy.strategy import FitAccumulator
+from .strategy.strategy import FitAccumulator, FitPrefold
 from .strategy.validate import collect_refusals
 
 __all__ = ["Server", "ServerConfig"]
@@ -303,6 +303,22 @@ def _folder(accumulator: FitAccumulator) -> Callable[[ClientProxy, FitRes], FitR
     return fold
 
 
+def _kept(
+    take: Callable[[ClientProxy, FitRes], FitRes], prefold: FitPrefold | None
+) -> Callable[[ClientProxy, FitRes], FitRes]:
+    """Collection: each fit result kept as ``take`` keeps it (in spill files beyond
+    the budget), and shown to ``prefold`` (if any) as it is kept."""
+    if prefold is None:
+        return take
+
+    def keep(proxy: ClientProxy, reply: FitRes) -> FitRes:
+        kept = take(proxy, reply)
+        prefold.add(proxy, kept)
+        return kept
+
+    return keep
+
+
 class Server:
     """Runs a strategy's rounds over the clients of a client manager.
 
@@ -460,8 +476,10 @@ class Server:
             return None
         accumulator = self.strategy.fit_accumulator(server_round)
         # Without an accumulator every result is kept to the end: beyond the RAM budget,
-        # in spill files that the aggregation reads a part at a time.
-        fold = self.spill.take if accumulator is None else _folder(accumulator)
+        # in spill files that the aggregation reads a part at a time; a prefold sees
+        # each one as it arrives.
+        prefold = None if accumulator is not None else self.strategy.fit_prefold(server_round)
+        fold = _folder(accumulator) if accumulator is not None else _kept(self.spill.take, prefold)
         self.spill.begin()
         began = time.monotonic()
         self.events.publish(RoundStarted(server_round, "fit", len(instructions)))
@@ -497,6 +515,7 @@ class Server:
                 )
             else:
                 parameters, metrics = accumulator.finish(failures)
+            del prefold, fold  # its fold is not kept past aggregate_fit
             if parameters is None and is_spilled(self.parameters):
                 self.parameters = pooled_parameters(self.parameters)  # it stays: back in RAM
         self._tell_refused(server_round, refused)

@@ -1,14 +1,18 @@
-"""The blocked FedAvg kernel gives the bits of the plain float64 expression; views copy nothing.
+"""The blocked FedAvg kernel gives the bits of the plain expressions; views copy nothing.
 
-The reference is the expression the kernel replaces: ``acc = zeros(float64)``, then
-``acc += np.multiply(w_k, n_k, dtype=float64)`` per model, then ``acc / sum n_k`` cast back
-to the layer's dtype (rounded for integer and boolean layers).
+The references are the expressions the kernel replaces. For float32 layers, Flower 1.12's:
+``reduce(np.add, [w_k * n_k ...]) / sum n_k`` in float32 (one model being its own mean).
+For the others: ``acc = zeros(float64)``, then ``acc += np.multiply(w_k, n_k,
+dtype=float64)`` per model, then ``acc / sum n_k`` cast back to the layer's dtype (rounded
+for integer and boolean layers); a :class:`WeightedSum` that is not compact computes this
+for float32 layers too.
 """
 
 from __future__ import annotations
 
 import importlib
 import tracemalloc
+from functools import reduce
 from typing import Any
 
 import numpy as np
@@ -62,6 +66,15 @@ def reference_mean(results: list[tuple[NDArrays, float]]) -> NDArrays:
     return out
 
 
+def flower_mean(results: list[tuple[NDArrays, float]]) -> NDArrays:
+    """Flower's expression for float32 layers: float32 products, summed in order."""
+    if len(results) == 1:
+        return [a.copy() for a in results[0][0]]
+    total = np.float32(sum(w for _, w in results))
+    weighted = [[a * np.float32(w) for a in arrays] for arrays, w in results]
+    return [reduce(np.add, layers) / total for layers in zip(*weighted, strict=True)]
+
+
 def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> NDArray:
     values = rng.normal(size=shape) * 50
     if np.issubdtype(dtype, np.complexfloating):
@@ -89,9 +102,11 @@ def assert_same_bits(got: NDArrays, expected: NDArrays) -> None:
 def test_kernel_gives_the_bits_of_the_plain_expression(
     monkeypatch: Any, block: int, threads: int, dtype: Any
 ) -> None:
-    """aggregate of a list, of a generator, and WeightedSum: the same bits as the plain
-    expression, whatever the block size (so across block boundaries), the split of layers
-    over threads, the memory order of each model, the number of models and the weights."""
+    """aggregate of a list, of a generator, and WeightedSum (compact or not): the same bits
+    as the plain expressions, whatever the block size (so across block boundaries), the
+    split of layers over threads, the memory order of each model, the number of models
+    and the weights. (A compact sum keeps float16 layers as a running mean: see
+    test_compact_sum.)"""
     monkeypatch.setattr(aggregate_module, "BLOCK", block)
     monkeypatch.setattr(aggregate_module, "THREADS", threads)
     monkeypatch.setattr(aggregate_module, "MIN_PART_BLOCKS", 1)
@@ -105,14 +120,18 @@ def test_kernel_gives_the_bits_of_the_plain_expression(
             elif weights_kind == "ones":  # the kernel skips multiplying by 1 (real layers)
                 weights = [1] * count
             results = list(zip(models, weights, strict=True))
-            expected = reference_mean(results)
+            float64_sum = reference_mean(results)
+            expected = flower_mean(results) if dtype is np.float32 else float64_sum
             assert_same_bits(aggregate(results), expected)
-            assert_same_bits(aggregate(iter(results)), expected)
-            running = WeightedSum()
+            running, compact = WeightedSum(), WeightedSum(compact=True)
             for arrays, weight in results:
                 running.add(arrays, weight)
-            assert_same_bits(running.mean(), expected)
-            assert running.count == count
+                compact.add(arrays, weight)
+            assert_same_bits(running.mean(), float64_sum)
+            assert running.count == compact.count == count
+            if dtype is not np.float16:
+                assert_same_bits(aggregate(iter(results)), expected)
+                assert_same_bits(compact.mean(), expected)
 
 
 def test_layers_are_shared_among_threads_and_errors_reach_the_caller(monkeypatch: Any) -> None:

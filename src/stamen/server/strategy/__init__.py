@@ -33,7 +33,7 @@ from .metrics import weighted_average
 from .qfedavg import QFedAvg
 from .secagg import SecAggPlus
 from .state import StrategyState
-from .strategy import FitAccumulator, Strategy
+from .strategy import FitAccumulator, FitPrefold, Strategy
 from .validate import InvalidResult
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "FedXgbBagging",
     "FedYogi",
     "FitAccumulator",
+    "FitPrefold",
     "InvalidResult",
     "Krum",
     "QFedAvg",

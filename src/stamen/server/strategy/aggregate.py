@@ -217,13 +217,24 @@ def _fold_layer(acc: NDArray, values: NDArray, weight: np.generic, first: bool) 
             for lo in range(start, stop, BLOCK):
                 hi = min(lo + BLOCK, stop)
                 _start_into(acc[lo:hi], values[lo:hi], weight)
-            return
-        scratch = np.empty(min(BLOCK, stop - start), dtype=acc.dtype)
-        for lo in range(start, stop, BLOCK):
-            block = acc[lo : min(lo + BLOCK, stop)]
-            _fold_into(block, values[lo : lo + block.size], weight, scratch[: block.size])
+        else:
+            scratch = np.empty(min(BLOCK, stop - start), dtype=acc.dtype)
+            for lo in range(start, stop, BLOCK):
+                block = acc[lo : min(lo + BLOCK, stop)]
+                _fold_into(block, values[lo : lo + block.size], weight, scratch[: block.size])
+        release(values[start:stop])  # a spilled result's pages go once read
 
     _in_parts(acc.size, work)
+
+
+def _copy_layer(out: NDArray, values: NDArray) -> None:
+    """``out[:] = values``; 1-D arrays."""
+
+    def work(start: int, stop: int) -> None:
+        np.copyto(out[start:stop], values[start:stop])
+        release(values[start:stop])
+
+    _in_parts(out.size, work)
 
 
 def _mean_layer(out: NDArray, acc: NDArray, divisor: np.generic) -> None:
@@ -283,6 +294,7 @@ def _fold_mean_layer(acc: NDArray, values: NDArray, ratio: float, first: bool) -
     def work(start: int, stop: int) -> None:
         if first:
             np.copyto(acc[start:stop], values[start:stop])
+            release(values[start:stop])
             return
         mean = np.empty(min(BLOCK, stop - start), dtype=np.float64)
         step = np.empty_like(mean)
@@ -295,6 +307,7 @@ def _fold_mean_layer(acc: NDArray, values: NDArray, ratio: float, first: bool) -
             np.multiply(d, ratio, out=d)
             np.add(m, d, out=m)
             np.copyto(acc[lo:hi], m, casting="unsafe")
+        release(values[start:stop])
 
     _in_parts(acc.size, work)
 
@@ -408,9 +421,10 @@ class WeightedSum:
                 if total <= 0:
                     raise RunError(f"aggregate: weights add up to {total}; cannot weight by it")
                 _fold_mean_layer(_flat(layer, order), _flat(array, order), weight / total, first)
+            elif first and _float32_sum(layer, running=False):
+                _copy_layer(_flat(layer, order), _flat(array, order))  # as it is: see _settle
             else:
-                unscaled = first and _float32_sum(layer, running=False)  # see _settle
-                scale = layer.dtype.type(1 if unscaled else weight)
+                scale = layer.dtype.type(weight)
                 _fold_layer(_flat(layer, order), _flat(array, order), scale, first)
             release(array)
         self.total_weight = total
@@ -494,12 +508,16 @@ def _check_total(total: float) -> None:
 def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: float) -> NDArray:
     """``sum_k weights[k] * arrays[k] / total`` in :func:`mean_dtype`, block by block.
 
-    For each block of the result, every term is folded into one cached float64 block, so
-    each input value is read once and each result value written once.
+    For each block of the result, every term is folded into one cached block, so each
+    input value is read once and each result value written once. float32 layers are
+    summed in float32, others in float64 or wider: the arithmetic of a compact
+    :class:`WeightedSum` fed the same models in the same order, to the bit (the first
+    model's weight is applied when a second comes, so one model is its own mean).
     """
     first = arrays[0]
     out_dtype = mean_dtype(a.dtype for a in arrays)
-    work_dtype = _work_dtype(out_dtype)
+    float32_sum = all(a.dtype == np.float32 for a in arrays)
+    work_dtype = out_dtype if float32_sum else _work_dtype(out_dtype)
     order = _order(first)
     result = _result_layer(first.shape, out_dtype, order)
     target = _flat(result, order)
@@ -507,16 +525,27 @@ def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: f
     factors = [work_dtype.type(w) for w in weights]
     divisor = work_dtype.type(total)
 
-    def work(start: int, stop: int) -> None:
-        acc_block = np.empty(min(BLOCK, stop - start), dtype=work_dtype)
+    def start(acc: NDArray, lo: int, hi: int) -> None:
+        if not float32_sum:
+            _start_into(acc, flats[0][lo:hi], factors[0])
+        elif len(flats) == 1 or factors[0] == 1:
+            np.copyto(acc, flats[0][lo:hi])  # as WeightedSum: see its _settle
+        else:
+            np.multiply(flats[0][lo:hi], factors[0], out=acc)
+
+    def work(start_at: int, stop: int) -> None:
+        acc_block = np.empty(min(BLOCK, stop - start_at), dtype=work_dtype)
         scratch_block = np.empty_like(acc_block)
-        for lo in range(start, stop, BLOCK):
+        for lo in range(start_at, stop, BLOCK):
             hi = min(lo + BLOCK, stop)
             acc, scratch = acc_block[: hi - lo], scratch_block[: hi - lo]
-            _start_into(acc, flats[0][lo:hi], factors[0])
+            start(acc, lo, hi)
             for values, factor in zip(flats[1:], factors[1:], strict=True):
                 _fold_into(acc, values[lo:hi], factor, scratch)
-            _mean_into(target[lo:hi], acc, divisor, acc)
+            if float32_sum and len(flats) == 1:
+                np.copyto(target[lo:hi], acc)
+            else:
+                _mean_into(target[lo:hi], acc, divisor, acc)
             for values in flats:
                 release(values[lo:hi])  # a spilled result's pages go once read
 
@@ -568,19 +597,25 @@ def _merge_repeated(
 def aggregate(results: Iterable[tuple[NDArrays, int]]) -> NDArrays:
     """Weighted mean of models, by number of examples (FedAvg, McMahan et al. 2017).
 
-    ``w = sum_k n_k * w_k / sum_k n_k``, accumulated in float64 and cast back to each
-    layer's dtype. With a list (or other sequence) of results, each block of the mean is
-    summed over all models at once in the CPU cache: every input is read once, nothing of a
-    model's size is allocated but the result. Any other iterable, e.g. a generator decoding
-    one model at a time, is consumed into a running :class:`WeightedSum`: one model-sized
-    float64 accumulator, whatever the number of results. Both give the same bits.
+    ``w = sum_k n_k * w_k / sum_k n_k``. Layers that are float32 in every model are summed
+    in float32, ``n_k * w_k`` added in order and the sum divided by the total (Flower
+    1.12's ``aggregate``, bit for bit, but that one model is its own mean exactly); other
+    layers are accumulated in float64 (complex128) and cast back to the layer's dtype.
+
+    With a list (or other sequence) of results, each block of the mean is summed over all
+    models at once in the CPU cache: every input is read once, nothing of a model's size
+    is allocated but the result. Any other iterable, e.g. a generator decoding one model
+    at a time, is consumed into a compact :class:`WeightedSum`: one model-sized
+    accumulator, whatever the number of results. Both give the same bits when each layer
+    keeps one dtype in every model and none is float16 (a compact sum keeps float16
+    layers as a running mean, against overflow).
 
     Raises:
         RunError: no results, results of different layouts, or a total of 0 examples.
     """
     if isinstance(results, Sequence):
         return _weighted_mean(results)
-    acc = WeightedSum()
+    acc = WeightedSum(compact=True)
     for arrays, num_examples in results:
         acc.add(arrays, num_examples)
     return acc.mean()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 
 from ...errors import ConfigError, RunError
 from ...messages import EvaluateIns, FitIns, FitRes, Parameters
@@ -24,10 +28,17 @@ from .strategy import (
     EvaluateResults,
     FitAccumulator,
     FitFailures,
+    FitPrefold,
     FitResults,
     Strategy,
 )
-from .validate import CheckedFitResults, ModelLayout, validate_evaluate_results
+from .validate import (
+    CheckedFitResults,
+    ModelLayout,
+    Verdict,
+    validate_evaluate_results,
+    verdict,
+)
 
 __all__ = ["EvaluateFn", "FedAvg", "fit_results_of", "no_valid_result"]
 
@@ -55,11 +66,14 @@ class FedAvg(Strategy):
       result whose arrays do not match the global model, hold NaN/Inf, or that reports
       ``num_examples <= 0`` is refused and logged, and counts as a failure.
     * Memory and speed: the results are read in place (read-only views over their bytes)
-      and averaged in float64 block by block in the CPU cache; each layer keeps its dtype,
+      and averaged block by block in the CPU cache, float32 layers summed in float32 as
+      Flower's ``aggregate`` sums them, others in float64; each layer keeps its dtype,
       or takes NumPy's promotion of the results' dtypes when they differ from it (as
       Flower's ``aggregate``: float32 results of a float64 model give float32).
       :meth:`fit_accumulator` lets the server fold each result in as it arrives, so that
-      it never holds all the clients' models at once.
+      it never holds all the clients' models at once; a subclass that overrides
+      :meth:`aggregate_fit` and calls ``super()`` is folded early too
+      (:meth:`fit_prefold`).
     * If no result can be aggregated (all refused, e.g. all report 0 examples), the round
       logs why and keeps the old model instead of dividing by zero.
 
@@ -134,6 +148,8 @@ class FedAvg(Strategy):
         self._layout: ModelLayout | None = (
             None if initial_parameters is None else ModelLayout.of_parameters(initial_parameters)
         )
+        # The prefold of the round being collected, alive while the server holds it.
+        self._prefold: weakref.ref[_FedAvgPrefold] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(accept_failures={self.accept_failures})"
@@ -217,12 +233,14 @@ class FedAvg(Strategy):
         """
         if not results or self.failures_refuse_round(server_round, failures):
             return None, {}
+        prefold = self._prefold_of(server_round)
         checked = CheckedFitResults(
             server_round,
             results,
             failures,
             self.reference_layout(),
             stop_on_refusal=not self.accept_failures,
+            known=None if prefold is None else prefold.verdict_of,
         )
         aggregated: NDArrays | None = None
         error: RunError | None = None
@@ -281,14 +299,15 @@ class FedAvg(Strategy):
         """A :class:`~stamen.server.strategy.FitAccumulator` for the round, or None.
 
         The accumulator checks each result as :meth:`aggregate_fit` does, folds it into a
-        float64 running sum right away and keeps only its ``(num_examples, metrics)``;
+        compact running sum right away and keeps only its ``(num_examples, metrics)``;
         :meth:`finish <stamen.server.strategy.FitAccumulator.finish>` applies
         :meth:`refuse_round`, :meth:`server_update` and :meth:`aggregate_fit_metrics` (the
         accepted ``FitRes`` it passes carry no tensors). Its result equals
-        :meth:`aggregate_fit`'s on the same results and failures, to the rounding of the
-        fold order. One difference in the log: with ``accept_failures=False``, results
-        that arrive before a failure are still checked (and refusals logged), where
-        :meth:`aggregate_fit` would not look at them.
+        :meth:`aggregate_fit`'s on the same results and failures in the same order, to
+        the bit when each layer keeps one dtype and none is float16. One difference in
+        the log: with ``accept_failures=False``, results that arrive before a failure are
+        still checked (and refusals logged), where :meth:`aggregate_fit` would not look
+        at them.
 
         None — the server collects the results and calls :meth:`aggregate_fit` — when the
         class (or the instance) overrides :meth:`aggregate_fit` or
@@ -306,6 +325,34 @@ class FedAvg(Strategy):
         if reference is None:
             return None
         return _FedAvgAccumulator(self, server_round, reference)
+
+    def fit_prefold(self, server_round: int) -> FitPrefold | None:
+        """A prefold that checks each result and folds the mean as the results arrive,
+        when a subclass overrides :meth:`aggregate_fit` (to save the model, say) but keeps
+        the rule (:meth:`aggregate_checked`), or None.
+
+        If the override calls ``super().aggregate_fit`` with the results as the server
+        gave them (the same objects, unchanged, in the same order), the mean folded is the
+        aggregate, to the bit what the list of results gives at the end (float32 layers
+        summed in float32 by both); otherwise it is not used, and the aggregate is
+        computed from the list. The checks'
+        verdicts are used for any result the prefold saw, unchanged: a refusal is logged
+        when ``aggregate_fit`` comes to it, as without a prefold.
+        """
+        own_rule = getattr(self.aggregate_checked, "__func__", None) is FedAvg.aggregate_checked
+        reference = self.reference_layout()
+        if not own_rule or reference is None:
+            return None
+        prefold = _FedAvgPrefold(server_round, reference)
+        self._prefold = weakref.ref(prefold)
+        return prefold
+
+    def _prefold_of(self, server_round: int) -> _FedAvgPrefold | None:
+        """The prefold of ``server_round``, if the server still holds it."""
+        prefold = None if self._prefold is None else self._prefold()
+        if prefold is None or prefold.server_round != server_round:
+            return None
+        return prefold
 
     def refuse_round(self, checked: CheckedFitResults) -> str | None:
         """Why the round must not be aggregated after the checks, or None."""
@@ -325,7 +372,10 @@ class FedAvg(Strategy):
         Raises:
             RunError: nothing can be aggregated (the reason is logged).
         """
-        return aggregate(fit_results_of(checked))
+        models = fit_results_of(checked)
+        prefold = self._prefold_of(server_round)
+        folded = None if prefold is None else prefold.mean_of(models)
+        return folded if folded is not None else aggregate(models)
 
     def server_update(self, server_round: int, aggregated: NDArrays) -> NDArrays:
         """The server-side step from the aggregate to the new global model (here: none).
@@ -454,6 +504,71 @@ class _FedAvgAccumulator:
             return acc.mean(consume=True)
 
         return strategy._conclude_fit(server_round, checked, mean)
+
+
+class _FedAvgPrefold:
+    """The :class:`FitPrefold` of FedAvg (see :meth:`FedAvg.fit_prefold`): each result
+    checked quietly and its arrays folded into a compact :class:`WeightedSum` as it
+    arrives; at the end the mean, for :meth:`FedAvg.aggregate_checked` to take if it is
+    given the very models folded, in their order."""
+
+    def __init__(self, server_round: int, reference: ModelLayout) -> None:
+        self.server_round = server_round
+        self._reference = reference
+        self._sum: WeightedSum | None = WeightedSum(compact=True)
+        self._dtypes: list[np.dtype[Any]] | None = None
+        # Each result seen, by id: (its FitRes, its Parameters, their tensors then, the
+        # verdict). Holding them keeps the objects alive, so identity stays a fair test.
+        self._seen: dict[int, tuple[FitRes, Parameters, tuple[object, ...], str, Verdict]] = {}
+        self._folded: list[tuple[NDArrays, int]] = []
+
+    def add(self, client: ClientProxy, res: FitRes) -> None:
+        """Check ``res`` (nothing logged) and fold its arrays if it is valid."""
+        parameters = res.parameters
+        judged = verdict(res, self._reference)
+        tensors = tuple(parameters.tensors)
+        self._seen[id(res)] = (res, parameters, tensors, parameters.tensor_type, judged)
+        arrays = judged[0]
+        if arrays is None or self._sum is None:
+            return
+        dtypes = [a.dtype for a in arrays]
+        if self._dtypes is None:
+            self._dtypes = dtypes
+        # The list path computes the same bits only for layers of one dtype throughout
+        # and not float16 (a compact sum keeps those as a running mean): give up there.
+        if dtypes != self._dtypes or any(d == np.float16 for d in dtypes):
+            self._sum = None
+            return
+        self._sum.add(arrays, res.num_examples)
+        self._folded.append((arrays, res.num_examples))
+
+    def verdict_of(self, res: FitRes) -> Verdict | None:
+        """The verdict given to ``res`` as it arrived, if it is unchanged since."""
+        entry = self._seen.get(id(res))
+        if entry is None or entry[0] is not res:
+            return None
+        _, parameters, tensors, tensor_type, judged = entry
+        unchanged = (
+            res.parameters is parameters
+            and parameters.tensor_type == tensor_type
+            and len(parameters.tensors) == len(tensors)
+            and all(a is b for a, b in zip(parameters.tensors, tensors, strict=True))
+        )
+        return judged if unchanged else None
+
+    def mean_of(self, models: Sequence[tuple[NDArrays, int]]) -> NDArrays | None:
+        """The folded mean, if ``models`` are the models folded (the same arrays, in the
+        same order, with the same weights); else None. Asked once: the sum is let go
+        either way (not held while the list path computes the aggregate)."""
+        folded, acc = self._folded, self._sum
+        self._sum = None
+        same = len(models) == len(folded) and all(
+            arrays is arrays_folded and weight == weight_folded
+            for (arrays, weight), (arrays_folded, weight_folded) in zip(models, folded, strict=True)
+        )
+        if acc is None or not same or acc.count == 0:
+            return None
+        return acc.mean(consume=True)
 
 
 def no_valid_result(checked: CheckedFitResults) -> str:

@@ -11,7 +11,7 @@ from ..client_manager import ClientManager
 from ..client_proxy import ClientProxy
 from .state import StrategyState
 
-__all__ = ["FitAccumulator", "Strategy"]
+__all__ = ["FitAccumulator", "FitPrefold", "Strategy"]
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
@@ -49,6 +49,22 @@ class FitAccumulator(Protocol):
         """
 
 
+class FitPrefold(Protocol):
+    """Sees a round's results as they arrive, when the server collects them for
+    ``aggregate_fit``.
+
+    Given by :meth:`Strategy.fit_prefold`. The server calls :meth:`add` for each OK result
+    as soon as it arrives, in the order of the round's instructions, keeps the result
+    as it is and calls ``aggregate_fit`` with all of them at the end. A prefold may start
+    the aggregation then (FedAvg's folds the mean), for ``aggregate_fit`` to use if it is
+    given the very results folded: what ``aggregate_fit`` returns is the same either way.
+    """
+
+    def add(self, client: ClientProxy, res: FitRes) -> None:
+        """Look at one OK fit result; ``res`` stays the server's (read it, do not keep
+        its memory)."""
+
+
 class Strategy(ABC):
     """Decides which clients do what in each round, and how results are combined.
 
@@ -81,6 +97,17 @@ class Strategy(ABC):
         :meth:`configure_fit` of that round); the server then feeds it the results as they
         arrive and takes the round's aggregate from its ``finish`` instead of calling
         :meth:`aggregate_fit`.
+        """
+        return None
+
+    def fit_prefold(self, server_round: int) -> FitPrefold | None:
+        """None (default): nothing is done with a collected round's results before
+        aggregate_fit.
+
+        Asked when :meth:`fit_accumulator` gave None. A strategy that can start aggregating
+        the results that aggregate_fit will likely receive returns a fresh
+        :class:`FitPrefold` for round ``server_round``; the server shows it each result
+        as it arrives, and drops it once aggregate_fit has returned.
         """
         return None
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -59,11 +59,13 @@ __all__ = [
     "CheckedFitResults",
     "InvalidResult",
     "ModelLayout",
+    "Verdict",
     "collect_refusals",
     "metadata_only",
     "refuse_result",
     "validate_evaluate_results",
     "validate_fit_results",
+    "verdict",
 ]
 
 logger = logging.getLogger("stamen.server")
@@ -196,6 +198,24 @@ def _decode(fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
         return None, f"parameters do not decode: {exc}"
 
 
+Verdict = tuple[NDArrays | None, str | None]
+"""``(read-only views, None)`` for a valid result, ``(None, why not)`` for a refused one."""
+
+
+def verdict(fit_res: FitRes, reference: ModelLayout | None) -> Verdict:
+    """The checks of one fit result against ``reference`` (if any), without a word in the
+    log: :class:`CheckedFitResults` logs and files the refusals."""
+    arrays, reason = _decode(fit_res)
+    if arrays is None:
+        return None, reason
+    if reference is not None:
+        reason = reference.mismatch(arrays)
+        if reason is not None:
+            return None, reason
+    reason = _not_numeric(arrays) or _non_finite(arrays)
+    return (None, reason) if reason is not None else (arrays, None)
+
+
 def metadata_only(fit_res: FitRes) -> FitRes:
     """``fit_res`` without its tensors (status, num_examples and metrics kept)."""
     empty = Parameters(tensors=[], tensor_type=fit_res.parameters.tensor_type)
@@ -224,6 +244,9 @@ class CheckedFitResults:
             :attr:`stopped` then tells that the round must not be aggregated.
         keep_tensors: False: :attr:`accepted` and :attr:`refused` hold the results without
             their tensors (:func:`metadata_only`), so that the models are not kept alive.
+        known: The verdicts given already, as the results arrived (FedAvg's early fold):
+            ``known(fit_res)`` is the :func:`verdict` on ``fit_res`` if it is known, else
+            None. A known refusal is logged and filed here all the same.
 
     Attributes:
         failures: The incoming failures, then the refused results.
@@ -242,8 +265,10 @@ class CheckedFitResults:
         *,
         stop_on_refusal: bool = False,
         keep_tensors: bool = True,
+        known: Callable[[FitRes], Verdict | None] | None = None,
     ) -> None:
         self.server_round = server_round
+        self._known = known
         self._results = results
         self.failures: FitFailures = list(failures)
         self.accepted: FitResults = []
@@ -252,7 +277,7 @@ class CheckedFitResults:
         self._stop_on_refusal = stop_on_refusal
         self._keep_tensors = keep_tensors
         self._iterated = False
-        self._verdicts: dict[int, tuple[NDArrays | None, str | None]] = {}
+        self._verdicts: dict[int, Verdict] = {}
         self.reference = reference if reference is not None else self._majority_layout()
 
     def _majority_layout(self) -> ModelLayout | None:
@@ -278,7 +303,7 @@ class CheckedFitResults:
             )
         return layout
 
-    def _check(self, fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
+    def _check(self, fit_res: FitRes) -> Verdict:
         """The verdict on ``fit_res``'s parameters, given once per Parameters object: a
         result that carries one already checked (SecAgg+ gives every survivor the one
         aggregate) gets the same arrays, the very same list, without a second look.
@@ -293,16 +318,9 @@ class CheckedFitResults:
             self._verdicts[key] = self._verdict(fit_res)
         return self._verdicts[key]
 
-    def _verdict(self, fit_res: FitRes) -> tuple[NDArrays | None, str | None]:
-        arrays, reason = _decode(fit_res)
-        if arrays is None:
-            return None, reason
-        if self.reference is not None:
-            reason = self.reference.mismatch(arrays)
-            if reason is not None:
-                return None, reason
-        reason = _not_numeric(arrays) or _non_finite(arrays)
-        return (None, reason) if reason is not None else (arrays, None)
+    def _verdict(self, fit_res: FitRes) -> Verdict:
+        known = None if self._known is None else self._known(fit_res)
+        return known if known is not None else verdict(fit_res, self.reference)
 
     def check(self, proxy: ClientProxy, fit_res: FitRes) -> NDArrays | None:
         """Check one result: its arrays (read-only views) if valid, else None.
