@@ -193,8 +193,28 @@ def _memory_target(results: dict[str, Any], name: str) -> dict[str, Any]:
     return {"target": text, "measured": measured, "met": times <= 3, "issue": 19}
 
 
+TRANSPORT_BOUND = 1.3
+"""grpc-rere's and rest's round time, at most this many times grpc-bidi's (issue #19)."""
+
+
+def _transport_target(results: dict[str, Any], point: str, suffix: str) -> dict[str, Any]:
+    """Stamen's median round of ``point`` on another transport (``A-rere``) against its
+    grpc-bidi one (``A``), in the same invocation."""
+    name = f"{point}-{suffix}"
+    text = f"{name} round time <= {TRANSPORT_BOUND:g} x {point} (grpc-bidi)"
+    other, bidi = _stamen(results, name), _stamen(results, point)
+    if not other or not bidi or not other["round_seconds"] or not bidi["round_seconds"]:
+        return {"target": text, "measured": "not run", "met": None, "issue": 19}
+    ratio = other["round_seconds"] / bidi["round_seconds"]
+    measured = (
+        f"{ratio:.2f} x ({_seconds(other['round_seconds'])} / {_seconds(bidi['round_seconds'])})"
+    )
+    return {"target": text, "measured": measured, "met": ratio <= TRANSPORT_BOUND, "issue": 19}
+
+
 def targets_19(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of issue #19: round-time ratios, and server memory per strategy form."""
+    """The targets of issue #19: round-time ratios, grpc-rere and rest against grpc-bidi,
+    and server memory per strategy form."""
     found = [
         _ratio_target(results, "B", 0.10),
         _ratio_target(results, "Bsub", 0.10),
@@ -205,7 +225,12 @@ def targets_19(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     for item in found:
         item["issue"] = 19
-    return found + [_memory_target(results, name) for name in MEMORY_POINTS]
+    transports = [
+        _transport_target(results, point, suffix)
+        for point in ("A", "B", "C", "D")
+        for suffix in ("rere", "rest")
+    ]
+    return found + transports + [_memory_target(results, name) for name in MEMORY_POINTS]
 
 
 # --- text ---------------------------------------------------------------------------------

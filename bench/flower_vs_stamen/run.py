@@ -117,17 +117,44 @@ QUICK = {
     "E10k-rest": Workload("E10k-rest", 200, 4_000, 1, 2, 1, 60, ASYNCIO, transport="rest"),
     "Ethreads": Workload("Ethreads", 40, 4_000, rounds=2, processes=2, repeat=1, timeout=60),
 }
+TRANSPORT_POINTS = ("A", "B", "C", "D")
+"""Points also run (Stamen only) with grpc-rere and rest nodes, ``A-rere``, ``A-rest``...:
+the round time on each transport against grpc-bidi's in the same invocation."""
+TRANSPORT_SUFFIX = {"grpc-rere": "rere", "rest": "rest"}
+
+
+def on_transports(table: dict[str, Workload]) -> dict[str, Workload]:
+    """``table`` with each of :data:`TRANSPORT_POINTS` on grpc-rere and rest too."""
+    return table | {
+        f"{point}-{suffix}": dataclasses.replace(
+            table[point], name=f"{point}-{suffix}", transport=transport
+        )
+        for point in TRANSPORT_POINTS
+        for transport, suffix in TRANSPORT_SUFFIX.items()
+    }
+
+
+FULL = on_transports(FULL)
+QUICK = on_transports(QUICK)
 MICRO = {"full": (100_000_000, 10, 5), "quick": (1_000_000, 3, 2)}
 ORDER = (
     "A",
+    "A-rere",
+    "A-rest",
     "B",
+    "B-rere",
+    "B-rest",
     "Bsub",
     "Bmed",
     "B50",
     "B50sub",
     "B50med",
     "C",
+    "C-rere",
+    "C-rest",
     "D",
+    "D-rere",
+    "D-rest",
     "E",
     "E500",
     "E10k",

@@ -116,3 +116,22 @@ def test_quick_strategy_forms_run_on_both_frameworks_against_the_floor(tmp_path:
             assert multiples["server_peak_rss_x_model"] > 1
     assert "| Bsub: 4 x 1 MB, FedAvg subclass saving the model |" in stdout
     assert "| Bmed: 4 x 1 MB, FedMedian |" in stdout
+
+
+def test_quick_transport_points_are_compared_with_grpc_bidi(tmp_path: Path) -> None:
+    """``A-rere`` and ``A-rest`` run A's federation with Stamen's grpc-rere and rest nodes
+    (Stamen only: Flower's legacy server speaks grpc-bidi), end at the expected model, and
+    the report compares each one's round time with A's on grpc-bidi."""
+    result, stdout = run_quick(tmp_path, "A,A-rere,A-rest", "none")
+    for name, transport in (("A-rere", "grpc-rere"), ("A-rest", "rest")):
+        entry = result["workloads"][name]
+        assert entry["spec"]["transport"] == transport
+        assert set(entry["runs"]) == {"stamen"}
+        [run] = entry["runs"]["stamen"]
+        assert run["ok"] and run["check"]["ok"], run.get("error")
+        [target] = [t for t in result["targets"] if t["target"].startswith(f"{name} round time <=")]
+        assert target["met"] in (True, False), target
+        other = entry["summary"]["stamen"]["round_seconds"]
+        bidi = result["workloads"]["A"]["summary"]["stamen"]["round_seconds"]
+        assert target["measured"].startswith(f"{other / bidi:.2f} x"), target
+    assert "A-rere round time <= 1.3 x A (grpc-bidi)" in stdout

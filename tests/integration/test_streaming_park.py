@@ -1,10 +1,12 @@
-"""The old model waits on disk while a streaming round receives its results (grpc-bidi).
+"""The old model waits on disk while a streaming round receives its results.
 
 Once every node has its instruction, the server's copy of the old model is only needed
 if the round aggregates nothing: it is moved to a spill file (its tensors replaced in
 place by views of the same bytes), and the memory it was in is free for the replies.
 These tests run real rounds against a real server and check that it happens during the
-round, that the old model's memory is really let go, and that training is exact.
+round, that the old model's memory is really let go, and that training is exact, on
+every transport: a grpc-rere or rest node has its instruction once it has pulled the
+last frame, and a frame it pulls again afterwards is read from the spill file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import pytest
 
 import stamen as fl
 from stamen.ndarrays import parameters_to_ndarrays, received_buffer_of
@@ -56,9 +59,17 @@ class WatchesTheModel(fl.server.strategy.FedAvg):
         return super().configure_fit(server_round, parameters, client_manager)
 
 
-def _run(nodes_k: tuple[int, ...], waits: threading.Semaphore | None, seen: list[bool]) -> Any:
-    """A 3-round streaming FedAvg run on grpc-bidi with one node per ``k``; returns the
-    strategy, the server's final model, and whether each park call parked."""
+TRANSPORTS = ("grpc-bidi", "grpc-rere", "rest")
+
+
+def _run(
+    nodes_k: tuple[int, ...],
+    waits: threading.Semaphore | None,
+    seen: list[bool],
+    transport: str = "grpc-bidi",
+) -> Any:
+    """A 3-round streaming FedAvg run on ``transport`` with one node per ``k``; returns
+    the strategy, the server's final model, and whether each park call parked."""
     initial = [np.zeros(SIZE, dtype=np.float32)]
     strategy = WatchesTheModel(
         min_fit_clients=len(nodes_k),
@@ -72,6 +83,7 @@ def _run(nodes_k: tuple[int, ...], waits: threading.Semaphore | None, seen: list
         config=ServerConfig(num_rounds=3),
         strategy=strategy,
         grpc_max_message_length=LIMIT,
+        rest=transport == "rest",
     ) as srv:
         store = SpillStore(budget=0)
         park = store.park
@@ -95,8 +107,8 @@ def _run(nodes_k: tuple[int, ...], waits: threading.Semaphore | None, seen: list
                 nodes.append(
                     NodeThread(
                         {
-                            "server_address": srv.address,
-                            "transport": "grpc-bidi",
+                            "server_address": srv.address_for(transport),
+                            "transport": transport,
                             "client": client,
                             "grpc_max_message_length": LIMIT,
                         }
@@ -110,10 +122,11 @@ def _run(nodes_k: tuple[int, ...], waits: threading.Semaphore | None, seen: list
     return strategy, model, parks
 
 
-def test_a_streaming_round_parks_the_old_model_once_every_node_has_it() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_streaming_round_parks_the_old_model_once_every_node_has_it(transport: str) -> None:
     waits = threading.Semaphore(0)
     seen: list[bool] = []
-    strategy, model, parks = _run((1, 2, 3), waits, seen)
+    strategy, model, parks = _run((1, 2, 3), waits, seen, transport)
     # Every node replied only after its round's park: the model went to disk mid-round.
     assert seen == [True] * 9
     # Rounds 2 and 3 sent a model computed in a received buffer: parked, it was freed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from stamen.errors import ConnectionLost, ProtocolError
@@ -354,3 +355,45 @@ def test_the_node_refuses_a_registration_it_cannot_work_with(response: CreateNod
     client = FleetClientState(FRAMING, max_message_length=4096)
     with pytest.raises(ProtocolError, match="CreateNode"):
         client.registered(response)
+
+
+def test_a_pull_based_node_has_its_instruction_with_the_last_frame_and_may_pull_again() -> None:
+    """The task says its instruction is delivered (``on_sent``) once the response holding
+    its last byte is built, whole or framed, and keeps its encoding: the node may pull a
+    frame again after a lost response. The encoding reads the model's tensors where they
+    are then: a model moved in place (as ``SpillStore.park`` does) is sent from its new
+    place, the same bytes, and the old buffer is not held."""
+    state, _ = _state(FakeClock(), max_message_length=4096)
+    node = _create(state)
+    told: list[int] = []
+    tensor = np.arange(3_000, dtype=np.float32)
+    parameters = Parameters(tensors=[memoryview(tensor.tobytes())], tensor_type="numpy.ndarray")
+    payload = encode_instruction_payload(FitIns(parameters, {}))
+    node.mailbox.post(
+        FitIns(parameters, {}), payload, lambda _: None, on_sent=lambda: told.append(1)
+    )
+    task = node.mailbox.take()
+    assert task is not None
+    frames = [state.pull_response(node, task).server_message]
+    offset = node.frame_size
+    while offset < len(payload):
+        assert told == []
+        step = state.request("PULL", PullRequest(node.node_id, task.task_id, offset), REST)
+        assert isinstance(step, Respond) and isinstance(step.response, PullResponse)
+        frames.append(step.response.server_message)
+        offset += node.frame_size
+    assert told == [1] and len(frames) > 2
+    assert task.payload is payload  # kept for a pull that comes again
+    # The model moves: its tensor swapped in place for a copy elsewhere.
+    old = parameters.tensors[0]
+    moved = bytearray(bytes(old))
+    parameters.tensors[0] = memoryview(moved)
+    old.release()  # the old buffer can go: the payload does not hold it
+    again = state.request("PULL", PullRequest(node.node_id, task.task_id, node.frame_size), REST)
+    assert again == Respond(PullResponse(task.task_id, frames[1]))
+    moved[-1] ^= 0xFF  # read from the new place: a change there shows in the last frame
+    last = (len(frames) - 1) * node.frame_size
+    step = state.request("PULL", PullRequest(node.node_id, task.task_id, last), REST)
+    assert isinstance(step, Respond) and isinstance(step.response, PullResponse)
+    assert step.response.server_message != frames[-1]
+    assert told == [1]  # said once

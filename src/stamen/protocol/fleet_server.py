@@ -556,6 +556,8 @@ class FleetState:
             task = node.mailbox.in_flight(pull.task_id)
             if task is not None and 0 < pull.offset < len(task.payload):
                 frame = task.payload.frame(pull.offset, node.frame_size)
+                if pull.offset + node.frame_size >= len(task.payload):
+                    task.delivered()  # its last frame
                 return Respond(PullResponse(task.task_id, frame))
         node.polls += 1
         return AwaitTask(node, self.timing.poll_timeout)
@@ -572,6 +574,7 @@ class FleetState:
             return PullResponse(0, b"")
         payload = task.payload
         if len(payload) <= node.frame_size:
+            task.delivered()
             return PullResponse(task.task_id, payload.tobytes())
         return PullResponse(task.task_id, payload.frame(0, node.frame_size))
 

@@ -94,14 +94,21 @@ class Task:
     """What the server does with the reply (kept until the round ends, or folded and
     dropped at once): says when a large reply's receive slot comes back."""
     on_sent: Callable[[], None] | None = None
-    """Called once the node has the whole instruction (:meth:`sent`)."""
+    """Called once the node has the whole instruction (:meth:`sent`, :meth:`delivered`)."""
 
     def sent(self) -> None:
         """The node has the whole instruction, and no transport will send it again (a
-        stream's: a pull-based node may ask for it again after a lost response): its
-        encoding is let go, so the model it holds is not kept alive by this task while
-        the node works, and ``on_sent`` is told."""
+        stream's): its encoding is let go, so the model it holds is not kept alive by
+        this task while the node works, and ``on_sent`` is told."""
         self.payload = SENT
+        self.delivered()
+
+    def delivered(self) -> None:
+        """The node has been given the whole instruction but may ask for a frame of it
+        again after a lost response (a pull-based node's): the encoding stays, and
+        ``on_sent`` is told (once). The model's tensors are read through the encoding
+        (:class:`~stamen.wire.frames.TensorPart`), so a model moved to disk meanwhile is
+        sent from there."""
         on_sent, self.on_sent = self.on_sent, None
         if on_sent is not None:
             on_sent()

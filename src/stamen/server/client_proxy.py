@@ -361,8 +361,10 @@ class Deliveries:
     server's own copy of the model is needed for the rest of the round.
 
     :meth:`RemoteClientProxy.send` within :func:`tracking` tracks each instruction it
-    posts: its task's :meth:`~stamen.protocol.mailbox.Task.sent` (a stream's: a
-    pull-based node may ask for an instruction again, so its task keeps it) and its end.
+    posts: its task's :meth:`~stamen.protocol.mailbox.Task.sent` (a stream's) or
+    :meth:`~stamen.protocol.mailbox.Task.delivered` (a pull-based node's, which may ask
+    for a frame again, so its task keeps the encoding, reading the model where it lies)
+    and its end.
     Other proxies track nothing, so the round's :meth:`seal` says how many instructions
     it sent, and nothing is said unless every one was tracked.
     """

@@ -218,7 +218,7 @@ def run_instructions(
             ``FOLDED`` with it); ``SPILLED``: ``on_result`` keeps them in spill files.
         on_delivered: With ``on_result``: called on this thread, between two results,
             once every node has its whole instruction (or its instruction has ended), if
-            the proxies can tell (network nodes on a stream: :class:`Deliveries`), with
+            the proxies can tell (Stamen's network nodes: :class:`Deliveries`), with
             the number of replies not in yet.
     """
     use = replies or (ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED)

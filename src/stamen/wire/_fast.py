@@ -11,6 +11,9 @@ types) falls back to the plain protobuf path, so semantics never differ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from ..errors import DecodeError
 from ..messages import Parameters
 from ..protocol.wire_walk import LEN as _LEN
@@ -44,14 +47,21 @@ def length_delimited(field: int, length: int) -> bytes:
     return varint(field << 3 | _LEN) + varint(length)
 
 
-def parameters_chunks(parameters: Parameters) -> tuple[list[bytes | memoryview], int]:
-    """The encoded ``Parameters`` message as chunks (tensors not copied), and its size."""
-    chunks: list[bytes | memoryview] = []
+def parameters_chunks(
+    parameters: Parameters, tensor: Callable[[Parameters, int], Any] | None = None
+) -> tuple[list[Any], int]:
+    """The encoded ``Parameters`` message as chunks (tensors not copied), and its size.
+
+    ``tensor(parameters, i)``: what stands for tensor ``i`` among the chunks (default: the
+    tensor itself), e.g. a reference read when the chunks are.
+    """
+    chunks: list[Any] = []
     size = 0
-    for tensor in parameters.tensors:
-        head = length_delimited(1, len(tensor))
-        chunks += (head, tensor)
-        size += len(head) + len(tensor)
+    for index, data in enumerate(parameters.tensors):
+        nbytes = memoryview(data).nbytes
+        head = length_delimited(1, nbytes)
+        chunks += (head, data if tensor is None else tensor(parameters, index))
+        size += len(head) + nbytes
     if parameters.tensor_type:
         kind = parameters.tensor_type.encode("utf-8")
         head = length_delimited(2, len(kind))

@@ -34,7 +34,7 @@ from ..messages import (
 from ..typing import Scalar
 from . import _fast
 from ._pb import stamen_transport_pb2 as pb
-from .frames import Payload
+from .frames import Payload, TensorPart
 
 __all__ = [
     "DEFAULT_REPLY_LIMITS",
@@ -113,10 +113,13 @@ def _get_status(source: Any) -> Status:
 # --- server -> client --------------------------------------------------------------------
 
 
-def _with_parameters(outer: int, small: bytes, field: int, parameters: Parameters) -> Payload:
+def _with_parameters(
+    outer: int, small: bytes, field: int, parameters: Parameters, *, by_reference: bool = False
+) -> Payload:
     """``outer`` field holding a message made of ``small`` plus ``parameters`` at ``field``,
-    the tensors not copied."""
-    chunks, size = _fast.parameters_chunks(parameters)
+    the tensors not copied; ``by_reference``: each read from ``parameters`` when the
+    payload is (:class:`~stamen.wire.frames.TensorPart`)."""
+    chunks, size = _fast.parameters_chunks(parameters, TensorPart if by_reference else None)
     head = _fast.length_delimited(field, size)
     inner = len(small) + len(head) + size
     return Payload([_fast.length_delimited(outer, inner), small, head, *chunks])
@@ -138,7 +141,11 @@ def encode_instruction_payload(instruction: Instruction) -> Payload:
         small: Any = pb.FitIns() if isinstance(instruction, FitIns) else pb.EvaluateIns()
         _put_scalars(small.config, instruction.config)
         outer = 4 if isinstance(instruction, FitIns) else 5
-        return _with_parameters(outer, small.SerializeToString(), 1, instruction.parameters)
+        # By reference: a global model parked on disk once its nodes have it is sent from
+        # there to a pull-based node that asks for a frame again.
+        return _with_parameters(
+            outer, small.SerializeToString(), 1, instruction.parameters, by_reference=True
+        )
     msg = pb.ServerMessage()
     if isinstance(instruction, GetParametersIns):
         msg.get_parameters_ins.SetInParent()

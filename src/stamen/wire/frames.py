@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from ..errors import DecodeError
 from ..memory import physical_memory_bytes
@@ -82,17 +83,55 @@ def frame_size(max_message_length: int) -> int:
     return max(1, min(FRAME_SIZE, max_message_length - _OVERHEAD))
 
 
+class TensorPart:
+    """A part of a :class:`Payload` that is tensor ``index`` of a ``Parameters`` object,
+    looked up each time it is read: a model moved to disk in place (its tensors swapped
+    for views of the same bytes in a file, ``SpillStore.park``) is then read from there,
+    and the memory it was in is not held by the payload."""
+
+    __slots__ = ("index", "parameters", "size")
+
+    def __init__(self, parameters: Any, index: int) -> None:
+        self.parameters = parameters
+        self.index = index
+        self.size = memoryview(parameters.tensors[index]).nbytes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def view(self) -> bytes | memoryview:
+        """The tensor's bytes as they are now (always :attr:`size` of them).
+
+        Raises:
+            RuntimeError: the tensor was replaced by one of another size.
+        """
+        tensor = self.parameters.tensors[self.index]
+        view = tensor if isinstance(tensor, bytes) else memoryview(tensor).cast("B")
+        if len(view) != self.size:
+            raise RuntimeError(
+                f"tensor {self.index} of a payload changed size: {self.size} -> {len(view)} bytes"
+            )
+        return view
+
+
+def _bytes_of(part: bytes | memoryview | TensorPart) -> bytes | memoryview:
+    return part.view() if isinstance(part, TensorPart) else part
+
+
 class Payload:
     """An encoded message as the buffers it is made of (nothing copied until it is sent).
 
     A payload is immutable and may go to many nodes at once (the same instruction for a
-    whole round): :meth:`frame` only reads it.
+    whole round): :meth:`frame` only reads it. Its tensor parts may be
+    :class:`TensorPart`: the same bytes, wherever they lie when read.
     """
 
     __slots__ = ("_ends", "_joined", "_parts", "size")
 
-    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
-        self._parts = [memoryview(p).cast("B") if not isinstance(p, bytes) else p for p in parts]
+    def __init__(self, parts: Sequence[bytes | memoryview | TensorPart]) -> None:
+        self._parts: list[bytes | memoryview | TensorPart] = [
+            p if isinstance(p, bytes | TensorPart) else memoryview(p).cast("B") for p in parts
+        ]
         self._ends: list[int] = []
         size = 0
         for part in self._parts:
@@ -118,14 +157,14 @@ class Payload:
     def tobytes(self) -> bytes:
         """The whole message as one ``bytes`` (one copy, kept for the next caller)."""
         if self._joined is None:
-            self._joined = b"".join(self._parts)
+            self._joined = b"".join(_bytes_of(p) for p in self._parts)
         return self._joined
 
     def _slices(self, start: int, stop: int) -> list[bytes | memoryview]:
         out: list[bytes | memoryview] = []
         index = bisect.bisect_right(self._ends, start)
         while start < stop:
-            part = self._parts[index]
+            part = _bytes_of(self._parts[index])
             part_start = self._ends[index] - len(part)
             lo, hi = start - part_start, min(len(part), stop - part_start)
             out.append(part if lo == 0 and hi == len(part) else memoryview(part)[lo:hi])
