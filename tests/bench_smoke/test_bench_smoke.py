@@ -75,9 +75,13 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> 
         assert len(run["round_seconds"]) == result["workloads"]["A"]["spec"]["rounds"]
         spec = result["workloads"]["A"]["spec"]
         payload = 2 * spec["clients"] * spec["model_bytes"]
-        # A relay counts bytes as it forwards them, so a busy machine can push a few KB of
-        # one round into the next round's count: 10 % either way, and 20 % over in all.
-        assert all(0.9 * payload < b < 1.2 * payload for b in run["wire_bytes"]), run["wire_bytes"]
+        # A relay counts bytes as it forwards them, so on a busy machine part of one
+        # round's traffic (up to a model in flight: 12.5 % of this payload) lands in the
+        # next round's count: each round within a model (and 10 %) of the payload; the
+        # rounds together within 3 % under and 20 % over.
+        slack = 1.1 * spec["model_bytes"]
+        counts = run["wire_bytes"]
+        assert all(payload - slack < b < 1.2 * payload + slack for b in counts), counts
         rounds = len(run["wire_bytes"])
         assert rounds * payload * 0.97 < sum(run["wire_bytes"]) < 1.2 * rounds * payload
         assert run["wire_connections_lost"] == 0
