@@ -250,3 +250,21 @@ def test_an_unused_fold_is_let_go_before_the_list_path_runs(monkeypatch: Any) ->
     monkeypatch.setattr(fedavg_module, "aggregate", watched)
     _run_round(strategy, _results(models, [1, 2, 3]))
     assert held == [False]
+
+
+def test_verdicts_are_reused_only_against_the_layout_they_were_given_for() -> None:
+    """If the model's layout changed after the results were seen, aggregate_fit checks
+    them again against the layout it has: here every result is refused."""
+    models = [[np.full(3, 1.0, np.float32)], [np.full(3, 2.0, np.float32)]]
+    strategy = _strategy(SavesTheModel, models[0])
+    assert strategy.fit_accumulator(1) is None
+    prefold = strategy.fit_prefold(1)
+    assert prefold is not None
+    results = _results(models, [1, 1])
+    for proxy, res in results:
+        prefold.add(proxy, res)
+    strategy.observe_global_model(ndarrays_to_parameters([np.zeros(4, np.float32)]))
+    with collect_refusals() as refused:
+        parameters, _ = strategy.aggregate_fit(1, list(results), [])
+    assert parameters is None
+    assert len(refused) == 2

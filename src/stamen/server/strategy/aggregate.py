@@ -525,7 +525,7 @@ def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: f
     factors = [work_dtype.type(w) for w in weights]
     divisor = work_dtype.type(total)
 
-    def start(acc: NDArray, lo: int, hi: int) -> None:
+    def first_term(acc: NDArray, lo: int, hi: int) -> None:
         if not float32_sum:
             _start_into(acc, flats[0][lo:hi], factors[0])
         elif len(flats) == 1 or factors[0] == 1:
@@ -533,13 +533,13 @@ def _mean_of_layer(arrays: Sequence[NDArray], weights: Sequence[float], total: f
         else:
             np.multiply(flats[0][lo:hi], factors[0], out=acc)
 
-    def work(start_at: int, stop: int) -> None:
-        acc_block = np.empty(min(BLOCK, stop - start_at), dtype=work_dtype)
+    def work(start: int, stop: int) -> None:
+        acc_block = np.empty(min(BLOCK, stop - start), dtype=work_dtype)
         scratch_block = np.empty_like(acc_block)
-        for lo in range(start_at, stop, BLOCK):
+        for lo in range(start, stop, BLOCK):
             hi = min(lo + BLOCK, stop)
             acc, scratch = acc_block[: hi - lo], scratch_block[: hi - lo]
-            start(acc, lo, hi)
+            first_term(acc, lo, hi)
             for values, factor in zip(flats[1:], factors[1:], strict=True):
                 _fold_into(acc, values[lo:hi], factor, scratch)
             if float32_sum and len(flats) == 1:

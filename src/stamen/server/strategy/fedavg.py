@@ -233,14 +233,17 @@ class FedAvg(Strategy):
         """
         if not results or self.failures_refuse_round(server_round, failures):
             return None, {}
+        reference = self.reference_layout()
         prefold = self._prefold_of(server_round)
+        # The prefold's verdicts hold for the layout it checked against.
+        known = None if prefold is None or prefold.reference != reference else prefold.verdict_of
         checked = CheckedFitResults(
             server_round,
             results,
             failures,
-            self.reference_layout(),
+            reference,
             stop_on_refusal=not self.accept_failures,
-            known=None if prefold is None else prefold.verdict_of,
+            known=known,
         )
         aggregated: NDArrays | None = None
         error: RunError | None = None
@@ -335,9 +338,9 @@ class FedAvg(Strategy):
         gave them (the same objects, unchanged, in the same order), the mean folded is the
         aggregate, to the bit what the list of results gives at the end (float32 layers
         summed in float32 by both); otherwise it is not used, and the aggregate is
-        computed from the list. The checks'
-        verdicts are used for any result the prefold saw, unchanged: a refusal is logged
-        when ``aggregate_fit`` comes to it, as without a prefold.
+        computed from the list. The checks' verdicts are used for any result the prefold
+        saw, unchanged: a refusal is logged when ``aggregate_fit`` comes to it, as
+        without a prefold.
         """
         own_rule = getattr(self.aggregate_checked, "__func__", None) is FedAvg.aggregate_checked
         reference = self.reference_layout()
@@ -514,7 +517,7 @@ class _FedAvgPrefold:
 
     def __init__(self, server_round: int, reference: ModelLayout) -> None:
         self.server_round = server_round
-        self._reference = reference
+        self.reference = reference
         self._sum: WeightedSum | None = WeightedSum(compact=True)
         self._dtypes: list[np.dtype[Any]] | None = None
         # Each result seen, by id: (its FitRes, its Parameters, their tensors then, the
@@ -525,7 +528,7 @@ class _FedAvgPrefold:
     def add(self, client: ClientProxy, res: FitRes) -> None:
         """Check ``res`` (nothing logged) and fold its arrays if it is valid."""
         parameters = res.parameters
-        judged = verdict(res, self._reference)
+        judged = verdict(res, self.reference)
         tensors = tuple(parameters.tensors)
         self._seen[id(res)] = (res, parameters, tensors, parameters.tensor_type, judged)
         arrays = judged[0]
