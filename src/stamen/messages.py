@@ -1,8 +1,10 @@
 """The messages exchanged between server and client nodes.
 
-Frozen, slotted dataclasses with Flower's names, field order and defaults. Each validates
-its fields on construction, so a malformed message fails where it is built, with an error
-that names the field, what was expected and what was received.
+Slotted dataclasses with Flower's names, field order and defaults, mutable as Flower's
+are (strategies assign ``fit_res.num_examples`` or ``fit_res.parameters``). Each validates
+its fields on construction and on assignment, so a malformed message fails where it is
+built or changed, with an error that names the field, what was expected and what was
+received.
 """
 
 from __future__ import annotations
@@ -130,8 +132,34 @@ def _check_type(where: str, value: object, expected: type) -> None:
         _check_utf8(where, value)
 
 
-@dataclass(frozen=True, slots=True)
-class Parameters:
+class _Checked:
+    """A message whose fields may be assigned, as in Flower (a strategy that replaces
+    ``fit_res.parameters`` in ``aggregate_fit``, say), and are checked when they are:
+    an assignment that would make the message invalid raises
+    :class:`~stamen.errors.ConfigError` and leaves the field as it was. (Lists and dicts
+    a message holds are checked again when it is sent.)"""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:  # pragma: no cover - every message defines its own
+        pass
+
+    def __setattr__(self, name: str, value: object) -> None:
+        try:
+            old = object.__getattribute__(self, name)
+        except AttributeError:  # the constructor setting it: __post_init__ checks
+            object.__setattr__(self, name, value)
+            return
+        object.__setattr__(self, name, value)
+        try:
+            self.__post_init__()
+        except ConfigError:
+            object.__setattr__(self, name, old)
+            raise
+
+
+@dataclass(slots=True)
+class Parameters(_Checked):
     """Model parameters as opaque byte tensors plus the name of their serialization.
 
     A tensor is ``bytes``, or a byte ``memoryview``: tensors decoded from the network are
@@ -162,8 +190,8 @@ class Parameters:
         _check_type("Parameters.tensor_type", self.tensor_type, str)
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+@dataclass(slots=True)
+class Status(_Checked):
     """The outcome of a client operation."""
 
     code: Code
@@ -175,8 +203,8 @@ class Status:
         _check_type("Status.message", self.message, str)
 
 
-@dataclass(frozen=True, slots=True)
-class GetPropertiesIns:
+@dataclass(slots=True)
+class GetPropertiesIns(_Checked):
     """Ask a client for its properties."""
 
     config: dict[str, Scalar]
@@ -185,8 +213,8 @@ class GetPropertiesIns:
         check_scalar_mapping("GetPropertiesIns.config", self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class GetPropertiesRes:
+@dataclass(slots=True)
+class GetPropertiesRes(_Checked):
     """A client's properties."""
 
     status: Status
@@ -197,8 +225,8 @@ class GetPropertiesRes:
         check_scalar_mapping("GetPropertiesRes.properties", self.properties)
 
 
-@dataclass(frozen=True, slots=True)
-class GetParametersIns:
+@dataclass(slots=True)
+class GetParametersIns(_Checked):
     """Ask a client for its current model parameters."""
 
     config: dict[str, Scalar]
@@ -207,8 +235,8 @@ class GetParametersIns:
         check_scalar_mapping("GetParametersIns.config", self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class GetParametersRes:
+@dataclass(slots=True)
+class GetParametersRes(_Checked):
     """A client's current model parameters."""
 
     status: Status
@@ -219,8 +247,8 @@ class GetParametersRes:
         _check_type("GetParametersRes.parameters", self.parameters, Parameters)
 
 
-@dataclass(frozen=True, slots=True)
-class FitIns:
+@dataclass(slots=True)
+class FitIns(_Checked):
     """Train the global model on local data."""
 
     parameters: Parameters
@@ -231,8 +259,8 @@ class FitIns:
         check_scalar_mapping("FitIns.config", self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class FitRes:
+@dataclass(slots=True)
+class FitRes(_Checked):
     """The result of local training."""
 
     status: Status
@@ -247,8 +275,8 @@ class FitRes:
         check_scalar_mapping("FitRes.metrics", self.metrics)
 
 
-@dataclass(frozen=True, slots=True)
-class EvaluateIns:
+@dataclass(slots=True)
+class EvaluateIns(_Checked):
     """Evaluate the global model on local data."""
 
     parameters: Parameters
@@ -259,8 +287,8 @@ class EvaluateIns:
         check_scalar_mapping("EvaluateIns.config", self.config)
 
 
-@dataclass(frozen=True, slots=True)
-class EvaluateRes:
+@dataclass(slots=True)
+class EvaluateRes(_Checked):
     """The result of local evaluation.
 
     ``loss`` travels as a 32-bit float on the wire (as in Flower), so a loss read back from
@@ -283,8 +311,8 @@ class EvaluateRes:
         check_scalar_mapping("EvaluateRes.metrics", self.metrics)
 
 
-@dataclass(frozen=True, slots=True)
-class ReconnectIns:
+@dataclass(slots=True)
+class ReconnectIns(_Checked):
     """End the session; come back after ``seconds`` (``None`` or ``0``: do not come back).
 
     ``reason`` (Stamen): why the server ends the session, when the run failed -- None for
@@ -304,8 +332,8 @@ class ReconnectIns:
             _check_utf8("ReconnectIns.reason", self.reason)
 
 
-@dataclass(frozen=True, slots=True)
-class DisconnectRes:
+@dataclass(slots=True)
+class DisconnectRes(_Checked):
     """A client's answer to ReconnectIns; ``reason`` is a :class:`Reason` name."""
 
     reason: str

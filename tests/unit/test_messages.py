@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from typing import Any
@@ -241,12 +242,38 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
-def test_messages_are_frozen_and_slotted(message: object) -> None:
-    """Assigning a field raises FrozenInstanceError; there is no per-instance __dict__."""
+def test_messages_are_slotted_and_a_bad_assignment_is_refused(message: object) -> None:
+    """Fields may be assigned, as in Flower; an assignment of the wrong type raises
+    ConfigError naming the field and leaves the message as it was. No per-instance
+    __dict__ (a misspelt field is an AttributeError, not a silent new attribute)."""
     field = dataclasses.fields(message)[0].name  # type: ignore[arg-type]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        setattr(message, field, None)
+    before = copy.deepcopy(message)
+    with pytest.raises(ConfigError, match=re.escape(f"{type(message).__name__}.{field}")):
+        setattr(message, field, object())
+    assert message == before
+    setattr(message, field, getattr(before, field))
+    assert message == before
     assert not hasattr(message, "__dict__")
+    with pytest.raises(AttributeError):
+        message.no_such_field = 1  # type: ignore[attr-defined]
+
+
+def test_fit_res_fields_assigned_the_way_flower_strategies_do() -> None:
+    """A strategy's ``aggregate_fit`` may replace a result's parameters and weight, as
+    Flower's server-side DP wrappers and users' strategies do."""
+    res = FitRes(status=OK, parameters=EMPTY, num_examples=1, metrics={})
+    res.parameters = Parameters(tensors=[b"x"], tensor_type="numpy.ndarray")
+    res.num_examples = 7
+    res.metrics["clipped"] = True
+    assert res == FitRes(
+        status=OK,
+        parameters=Parameters(tensors=[b"x"], tensor_type="numpy.ndarray"),
+        num_examples=7,
+        metrics={"clipped": True},
+    )
+    with pytest.raises(ConfigError, match=r"FitRes\.num_examples: expected int, received float"):
+        res.num_examples = 1.5  # type: ignore[assignment]
+    assert res.num_examples == 7
 
 
 def test_fit_res_and_evaluate_res_metrics_default_to_empty() -> None:

@@ -148,10 +148,39 @@ class AddsToTheTensorsInPlace(FedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
+class UnweightedInPlace(FedAvg):
+    """Every client counts once, set on the results themselves (Flower's FitRes is
+    mutable, so strategies written for it do this)."""
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        for _, res in results:
+            res.num_examples = 1
+        return super().aggregate_fit(server_round, results, failures)
+
+
+class ClipsEachResult(FedAvg):
+    """Replaces each result's parameters with a clipped model, as Flower's server-side
+    clipping wrappers do (``res.parameters = ndarrays_to_parameters(...)``)."""
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        for _, res in results:
+            res.parameters = ndarrays_to_parameters(
+                [np.clip(a, -0.5, 0.5) for a in parameters_to_ndarrays(res.parameters)]
+            )
+        return super().aggregate_fit(server_round, results, failures)
+
+
 @pytest.mark.parametrize(
     ("cls", "expected"),
     [
         (Unweighted, lambda m, w: aggregate([(a, 1) for a in m])),
+        (UnweightedInPlace, lambda m, w: aggregate([(a, 1) for a in m])),
+        (
+            ClipsEachResult,
+            lambda m, w: aggregate(
+                [([np.clip(a, -0.5, 0.5) for a in x], n) for x, n in zip(m, w, strict=True)]
+            ),
+        ),
         (Reversed, lambda m, w: aggregate(list(zip(m, w, strict=True))[::-1])),
         (DropsTheLast, lambda m, w: aggregate(list(zip(m, w, strict=True))[:-1])),
         (
