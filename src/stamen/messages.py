@@ -9,13 +9,24 @@ received.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from .errors import ConfigError
 from .typing import Scalar
+
+_T = TypeVar("_T")
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # pragma: no cover - Python 3.10: the decorator only speaks to type checkers
+
+    def dataclass_transform(**_options: object) -> Callable[[_T], _T]:
+        return lambda decorated: decorated
+
 
 __all__ = [
     "EXCHANGES",
@@ -132,34 +143,41 @@ def _check_type(where: str, value: object, expected: type) -> None:
         _check_utf8(where, value)
 
 
-class _Checked:
-    """A message whose fields may be assigned, as in Flower (a strategy that replaces
-    ``fit_res.parameters`` in ``aggregate_fit``, say), and are checked when they are:
-    an assignment that would make the message invalid raises
-    :class:`~stamen.errors.ConfigError` and leaves the field as it was. (Lists and dicts
-    a message holds are checked again when it is sent.)"""
-
-    __slots__ = ()
-
-    def __post_init__(self) -> None:  # pragma: no cover - every message defines its own
-        pass
-
-    def __setattr__(self, name: str, value: object) -> None:
-        try:
-            old = object.__getattribute__(self, name)
-        except AttributeError:  # the constructor setting it: __post_init__ checks
-            object.__setattr__(self, name, value)
-            return
-        object.__setattr__(self, name, value)
-        try:
-            self.__post_init__()
-        except ConfigError:
-            object.__setattr__(self, name, old)
-            raise
+_Message = TypeVar("_Message")
 
 
-@dataclass(slots=True)
-class Parameters(_Checked):
+def _assign(self: object, name: str, value: object) -> None:
+    """A message's field assigned: checked as the constructor checks it; a value that
+    would make the message invalid raises ConfigError and the field keeps its value."""
+    old = getattr(self, name)  # AttributeError for a name that is not a field
+    object.__setattr__(self, name, value)
+    try:
+        self.__post_init__()  # type: ignore[attr-defined]
+    except ConfigError:
+        object.__setattr__(self, name, old)
+        raise
+
+
+def _refuse_delete(self: object, name: str) -> None:
+    raise AttributeError(f"{type(self).__name__}.{name}: a message's fields cannot be deleted")
+
+
+@dataclass_transform(field_specifiers=(field,))
+def _message(cls: type[_Message]) -> type[_Message]:
+    """A message class: a slotted dataclass whose fields may be assigned, as in Flower (a
+    strategy that replaces ``fit_res.parameters`` in ``aggregate_fit``, say), and are
+    checked when they are (:func:`_assign`). Its constructor sets the fields without
+    that check (``__post_init__`` checks them all once): as fast as a frozen dataclass's.
+    Unhashable, as mutable dataclasses are."""
+    made = dataclass(frozen=True, slots=True)(cls)
+    for name, value in (("__setattr__", _assign), ("__delattr__", _refuse_delete)):
+        setattr(made, name, value)
+    made.__hash__ = None  # type: ignore[assignment]
+    return made
+
+
+@_message
+class Parameters:
     """Model parameters as opaque byte tensors plus the name of their serialization.
 
     A tensor is ``bytes``, or a byte ``memoryview``: tensors decoded from the network are
@@ -190,8 +208,8 @@ class Parameters(_Checked):
         _check_type("Parameters.tensor_type", self.tensor_type, str)
 
 
-@dataclass(slots=True)
-class Status(_Checked):
+@_message
+class Status:
     """The outcome of a client operation."""
 
     code: Code
@@ -203,8 +221,8 @@ class Status(_Checked):
         _check_type("Status.message", self.message, str)
 
 
-@dataclass(slots=True)
-class GetPropertiesIns(_Checked):
+@_message
+class GetPropertiesIns:
     """Ask a client for its properties."""
 
     config: dict[str, Scalar]
@@ -213,8 +231,8 @@ class GetPropertiesIns(_Checked):
         check_scalar_mapping("GetPropertiesIns.config", self.config)
 
 
-@dataclass(slots=True)
-class GetPropertiesRes(_Checked):
+@_message
+class GetPropertiesRes:
     """A client's properties."""
 
     status: Status
@@ -225,8 +243,8 @@ class GetPropertiesRes(_Checked):
         check_scalar_mapping("GetPropertiesRes.properties", self.properties)
 
 
-@dataclass(slots=True)
-class GetParametersIns(_Checked):
+@_message
+class GetParametersIns:
     """Ask a client for its current model parameters."""
 
     config: dict[str, Scalar]
@@ -235,8 +253,8 @@ class GetParametersIns(_Checked):
         check_scalar_mapping("GetParametersIns.config", self.config)
 
 
-@dataclass(slots=True)
-class GetParametersRes(_Checked):
+@_message
+class GetParametersRes:
     """A client's current model parameters."""
 
     status: Status
@@ -247,8 +265,8 @@ class GetParametersRes(_Checked):
         _check_type("GetParametersRes.parameters", self.parameters, Parameters)
 
 
-@dataclass(slots=True)
-class FitIns(_Checked):
+@_message
+class FitIns:
     """Train the global model on local data."""
 
     parameters: Parameters
@@ -259,8 +277,8 @@ class FitIns(_Checked):
         check_scalar_mapping("FitIns.config", self.config)
 
 
-@dataclass(slots=True)
-class FitRes(_Checked):
+@_message
+class FitRes:
     """The result of local training."""
 
     status: Status
@@ -275,8 +293,8 @@ class FitRes(_Checked):
         check_scalar_mapping("FitRes.metrics", self.metrics)
 
 
-@dataclass(slots=True)
-class EvaluateIns(_Checked):
+@_message
+class EvaluateIns:
     """Evaluate the global model on local data."""
 
     parameters: Parameters
@@ -287,8 +305,8 @@ class EvaluateIns(_Checked):
         check_scalar_mapping("EvaluateIns.config", self.config)
 
 
-@dataclass(slots=True)
-class EvaluateRes(_Checked):
+@_message
+class EvaluateRes:
     """The result of local evaluation.
 
     ``loss`` travels as a 32-bit float on the wire (as in Flower), so a loss read back from
@@ -311,8 +329,8 @@ class EvaluateRes(_Checked):
         check_scalar_mapping("EvaluateRes.metrics", self.metrics)
 
 
-@dataclass(slots=True)
-class ReconnectIns(_Checked):
+@_message
+class ReconnectIns:
     """End the session; come back after ``seconds`` (``None`` or ``0``: do not come back).
 
     ``reason`` (Stamen): why the server ends the session, when the run failed -- None for
@@ -332,8 +350,8 @@ class ReconnectIns(_Checked):
             _check_utf8("ReconnectIns.reason", self.reason)
 
 
-@dataclass(slots=True)
-class DisconnectRes(_Checked):
+@_message
+class DisconnectRes:
     """A client's answer to ReconnectIns; ``reason`` is a :class:`Reason` name."""
 
     reason: str

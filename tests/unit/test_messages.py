@@ -256,6 +256,9 @@ def test_messages_are_slotted_and_a_bad_assignment_is_refused(message: object) -
     assert not hasattr(message, "__dict__")
     with pytest.raises(AttributeError):
         message.no_such_field = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError, match="cannot be deleted"):
+        delattr(message, field)
+    assert message == before
 
 
 def test_fit_res_fields_assigned_the_way_flower_strategies_do() -> None:
