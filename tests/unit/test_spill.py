@@ -37,6 +37,7 @@ from stamen.server.strategy import FedAvg, aggregate
 OK = Status(code=Code.OK, message="")
 # the module (the package exports its function ``aggregate`` under the same name)
 aggregate_module = importlib.import_module("stamen.server.strategy.aggregate")
+spill_module = importlib.import_module("stamen.server.spill")
 
 
 class Shift(NumPyClient):
@@ -337,7 +338,7 @@ def test_many_spilled_results_share_a_few_files(tmp_path: Path) -> None:
     """A descriptor per spilled result would run a server out of them: 300 results hold
     one file between them (two descriptors: its mapping's, and the one results are
     written through while the file takes them), and a new round starts a new file: the
-    old one keeps only its mapping's."""
+    old one keeps its two while its results live (it is reused once they are let go)."""
 
     def descriptors() -> int:
         return len(os.listdir("/proc/self/fd"))
@@ -351,7 +352,92 @@ def test_many_spilled_results_share_a_few_files(tmp_path: Path) -> None:
     assert [float(parameters_to_views(p)[0][999]) for p in kept] == [float(k) for k in range(300)]
     close_segments(str(tmp_path))
     later = spill_parameters(ndarrays_to_parameters([np.ones(10, np.float32)]), str(tmp_path))
-    assert descriptors() - before <= 3 and is_spilled(later)
+    assert descriptors() - before <= 4 and is_spilled(later)
+
+
+def _file_of(parameters: Parameters) -> int:
+    """The start address of the spill file mapping ``parameters`` lie in."""
+    found = spill_module._mapping_at(spill_module._address(parameters.tensors[0]))
+    assert found is not None
+    return int(found[0])
+
+
+def _round_of_results(directory: str, value: float) -> list[Parameters]:
+    """Three results of a round spilled into ``directory`` (one received into its spill
+    file as frames land, two written out), the round then ended."""
+    message = ndarrays_to_parameters([np.full(10_000, value, np.float32)])
+    payload = np.frombuffer(message.tensors[0], np.uint8)
+    received = receive_buffer(payload.size, directory)
+    received[:] = payload
+    first = Parameters(tensors=[received.data.toreadonly()], tensor_type=message.tensor_type)
+    rest = [
+        spill_parameters(ndarrays_to_parameters([np.full(5_000, value, np.float64)]), directory)
+        for _ in range(2)
+    ]
+    close_segments(directory)
+    return [first, *rest]
+
+
+def test_a_spill_file_takes_the_next_rounds_results_once_its_own_are_let_go(
+    tmp_path: Path,
+) -> None:
+    """Over the same pages (no new page-cache pages every round): the next round's
+    results go into the file the last round's left (whose later bytes still hold what
+    the last round wrote there), and read as written."""
+    directory = str(tmp_path)
+    first = _round_of_results(directory, 1.0)
+    start = _file_of(first[0])
+    assert {_file_of(p) for p in first} == {start}
+    second_at = spill_module._address(first[1].tensors[0]) - start
+    second_bytes = bytes(first[1].tensors[0])
+    del first
+    again = receive_buffer(4096, directory)  # the next round's first result
+    again[:] = 2
+    found = spill_module._mapping_at(spill_module._address(again))
+    assert found is not None
+    assert found[2][second_at : second_at + len(second_bytes)] == second_bytes
+    assert bytes(again[:3]) == bytes([2, 2, 2])
+    later = _round_of_results(directory, 3.0)  # the same round's other results
+    assert {_file_of(p) for p in later} == {found[0]}
+    assert [float(parameters_to_views(p)[0][-1]) for p in later] == [3.0, 3.0, 3.0]
+    del found, later, again
+    SpillStore(directory).close()
+
+
+def test_a_spill_file_with_a_live_result_is_never_written_again(tmp_path: Path) -> None:
+    """One result of the last round still held (by a strategy, say): its file is not
+    reused, and the result keeps its values while the next rounds spill."""
+    directory = str(tmp_path)
+    kept = _round_of_results(directory, 1.0)[1]
+    for value in (2.0, 3.0):
+        later = _round_of_results(directory, value)
+        assert all(_file_of(p) != _file_of(kept) for p in later)
+        assert [float(parameters_to_views(p)[0][0]) for p in later] == [value] * 3
+        del later
+    assert np.all(parameters_to_views(kept)[0] == 1.0)
+    SpillStore(directory).close()
+
+
+def test_a_run_that_ends_lets_its_spare_spill_files_go(tmp_path: Path) -> None:
+    """SpillStore.close (the server calls it when a run ends, however it ends): the files
+    kept for the next rounds are closed, with their disk; the next run makes new ones."""
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    directory = str(tmp_path)
+    before = descriptors()
+    first = _round_of_results(directory, 1.0)
+    file = _file_of(first[0])
+    del first
+    assert descriptors() - before == 2  # a spare: its mapping's descriptor and its own
+    SpillStore(directory).close()
+    assert descriptors() == before
+    assert spill_module._spares.get(directory) is None
+    later = _round_of_results(directory, 2.0)
+    assert float(parameters_to_views(later[0])[0][0]) == 2.0
+    del later, file
+    SpillStore(directory).close()
 
 
 class SeesTheOldModel(FedAvg):

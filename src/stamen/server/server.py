@@ -384,6 +384,8 @@ class Server:
                 )
             )
             raise
+        finally:
+            self.spill.close()
         elapsed = time.monotonic() - start
         self.events.publish(RunEnded(True, num_rounds, elapsed))
         return history, elapsed

@@ -12,8 +12,10 @@ as they arrive, into spill files in a spill directory (results share files of
 ``Parameters.tensors`` are then read-only ``memoryview`` slices of its file (bytes-like:
 ``np.frombuffer``, ``parameters_to_ndarrays``, ``bytes(...)`` work unchanged). The files
 are anonymous (``O_TMPFILE`` on Linux; elsewhere unlinked as soon as made): no name is
-ever visible, and the disk is given back when the last view of a file dies — at the end
-of the round, or when the process exits, killed or not. Nothing is left to clean up.
+ever visible. Once the last result in a file is let go (after the round), the file takes
+a later round's results over the same pages (up to :data:`SPARE_SEGMENTS` files kept);
+the disk is given back when the run ends (:meth:`SpillStore.close`) or the process exits,
+killed or not. Nothing is left to clean up.
 
 Reading a mapped file brings its pages into the process (they count in its RSS) until
 :func:`release` lets them go: the aggregation kernels release each part of each model as
@@ -48,6 +50,7 @@ __all__ = [
     "SpillReport",
     "SpillStore",
     "close_segments",
+    "drop_spares",
     "is_spilled",
     "receive_buffer",
     "release",
@@ -211,23 +214,73 @@ class _Segment:
         self.used = -(-(offset + size) // _ALIGN) * _ALIGN
         return offset
 
+    def reuse(self) -> None:
+        """Hand the file out again from its start, over the pages it has (written into
+        without readahead again, as a new file is)."""
+        self.used = 0
+        _advise(self.mapping, "MADV_RANDOM")
 
-_segments_lock = threading.Lock()
-_segments: dict[str | None, _Segment] = {}
-"""The spill file each directory's next results go to."""
+
+class _Results(np.ndarray[Any, np.dtype[np.uint8]]):
+    """The memory of a spill file while it takes one round's results: every result
+    in it is a view of this array, so it dies when the last of them is let go (and the
+    file can take the next round's)."""
 
 
-def _space(size: int, directory: str | None) -> tuple[_Segment, int]:
-    """``size`` bytes of spill file in ``directory``: its segment and their offset."""
+_segments_lock = threading.RLock()  # a finalizer may give a file back on any thread
+_segments: dict[str | None, tuple[_Segment, _Results]] = {}
+"""The spill file each directory's next results go to, and its memory."""
+_spares: dict[str | None, list[_Segment]] = {}
+"""Spill files whose results have all been let go, by directory, for the next rounds."""
+
+SPARE_SEGMENTS = 3
+"""Spill files kept per directory for the next rounds once their results are let go.
+A file written afresh every round takes new page-cache pages every round, which the
+kernel must find and zero (on a virtual machine that hands freed memory back to its
+host, 0.5-1 s per 100 MB when it has to ask for it back); a file reused writes over
+the pages it has. Three files hold a round of up to 3 GiB of spilled results."""
+
+
+def _space(size: int, directory: str | None) -> tuple[_Segment, _Results, int]:
+    """``size`` bytes of spill file in ``directory``: the file, its memory (every view
+    of the round's results must come from it) and their offset."""
     with _segments_lock:
-        segment = _segments.get(directory)
-        offset = None if segment is None else segment.take(size)
-        if segment is None or offset is None:
-            segment = _Segment(max(SEGMENT_BYTES, -(-size // _ALIGN) * _ALIGN), directory)
-            _segments[directory] = segment
+        current = _segments.get(directory)
+        offset = None if current is None else current[0].take(size)
+        if current is None or offset is None:
+            capacity = max(SEGMENT_BYTES, -(-size // _ALIGN) * _ALIGN)
+            segment = _spare(capacity, directory) or _Segment(capacity, directory)
+            memory = np.frombuffer(segment.mapping, dtype=np.uint8).view(_Results)
+            weakref.finalize(memory, _keep_spare, segment, directory)
+            current = _segments[directory] = (segment, memory)
             offset = segment.take(size)
         assert offset is not None
-        return segment, offset
+        return current[0], current[1], offset
+
+
+def _spare(capacity: int, directory: str | None) -> _Segment | None:
+    """A spare spill file of ``directory`` that takes ``capacity`` bytes (reset), if any."""
+    spares = _spares.get(directory, [])
+    for index, segment in enumerate(spares):
+        if capacity <= len(segment.mapping) <= 2 * capacity:
+            del spares[index]
+            segment.reuse()
+            return segment
+    return None
+
+
+def _keep_spare(segment: _Segment, directory: str | None) -> None:
+    """The last result in ``segment`` was let go: keep the file for the next rounds."""
+    with _segments_lock:
+        spares = _spares.setdefault(directory, [])
+        spares.append(segment)
+        del spares[:-SPARE_SEGMENTS]  # older ones go (with their disk)
+
+
+def drop_spares(directory: str | None) -> None:
+    """Let the spare spill files of ``directory`` go, with their disk (a run has ended)."""
+    with _segments_lock:
+        _spares.pop(directory, None)
 
 
 def _write(fd: int, data: memoryview, offset: int) -> None:
@@ -254,8 +307,8 @@ def spill_parameters(parameters: Parameters, directory: str | None = None) -> Pa
     views, offsets, size = _layout(parameters)
     if size == 0:
         return parameters
-    segment, base = _space(size, directory)
-    tensors = _written(segment, memoryview(segment.mapping)[base : base + size], views, offsets)
+    segment, memory, base = _space(size, directory)
+    tensors = _written(segment, memory.data[base : base + size], views, offsets)
     spilled = Parameters(tensors=tensors, tensor_type=parameters.tensor_type)
     _readable(spilled)
     return spilled
@@ -357,10 +410,8 @@ def spill_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
     Raises:
         OSError: no spill file can be made (a full disk, say).
     """
-    segment, offset = _space(size, directory)
-    return np.frombuffer(segment.mapping, dtype=np.uint8, count=size, offset=offset).view(
-        ReceivedBuffer
-    )
+    _, memory, offset = _space(size, directory)
+    return memory[offset : offset + size].view(ReceivedBuffer)
 
 
 def receive_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
@@ -484,14 +535,19 @@ class SpillStore:
         parameters.tensors[:] = spilled.tensors
         return True
 
+    def close(self) -> None:
+        """The run has ended: the spill files kept for its next rounds go, with their disk
+        (files still holding results go once those are let go)."""
+        drop_spares(self.directory)
+
     def end(self, server_round: int) -> SpillReport:
         """The round's report, logged when anything waited on disk."""
         close_segments(self.directory)
         report = self._report
         if report.spilled:
             logger.info(
-                "round %d: %d result(s), %.1f MB, waited on disk in %s (freed when the round "
-                "lets them go); %d result(s), %.1f MB, in memory",
+                "round %d: %d result(s), %.1f MB, waited on disk in %s (reused by the next "
+                "rounds once let go, freed when the run ends); %d result(s), %.1f MB, in memory",
                 server_round,
                 report.spilled,
                 report.spilled_bytes / 1e6,
