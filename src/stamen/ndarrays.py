@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
 import re
 import threading
 import weakref
@@ -170,31 +169,6 @@ class ReceivedBuffer(np.ndarray[Any, np.dtype[np.uint8]]):
     def __array_finalize__(self, obj: object) -> None:
         self._callbacks = []
         self._release = None
-        self._through: tuple[int, int] | None = None
-
-    def write_through(self, descriptor: int, position: int) -> None:
-        """Have :meth:`write` put bytes into the file ``descriptor`` this buffer maps
-        (byte 0 at ``position`` in it), not through the mapping: a shared file mapping
-        written page by page takes a fault per page (a gigabyte of received results
-        written in 0.45-0.5 s that way, 0.22 s with ``pwrite``)."""
-        self._through = (descriptor, position)
-
-    @property
-    def writes_through(self) -> bool:
-        """Whether :meth:`write` writes into a file (see :meth:`write_through`)."""
-        return self._through is not None
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Copy ``data`` into the buffer at ``offset`` (bytes ``offset`` on)."""
-        if self._through is None:
-            self.data[offset : offset + len(data)] = data
-            return
-        descriptor, position = self._through
-        view = memoryview(data)
-        position += offset
-        while view.nbytes:
-            written = os.pwrite(descriptor, view, position)
-            view, position = view[written:], position + written
 
     def when_released(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once, from any thread) when the buffer is freed or kept.

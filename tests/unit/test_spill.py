@@ -594,33 +594,6 @@ def test_a_result_read_in_parts_leaves_none_of_its_pages_behind(tmp_path: Path) 
     store.end(1)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_frames_received_into_a_spill_file_map_none_of_its_pages(tmp_path: Path) -> None:
-    """A reply received in frames straight into a spill file is written through the
-    file's descriptor, not its mapping (a fault per page): while it lands no page of the
-    file is in the process, and the whole reply reads back as sent."""
-    from stamen.wire import decode_reply, encode_reply
-    from stamen.wire.frames import FrameReader, Payload
-
-    close_segments(str(tmp_path))
-    values = np.arange(4_000_000, dtype=np.float32)
-    message = encode_reply(FitRes(OK, ndarrays_to_parameters([values]), 3, {}))
-    reader = FrameReader()
-    reader.bound(None, 0, lambda size: receive_buffer(size, str(tmp_path)))
-    resident: list[int] = []
-    whole = None
-    for frame in Payload([message]).messages(1 << 20):
-        whole = reader.feed(frame)
-        resident.append(_resident_kb_of(tmp_path))
-    assert max(resident) == 0, resident
-    assert whole is not None and bytes(whole) == bytes(message)
-    received = decode_reply(whole)
-    assert isinstance(received, FitRes) and received.num_examples == 3
-    assert np.array_equal(parameters_to_views(received.parameters)[0], values)
-    del received, whole, reader
-    SpillStore(str(tmp_path)).close()
-
-
 def test_parking_the_model_never_changes_an_object_the_strategy_kept() -> None:
     """The server parks its own copy of the aggregated Parameters: a strategy that keeps
     what its ``aggregate_fit`` returned (to save it later, say) finds it as it was."""

@@ -410,10 +410,8 @@ def spill_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:
     Raises:
         OSError: no spill file can be made (a full disk, say).
     """
-    segment, memory, offset = _space(size, directory)
-    buffer = memory[offset : offset + size].view(ReceivedBuffer)
-    buffer.write_through(segment.fd, offset)  # no page of the file mapped as it lands
-    return buffer
+    _, memory, offset = _space(size, directory)
+    return memory[offset : offset + size].view(ReceivedBuffer)
 
 
 def receive_buffer(size: int, directory: str | None = None) -> ReceivedBuffer:

@@ -350,11 +350,8 @@ class FrameReader:
                 f"a frame of {len(chunk)} bytes at offset {offset}: frames but the last "
                 f"carry at least {self.min_frame} bytes"
             )
-        assert self._view is not None and self._buffer is not None
-        if self._buffer.writes_through:
-            self._buffer.write(offset, chunk)
-        else:
-            self._view[offset:end] = chunk
+        assert self._view is not None
+        self._view[offset:end] = chunk
         self.received = end
         if end < total:
             return None

@@ -517,12 +517,6 @@ class Fleet:
                 return decode_reply(data, limits)
             except DecodeError as exc:
                 return exc
-            finally:
-                # A reply received into a spill file (written through its descriptor, in
-                # the page cache's large folios): reading its tensors' headers mapped a
-                # folio around each, up to megabytes that would stay mapped while the
-                # round holds the reply. Let them go (nothing to do for memory).
-                release(data)
 
         self._decoded[node.cid] = (data, await self._loop.run_in_executor(None, decode))
 
@@ -551,12 +545,18 @@ class Fleet:
         task = node.mailbox.in_flight(task_id)
         if not node.reader.in_progress:
             self.bound_reader(node, task)
+        before = node.reader.received
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
             self.release_slot(node)
             self.state.fail(node, task_id, exc)
             raise
+        if task is not None and _spilled_on_arrival(task, node.slot):
+            # Written into a spill file: its pages need not stay in memory once written.
+            written = whole if whole is not None else node.reader.written
+            if written is not None:
+                release(memoryview(written)[before if whole is None else 0 :])
         if whole is not None:
             self.pass_slot(node, task_id, whole)
         return whole

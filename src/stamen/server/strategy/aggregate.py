@@ -213,14 +213,16 @@ def _fold_layer(acc: NDArray, values: NDArray, weight: np.generic, first: bool) 
     """``acc += weight * values`` (``acc = 0 + weight * values`` if ``first``); 1-D arrays."""
 
     def work(start: int, stop: int) -> None:
-        scratch = None if first else np.empty(min(BLOCK, stop - start), dtype=acc.dtype)
-        for lo in range(start, stop, BLOCK):
-            hi = min(lo + BLOCK, stop)
-            if scratch is None:
+        if first:
+            for lo in range(start, stop, BLOCK):
+                hi = min(lo + BLOCK, stop)
                 _start_into(acc[lo:hi], values[lo:hi], weight)
-            else:
-                _fold_into(acc[lo:hi], values[lo:hi], weight, scratch[: hi - lo])
-            release(values[lo:hi])  # a spilled result's pages go once read
+        else:
+            scratch = np.empty(min(BLOCK, stop - start), dtype=acc.dtype)
+            for lo in range(start, stop, BLOCK):
+                block = acc[lo : min(lo + BLOCK, stop)]
+                _fold_into(block, values[lo : lo + block.size], weight, scratch[: block.size])
+        release(values[start:stop])  # a spilled result's pages go once read
 
     _in_parts(acc.size, work)
 
@@ -229,10 +231,8 @@ def _copy_layer(out: NDArray, values: NDArray) -> None:
     """``out[:] = values``; 1-D arrays."""
 
     def work(start: int, stop: int) -> None:
-        for lo in range(start, stop, BLOCK):
-            hi = min(lo + BLOCK, stop)
-            np.copyto(out[lo:hi], values[lo:hi])
-            release(values[lo:hi])
+        np.copyto(out[start:stop], values[start:stop])
+        release(values[start:stop])
 
     _in_parts(out.size, work)
 
@@ -292,21 +292,22 @@ def _fold_mean_layer(acc: NDArray, values: NDArray, ratio: float, first: bool) -
     """``acc += ratio * (values - acc)``, computed in float64 block by block; 1-D arrays."""
 
     def work(start: int, stop: int) -> None:
-        size = 0 if first else min(BLOCK, stop - start)
-        mean, step = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float64)
+        if first:
+            np.copyto(acc[start:stop], values[start:stop])
+            release(values[start:stop])
+            return
+        mean = np.empty(min(BLOCK, stop - start), dtype=np.float64)
+        step = np.empty_like(mean)
         for lo in range(start, stop, BLOCK):
             hi = min(lo + BLOCK, stop)
-            if first:
-                np.copyto(acc[lo:hi], values[lo:hi])
-            else:
-                m, d = mean[: hi - lo], step[: hi - lo]
-                np.copyto(m, acc[lo:hi])
-                np.copyto(d, values[lo:hi])
-                np.subtract(d, m, out=d)
-                np.multiply(d, ratio, out=d)
-                np.add(m, d, out=m)
-                np.copyto(acc[lo:hi], m, casting="unsafe")
-            release(values[lo:hi])  # a spilled result's pages go once read
+            m, d = mean[: hi - lo], step[: hi - lo]
+            np.copyto(m, acc[lo:hi])
+            np.copyto(d, values[lo:hi])
+            np.subtract(d, m, out=d)
+            np.multiply(d, ratio, out=d)
+            np.add(m, d, out=m)
+            np.copyto(acc[lo:hi], m, casting="unsafe")
+        release(values[start:stop])
 
     _in_parts(acc.size, work)
 
