@@ -1,13 +1,15 @@
 """Client nodes of a benchmark run, as threads of one process, for either framework.
 
 Usage: ``clients.py --framework {stamen,flower} --address HOST:PORT --first K --count N
-[--transport grpc-bidi] [--timeout S]``
+[--transport grpc-bidi] [--timeout S] [--keys DIR]``
 
 Runs nodes ``K .. K+N-1``, each a thread calling ``start_client`` of Stamen (with the Stamen
 venv's python) or of Flower (with the Flower venv's python) — the same code, since Stamen's
 API is Flower's. Node ``k`` answers FitIns with ``parameters + k`` and ``num_examples=1``
-(see ``workload``). When every node has returned (the server ended the run), prints
-``CLIENTS ok=<n> failed=<n>`` and ``PEAK_RSS <bytes>`` and exits 0 if all ended cleanly.
+(see ``workload``). With ``--keys``, node ``k`` authenticates with the private key in
+``DIR/node-k.pem`` (``authentication_keys``). When every node has returned (the server
+ended the run), prints ``CLIENTS ok=<n> failed=<n>`` and ``PEAK_RSS <bytes>`` and exits 0
+if all ended cleanly.
 
 Flower's ``start_client`` installs SIGINT/SIGTERM handlers each time it connects, which
 Python allows only in the main thread; for Flower that one call is made a no-op (nodes in
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--transport", default="grpc-bidi")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--keys", default=None, help="directory of node-<k>.pem private keys")
     args = parser.parse_args()
 
     fl = importlib.import_module("stamen" if args.framework == "stamen" else "flwr")
@@ -70,6 +74,15 @@ def main() -> int:
     errors: list[str] = []
     lock = threading.Lock()
 
+    def keys_of(k: int) -> dict[str, Any]:
+        if args.keys is None:
+            return {}
+        from cryptography.hazmat.primitives import serialization
+
+        pem = Path(args.keys, f"node-{k}.pem").read_bytes()
+        private = serialization.load_pem_private_key(pem, password=None)
+        return {"authentication_keys": (private, private.public_key())}
+
     def run(k: int) -> None:
         try:
             fl.client.start_client(
@@ -77,6 +90,7 @@ def main() -> int:
                 client=add_k(k).to_client(),
                 transport=args.transport,
                 insecure=True,
+                **keys_of(k),
             )
         except BaseException:  # reported by the driver
             with lock:

@@ -168,10 +168,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     found.append(_ratio_target(results, "C", 0.5))
     for item in found:
         item["issue"] = 7
-    return found + targets_19(results)
+    return found + targets_19(results) + auth_targets(results)
 
 
 MEMORY_POINTS = ("B", "Bsub", "Bmed", "B50", "B50sub", "B50med")
+AUTH_POINTS = ("A", "B", "C")
+"""The points run by authenticated nodes too (``run.py``'s ``A-auth``...)."""
 """The points whose server peak RSS issue #19 bounds: 3 x the model plus a fixed overhead."""
 
 
@@ -210,6 +212,27 @@ def _transport_target(results: dict[str, Any], point: str, suffix: str) -> dict[
         f"{ratio:.2f} x ({_seconds(other['round_seconds'])} / {_seconds(bidi['round_seconds'])})"
     )
     return {"target": text, "measured": measured, "met": ratio <= TRANSPORT_BOUND, "issue": 19}
+
+
+def _auth_target(results: dict[str, Any], point: str) -> dict[str, Any]:
+    """Stamen's median round of ``point`` with authenticated nodes (``A-auth``) against
+    ``point`` without, in the same invocation: what node authentication costs (every
+    grpc-bidi message MACed both ways). Reported, not bounded."""
+    name = f"{point}-auth"
+    text = f"{name} round time / {point} (what node authentication costs)"
+    auth, plain = _stamen(results, name), _stamen(results, point)
+    if not auth or not plain or not auth["round_seconds"] or not plain["round_seconds"]:
+        return {"target": text, "measured": "not run", "met": None, "issue": None}
+    ratio = auth["round_seconds"] / plain["round_seconds"]
+    measured = (
+        f"{ratio:.2f} x ({_seconds(auth['round_seconds'])} / {_seconds(plain['round_seconds'])})"
+    )
+    return {"target": text, "measured": measured, "met": None, "issue": None}
+
+
+def auth_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cost of node authentication on each point that measures it."""
+    return [_auth_target(results, point) for point in AUTH_POINTS]
 
 
 def targets_19(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -428,7 +451,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["| target (issue) | measured | met |", "|---|---|---|"]
     for t in results["targets"]:
         met = {True: "yes", False: "**no**", None: "—"}[t["met"]]
-        lines.append(f"| {t['target']} (#{t.get('issue', 7)}) | {t['measured']} | {met} |")
+        issue = t.get("issue", 7)
+        owner = "" if issue is None else f" (#{issue})"
+        lines.append(f"| {t['target']}{owner} | {t['measured']} | {met} |")
     return "\n".join(lines)
 
 

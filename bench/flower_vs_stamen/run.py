@@ -134,16 +134,33 @@ def on_transports(table: dict[str, Workload]) -> dict[str, Workload]:
     }
 
 
-FULL = on_transports(FULL)
-QUICK = on_transports(QUICK)
+AUTH_POINTS = report.AUTH_POINTS
+"""Points also run (Stamen only, grpc-bidi) with node authentication, ``A-auth``...: the
+round time against the same point without it, in the same invocation."""
+
+
+def with_auth(table: dict[str, Workload]) -> dict[str, Workload]:
+    """``table`` with each of :data:`AUTH_POINTS` run by authenticated nodes too."""
+    return table | {
+        f"{point}-auth": dataclasses.replace(
+            table[point], name=f"{point}-auth", transport="grpc-bidi", auth=True
+        )
+        for point in AUTH_POINTS
+    }
+
+
+FULL = with_auth(on_transports(FULL))
+QUICK = with_auth(on_transports(QUICK))
 MICRO = {"full": (100_000_000, 10, 5), "quick": (1_000_000, 3, 2)}
 ORDER = (
     "A",
     "A-rere",
     "A-rest",
+    "A-auth",
     "B",
     "B-rere",
     "B-rest",
+    "B-auth",
     "Bsub",
     "Bmed",
     "B50",
@@ -152,6 +169,7 @@ ORDER = (
     "C",
     "C-rere",
     "C-rest",
+    "C-auth",
     "D",
     "D-rere",
     "D-rest",
@@ -167,6 +185,35 @@ DEFAULT = ORDER
 PORT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
 FLOORS_TIMEOUT = 300.0
+
+
+KEYS = "node-keys"
+"""Directory of an authenticated run's keys, in its log directory."""
+
+
+def write_node_keys(directory: Path, count: int) -> None:
+    """A P-256 key pair per node: ``node-<k>.pem`` (private) and ``authorized.pem`` (every
+    public key, the server's ``authorized_keys``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory.mkdir(exist_ok=True)
+    public = []
+    for k in range(count):
+        private = ec.generate_private_key(ec.SECP256R1())
+        (directory / f"node-{k}.pem").write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        public.append(
+            private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    (directory / "authorized.pem").write_bytes(b"".join(public))
 
 
 def transport_of(framework: str, load: Workload, options: argparse.Namespace) -> str:
@@ -192,6 +239,8 @@ def server_argv(
         argv += ["--counter", "kernel"]
     if stamen and transport_of(framework, load, options) == "rest":
         argv.append("--rest")
+    if load.auth:
+        argv += ["--authorized-keys", str(out.parent / KEYS / "authorized.pem")]
     if options.trace_rss:
         argv.append("--trace-rss")
     if stamen and options.stamen_server_prefix:
@@ -216,6 +265,8 @@ def start_clients(
             argv += ["--transport", transport]
         argv += ["--address", address, "--first", str(first), "--count", str(count)]
         argv += ["--timeout", str(load.timeout)]
+        if load.auth:
+            argv += ["--keys", str(log_dir / KEYS)]
         env = environment("stamen" if swarm else framework)
         clients.append(Proc(f"{framework}-{load.name}-clients{index}", argv, log_dir, env))
     return clients
@@ -241,6 +292,7 @@ def measurements(
         "client_cpu_seconds": [json.loads(c.value("CPU") or "null") for c in clients],
         "client_retries": sum(int(c.value("RETRIES") or 0) for c in clients),
         "check": server["check"],
+        "authorized_keys": server.get("authorized_keys"),
         "marks": server["marks"],
         "rss_trace": server["rss_trace"] or None,
     }
@@ -264,6 +316,8 @@ def run_federation(
     shared = SharedCounter(str(counter)) if options.wire == "relay" else None
     result: dict[str, Any] = {"framework": framework, "ok": False, "load": os.getloadavg()[0]}
     try:
+        if load.auth:
+            write_node_keys(log_dir / KEYS, load.clients)
         argv = server_argv(framework, load, options, out, counter)
         server = Proc(f"{framework}-{load.name}-server", argv, log_dir, environment(framework))
         procs.append(server)

@@ -1,14 +1,15 @@
 """The Stamen server of a benchmark run (run with the Stamen venv's python).
 
 Usage: ``server_stamen.py --clients N --model-bytes M --rounds R --out REPORT.json
-[--counter FILE] [--rest] [--strategy fedavg|subclass|fedmedian]``
+[--counter FILE] [--rest] [--strategy fedavg|subclass|fedmedian] [--authorized-keys PEM]``
 
 Serves grpc-bidi and grpc-rere (and, with ``--rest``, rest) on 127.0.0.1, ports chosen by
 the OS, prints ``PORT <n>`` (and ``REST_PORT <n>``) once listening, runs ``R`` rounds of the
 strategy form asked for (``workload.strategy_class``: FedAvg, a FedAvg subclass saving the
 model, FedMedian) over ``N`` clients starting from a zero model of ``M`` bytes, and writes
 the report of ``workload.server_report`` (round times, bytes on the wire per round, the
-check of the final model, peak RSS) to ``--out``.
+check of the final model, peak RSS) to ``--out``. With ``--authorized-keys`` only nodes
+holding one of those keys are served (node authentication).
 
 Every node of a benchmark comes from 127.0.0.1, so the Fleet limits meant for one address
 are lifted (:func:`bench_timing`): no registration rate limit, and REST connections per
@@ -27,7 +28,7 @@ import workload
 
 import stamen as fl
 from stamen.client.app import GRPC_MAX_MESSAGE_LENGTH
-from stamen.server.app import init_defaults, run_server
+from stamen.server.app import init_defaults, make_authenticator, run_server
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.fleet.handler import FleetTiming
 from stamen.server.fleet.service import FleetService
@@ -104,6 +105,9 @@ def main() -> int:
     """Serve, run the rounds, write the report."""
     parser = workload.server_parser(__doc__.splitlines()[0])
     parser.add_argument("--rest", action="store_true", help="serve the rest transport too")
+    parser.add_argument(
+        "--authorized-keys", default=None, help="PEM file of the nodes' public keys"
+    )
     args = parser.parse_args()
 
     clock = workload.RoundClock(workload.wire_counter(args.counter), args.trace_rss, args.rounds)
@@ -133,12 +137,14 @@ def serve(strategy: Any, clock: workload.RoundClock, args: Any) -> dict[str, Any
         strategy,
         SimpleClientManager(wait_timeout=WAIT_FOR_CLIENTS),
     )
+    authenticator = make_authenticator(getattr(args, "authorized_keys", None), 60.0)
     service = FleetService(
         server.client_manager(),
         address="127.0.0.1:0",
         max_message_length=GRPC_MAX_MESSAGE_LENGTH,
         rest_address="127.0.0.1:0" if args.rest else None,
         timing=bench_timing(args.clients, getattr(args, "heartbeat_timeout", None)),
+        authenticator=authenticator,
     )
     port = service.start()
     clock.counter.ports = [port] if service.rest_port is None else [port, service.rest_port]
@@ -151,7 +157,10 @@ def serve(strategy: Any, clock: workload.RoundClock, args: Any) -> dict[str, Any
         run_server(server, config)
     finally:
         service.stop()
-    return workload.server_report("stamen", clock, strategy, args, started_rss)
+    report = workload.server_report("stamen", clock, strategy, args, started_rss)
+    # Every node served was checked against these keys (the server refuses any other).
+    report["authorized_keys"] = 0 if authenticator is None else len(authenticator.keys)
+    return report
 
 
 if __name__ == "__main__":

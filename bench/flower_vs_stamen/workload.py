@@ -73,6 +73,9 @@ class Workload:
         strategy: The server's strategy form, a key of :data:`STRATEGY_FORMS`.
         transport: The Stamen nodes' transport (None: ``run.py --transport``); a
             workload that names one runs on Stamen only (Flower's nodes speak grpc-bidi).
+        auth: Nodes authenticate (``authentication_keys``, one key pair per node; the
+            server holds their public keys as ``authorized_keys``): on grpc-bidi every
+            message then carries a MAC (docs/security.md). Stamen only.
     """
 
     name: str
@@ -85,6 +88,7 @@ class Workload:
     harness: str = "threads"
     strategy: str = "fedavg"
     transport: str | None = None
+    auth: bool = False
 
     @property
     def title(self) -> str:

@@ -139,3 +139,26 @@ def test_quick_transport_points_are_compared_with_grpc_bidi(tmp_path: Path) -> N
         bidi = result["workloads"]["A"]["summary"]["stamen"]["round_seconds"]
         assert target["measured"].startswith(f"{other / bidi:.2f} x"), target
     assert "A-rere round time <= 1.3 x A (grpc-bidi)" in stdout
+
+
+def test_quick_auth_point_runs_authenticated_nodes_against_a(tmp_path: Path) -> None:
+    """``A-auth`` runs A's federation (Stamen only, grpc-bidi) with a key pair per node
+    and the server holding their keys, ends at the expected model, and the report
+    compares its round time with A's."""
+    result, stdout = run_quick(tmp_path, "A,A-auth", "none")
+    entry = result["workloads"]["A-auth"]
+    assert entry["spec"]["auth"] is True and entry["spec"]["transport"] == "grpc-bidi"
+    assert set(entry["runs"]) == {"stamen"}
+    [run] = entry["runs"]["stamen"]
+    assert run["ok"] and run["check"]["ok"], run.get("error")
+    assert run["authorized_keys"] == entry["spec"]["clients"]  # one key per node, enforced
+    [plain] = result["workloads"]["A"]["runs"]["stamen"]
+    assert plain["authorized_keys"] == 0
+    [target] = [t for t in result["targets"] if t["target"].startswith("A-auth round time /")]
+    assert target["met"] is None, target  # reported, not bounded
+    ratio = (
+        entry["summary"]["stamen"]["round_seconds"]
+        / (result["workloads"]["A"]["summary"]["stamen"]["round_seconds"])
+    )
+    assert target["measured"].startswith(f"{ratio:.2f} x"), target
+    assert "| A-auth round time / A (what node authentication costs) | " in stdout

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from stamen.errors import AuthError, RunError
 from stamen.messages import FitIns, ReconnectIns
 from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
-from stamen.protocol.auth import HEADER_SESSION
+from stamen.protocol.auth import HEADER_SESSION, MAC_BYTES
 from stamen.protocol.fleet_server import FleetTiming
 from stamen.server.client_manager import SimpleClientManager
 from stamen.server.server import ServerConfig
@@ -131,7 +131,7 @@ def _inject(relay: list[BidiRelay]) -> Tamper:
         if index != 0:
             return [message]
         relay[0].tampered.set()
-        forged = message[:-32].replace(_f32(8.5), _f32(508.5)) + bytes(32)
+        forged = message[:-MAC_BYTES].replace(_f32(8.5), _f32(508.5)) + bytes(MAC_BYTES)
         return [forged, message]
 
     return tamper

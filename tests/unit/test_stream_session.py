@@ -4,15 +4,17 @@ frame claims (FrameReader's bound, max_model_bytes) and long-poll timeouts."""
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
+import itertools
 import logging
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from stamen.client.app import make_node_config
 from stamen.errors import AuthError, ConfigError, DecodeError, ProtocolError
@@ -45,28 +47,89 @@ def test_messages_travel_both_ways_and_arrive_unchanged() -> None:
         assert node.open(server.seal(b"instruction %d" % i)) == b"instruction %d" % i
 
 
-def test_the_trailer_is_field_1000_with_hmac_sha256_of_the_sequence_and_message() -> None:
-    """The exact bytes of docs/protocol.md: message || C2 3E 20 || HMAC-SHA256(k, seq || m),
-    the keys from HKDF-SHA256 of the X25519 secret (info: the label, then the node's and
-    the server's public keys), node-to-server first."""
+def _rfc8439_tag(key: bytes, seq: int, message: bytes) -> bytes:
+    """The MAC of docs/protocol.md built from the primitives of RFC 8439 section 2.8:
+    Poly1305 under the first 32 bytes of ChaCha20's block 0 (key, nonce ``0000 || seq``)
+    over the message as additional data, its padding, and the two lengths."""
+    nonce = bytes(4) + seq.to_bytes(8, "big")
+    block0 = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None).encryptor()
+    one_time = block0.update(bytes(32))
+    data = message + bytes(-len(message) % 16) + len(message).to_bytes(8, "little") + bytes(8)
+    return Poly1305.generate_tag(one_time, data)
+
+
+def _keyed_pair() -> tuple[StreamSession, StreamSession, bytes, bytes]:
+    """A node's and a server's session, and their (node-to-server, server-to-node) keys
+    derived here as docs/protocol.md says: HKDF-SHA256 of the X25519 secret, info the
+    label then the node's and the server's public keys."""
     node_private = X25519PrivateKey.generate()
     node = StreamSession(node_private, node=True)
     server = StreamSession.for_server(node.public)
     node.accept(server.public)
     shared = node_private.exchange(X25519PublicKey.from_public_bytes(server.public))
     okm = HKDF(
-        hashes.SHA256(), 64, salt=None, info=b"stamen-bidi-session-v1" + node.public + server.public
+        hashes.SHA256(), 64, salt=None, info=b"stamen-bidi-session-v2" + node.public + server.public
     ).derive(shared)
+    return node, server, okm[:32], okm[32:]
+
+
+def test_the_trailer_is_field_1000_with_the_chacha20_poly1305_tag_of_the_message() -> None:
+    """The exact bytes of docs/protocol.md: message || C2 3E 10 || the 16-byte
+    ChaCha20-Poly1305 tag (empty plaintext, the message as additional data, nonce = 4 zero
+    bytes and the sequence number)."""
+    node, server, up, down = _keyed_pair()
     sealed = node.seal(b"m0")
     assert sealed[:2] == b"m0"
-    assert sealed[2:5] == b"\xc2\x3e\x20"
-    assert len(sealed) == 2 + MAC_TRAILER_BYTES
-    expected = hmac.new(okm[:32], (0).to_bytes(8, "big") + b"m0", hashlib.sha256).digest()
-    assert sealed[5:] == expected
-    back = server.seal(b"i0")
-    assert back[5:] == hmac.new(okm[32:], (0).to_bytes(8, "big") + b"i0", hashlib.sha256).digest()
-    second = node.seal(b"m1")
-    assert second[5:] == hmac.new(okm[:32], (1).to_bytes(8, "big") + b"m1", hashlib.sha256).digest()
+    assert sealed[2:5] == b"\xc2\x3e\x10"
+    assert len(sealed) == 2 + MAC_TRAILER_BYTES == 2 + 19
+    assert sealed[5:] == _rfc8439_tag(up, 0, b"m0")
+    # The library's AEAD computes the same tag: an empty plaintext's ciphertext is the tag.
+    assert sealed[5:] == ChaCha20Poly1305(up).encrypt(bytes(12), b"", b"m0")
+    assert server.seal(b"i0")[5:] == _rfc8439_tag(down, 0, b"i0")
+    long = bytes(range(256)) * 300 + b"odd"
+    assert node.seal(long)[-16:] == _rfc8439_tag(up, 1, long)
+
+
+@pytest.mark.parametrize("length", [0, 1, 15, 16, 17, 100, 70_001])
+def test_a_trailer_over_parts_is_the_trailer_of_the_joined_message(length: int) -> None:
+    """Frames are MACed over the buffers they are joined from (Poly1305 fed part by
+    part): the tag must be the one of the joined bytes, which the receiver checks."""
+    node, server, up, _ = _keyed_pair()
+    message = bytes((i * 7) % 251 for i in range(length))
+    cuts = sorted({0, length // 3, length // 2, length})
+    parts: list[bytes | memoryview] = [
+        message[a:b] if i % 2 else memoryview(message)[a:b]
+        for i, (a, b) in enumerate(itertools.pairwise(cuts))
+    ] or [b"", b""]
+    assert len(parts) > 1 or length == 1  # several parts: Poly1305 fed part by part
+    trailer = node.trailer(parts)
+    assert trailer[3:] == _rfc8439_tag(up, 0, message)
+    assert bytes(server.open(message + trailer)) == message
+    assert node.trailer([message])[3:] == _rfc8439_tag(up, 1, message)  # one part
+
+
+def test_a_payload_sent_in_sealed_frames_is_opened_frame_by_frame() -> None:
+    """messages(..., trailer) joins each frame with its MAC in one copy; the receiver
+    opens each in order and the frame reader rebuilds the message."""
+    node, server = _pair()
+    data = bytes(range(256)) * 40
+    payload = Payload([data[:1000], memoryview(data)[1000:7000], data[7000:]])
+    plain = list(payload.messages(3000, 1024))
+    sealed = list(payload.messages(3000, 1024, node.trailer))
+    assert len(sealed) == len(plain) > 1
+    reader = FrameReader(max_total=len(data))
+    whole = None
+    for frame, sealed_frame in zip(plain, sealed, strict=True):
+        opened = server.open(sealed_frame)
+        assert bytes(opened) == frame
+        whole = reader.feed(opened)
+    assert whole is not None and bytes(whole) == data
+    # A whole message (it fits) gets its trailer too.
+    small = Payload([b"ab", memoryview(b"cd")])
+    (message,) = small.messages(100, trailer=node.trailer)
+    assert bytes(server.open(message)) == b"abcd"
+    with pytest.raises(AuthError, match="fails its MAC"):
+        server.open(sealed[0])  # replayed
 
 
 def test_the_trailer_is_a_valid_protobuf_field() -> None:

@@ -26,17 +26,19 @@ import base64
 import binascii
 import hashlib
 import heapq
-import hmac as std_hmac
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from ..errors import AuthError, ConfigError
 
@@ -46,6 +48,7 @@ __all__ = [
     "HEADER_SESSION",
     "HEADER_SIGNATURE",
     "HEADER_TIMESTAMP",
+    "MAC_BYTES",
     "MAC_FIELD",
     "MAC_TRAILER_BYTES",
     "RequestSigner",
@@ -258,8 +261,9 @@ sends its key with the opening of the Join stream (whose signature covers it: th
 body is the 32 raw bytes); the server answers with its own in the initial metadata."""
 
 SESSION_KEY_BYTES = 32
-SESSION_INFO = b"stamen-bidi-session-v1"
-"""HKDF's info prefix; the two ephemeral public keys (node's, then server's) follow it."""
+SESSION_INFO = b"stamen-bidi-session-v2"
+"""HKDF's info prefix; the two ephemeral public keys (node's, then server's) follow it.
+(``v1`` keyed HMAC-SHA256 trailers; ``v2`` keys the ChaCha20-Poly1305 tags below.)"""
 
 MAC_FIELD = 1000
 """Protobuf field number of the MAC trailer (``bytes``; unused by Flower and Stamen)."""
@@ -267,9 +271,9 @@ MAC_FIELD = 1000
 MAC_TAG = bytes([(MAC_FIELD << 3 | 2) & 0x7F | 0x80, (MAC_FIELD << 3 | 2) >> 7])
 """The trailer's field tag, ``C2 3E`` (field 1000, wire type 2)."""
 
-MAC_BYTES = 32
+MAC_BYTES = 16
 MAC_TRAILER_BYTES = len(MAC_TAG) + 1 + MAC_BYTES
-"""35: the tag, the length byte ``0x20`` and HMAC-SHA256's 32 bytes."""
+"""19: the tag, the length byte ``0x10`` and the 16-byte Poly1305 tag."""
 
 _MAC_PREFIX = MAC_TAG + bytes([MAC_BYTES])
 
@@ -313,27 +317,62 @@ def _session_keys(
         raise AuthError(f"session key exchange failed: {exc}") from None
     okm = HKDF(
         algorithm=hashes.SHA256(),
-        length=2 * MAC_BYTES,
+        length=2 * SESSION_KEY_BYTES,
         salt=None,
         info=SESSION_INFO + node_public + server_public,
     ).derive(shared)
-    return okm[:MAC_BYTES], okm[MAC_BYTES:]
+    return okm[:SESSION_KEY_BYTES], okm[SESSION_KEY_BYTES:]
 
 
 class _Direction:
-    """One direction of a session: its HMAC key and its next sequence number."""
+    """One direction of a session: its key and its next sequence number.
 
-    __slots__ = ("key", "seq")
+    A message's MAC is the tag of ChaCha20-Poly1305 (RFC 8439, section 2.8) under the
+    direction's key, with nonce ``4 zero bytes || sequence number (8 bytes, big-endian)``,
+    an empty plaintext and the message as the additional data: Poly1305 under a one-time
+    key that ChaCha20 draws from the key and the nonce. Each nonce is used once (the
+    sequence number never repeats under a key, and every stream has keys of its own).
+    Poly1305 reads ~12 GB/s here where HMAC-SHA256 reads ~1.9 GB/s, in software on any
+    CPU (no AES instructions needed, as on the small boards federated nodes run on)."""
+
+    __slots__ = ("_aead", "key", "seq")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.seq = 0
+        self._aead = ChaCha20Poly1305(key)
 
-    def mac(self, message: bytes | memoryview) -> bytes:
-        h = crypto_hmac.HMAC(self.key, hashes.SHA256())
-        h.update(self.seq.to_bytes(8, "big"))
-        h.update(message)
-        return h.finalize()
+    def _nonce(self) -> bytes:
+        return bytes(4) + self.seq.to_bytes(8, "big")
+
+    def tag(self, parts: Sequence[bytes | memoryview]) -> bytes:
+        """The MAC of the message made of ``parts`` (joined), at the current sequence
+        number (not advanced)."""
+        if len(parts) == 1:
+            return self._aead.encrypt(self._nonce(), b"", parts[0])
+        # The same tag over parts not joined: RFC 8439's Poly1305 input for an empty
+        # plaintext is the additional data, zeros up to a multiple of 16 bytes, then the
+        # two lengths (additional data, plaintext) as 8-byte little-endian numbers.
+        one_time = (
+            Cipher(algorithms.ChaCha20(self.key, bytes(4) + self._nonce()), mode=None)
+            .encryptor()
+            .update(bytes(32))  # the first 32 bytes of block 0 (counter 0)
+        )
+        mac = Poly1305(one_time)
+        length = 0
+        for part in parts:
+            mac.update(part)
+            length += len(part)
+        mac.update(bytes(-length % 16) + length.to_bytes(8, "little") + bytes(8))
+        return mac.finalize()
+
+    def verify(self, body: memoryview, tag: bytes) -> bool:
+        """Whether ``tag`` is the MAC of ``body`` at the current sequence number."""
+        try:
+            self._aead.decrypt(self._nonce(), tag, body)
+        except InvalidTag:
+            return False
+        return True
 
 
 class StreamSession:
@@ -341,11 +380,12 @@ class StreamSession:
 
     Each side holds an ephemeral X25519 key; the node's public key travels in the signed
     opening of the stream (its signature covers it), the server's in the initial
-    metadata. HKDF-SHA256 (no salt; info ``stamen-bidi-session-v1 || node key || server
-    key``) of the X25519 secret gives 64 bytes: the node-to-server HMAC key, then the
+    metadata. HKDF-SHA256 (no salt; info ``stamen-bidi-session-v2 || node key || server
+    key``) of the X25519 secret gives 64 bytes: the node-to-server key, then the
     server-to-node one. Every message is sent as itself followed by a trailer, protobuf
-    field 1000 (``bytes``) holding HMAC-SHA256(key of its direction, 8-byte big-endian
-    sequence number || the message), the sequence number counting that direction's
+    field 1000 (``bytes``) holding its 16-byte MAC (:class:`_Direction`: the
+    ChaCha20-Poly1305 tag of the message under the key of its direction, the nonce being
+    the direction's sequence number), the sequence number counting that direction's
     messages from 0. The receiver checks and strips the trailer, so a rewritten,
     injected, dropped-then-resumed, reordered or replayed message (or one from another
     stream) fails the check.
@@ -405,18 +445,28 @@ class StreamSession:
         """True once both keys are known."""
         return self._send is not None
 
-    def seal(self, message: bytes) -> bytes:
-        """``message`` followed by its MAC trailer; the next sequence number is used."""
+    def _sender(self) -> _Direction:
         send = self._send
         if send is None:
             raise AuthError("stream session: seal() before the keys were exchanged")
-        trailer = _MAC_PREFIX + send.mac(message)
-        send.seq += 1
-        return message + trailer
+        return send
 
-    def open(self, message: bytes) -> bytes:
-        """The message without its trailer, if the trailer is the MAC of the next message
-        in this direction.
+    def seal(self, message: bytes) -> bytes:
+        """``message`` followed by its MAC trailer; the next sequence number is used."""
+        return message + self.trailer([message])
+
+    def trailer(self, parts: Sequence[bytes | memoryview]) -> bytes:
+        """The trailer to send after the message made of ``parts`` (so that a message
+        built from buffers is joined once, trailer included); the next sequence number
+        is used."""
+        send = self._sender()
+        trailer = _MAC_PREFIX + send.tag(parts)
+        send.seq += 1
+        return trailer
+
+    def open(self, message: bytes) -> memoryview:
+        """The message without its trailer (a view: nothing copied), if the trailer is the
+        MAC of the next message in this direction.
 
         Raises:
             AuthError: no trailer, or a MAC that does not verify (the message was altered,
@@ -431,12 +481,12 @@ class StreamSession:
         ):
             raise AuthError(f"{where} carries no MAC: injected or altered on the way")
         body = memoryview(message)[:-MAC_TRAILER_BYTES]
-        if not std_hmac.compare_digest(receive.mac(body), message[-MAC_BYTES:]):
+        if not receive.verify(body, message[-MAC_BYTES:]):
             raise AuthError(
                 f"{where} fails its MAC: altered, injected, reordered or replayed on the way"
             )
         receive.seq += 1
-        return bytes(body)
+        return body
 
 
 # --- Flower 1.12's node authentication (towards and from Flower peers) ----------------------

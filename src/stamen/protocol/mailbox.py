@@ -9,7 +9,7 @@ server's fleet event loop); other threads reach it through that loop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -38,6 +38,10 @@ class ReplyUse(Enum):
     )
 
 
+Trailer = Callable[[Sequence[bytes | memoryview]], bytes]
+"""What follows each message sent, computed from its buffers (a session's MAC)."""
+
+
 class Payload(Protocol):
     """An encoded instruction as the transports send it (``stamen.wire.Payload``)."""
 
@@ -53,9 +57,12 @@ class Payload(Protocol):
         """The frame holding ``size`` bytes of the message from ``offset``."""
         ...
 
-    def messages(self, size: int, frame: int | None = None) -> Iterator[bytes]:
+    def messages(
+        self, size: int, frame: int | None = None, trailer: Trailer | None = None
+    ) -> Iterator[bytes]:
         """The whole message if it fits in ``size`` bytes, else its frames of ``frame``
-        bytes (at most ``size``; default ``size``)."""
+        bytes (at most ``size``; default ``size``), each followed by ``trailer(its
+        parts)`` if given."""
         ...
 
 
@@ -71,7 +78,9 @@ class _Sent:
     def frame(self, offset: int, size: int) -> bytes:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
-    def messages(self, size: int, frame: int | None = None) -> Iterator[bytes]:
+    def messages(
+        self, size: int, frame: int | None = None, trailer: Trailer | None = None
+    ) -> Iterator[bytes]:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
 

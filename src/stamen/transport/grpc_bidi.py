@@ -204,9 +204,8 @@ class GrpcBidiTransport:
             data = run_on_client_loop(self._read(call))
             # Reads the server's session key and heartbeat interval, once.
             self._peer_takes_frames(call)
-            if self._session is not None:
-                data = self._opened(data)
-            whole = self._reader.feed(data)  # copying a frame: here, not on the loop
+            message = data if self._session is None else self._opened(data)
+            whole = self._reader.feed(message)  # copying a frame: here, not on the loop
         instruction, self._refused = decode_server_message(whole)
         if self._heartbeat_interval is not None:
             self._beats = run_on_client_loop(self._start_beats(call, self._heartbeat_interval))
@@ -246,7 +245,7 @@ class GrpcBidiTransport:
         if beats is not None:
             run_on_client_loop(_stop(*beats))
 
-    def _opened(self, data: bytes) -> bytes:
+    def _opened(self, data: bytes) -> memoryview:
         """A message of the server checked against its MAC, without it.
 
         Raises:
@@ -342,10 +341,9 @@ class GrpcBidiTransport:
             run_on_client_loop(self._write(call, payload.tobytes()))
             return
         session = self._session
-        for message in payload.messages(self._reply_frame_size):  # built in this thread
-            if session is not None:
-                message = session.seal(message)
-            run_on_client_loop(self._write(call, message))
+        trailer = None if session is None else session.trailer
+        for message in payload.messages(self._reply_frame_size, trailer=trailer):
+            run_on_client_loop(self._write(call, message))  # built in this thread
 
     async def _write(self, call: Any, message: bytes) -> None:
         try:

@@ -114,6 +114,10 @@ class TensorPart:
         return view
 
 
+Trailer = Callable[[Sequence[bytes | memoryview]], bytes]
+"""What follows a message, computed from the buffers it is made of."""
+
+
 def _bytes_of(part: bytes | memoryview | TensorPart) -> bytes | memoryview:
     return part.view() if isinstance(part, TensorPart) else part
 
@@ -174,6 +178,9 @@ class Payload:
 
     def frame(self, offset: int, size: int) -> bytes:
         """The encoded ``Frame`` message holding ``size`` bytes from ``offset`` (one copy)."""
+        return b"".join(self._frame_parts(offset, size))
+
+    def _frame_parts(self, offset: int, size: int) -> list[bytes | memoryview]:
         stop = min(self.size, offset + size)
         if not 0 <= offset < stop:
             raise ValueError(f"frame offset {offset} outside a payload of {self.size} bytes")
@@ -185,17 +192,27 @@ class Payload:
             + _fast.length_delimited(3, stop - offset)
         )
         inner = len(head) + stop - offset
-        return b"".join([_FRAME_TAG, _fast.varint(inner), head, *self._slices(offset, stop)])
+        return [_FRAME_TAG, _fast.varint(inner), head, *self._slices(offset, stop)]
 
-    def messages(self, size: int, frame: int | None = None) -> Iterator[bytes]:
+    def messages(
+        self, size: int, frame: int | None = None, trailer: Trailer | None = None
+    ) -> Iterator[bytes]:
         """What to send: the whole message if it fits in ``size`` bytes, else its frames
-        of ``frame`` bytes (at most ``size``; default ``size``)."""
+        of ``frame`` bytes (at most ``size``; default ``size``). With ``trailer``, each
+        message is followed by ``trailer(its parts)``, joined with it in one copy (a
+        session's MAC: :meth:`~stamen.protocol.auth.StreamSession.trailer`); messages are
+        made one at a time, in order, as they are taken."""
         if self.size <= size:
-            yield self.tobytes()
+            if trailer is None:
+                yield self.tobytes()
+            else:
+                parts = [_bytes_of(p) for p in self._parts]
+                yield b"".join([*parts, trailer(parts)])
             return
         step = size if frame is None else max(1, min(frame, size))
         for offset in range(0, self.size, step):
-            yield self.frame(offset, step)
+            parts = self._frame_parts(offset, step)
+            yield b"".join(parts if trailer is None else [*parts, trailer(parts)])
 
 
 def is_frame(data: bytes | memoryview) -> bool:

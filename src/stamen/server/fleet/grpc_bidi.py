@@ -178,7 +178,7 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
         def sealed(message: bytes) -> bytes:
             return message if session is None else session.seal(message)
 
-        def opened(message: bytes) -> bytes:
+        def opened(message: bytes) -> bytes | memoryview:
             return message if session is None else session.open(message)
 
         error: BaseException | None = None
@@ -192,8 +192,9 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                 ):
                     raise _Revoked(f"node {node.cid}: its key is no longer authorized")
                 if frames:
-                    for message in task.payload.messages(node.frame_size, SEND_FRAME):
-                        await context.write(sealed(message))
+                    trailer = None if session is None else session.trailer
+                    for message in task.payload.messages(node.frame_size, SEND_FRAME, trailer):
+                        await context.write(message)
                     del message  # the last frame: not kept while the node works
                 else:
                     await context.write(sealed(task.payload.tobytes()))

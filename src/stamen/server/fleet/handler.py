@@ -520,7 +520,9 @@ class Fleet:
 
         self._decoded[node.cid] = (data, await self._loop.run_in_executor(None, decode))
 
-    async def assemble(self, node: Node, task: Task, data: bytes) -> bytes | memoryview | None:
+    async def assemble(
+        self, node: Node, task: Task, data: bytes | memoryview
+    ) -> bytes | memoryview | None:
         """Take one message read from a stream node for ``task``: the whole reply once
         it is complete, else None. The first frame of a large reply waits for a receive
         slot before its buffer is allocated; the slot then goes with the whole reply (see
