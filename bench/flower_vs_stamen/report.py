@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -316,10 +317,21 @@ def micro_line(micro: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXIT = re.compile(r"^(.*?\(?exit(?:ed)? \(?(-?\d+)\)?)")
+
+
 def reason(error: str) -> str:
-    """The gist of an error text: its last non-empty line (a traceback's exception)."""
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    return (lines[-1] if lines else "failed")[:100].replace("|", "/")
+    """The gist of an error text: the process that a signal killed, if one did (its log
+    says nothing of it), else the last non-empty line (a traceback's exception)."""
+    text = _ANSI.sub("", error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    exited = _EXIT.match(lines[0]) if lines else None
+    if exited is not None and int(exited.group(2)) < 0:
+        gist = f"{exited.group(1)}, killed by signal {-int(exited.group(2))}"
+    else:
+        gist = lines[-1] if lines else "failed"
+    return gist[:100].replace("|", "/")
 
 
 def _cells(summary: dict[str, Any], metric: str, fmt: Any) -> list[str]:

@@ -272,6 +272,15 @@ def start_clients(
     return clients
 
 
+def clipped(error: str, keep: int = 2000) -> str:
+    """``error`` cut to about ``keep`` characters: its first line (what failed, with the
+    exit status) and its last lines (how the process's log ended)."""
+    if len(error) <= keep:
+        return error
+    first = error.split("\n", 1)[0][:300]
+    return f"{first}\n...\n{error[-(keep - len(first)) :]}"
+
+
 def measurements(
     server: dict[str, Any], clients: list[Proc], load: Workload, counted: bool
 ) -> dict[str, Any]:
@@ -339,7 +348,7 @@ def run_federation(
         server_report = json.loads(out.read_text(encoding="utf-8"))
         result.update(measurements(server_report, clients, load, options.wire != "none"))
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        result["error"] = str(exc)[-2000:]
+        result["error"] = clipped(str(exc))
     finally:
         for proc in procs:
             proc.stop()

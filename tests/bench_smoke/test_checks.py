@@ -7,6 +7,8 @@ wrong thing would pass the bench.
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -85,3 +87,35 @@ def test_floors_are_measured_as_bytes_per_second() -> None:
     assert len(measured["loopback_seconds"]) == len(measured["memcpy_seconds"]) == tries
     assert measured["loopback_bytes_per_s"] == loop_bytes / min(measured["loopback_seconds"])
     assert measured["memcpy_bytes_per_s"] == copy_bytes / min(measured["memcpy_seconds"])
+
+
+def test_a_failed_run_names_the_signal_that_killed_it_or_its_last_line() -> None:
+    """A process killed by the kernel leaves a log that ends mid-round: the report must
+    say it was killed (the first line of the error, kept however long the log), and a
+    crash its exception; colour codes of a log never reach the table."""
+    script = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import report, run
+log = "\\n".join(["\\x1b[92mINFO \\x1b[0m: aggregate_fit: received 50 results"] * 200)
+killed = run.clipped("server failed (exit -9): " + log)
+print(json.dumps([
+    len(killed) <= 2100,
+    report.reason(killed),
+    report.reason(run.clipped("clients0 exit 1: Traceback\\n  File x\\nValueError: bad")),
+    report.reason("timed out; server: \\x1b[93mWARNING\\x1b[0m: slow"),
+]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(HARNESS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout) == [
+        True,
+        "server failed (exit -9), killed by signal 9",
+        "ValueError: bad",
+        "timed out; server: WARNING: slow",
+    ]
