@@ -173,9 +173,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 MEMORY_POINTS = ("B", "Bsub", "Bmed", "B50", "B50sub", "B50med")
+"""The points whose server peak RSS issue #19 bounds: 3 x the model plus a fixed overhead."""
 AUTH_POINTS = ("A", "B", "C")
 """The points run by authenticated nodes too (``run.py``'s ``A-auth``...)."""
-"""The points whose server peak RSS issue #19 bounds: 3 x the model plus a fixed overhead."""
 
 
 def _memory_target(results: dict[str, Any], name: str) -> dict[str, Any]:
@@ -200,18 +200,26 @@ TRANSPORT_BOUND = 1.3
 """grpc-rere's and rest's round time, at most this many times grpc-bidi's (issue #19)."""
 
 
+def _round_ratio(results: dict[str, Any], name: str, point: str) -> tuple[float, str] | None:
+    """Stamen's median round of ``name`` over that of ``point`` in the same invocation,
+    and how the table shows it; None if either did not run."""
+    other, base = _stamen(results, name), _stamen(results, point)
+    if not other or not base or not other["round_seconds"] or not base["round_seconds"]:
+        return None
+    ratio = other["round_seconds"] / base["round_seconds"]
+    seconds = f"{_seconds(other['round_seconds'])} / {_seconds(base['round_seconds'])}"
+    return ratio, f"{ratio:.2f} x ({seconds})"
+
+
 def _transport_target(results: dict[str, Any], point: str, suffix: str) -> dict[str, Any]:
     """Stamen's median round of ``point`` on another transport (``A-rere``) against its
     grpc-bidi one (``A``), in the same invocation."""
     name = f"{point}-{suffix}"
     text = f"{name} round time <= {TRANSPORT_BOUND:g} x {point} (grpc-bidi)"
-    other, bidi = _stamen(results, name), _stamen(results, point)
-    if not other or not bidi or not other["round_seconds"] or not bidi["round_seconds"]:
+    found = _round_ratio(results, name, point)
+    if found is None:
         return {"target": text, "measured": "not run", "met": None, "issue": 19}
-    ratio = other["round_seconds"] / bidi["round_seconds"]
-    measured = (
-        f"{ratio:.2f} x ({_seconds(other['round_seconds'])} / {_seconds(bidi['round_seconds'])})"
-    )
+    ratio, measured = found
     return {"target": text, "measured": measured, "met": ratio <= TRANSPORT_BOUND, "issue": 19}
 
 
@@ -221,13 +229,8 @@ def _auth_target(results: dict[str, Any], point: str) -> dict[str, Any]:
     grpc-bidi message MACed both ways). Reported, not bounded."""
     name = f"{point}-auth"
     text = f"{name} round time / {point} (what node authentication costs)"
-    auth, plain = _stamen(results, name), _stamen(results, point)
-    if not auth or not plain or not auth["round_seconds"] or not plain["round_seconds"]:
-        return {"target": text, "measured": "not run", "met": None, "issue": None}
-    ratio = auth["round_seconds"] / plain["round_seconds"]
-    measured = (
-        f"{ratio:.2f} x ({_seconds(auth['round_seconds'])} / {_seconds(plain['round_seconds'])})"
-    )
+    found = _round_ratio(results, name, point)
+    measured = "not run" if found is None else found[1]
     return {"target": text, "measured": measured, "met": None, "issue": None}
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import DecodeError
 from ..memory import physical_memory_bytes
 from ..ndarrays import ReceivedBuffer
+from ..protocol.mailbox import Trailer
 from . import _fast
 
 __all__ = [
@@ -112,10 +113,6 @@ class TensorPart:
                 f"tensor {self.index} of a payload changed size: {self.size} -> {len(view)} bytes"
             )
         return view
-
-
-Trailer = Callable[[Sequence[bytes | memoryview]], bytes]
-"""What follows a message, computed from the buffers it is made of."""
 
 
 def _bytes_of(part: bytes | memoryview | TensorPart) -> bytes | memoryview:
