@@ -618,3 +618,27 @@ def test_parking_the_model_never_changes_an_object_the_strategy_kept() -> None:
         assert parameters.tensors == tensors
         assert all(a is b for a, b in zip(parameters.tensors, tensors, strict=True))
         assert not is_spilled(parameters)
+
+
+def test_the_old_model_is_parked_from_its_own_threshold_not_the_results_budget() -> None:
+    """With the default RAM budget (64 MiB of results), a 20 MiB global model is parked:
+    its threshold is PARK_FROM (16 MiB), one model's worth, not a round's results. A
+    model up to it stays, and so does one up to a smaller budget."""
+    assert spill_module.PARK_FROM < spill_module.DEFAULT_BUDGET
+
+    def model(size: int) -> Parameters:
+        return ndarrays_to_parameters([np.ones(size // 4, np.float32)])
+
+    store = SpillStore()
+    big = model(20 << 20)
+    before = parameters_to_ndarrays(big)
+    assert store.park(big)
+    assert is_spilled(big)
+    np.testing.assert_array_equal(parameters_to_ndarrays(big)[0], before[0])
+    small = model(spill_module.PARK_FROM - 4096)  # with its .npy header: just under
+    assert not store.park(small) and not is_spilled(small)
+    tight = SpillStore(budget=1 << 20)  # a smaller budget: parked from there
+    assert tight.park(model(2 << 20))
+    del big, before
+    store.close()
+    tight.close()

@@ -65,6 +65,15 @@ logger = logging.getLogger("stamen.server")
 DEFAULT_BUDGET = 64 << 20
 """Bytes of a round's results a :class:`SpillStore` keeps in RAM before it spills."""
 
+PARK_FROM = 16 << 20
+"""Bytes from which :meth:`SpillStore.park` moves a round's old global model to disk
+(with a budget of its own: one model, not a round's results, so not
+:data:`DEFAULT_BUDGET`). Parking frees a whole model while the results are received, for
+a write of it each round (10-20 ms per 40 MB once its file is warm): a 40 MB model kept
+in RAM was a third of the three models' worth of memory a round may use
+(bench/HISTORY.md); below 16 MiB the memory saved is less than the fixed overhead
+allowed, and the write not worth it."""
+
 _PAGE = mmap.PAGESIZE
 _ALIGN = max(_PAGE, 4096)
 """Each tensor starts on a page: its array data then has any alignment NumPy wants."""
@@ -524,8 +533,9 @@ class SpillStore:
         instruction that carries this ``Parameters`` object sees it there, and the
         memory it was in can take the results (and the new model) while the old one
         waits on disk in case the round aggregates nothing. False (nothing done) if it
-        is small, spilled already, or no file can be made."""
-        if _nbytes(parameters) <= self.budget or is_spilled(parameters):
+        is small (up to :data:`PARK_FROM`, or the RAM budget if that is smaller),
+        spilled already, or no file can be made."""
+        if _nbytes(parameters) <= min(PARK_FROM, self.budget) or is_spilled(parameters):
             return False
         try:
             spilled = self._parked.park(parameters)

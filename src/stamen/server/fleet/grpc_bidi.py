@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -55,6 +56,22 @@ round is sent its model at once, and gRPC holds a few frames of each stream in i
 buffers until the node's flow-control window takes them: 1 MiB frames keep that near
 3 MiB per node (a 10 x 100 MB round's server peaked 30-40 MB lower than with 4 MiB
 frames, in the same time). Instructions that fit in one message are sent whole."""
+
+SEND_WINDOW = 16
+"""Frames of large instructions being made and written at once, on every stream of a
+server together: each frame is a copy of its part of the model, and gRPC keeps a copy
+of its own until the socket takes it, so with every stream writing at once the send
+phase held a few MiB per node (50 nodes x 40 MB: 50-57 MB more heap, which the
+allocator keeps for the rest of the run). 16 frames: at most 32 MiB with gRPC's copies,
+whatever the node count, and no slower: the streams take turns frame by frame, so every
+node still has its model at about the same time (bench/HISTORY.md)."""
+
+SEND_PATIENCE = 2.0
+"""Seconds a frame's write may hold its place in the window: a node that takes longer
+(a slow link, or one that stopped reading) is sent the rest of its instruction outside
+the window, a frame at a time as it takes them, so slow nodes never hold up the others'
+sends (its frames in memory are then bounded by its own flow control, as without a
+window)."""
 
 
 class _Revoked(Exception):
@@ -102,8 +119,43 @@ def _heartbeat_value(seconds: float) -> str:
     return f"{seconds:.6f}".rstrip("0").rstrip(".")
 
 
+async def _write_paced(
+    context: grpc.aio.ServicerContext[Any, Any],
+    messages: Iterator[bytes],
+    window: asyncio.Semaphore,
+) -> None:
+    """Write the frames of ``messages`` one at a time, each made (copied from the model)
+    and written while it holds a place in ``window`` (:data:`SEND_WINDOW`), until a write
+    outlasts :data:`SEND_PATIENCE`: the rest go outside the window."""
+    paced = True
+    while True:
+        if paced:
+            await window.acquire()
+        held = paced
+        try:
+            message = next(messages, None)
+            if message is None:
+                return
+            write = asyncio.ensure_future(context.write(message))
+            del message  # gRPC has its copy; the frame goes when the write is done
+            try:
+                if held:
+                    await asyncio.wait({write}, timeout=SEND_PATIENCE)
+                    if not write.done():  # a slow node: its place goes to the others
+                        paced = held = False
+                        window.release()
+                await write
+            except asyncio.CancelledError:
+                write.cancel()
+                raise
+        finally:
+            if held:
+                window.release()
+
+
 def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
     """The generic handler that serves ``/flwr.proto.FlowerService/Join`` for ``fleet``."""
+    window = asyncio.Semaphore(SEND_WINDOW)  # every stream's large instructions share it
 
     async def join(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         _ = request_iterator  # we use the reader/writer API (context.read/context.write)
@@ -191,14 +243,17 @@ def bidi_handler(fleet: Fleet) -> grpc.GenericRpcHandler:
                     and not still_authorized(authenticator, key_der)
                 ):
                     raise _Revoked(f"node {node.cid}: its key is no longer authorized")
+                large = frames and len(task.payload) > node.frame_size
                 if frames:
                     trailer = None if session is None else session.trailer
-                    for message in task.payload.messages(node.frame_size, SEND_FRAME, trailer):
-                        await context.write(message)
-                    del message  # the last frame: not kept while the node works
+                    messages = task.payload.messages(node.frame_size, SEND_FRAME, trailer)
+                    if large:
+                        await _write_paced(context, messages, window)
+                    else:
+                        await context.write(next(messages))
+                    del messages
                 else:
                     await context.write(sealed(task.payload.tobytes()))
-                large = frames and len(task.payload) > node.frame_size
                 task.sent()  # a stream never sends it again: its model may go to disk
                 if large:
                     # A large instruction's reply is large too: it waits for its receive
