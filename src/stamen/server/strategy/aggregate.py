@@ -652,8 +652,12 @@ def _layer_dtype(models: Sequence[NDArrays], layer: int) -> np.dtype[Any]:
     return mean_dtype(m[layer].dtype for m in models)
 
 
-PART_VALUES = 1 << 22
-"""Values (over all models) the coordinate-wise rules stack at a time: 32 MB in float64.
+PART_VALUES = 1 << 21
+"""Values (over all models) the coordinate-wise rules stack at a time: 16 MB in float64,
+and as much again for the rule's own work (``np.median`` partitions a copy). With 32 MB
+parts the heap grew by ~85 MB during a 50 x 40 MB median and the allocator kept it for
+the rest of the run: that server peaked at 3.4x the model above the process, 2.6x with
+16 MB parts (2.2x with 8 MB, for an aggregation up to a second slower; bench/HISTORY.md).
 
 The robust rules read each coordinate of every model at once; stacking whole layers
 would hold every model (in float64: twice a float32 model each). Part by part, they hold
