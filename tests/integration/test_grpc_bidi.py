@@ -351,6 +351,71 @@ def test_server_frames_to_the_bound_the_node_announced(start_node: Any) -> None:
         assert node.outcome is None
 
 
+@pytest.mark.parametrize("window", [1, 2])
+def test_frames_to_every_node_together_stay_within_the_send_window(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """Three nodes are sent a model of ten frames at once: the frames being written on
+    every stream together never outnumber the server's send window, and every node gets
+    its model whole."""
+    from stamen.server.fleet import grpc_bidi
+
+    live, most, written = [0], [0], [0]
+    paced = grpc_bidi._write_paced
+
+    async def counted(context: Any, messages: Any, places: Any) -> None:
+        class Counting:  # on the server's loop: no lock needed
+            async def write(self, message: bytes) -> None:
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+                try:
+                    await context.write(message)
+                    written[0] += 1
+                finally:
+                    live[0] -= 1
+
+        await paced(Counting(), messages, places)
+
+    monkeypatch.setattr(grpc_bidi, "SEND_WINDOW", window)
+    monkeypatch.setattr(grpc_bidi, "_write_paced", counted)
+    manager = SimpleClientManager(wait_timeout=20)
+    with running_server(client_manager=manager, run=False, grpc_max_message_length=4096) as srv:
+        nodes = [
+            start_node(
+                server_address=srv.address,
+                client=AddClient(k, 1).to_client(),
+                grpc_max_message_length=4096,
+            )
+            for k in range(3)
+        ]
+        assert manager.wait_for(3, timeout=20)
+        model = np.arange(10_000, dtype=np.float32)  # 40 KB: ten 4 KB frames
+        big = fl.common.ndarrays_to_parameters([model])
+        proxies = list(manager.all().values())
+        replies: queue.Queue[Any] = queue.Queue()
+        senders = [
+            threading.Thread(
+                target=lambda p=p: replies.put(p.fit(fl.common.FitIns(big, {}), timeout=20))
+            )
+            for p in proxies
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(30)
+        results = sorted(
+            float(fl.common.parameters_to_ndarrays(replies.get(timeout=1).parameters)[0][0])
+            for _ in proxies
+        )
+        assert results == [0.0, 1.0, 2.0]  # node k adds k
+        for proxy in proxies:
+            proxy.reconnect(ReconnectIns(0), timeout=10)
+        for node in nodes:
+            node.join(10)
+    assert written[0] >= 30
+    assert 1 <= most[0] <= window, most  # three streams at once without the window
+
+
 def test_run_fails_clearly_when_clients_never_come() -> None:
     """With too few clients the run fails after the client manager's wait_timeout with
     NotEnoughClients naming the counts; it does not wait 24 hours."""
