@@ -20,6 +20,7 @@ from stamen.protocol.fleet import (
 )
 from stamen.wire import fleet_codec as fc
 from stamen.wire._pb import stamen_fleet_pb2 as pb
+from stamen.wire.frames import Payload
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -99,6 +100,29 @@ def test_pull_response_is_encoded_as_protobuf_does(task_id: int, message: bytes)
     """The hand-written PullInstructionResponse is byte for byte protobuf's."""
     expected = pb.PullInstructionResponse(task_id=task_id, server_message=message)
     assert fc.encode_pull_response(PullResponse(task_id, message)) == (expected.SerializeToString())
+
+
+@SETTINGS
+@given(
+    task_ids,
+    st.lists(st.binary(max_size=40), min_size=1, max_size=4),
+    st.integers(0, 200),
+    st.integers(1, 64),
+)
+def test_a_frame_given_as_views_is_encoded_as_protobuf_does(
+    task_id: int, parts: list[bytes], offset: int, size: int
+) -> None:
+    """A frame of a large instruction goes into its PullInstructionResponse as views of
+    the payload (joined once): byte for byte protobuf's encoding of the frame's bytes."""
+    payload = Payload([memoryview(p) for p in parts])
+    if not len(payload):
+        return
+    offset %= len(payload)
+    expected = pb.PullInstructionResponse(
+        task_id=task_id, server_message=payload.frame(offset, size)
+    ).SerializeToString()
+    encoded = fc.encode_pull_response(PullResponse(task_id, payload.frame_payload(offset, size)))
+    assert encoded == expected
 
 
 @SETTINGS

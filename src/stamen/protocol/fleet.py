@@ -10,6 +10,7 @@ and the Stamen exception a client raises for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import (
     AuthError,
@@ -22,6 +23,9 @@ from ..errors import (
     StamenError,
     VersionMismatch,
 )
+
+if TYPE_CHECKING:
+    from .mailbox import Payload
 
 __all__ = [
     "ERRORS",
@@ -102,10 +106,15 @@ class PullRequest:
 
 @dataclass(frozen=True, slots=True)
 class PullResponse:
-    """The next instruction, or ``task_id == 0`` when there was none in time."""
+    """The next instruction, or ``task_id == 0`` when there was none in time.
+
+    A server's response may carry its message as a payload (a frame of a large
+    instruction as views of the model: ``Payload.frame_payload``), joined once when the
+    response is encoded; a decoded response carries bytes.
+    """
 
     task_id: int
-    server_message: bytes | memoryview
+    server_message: bytes | memoryview | Payload
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,7 +163,9 @@ class FleetClientState:
         if response.task_id != self._receiving:  # a new instruction (or the server restarted)
             self._reset()
         self.busy = True
-        whole = self._reader.feed(response.server_message)
+        message = response.server_message  # bytes, decoded (a payload only server-side)
+        data = message if isinstance(message, bytes | memoryview) else message.tobytes()
+        whole = self._reader.feed(data)
         if whole is None:
             self._receiving = response.task_id
             return None

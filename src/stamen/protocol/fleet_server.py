@@ -555,7 +555,7 @@ class FleetState:
         if pull.task_id:
             task = node.mailbox.in_flight(pull.task_id)
             if task is not None and 0 < pull.offset < len(task.payload):
-                frame = task.payload.frame(pull.offset, node.frame_size)
+                frame = task.payload.frame_payload(pull.offset, node.frame_size)
                 if pull.offset + node.frame_size >= len(task.payload):
                     task.delivered()  # its last frame
                 return Respond(PullResponse(task.task_id, frame))
@@ -576,7 +576,7 @@ class FleetState:
         if len(payload) <= node.frame_size:
             task.delivered()
             return PullResponse(task.task_id, payload.tobytes())
-        return PullResponse(task.task_id, payload.frame(0, node.frame_size))
+        return PullResponse(task.task_id, payload.frame_payload(0, node.frame_size))
 
     def _push(self, request: object, caller: Caller) -> Step:
         push = _expect(PushRequest, request)

@@ -57,6 +57,11 @@ class Payload(Protocol):
         """The frame holding ``size`` bytes of the message from ``offset``."""
         ...
 
+    def frame_payload(self, offset: int, size: int) -> Payload:
+        """:meth:`frame` as a payload of views, joined once with the message carrying
+        it."""
+        ...
+
     def messages(
         self, size: int, frame: int | None = None, trailer: Trailer | None = None
     ) -> Iterator[bytes]:
@@ -76,6 +81,9 @@ class _Sent:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
     def frame(self, offset: int, size: int) -> bytes:
+        raise RuntimeError("the instruction was sent and its encoding let go")
+
+    def frame_payload(self, offset: int, size: int) -> Payload:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
     def messages(

@@ -26,6 +26,7 @@ from ..protocol.fleet import (
 from ..protocol.wire_walk import LEN, read_varint, split_fields
 from . import _fast
 from ._pb import stamen_fleet_pb2 as pb
+from .frames import Payload
 
 __all__ = [
     "decode_create_node_request",
@@ -143,9 +144,17 @@ def _varint_field(field: int, value: int) -> bytes:
 
 
 def encode_pull_response(response: PullResponse) -> bytes:
-    """Serialize a PullInstructionResponse (by hand: one copy of the message)."""
+    """Serialize a PullInstructionResponse (by hand: one copy of the message, also when
+    it is a frame given as views of the model)."""
     head = _varint_field(1, response.task_id)
-    return b"".join([head, *_bytes_field(2, response.server_message)])
+    message = response.server_message
+    if isinstance(message, bytes | memoryview):
+        return b"".join([head, *_bytes_field(2, message)])
+    if not len(message):
+        return head
+    if not isinstance(message, Payload):
+        return b"".join([head, *_bytes_field(2, message.tobytes())])
+    return message.preceded_by(head + _fast.length_delimited(2, len(message))).tobytes()
 
 
 def _scan(

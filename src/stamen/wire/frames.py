@@ -177,6 +177,15 @@ class Payload:
         """The encoded ``Frame`` message holding ``size`` bytes from ``offset`` (one copy)."""
         return b"".join(self._frame_parts(offset, size))
 
+    def frame_payload(self, offset: int, size: int) -> Payload:
+        """:meth:`frame` as a payload of views (nothing copied): for a message that
+        carries the frame, joined once with it."""
+        return Payload(self._frame_parts(offset, size))
+
+    def preceded_by(self, part: bytes) -> Payload:
+        """A new payload: ``part``, then this one's buffers (not copied)."""
+        return Payload([part, *self._parts])
+
     def _frame_parts(self, offset: int, size: int) -> list[bytes | memoryview]:
         stop = min(self.size, offset + size)
         if not 0 <= offset < stop:
