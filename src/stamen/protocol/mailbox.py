@@ -53,13 +53,13 @@ class Payload(Protocol):
         """The whole message."""
         ...
 
-    def frame(self, offset: int, size: int) -> bytes:
-        """The frame holding ``size`` bytes of the message from ``offset``."""
+    def frame_payload(self, offset: int, size: int) -> Payload:
+        """The frame holding ``size`` bytes of the message from ``offset``, as a payload
+        of views, joined once with the message that carries it."""
         ...
 
-    def frame_payload(self, offset: int, size: int) -> Payload:
-        """:meth:`frame` as a payload of views, joined once with the message carrying
-        it."""
+    def preceded_by(self, part: bytes) -> Payload:
+        """A new payload: ``part``, then this one's buffers (not copied)."""
         ...
 
     def messages(
@@ -80,10 +80,10 @@ class _Sent:
     def tobytes(self) -> bytes:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
-    def frame(self, offset: int, size: int) -> bytes:
+    def frame_payload(self, offset: int, size: int) -> Payload:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
-    def frame_payload(self, offset: int, size: int) -> Payload:
+    def preceded_by(self, part: bytes) -> Payload:
         raise RuntimeError("the instruction was sent and its encoding let go")
 
     def messages(

@@ -26,7 +26,6 @@ from ..protocol.fleet import (
 from ..protocol.wire_walk import LEN, read_varint, split_fields
 from . import _fast
 from ._pb import stamen_fleet_pb2 as pb
-from .frames import Payload
 
 __all__ = [
     "decode_create_node_request",
@@ -152,8 +151,6 @@ def encode_pull_response(response: PullResponse) -> bytes:
         return b"".join([head, *_bytes_field(2, message)])
     if not len(message):
         return head
-    if not isinstance(message, Payload):
-        return b"".join([head, *_bytes_field(2, message.tobytes())])
     return message.preceded_by(head + _fast.length_delimited(2, len(message))).tobytes()
 
 

@@ -127,11 +127,10 @@ async def _write_paced(
     """Write the frames of ``messages`` one at a time, each made (copied from the model)
     and written while it holds a place in ``window`` (:data:`SEND_WINDOW`), until a write
     outlasts :data:`SEND_PATIENCE`: the rest go outside the window."""
-    paced = True
+    paced = True  # holding a place for each frame (False once a write outlasted patience)
     while True:
         if paced:
             await window.acquire()
-        held = paced
         try:
             message = next(messages, None)
             if message is None:
@@ -139,17 +138,17 @@ async def _write_paced(
             write = asyncio.ensure_future(context.write(message))
             del message  # gRPC has its copy; the frame goes when the write is done
             try:
-                if held:
+                if paced:
                     await asyncio.wait({write}, timeout=SEND_PATIENCE)
                     if not write.done():  # a slow node: its place goes to the others
-                        paced = held = False
+                        paced = False
                         window.release()
                 await write
             except asyncio.CancelledError:
                 write.cancel()
                 raise
         finally:
-            if held:
+            if paced:
                 window.release()
 
 
