@@ -146,3 +146,87 @@ def test_a_streaming_round_of_two_nodes_keeps_the_model_in_memory() -> None:
     assert parks == []
     # (1 + 4) / 3 = 5/3 a round
     np.testing.assert_allclose(model[0], np.full(SIZE, 5.0, np.float32), rtol=1e-6)
+
+
+LATE = 1.5
+"""Seconds the last node's instruction is said to be with it late, unless a second reply
+comes in before (what the hold must prevent)."""
+
+
+def test_replies_wait_for_the_park_when_the_last_node_has_its_model_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first nodes reply while the last is still receiving its model: until the old
+    model is parked, only the first reply is received (it becomes the running sum), so
+    the old model, the sum and a reply being received are never in memory together."""
+    from stamen.server import client_proxy
+    from stamen.server.fleet.slots import ReceiveSlots
+
+    events: list[tuple[str, int]] = []  # ("round" | "admit" | "park", seq)
+    changed = threading.Condition()
+    helpers: list[threading.Thread] = []
+
+    def admits_this_round() -> int:
+        start = max(i for i, (kind, _) in enumerate(events) if kind == "round")
+        return sum(kind == "admit" for kind, _ in events[start:])
+
+    real_track = client_proxy.Deliveries.track
+    tracked: dict[int, int] = {}
+
+    def track(self: client_proxy.Deliveries) -> Any:
+        sent, ended = real_track(self)
+        tracked[id(self)] = tracked.get(id(self), 0) + 1
+        if tracked[id(self)] == 1:
+            with changed:
+                events.append(("round", 0))
+        if tracked[id(self)] < 4:
+            return sent, ended
+
+        def late() -> None:  # the last node has its model once 2 replies are in, or LATE
+            with changed:
+                changed.wait_for(lambda: admits_this_round() >= 2, LATE)
+            sent()
+
+        def sent_late() -> None:
+            helper = threading.Thread(target=late, daemon=True)
+            helpers.append(helper)
+            helper.start()
+
+        return sent_late, ended
+
+    real_acquire = ReceiveSlots.acquire
+
+    async def acquire(self: ReceiveSlots, seq: int) -> Any:
+        admission = await real_acquire(self, seq)
+        with changed:
+            events.append(("admit", seq))
+            changed.notify_all()
+        return admission
+
+    monkeypatch.setattr(client_proxy.Deliveries, "track", track)
+    monkeypatch.setattr(ReceiveSlots, "acquire", acquire)
+    real_park = SpillStore.park
+
+    def park(self: SpillStore, parameters: Any) -> bool:
+        with changed:
+            events.append(("park", 0))
+        return real_park(self, parameters)
+
+    monkeypatch.setattr(SpillStore, "park", park)
+    try:
+        _, model, parks = _run((1, 2, 3, 4), None, [])
+    finally:
+        for helper in helpers:
+            helper.join(WAIT)
+    assert len(parks) == 3 and not any(h.is_alive() for h in helpers)
+    # (The run's end sends ReconnectIns, tracked too: a "round" with nothing in it.)
+    rounds = [r for r in " ".join(kind for kind, _ in events).split("round") if r.strip()]
+    assert len(rounds) == 3, events
+    for steps in rounds:
+        # One reply may come before the park; the others only after it.
+        assert steps.split() in (
+            ["admit", "park", "admit", "admit", "admit"],
+            ["park", "admit", "admit", "admit", "admit"],
+        ), events
+    # (1 + 4 + 9 + 16) / 10 = 3 a round
+    np.testing.assert_allclose(model[0], np.full(SIZE, 9.0, np.float32), rtol=1e-6)

@@ -3,11 +3,14 @@ in out of its turn is received (_spilled_on_arrival)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from stamen.messages import FitIns, Parameters
 from stamen.protocol.mailbox import SENT, Mailbox, ReplyUse, Task
 from stamen.protocol.slots import Admission
 from stamen.server.client_proxy import Deliveries
 from stamen.server.fleet.handler import _spilled_on_arrival
+from stamen.server.fleet.slots import ReceiveSlots
 from stamen.wire import Payload
 
 
@@ -88,3 +91,40 @@ def test_a_reply_let_in_out_of_its_turn_is_received_into_a_spill_file() -> None:
     assert not _spilled_on_arrival(task(ReplyUse.FOLDED), None)
     assert _spilled_on_arrival(task(ReplyUse.SPILLED), Admission.ORDERED)
     assert not _spilled_on_arrival(task(ReplyUse.KEPT), Admission.LATE)
+
+
+def test_a_holding_round_holds_each_fleets_slots_once_and_opens_them_on_their_loop() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        first, second = ReceiveSlots(1), ReceiveSlots(1)
+        deliveries = Deliveries(lambda: None, hold=1)
+        hold = deliveries.hold_of(loop, first)
+        assert hold is not None
+        assert deliveries.hold_of(loop, first) is None  # held once a round
+        assert deliveries.hold_of(loop, None) is None  # a proxy without slots
+        other = deliveries.hold_of(loop, second)
+        assert other is not None
+        hold()
+        other()
+        assert first.ledger.held and second.ledger.held
+        deliveries.release_hold()
+        assert first.ledger.held  # opened on its loop, not on the caller's thread
+        loop.run_until_complete(asyncio.sleep(0))
+        assert not first.ledger.held and not second.ledger.held
+        assert deliveries.hold_of(loop, ReceiveSlots(1)) is None  # released: no more
+        deliveries.release_hold()  # again: nothing
+    finally:
+        loop.close()
+    assert Deliveries(lambda: None).hold_of(loop, first) is None  # no hold asked
+
+
+def test_told_when_the_last_instruction_not_with_its_node_ends() -> None:
+    """An instruction that fails before its node has it (the node left) does not keep
+    the round from saying that every other node has its own."""
+    deliveries, told = _deliveries()
+    tracked = [deliveries.track() for _ in range(2)]
+    deliveries.seal(2)
+    tracked[0][0]()
+    assert told == []
+    tracked[1][1]()
+    assert told == [1]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
-from stamen.protocol.slots import Admission
+from stamen.protocol.slots import Admission, SlotLedger
 from stamen.server.fleet.slots import ReceiveSlots
 
 
@@ -153,3 +154,62 @@ def test_a_queue_that_moves_lets_nobody_in_out_of_turn() -> None:
         waiting[5].cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_held_ledger_lets_so_many_replies_in_in_their_turn_until_it_opens() -> None:
+    """While the server's old model is still in memory it holds the slots: the first
+    reply comes in (it becomes the running sum), the next waits in its turn with a slot
+    free until ``open``; a stall still lets a reply in late (its patience)."""
+    ledger = SlotLedger(1, patience=10.0)
+    for seq in (1, 2, 3):
+        ledger.begin(seq)
+    ledger.hold(1)
+    assert ledger.held
+    assert ledger.admit(1, 0.0) is Admission.ORDERED
+    ledger.release()
+    ledger.end(1)
+    assert ledger.free == 1 and ledger.admit(2, 0.0) is None  # its turn, a free slot: held
+    changes = ledger.changes
+    ledger.open()
+    assert not ledger.held and ledger.changes > changes  # the waiters look again
+    assert ledger.admit(2, 0.0) is Admission.ORDERED
+    ledger.hold(0)
+    assert ledger.admit(3, 10.0) is Admission.LATE  # held, but past patience
+    ledger.open()
+    ledger.open()  # twice: nothing more
+    with pytest.raises(ValueError, match="expected ordered >= 0, received -1"):
+        ledger.hold(-1)
+
+
+def test_held_slots_let_the_next_reply_in_when_opened() -> None:
+    async def scenario() -> Admission:
+        slots = ReceiveSlots(1, patience=30)
+        for seq in (1, 2):
+            slots.begin(seq)
+        slots.hold(1, seconds=30)
+        assert await asyncio.wait_for(slots.acquire(1), 5) is Admission.ORDERED
+        slots.release()
+        slots.end(1)
+        second = asyncio.create_task(slots.acquire(2))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not second.done()
+        slots.open()
+        return await asyncio.wait_for(second, 5)
+
+    assert asyncio.run(scenario()) is Admission.ORDERED
+
+
+def test_a_hold_ends_by_itself_after_its_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    """A round whose last node never gets its instruction does not hold its replies for
+    ever: after ``seconds`` the reply in its turn comes in, and the log says why."""
+
+    async def scenario() -> Admission:
+        slots = ReceiveSlots(1, patience=30)
+        slots.begin(1)
+        slots.hold(0, seconds=0.05)
+        return await asyncio.wait_for(slots.acquire(1), 5)
+
+    with caplog.at_level(logging.INFO, logger="stamen.server.fleet.slots"):
+        assert asyncio.run(scenario()) is Admission.ORDERED
+    assert "receive slots held for 0.05 s" in caplog.text

@@ -22,6 +22,12 @@ The ledger only decides; the server's shell (``stamen.server.fleet.slots``) wait
 again whenever :attr:`SlotLedger.changes` moves or the patience runs out. Time is the
 caller's: ``admit`` is told how long the reply has waited since it arrived or since
 :attr:`SlotLedger.head` last moved, whichever came later.
+
+A round can also hold the ordered slots (:meth:`~SlotLedger.hold`): then only so many
+more replies are let in in their turn until :meth:`~SlotLedger.open`. The server holds
+them while its old global model is still in memory, waiting for the last node to have
+it (the model then goes to disk, and its memory receives the replies): a reply received
+meanwhile would be one model more at the peak.
 """
 
 from __future__ import annotations
@@ -65,6 +71,25 @@ class SlotLedger:
         """Counts every change that may let a waiting reply in."""
         self._unfinished: set[int] = set()
         self._order: list[int] = []
+        self._held: int | None = None  # replies still let in in their turn before open()
+
+    @property
+    def held(self) -> bool:
+        """Whether the ordered slots are held (see :meth:`hold`)."""
+        return self._held is not None
+
+    def hold(self, ordered: int) -> None:
+        """Until :meth:`open`, let at most ``ordered`` more replies in in their turn
+        (replies let in late are not held: they are for stalls, and go to disk)."""
+        if ordered < 0:
+            raise ValueError(f"SlotLedger.hold: expected ordered >= 0, received {ordered}")
+        self._held = ordered
+
+    def open(self) -> None:
+        """End a :meth:`hold`: replies are let in in their turn as slots free."""
+        if self._held is not None:
+            self._held = None
+            self.changes += 1
 
     def begin(self, seq: int) -> None:
         """Instruction ``seq`` was sent and has not ended yet."""
@@ -86,11 +111,13 @@ class SlotLedger:
     def admit(self, seq: int, waited: float) -> Admission | None:
         """Take a slot for the reply to instruction ``seq``, which has waited ``waited``
         seconds, if it may enter now: an ordered slot is free and every earlier
-        instruction has ended, or it has waited ``patience`` seconds and a late slot is
-        free. None: not now."""
+        instruction has ended (and the slots are not held: :meth:`hold`), or it has
+        waited ``patience`` seconds and a late slot is free. None: not now."""
         first = self._order[0] if self._order else None
-        if self.free > 0 and (first is None or first >= seq):
+        if self.free > 0 and (first is None or first >= seq) and self._held != 0:
             self.free -= 1
+            if self._held is not None:
+                self._held -= 1
             return Admission.ORDERED
         if waited >= self.patience and self.late_free > 0:
             self.late += 1

@@ -355,6 +355,12 @@ def batched_posts() -> Iterator[None]:
                     closed()
 
 
+HOLD_PATIENCE = 10.0
+"""Seconds at most that a round holds its receive slots (:meth:`Deliveries.hold_of`)
+waiting for every node to have its instruction: as long as a reply waits for its turn
+before it is let in regardless (``ReceiveSlots``' patience)."""
+
+
 class Deliveries:
     """Says once (``on_all``, from any thread) when every instruction of a round is with
     its node or has ended, and some node is still working on one: then only the
@@ -367,15 +373,45 @@ class Deliveries:
     and its end.
     Other proxies track nothing, so the round's :meth:`seal` says how many instructions
     it sent, and nothing is said unless every one was tracked.
+
+    With ``hold``, the receive slots of the round's proxies are held meanwhile: at most
+    ``hold`` large replies are let in in their turn until the round has done what it
+    does once every node has its instruction (put the old model on disk) and calls
+    :meth:`release_hold`.
     """
 
-    def __init__(self, on_all: Callable[[], None]) -> None:
+    def __init__(self, on_all: Callable[[], None], hold: int | None = None) -> None:
         self._lock = threading.Lock()
         self._on_all: Callable[[], None] | None = on_all
         self._tracked = 0
         self._open = 0  # neither with its node nor ended
         self._working = 0  # with its node, not ended
         self._expected: int | None = None
+        self._hold = hold
+        self._held: dict[int, tuple[asyncio.AbstractEventLoop, ReceiveSlots]] = {}
+
+    def hold_of(
+        self, loop: asyncio.AbstractEventLoop, slots: ReceiveSlots | None
+    ) -> Callable[[], None] | None:
+        """With ``hold``: what holds ``slots`` (to run on ``loop``, before the first of the
+        round's instructions that use them is posted): at most ``hold`` replies are let
+        in in their turn until :meth:`release_hold`, or for :data:`HOLD_PATIENCE`
+        seconds. None: nothing to hold, or held already."""
+        with self._lock:
+            if self._hold is None or slots is None or id(slots) in self._held:
+                return None
+            self._held[id(slots)] = (loop, slots)
+            ordered = self._hold
+        return lambda: slots.hold(ordered, HOLD_PATIENCE)
+
+    def release_hold(self) -> None:
+        """Open every receive slot held for the round (from any thread; once)."""
+        with self._lock:
+            self._hold = None
+            held, self._held = list(self._held.values()), {}
+        for loop, slots in held:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
+                loop.call_soon_threadsafe(slots.open)
 
     def track(self) -> tuple[Callable[[], None], Callable[[], None]]:
         """Count one more instruction; returns the functions that say it is with its
@@ -401,6 +437,7 @@ class Deliveries:
                 elif state[0] == "sent":
                     self._working -= 1
                 state[0] = "ended"
+            self._check()  # the last one not with its node may have failed
 
         return sent, ended
 
@@ -490,10 +527,11 @@ class RemoteClientProxy(ClientProxy):
         expected = expected_reply_type(ins)
         seq = next(_sequence)
         deliveries: Deliveries | None = getattr(_batch, "deliveries", None)
-        delivered = None
+        delivered = hold = None
         if deliveries is not None:
             delivered, ended = deliveries.track()
             future.add_done_callback(lambda _: ended())
+            hold = deliveries.hold_of(self._loop, self._slots)
         payload = self._with_notice(ins, _encode_cache.encode(ins))
         if not self._frames and len(payload) > self._max_message_length:
             future.set_exception(
@@ -523,6 +561,8 @@ class RemoteClientProxy(ClientProxy):
                 future.set_result(outcome)
 
         def post() -> None:
+            if hold is not None:
+                hold()
             if self._slots is not None:
                 self._slots.begin(seq)
             task_id = self.mailbox.post(

@@ -192,6 +192,7 @@ def run_instructions(
     observe: Callable[[ClientProxy, Future[Reply]], None] | None = None,
     replies: ReplyUse | None = None,
     on_delivered: Callable[[int], None] | None = None,
+    hold: int | None = None,
 ) -> tuple[Results[R], Failures[R]]:
     """Send every instruction at once and wait for all replies.
 
@@ -220,10 +221,14 @@ def run_instructions(
             once every node has its whole instruction (or its instruction has ended), if
             the proxies can tell (Stamen's network nodes: :class:`Deliveries`), with
             the number of replies not in yet.
+        hold: With ``on_result`` and ``on_delivered``: at most this many large
+            replies are received before ``on_delivered`` has run (the proxies'
+            receive slots are held: :class:`Deliveries`); None: no hold.
     """
     use = replies or (ReplyUse.KEPT if on_result is None else ReplyUse.FOLDED)
     done: queue.SimpleQueue[int] = queue.SimpleQueue()
-    deliveries = Deliveries(lambda: done.put(_DELIVERED))
+    held = None if on_result is None or on_delivered is None else hold
+    deliveries = Deliveries(lambda: done.put(_DELIVERED), held)
     with batched_posts(), tracking(deliveries):  # one wake-up of the fleet's loop
         futures = [(proxy, proxy.send(ins, timeout, use)) for proxy, ins in instructions]
     if observe is not None:
@@ -240,20 +245,24 @@ def run_instructions(
     deliveries.seal(len(futures))
     arrived: set[int] = set()
     results = filed[0]
-    for position in range(len(futures)):
-        while position not in arrived:
-            index = done.get()  # every future ends: replies, timeouts, disconnects
-            if index == _DELIVERED:
-                if on_delivered is not None:
-                    on_delivered(len(futures) - len(arrived))
-                continue
-            arrived.add(index)
-        proxy, future = futures[position]
-        futures[position] = (proxy, _DONE)  # drop our reference to the reply
-        reply = _outcome(proxy, future, expect, filed, log_level)
-        if reply is not None:
-            results[-1] = (proxy, on_result(proxy, reply))
-        del future, reply
+    try:
+        for position in range(len(futures)):
+            while position not in arrived:
+                index = done.get()  # every future ends: replies, timeouts, disconnects
+                if index == _DELIVERED:
+                    if on_delivered is not None:
+                        on_delivered(len(futures) - len(arrived))
+                    deliveries.release_hold()
+                    continue
+                arrived.add(index)
+            proxy, future = futures[position]
+            futures[position] = (proxy, _DONE)  # drop our reference to the reply
+            reply = _outcome(proxy, future, expect, filed, log_level)
+            if reply is not None:
+                results[-1] = (proxy, on_result(proxy, reply))
+            del future, reply
+    finally:
+        deliveries.release_hold()  # every instruction ended without it, or an error
     return filed
 
 
@@ -495,6 +504,11 @@ class Server:
                 forget_encodings()
                 self.spill.park(self.parameters)  # nothing if parked already
 
+        # Until the old model is parked, one reply at most is received (the first, which
+        # a streaming round keeps as its running sum): the next would be one model more
+        # in memory, where once parked it takes the old model's. (A streaming round then
+        # parks with one reply fewer to come than it has nodes.)
+        parks = accumulator is None or len(instructions) - 1 >= PARK_STREAMING_FROM
         with collect_refusals() as refused:
             results, failures = run_instructions(
                 instructions,
@@ -504,6 +518,7 @@ class Server:
                 observe=self._observer(server_round, "fit"),
                 replies=ReplyUse.SPILLED if accumulator is None else ReplyUse.FOLDED,
                 on_delivered=park,
+                hold=1 if parks and self.spill.parks(self.parameters) else None,
             )
             if accumulator is None:
                 park(0)

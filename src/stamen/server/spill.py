@@ -526,6 +526,12 @@ class SpillStore:
         )
         return replace(reply, parameters=parameters)
 
+    def parks(self, parameters: Parameters) -> bool:
+        """Whether :meth:`park` would move ``parameters`` to disk (if a file can be
+        made): larger than :data:`PARK_FROM` (or the RAM budget if that is smaller), and
+        not spilled already."""
+        return _nbytes(parameters) > min(PARK_FROM, self.budget) and not is_spilled(parameters)
+
     def park(self, parameters: Parameters) -> bool:
         """Move the global model of a round whose nodes all have it into a spill file,
         if it is larger than the RAM budget: each tensor in ``parameters.tensors`` is
@@ -535,7 +541,7 @@ class SpillStore:
         waits on disk in case the round aggregates nothing. False (nothing done) if it
         is small (up to :data:`PARK_FROM`, or the RAM budget if that is smaller),
         spilled already, or no file can be made."""
-        if _nbytes(parameters) <= min(PARK_FROM, self.budget) or is_spilled(parameters):
+        if not self.parks(parameters):
             return False
         try:
             spilled = self._parked.park(parameters)

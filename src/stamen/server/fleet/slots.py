@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from ...clock import SystemClock
 from ...protocol.clock import Clock
 from ...protocol.slots import Admission, SlotLedger
 
 __all__ = ["ReceiveSlots"]
+
+logger = logging.getLogger(__name__)
 
 
 class ReceiveSlots:
@@ -35,6 +38,36 @@ class ReceiveSlots:
         """When :attr:`SlotLedger.head` last moved: a reply's patience runs from then at
         the earliest (replies that keep coming in turn are progress; only a stall lets a
         reply in out of its turn)."""
+        self._held_until = 0.0
+        self._held_for = 0.0
+
+    def hold(self, ordered: int, seconds: float) -> None:
+        """Let at most ``ordered`` more replies in in their turn until :meth:`open`, or
+        for ``seconds`` at most (:meth:`SlotLedger.hold`)."""
+        self.ledger.hold(ordered)
+        self._held_for = seconds
+        self._held_until = self._clock.monotonic() + seconds
+
+    def open(self) -> None:
+        """End a :meth:`hold` (nothing if none)."""
+        if self.ledger.held:
+            self.ledger.open()
+            self._notify()
+
+    def _hold_left(self) -> float | None:
+        """Seconds the hold may last yet; it ends here once they have passed."""
+        if not self.ledger.held:
+            return None
+        left = self._held_until - self._clock.monotonic()
+        if left <= 0:
+            logger.info(
+                "receive slots held for %g s (the round's nodes did not all have their "
+                "instruction yet): letting replies in with the old model still in memory",
+                self._held_for,
+            )
+            self.open()
+            return None
+        return left
 
     @property
     def free(self) -> int:
@@ -73,15 +106,17 @@ class ReceiveSlots:
         arrival or from the last move of the ledger's head, whichever came later."""
         arrived = self._clock.monotonic()
         while True:
+            hold_left = self._hold_left()
             since = max(arrived, self._moved)
             admission = self.ledger.admit(seq, self._clock.monotonic() - since)
             if admission is not None:
                 return admission
             changed = self._changed
-            remaining = since + self.ledger.patience - self._clock.monotonic()
-            if remaining <= 0:  # patient already: only a change of the ledger lets it in
+            patience_left = since + self.ledger.patience - self._clock.monotonic()
+            waits = [w for w in (patience_left, hold_left) if w is not None and w > 0]
+            if not waits:  # patient already: only a change of the ledger lets it in
                 await changed.wait()
                 continue
             # asyncio.TimeoutError: not the builtin TimeoutError on Python 3.10
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+                await asyncio.wait_for(changed.wait(), min(waits))
