@@ -397,6 +397,8 @@ class Deliveries:
         round's instructions that use them is posted): at most ``hold`` replies are let
         in in their turn until :meth:`release_hold`, or for :data:`HOLD_PATIENCE`
         seconds. None: nothing to hold, or held already."""
+        if self._hold is None or slots is None:  # most rounds: no lock to take
+            return None
         with self._lock:
             if self._hold is None or slots is None or id(slots) in self._held:
                 return None

@@ -183,11 +183,14 @@ def _scaled_into(out: NDArray, block: NDArray, weight: np.generic) -> None:
         np.multiply(out, weight, out=out)
 
 
-def _fold_into(acc: NDArray, block: NDArray, weight: np.generic, scratch: NDArray) -> None:
-    """``acc += weight * block``, with ``scratch`` (of ``acc``'s size) for the product."""
+def _fold_into(acc: NDArray, block: NDArray, weight: np.generic, scratch: NDArray | None) -> None:
+    """``acc += weight * block``, with ``scratch`` (of ``acc``'s size; None: made here if
+    needed) for the product."""
     if weight == 1 and acc.dtype.kind == "f" and block.dtype == acc.dtype:
         np.add(acc, block, out=acc)  # x * 1.0 is x: no product to hold
         return
+    if scratch is None:
+        scratch = np.empty(acc.size, dtype=acc.dtype)
     _scaled_into(scratch, block, weight)
     np.add(acc, scratch, out=acc)
 
@@ -211,6 +214,13 @@ def _mean_into(out: NDArray, acc: NDArray, divisor: np.generic, scratch: NDArray
 
 def _fold_layer(acc: NDArray, values: NDArray, weight: np.generic, first: bool) -> None:
     """``acc += weight * values`` (``acc = 0 + weight * values`` if ``first``); 1-D arrays."""
+    if acc.size <= BLOCK:  # one block (many small results): no parts, no scratch to share
+        if first:
+            _start_into(acc, values, weight)
+        else:
+            _fold_into(acc, values, weight, None)
+        release(values)
+        return
 
     def work(start: int, stop: int) -> None:
         if first:

@@ -145,7 +145,7 @@ def _all_finite(array: NDArray) -> bool:
 
 def _non_finite(ndarrays: NDArrays) -> str | None:
     for index, array in enumerate(ndarrays):
-        if np.issubdtype(array.dtype, np.inexact) and not _all_finite(array):
+        if array.dtype.kind in "fc" and not _all_finite(array):  # floating, complex
             nans = int(np.isnan(array).sum())
             infs = int(np.isinf(array).sum())
             return f"array {index} holds {nans} NaN and {infs} Inf values"
