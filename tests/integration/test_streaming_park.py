@@ -171,15 +171,15 @@ def test_replies_wait_for_the_park_when_the_last_node_has_its_model_late(
         return sum(kind == "admit" for kind, _ in events[start:])
 
     real_track = client_proxy.Deliveries.track
-    tracked: dict[int, int] = {}
+    tracked: weakref.WeakKeyDictionary[client_proxy.Deliveries, int] = weakref.WeakKeyDictionary()
 
     def track(self: client_proxy.Deliveries) -> Any:
         sent, ended = real_track(self)
-        tracked[id(self)] = tracked.get(id(self), 0) + 1
-        if tracked[id(self)] == 1:
+        tracked[self] = count = tracked.get(self, 0) + 1  # this round's instructions
+        if count == 1:
             with changed:
                 events.append(("round", 0))
-        if tracked[id(self)] < 4:
+        if count < 4:
             return sent, ended
 
         def late() -> None:  # the last node has its model once 2 replies are in, or LATE
