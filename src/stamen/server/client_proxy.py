@@ -400,7 +400,7 @@ class Deliveries:
         if self._hold is None or slots is None:  # most rounds: no lock to take
             return None
         with self._lock:
-            if self._hold is None or slots is None or id(slots) in self._held:
+            if self._hold is None or id(slots) in self._held:  # released, or held
                 return None
             self._held[id(slots)] = (loop, slots)
             ordered = self._hold
