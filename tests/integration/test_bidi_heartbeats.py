@@ -174,3 +174,41 @@ def test_a_heartbeat_interval_out_of_range_is_refused() -> None:
     for bad in ("0", "nan", "inf", "-1", "3601", "x", "1" * 40):
         with pytest.raises(ProtocolError, match=HEARTBEAT_METADATA):
             _heartbeat_seconds("a", bad)
+
+
+def test_a_node_waits_on_its_loop_once_to_receive_and_once_to_reply(
+    start_node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats cost a node no wait of their own: they start on the loop without the
+    node waiting, and stop within the next read or write. A node thread makes one wait
+    on the client loop per message it reads or writes (plus the stream's setup and
+    end), not four per instruction; rounds train as before."""
+    from stamen.transport import grpc_bidi
+
+    waits: list[str] = []
+    real = grpc_bidi.run_on_client_loop
+
+    def counted(coroutine: Any, timeout: float | None = None) -> Any:
+        waits.append(coroutine.__qualname__)
+        return real(coroutine, timeout)
+
+    monkeypatch.setattr(grpc_bidi, "run_on_client_loop", counted)
+    rounds = 4
+    config = fl.server.ServerConfig(num_rounds=rounds, round_timeout=None)
+    with running_server(config=config, strategy=_strategy(1), timing=TIMING) as srv:
+        node = start_node(server_address=srv.address, client=AddClient(1.0, 1).to_client())
+        srv.result(30)
+        node.join(10)
+        assert node.outcome is None
+    reads = waits.count("GrpcBidiTransport._read")
+    writes = waits.count("GrpcBidiTransport._write")
+    # Each round a FitIns read and its reply written; then the ReconnectIns and its reply.
+    assert (reads, writes) == (rounds + 1, rounds + 1), waits
+    others = [w for w in waits if w not in ("GrpcBidiTransport._read", "GrpcBidiTransport._write")]
+    # The channel, the stream, the server's response metadata (once) and the close.
+    assert len(others) == 4 and others[:2] == ["_open_channel", "_join"], others
+    assert others[3] == "_close", others  # (others[2]: gRPC's initial_metadata)
+    np.testing.assert_array_equal(
+        fl.common.parameters_to_ndarrays(srv.server.parameters)[0],
+        np.full(2, float(rounds), np.float32),
+    )

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from ..errors import ConnectionLost, Timeout
 
-__all__ = ["LoopThread", "run_on_client_loop"]
+__all__ = ["LoopThread", "post_on_client_loop", "run_on_client_loop"]
 
 _T = TypeVar("_T")
 
@@ -136,3 +136,10 @@ def run_on_client_loop(coroutine: Coroutine[Any, Any, _T], timeout: float | None
         Whatever the coroutine raises.
     """
     return _client_loop().run(coroutine, timeout)
+
+
+def post_on_client_loop(callback: Callable[[], object]) -> None:
+    """Schedule ``callback`` on the process's client loop without waiting for it. It
+    runs before anything submitted to that loop afterwards (:func:`run_on_client_loop`
+    included): the loop takes work in the order it is handed."""
+    _client_loop().loop.call_soon_threadsafe(callback)

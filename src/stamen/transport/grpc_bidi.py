@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -32,7 +33,7 @@ from grpc import aio
 from ..errors import AuthError, ConnectError, ConnectionLost, MessageTooLarge, ProtocolError
 from ..messages import Instruction, Reply
 from ..net.limits import grpc_message_options
-from ..net.loop import run_on_client_loop
+from ..net.loop import post_on_client_loop, run_on_client_loop
 from ..net.tls import channel_credentials, diagnose_tls
 from ..protocol.auth import HEADER_SESSION, StreamSession, decode_session_key
 from ..protocol.fleet_client import MIN_SERVER_MESSAGE_LENGTH, SERVER_SECONDS
@@ -157,7 +158,7 @@ class GrpcBidiTransport:
         self._reply_frame_size = self._frame_size
         self._session: StreamSession | None = None
         self._heartbeat_interval: float | None = None
-        self._beats: tuple[asyncio.Event, asyncio.Task[None]] | None = None
+        self._beats: _Heartbeats | None = None
 
     @property
     def node_id(self) -> int:
@@ -198,28 +199,29 @@ class GrpcBidiTransport:
         call = self._call
         if call is None:
             raise ConnectionLost("grpc-bidi: receive() before connect()")
-        self._stop_beats()
+        beats, self._beats = self._beats, None  # stopped on the loop, before the read
         whole = None
         while whole is None:
-            data = run_on_client_loop(self._read(call))
+            data = run_on_client_loop(self._read(call, beats))
+            beats = None
             # Reads the server's session key and heartbeat interval, once.
             self._peer_takes_frames(call)
             message = data if self._session is None else self._opened(data)
             whole = self._reader.feed(message)  # copying a frame: here, not on the loop
         instruction, self._refused = decode_server_message(whole)
-        if self._heartbeat_interval is not None:
-            self._beats = run_on_client_loop(self._start_beats(call, self._heartbeat_interval))
+        interval, session = self._heartbeat_interval, self._session
+        if interval is not None:
+            # Started on the loop without waiting here: the next hop (the reply's first
+            # write, or the next read) runs after it and stops them first.
+            beats = self._beats = _Heartbeats()
+            post_on_client_loop(
+                lambda: beats.start(self._beat(call, interval, beats.stopped, session))
+            )
         return instruction
 
     def refused_result(self) -> RefusedResult | None:
         """The refusal notice that came with the last instruction (a Stamen server's)."""
         return self._refused
-
-    async def _start_beats(
-        self, call: Any, interval: float
-    ) -> tuple[asyncio.Event, asyncio.Task[None]]:
-        stop = asyncio.Event()
-        return stop, asyncio.ensure_future(self._beat(call, interval, stop, self._session))
 
     async def _beat(
         self, call: Any, interval: float, stop: asyncio.Event, session: StreamSession | None
@@ -240,10 +242,11 @@ class GrpcBidiTransport:
                 return
 
     def _stop_beats(self) -> None:
-        """Stop the heartbeats (before anything else is written or the stream closes)."""
+        """Stop the heartbeats now (before the stream closes, or before a message is
+        sealed: a heartbeat sealed after it would reach the server out of sequence)."""
         beats, self._beats = self._beats, None
         if beats is not None:
-            run_on_client_loop(_stop(*beats))
+            run_on_client_loop(beats.stop())
 
     def _opened(self, data: bytes) -> memoryview:
         """A message of the server checked against its MAC, without it.
@@ -258,7 +261,9 @@ class GrpcBidiTransport:
         except AuthError as exc:
             raise AuthError(f"grpc-bidi stream to {self._address}: {exc}") from None
 
-    async def _read(self, call: Any) -> bytes:
+    async def _read(self, call: Any, beats: _Heartbeats | None = None) -> bytes:
+        if beats is not None:
+            await beats.stop()
         try:
             data = await call.read()
         except grpc.RpcError as exc:
@@ -326,26 +331,33 @@ class GrpcBidiTransport:
         call = self._call
         if call is None:
             raise ConnectionLost("grpc-bidi: send() before connect()")
-        self._stop_beats()
+        session = self._session
+        if session is not None:
+            self._stop_beats()  # before the reply is sealed (sequence numbers in order)
         stamen_server = self._peer_takes_frames(call)
         if not stamen_server:
             reply = _for_flower_server(reply)
         payload = encode_reply_payload(reply)
+        if not stamen_server and len(payload) > self._max_message_length:
+            self._stop_beats()
+            raise MessageTooLarge(
+                f"reply {type(reply).__name__} is {len(payload)} bytes, over "
+                f"grpc_max_message_length={self._max_message_length}, and the server "
+                "does not take messages in frames (a Flower server?)"
+            )
+        # Unsealed messages: the heartbeats stop on the loop, in the first write's hop.
+        beats, self._beats = self._beats, None
         if not stamen_server:
-            if len(payload) > self._max_message_length:
-                raise MessageTooLarge(
-                    f"reply {type(reply).__name__} is {len(payload)} bytes, over "
-                    f"grpc_max_message_length={self._max_message_length}, and the server "
-                    "does not take messages in frames (a Flower server?)"
-                )
-            run_on_client_loop(self._write(call, payload.tobytes()))
+            run_on_client_loop(self._write(call, payload.tobytes(), beats))
             return
-        session = self._session
         trailer = None if session is None else session.trailer
         for message in payload.messages(self._reply_frame_size, trailer=trailer):
-            run_on_client_loop(self._write(call, message))  # built in this thread
+            run_on_client_loop(self._write(call, message, beats))  # built in this thread
+            beats = None
 
-    async def _write(self, call: Any, message: bytes) -> None:
+    async def _write(self, call: Any, message: bytes, beats: _Heartbeats | None = None) -> None:
+        if beats is not None:
+            await beats.stop()
         try:
             await call.write(message)
         except grpc.RpcError as exc:
@@ -405,9 +417,27 @@ def _heartbeat_seconds(address: str, value: str | None) -> float | None:
     return seconds
 
 
-async def _stop(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
-    stop.set()
-    await task
+class _Heartbeats:
+    """A node's heartbeats while it works on an instruction, run by a task on the client
+    loop. Started by a callback posted there, stopped within the node's next hop to the
+    loop (its reply's first write, or its next read): no hop of their own."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()  # bound to the loop only when first waited on
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, beat: Coroutine[Any, Any, None]) -> None:
+        """Run ``beat`` (on the loop; it returns once :attr:`stopped` is set)."""
+        if self.stopped.is_set():
+            beat.close()
+            return
+        self._task = asyncio.ensure_future(beat)
+
+    async def stop(self) -> None:
+        """Stop them and wait for a heartbeat being written to finish (on the loop)."""
+        self.stopped.set()
+        if self._task is not None:
+            await self._task
 
 
 def _for_flower_server(reply: Reply) -> Reply:
