@@ -388,7 +388,7 @@ class Deliveries:
         self._working = 0  # with its node, not ended
         self._expected: int | None = None
         self._hold = hold
-        self._held: dict[int, tuple[asyncio.AbstractEventLoop, ReceiveSlots]] = {}
+        self._held: dict[ReceiveSlots, asyncio.AbstractEventLoop] = {}
 
     def hold_of(
         self, loop: asyncio.AbstractEventLoop, slots: ReceiveSlots | None
@@ -400,9 +400,9 @@ class Deliveries:
         if self._hold is None or slots is None:  # most rounds: no lock to take
             return None
         with self._lock:
-            if self._hold is None or id(slots) in self._held:  # released, or held
+            if self._hold is None or slots in self._held:  # released, or held
                 return None
-            self._held[id(slots)] = (loop, slots)
+            self._held[slots] = loop
             ordered = self._hold
         return lambda: slots.hold(ordered, HOLD_PATIENCE)
 
@@ -410,8 +410,8 @@ class Deliveries:
         """Open every receive slot held for the round (from any thread; once)."""
         with self._lock:
             self._hold = None
-            held, self._held = list(self._held.values()), {}
-        for loop, slots in held:
+            held, self._held = self._held, {}
+        for slots, loop in held.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
                 loop.call_soon_threadsafe(slots.open)
 

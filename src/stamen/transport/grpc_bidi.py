@@ -338,16 +338,15 @@ class GrpcBidiTransport:
         if not stamen_server:
             reply = _for_flower_server(reply)
         payload = encode_reply_payload(reply)
-        if not stamen_server and len(payload) > self._max_message_length:
-            self._stop_beats()
-            raise MessageTooLarge(
-                f"reply {type(reply).__name__} is {len(payload)} bytes, over "
-                f"grpc_max_message_length={self._max_message_length}, and the server "
-                "does not take messages in frames (a Flower server?)"
-            )
         # Unsealed messages: the heartbeats stop on the loop, in the first write's hop.
         beats, self._beats = self._beats, None
-        if not stamen_server:
+        if not stamen_server:  # (which announced no heartbeats: ``beats`` is None)
+            if len(payload) > self._max_message_length:
+                raise MessageTooLarge(
+                    f"reply {type(reply).__name__} is {len(payload)} bytes, over "
+                    f"grpc_max_message_length={self._max_message_length}, and the server "
+                    "does not take messages in frames (a Flower server?)"
+                )
             run_on_client_loop(self._write(call, payload.tobytes(), beats))
             return
         trailer = None if session is None else session.trailer
