@@ -20,7 +20,7 @@ from stamen.wire import (
     encode_reply_payload,
     frame_size,
 )
-from stamen.wire.frames import FRAME_SIZE, read_frame
+from stamen.wire.frames import FRAME_SIZE, SHARED_FRAMES, read_frame
 
 
 def _fit_ins(floats: int) -> FitIns:
@@ -98,6 +98,41 @@ def test_frames_may_be_smaller_than_the_message_bound() -> None:
     assert assembled[-1] is not None and bytes(assembled[-1]) == payload.tobytes()
     assert len(list(payload.messages(4096, 10_000))) == 3  # capped at the bound
     assert list(payload.messages(20_000, 1000)) == [payload.tobytes()]
+
+
+def test_nodes_sent_one_payload_together_share_its_frames() -> None:
+    """A payload sent to several nodes at once makes each frame once: the node that asks
+    for a frame first makes it, the others are given the same bytes; one that falls more
+    than SHARED_FRAMES behind makes its own (equal) frames; nothing is kept once every
+    node is done."""
+    payload = Payload([bytes(range(256)) * 40])  # 10 frames of 1,024 bytes
+    lead, second, late = (payload.messages(4096, 1024) for _ in range(3))
+    starts = [next(lead), next(second), next(late)]  # the first, alone: not kept
+    assert starts[0] is not starts[1] and starts[1] is starts[2]
+    led = [next(lead) for _ in range(SHARED_FRAMES)]  # frames 1-4: all kept
+    assert all(next(second) is frame for frame in led)
+    ahead = [next(lead), next(lead)]  # frames 5 and 6: frames 1 and 2 are let go
+    behind = next(late)
+    assert behind == led[0] and behind is not led[0]  # too far behind: its own copy
+    assert next(late) is not led[1] and next(late) is led[2]
+    reader = FrameReader()
+    whole = [reader.feed(f) for f in [starts[0], *led, *ahead, *lead]][-1]
+    assert whole is not None and bytes(whole) == payload.tobytes()
+    assert (len(list(second)), len(list(late))) == (10 - 1 - SHARED_FRAMES, 10 - 4)
+    assert payload._shared == {}  # every node is done: nothing kept
+
+
+def test_a_payload_sent_to_one_node_keeps_no_frame() -> None:
+    """Frames are kept only while another node may want them; sealed frames (a node's
+    own MAC) are never shared."""
+    payload = Payload([bytes(1000) * 10])
+    alone = payload.messages(4096, 1024)
+    next(alone)
+    assert payload._shared == {}
+    sealed = [payload.messages(4096, 1024, lambda parts, n=n: bytes([n])) for n in range(2)]
+    a, b = next(sealed[0]), next(sealed[1])
+    assert a[:-1] == b[:-1] and a[-1:] == b"\x00" and b[-1:] == b"\x01"
+    assert payload._shared == {}
 
 
 def test_frame_size_respects_the_message_bound() -> None:

@@ -49,6 +49,14 @@ FRAME_FIELD = 16
 FRAME_SIZE = 4 << 20
 """Bytes of message data per frame (smaller when ``grpc_max_message_length`` is)."""
 
+SHARED_FRAMES = 4
+"""Frames of a payload kept for the other nodes it is being sent to at the same time.
+A round sends one instruction to every node at once, frame by frame in turns (the
+server's send window), so each frame is made (copied out of the model) once for all of
+them, not once per node; a node more than this many frames behind makes its own. Kept
+only while the payload is being sent to more than one node. The frames of one payload
+are taken on one thread (the server's event loop)."""
+
 FRAMES_METADATA = "stamen-frames"
 """grpc-bidi metadata key by which a Stamen node (request metadata) and server (initial
 response metadata) say they take frames; its value is the sender's own
@@ -127,7 +135,7 @@ class Payload:
     :class:`TensorPart`: the same bytes, wherever they lie when read.
     """
 
-    __slots__ = ("_ends", "_joined", "_parts", "size")
+    __slots__ = ("_ends", "_joined", "_parts", "_senders", "_shared", "size")
 
     def __init__(self, parts: Sequence[bytes | memoryview | TensorPart]) -> None:
         self._parts: list[bytes | memoryview | TensorPart] = [
@@ -140,6 +148,8 @@ class Payload:
             self._ends.append(size)
         self.size = size
         self._joined: bytes | None = None
+        self._shared: dict[tuple[int, int], bytes] = {}
+        self._senders = 0
 
     @classmethod
     def of(cls, data: bytes) -> Payload:
@@ -216,9 +226,31 @@ class Payload:
                 yield b"".join([*parts, trailer(parts)])
             return
         step = size if frame is None else max(1, min(frame, size))
-        for offset in range(0, self.size, step):
-            parts = self._frame_parts(offset, step)
-            yield b"".join(parts if trailer is None else [*parts, trailer(parts)])
+        if trailer is not None:  # sealed for one node: nothing to share
+            for offset in range(0, self.size, step):
+                parts = self._frame_parts(offset, step)
+                yield b"".join([*parts, trailer(parts)])
+            return
+        self._senders += 1
+        try:
+            for offset in range(0, self.size, step):
+                yield self._shared_frame(offset, step)
+        finally:
+            self._senders -= 1
+            if not self._senders:
+                self._shared.clear()
+
+    def _shared_frame(self, offset: int, step: int) -> bytes:
+        """The frame at ``offset``, made once for the nodes being sent this payload at
+        the same time (see :data:`SHARED_FRAMES`)."""
+        made = self._shared.get((offset, step))
+        if made is None:
+            made = self.frame(offset, step)
+            if self._senders > 1:  # another node may want it: keep it for a while
+                self._shared[(offset, step)] = made
+                for key in [k for k in self._shared if k[0] <= offset - SHARED_FRAMES * step]:
+                    del self._shared[key]
+        return made
 
 
 def is_frame(data: bytes | memoryview) -> bool:
