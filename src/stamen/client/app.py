@@ -29,7 +29,7 @@ from ..protocol import Clock, NodeSession, RetryPolicy
 from ..protocol.auth import RequestSigner
 from ..transport import TransportFactory, transport_url_schemes
 from ..transport import transport_factory as registered_factory
-from ..transport.base import ClientTransport, RefusalNotices, TransportSettings
+from ..transport.base import ClientTransport, TransportSettings, refusal_notice
 from ..transport.probe import identify_peer
 from .client import Client
 from .dispatch import ClientFn, error_reply, handle, normalize_client_fn, received
@@ -351,7 +351,7 @@ def run_node(
 def _log_refusal(transport: ClientTransport) -> None:
     """Log what a Stamen server said beside the instruction: that it refused this node's
     fit result, and why (Flower servers say nothing)."""
-    refused = transport.refused_result() if isinstance(transport, RefusalNotices) else None
+    refused = refusal_notice(transport)
     if refused is not None:
         logger.warning(
             "the server refused this node's result of round %d: %s",

@@ -29,7 +29,7 @@ from ..messages import (
 )
 from ..ndarrays import Lease
 from .client import Client
-from .numpy_client import NumPyClient, TakesLease
+from .numpy_client import NumPyClient
 from .secagg import answer as secagg_answer
 
 __all__ = ["ClientFn", "call_client", "error_reply", "handle", "normalize_client_fn", "received"]
@@ -172,10 +172,10 @@ def _answer(client: Client, instruction: Instruction, lease: Lease | None) -> Re
         TypeError: the client returned another kind of reply.
     """
     stage, expected = _EXPECTED[type(instruction)]
-    if lease is not None and isinstance(client, TakesLease):
-        reply = client.handle_received(instruction, lease)
-    else:
-        reply = _call(client, instruction)
+    # TakesLease, asked by attribute: a runtime-checkable protocol's isinstance costs
+    # 8-26 us, paid on every instruction of every node.
+    take = getattr(client, "handle_received", None) if lease is not None else None
+    reply: Reply = take(instruction, lease) if take is not None else _call(client, instruction)
     if not isinstance(reply, expected):
         raise TypeError(
             f"{stage}: expected the client to return {expected.__name__}, "

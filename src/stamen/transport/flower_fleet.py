@@ -40,7 +40,7 @@ from ..protocol.auth import (
 from ..protocol.flower_client import PING_CALL_TIMEOUT, Answer, FlowerClientState, Idle
 from ..wire import FlowerCall, RefusedResult
 from ..wire import flower_codec as codec
-from .base import ClientTransport, RefusalNotices
+from .base import ClientTransport, refusal_notice
 
 __all__ = [
     "PUBLIC_KEY_HEADER",
@@ -377,8 +377,7 @@ class DetectingTransport:
 
     def refused_result(self) -> RefusedResult | None:
         """The refusal notice of the last instruction (Stamen's Fleet protocol only)."""
-        active = self._active
-        return active.refused_result() if isinstance(active, RefusalNotices) else None
+        return refusal_notice(self._active)
 
     def close(self, *, graceful: bool) -> None:
         """Close whichever link is open. Never raises."""
