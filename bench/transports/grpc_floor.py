@@ -16,8 +16,12 @@ one that the next round answers). The script reports, per mode, the median round
 round, and the ratio rere / bidi: the part of grpc-rere's cost that grpcio's own call
 machinery sets (docs/performance.md compares it with Stamen's).
 
+With ``--frame``, each message goes as frames of that many bytes, as Stamen sends
+models larger than a frame (the server's instruction in 1 MiB frames, a node's reply in
+4 MiB ones): what grpcio alone takes for B's exchange, against Stamen's B round.
+
 Usage: python bench/transports/grpc_floor.py [--nodes 100] [--size 400000] [--rounds 20]
-       [--processes 4] [--repeat 3] [--out bench/results/grpc_floor.json]
+       [--processes 4] [--repeat 3] [--frame 0] [--out bench/results/grpc_floor.json]
 """
 
 from __future__ import annotations
@@ -40,23 +44,33 @@ OPTIONS = [("grpc.max_send_message_length", MAX), ("grpc.max_receive_message_len
 WAIT = 120.0
 
 
-def _serve(size: int, ports: Any, stop: Any) -> None:
+def _pieces(size: int, frame: int, fill: int) -> list[bytes]:
+    """A message of ``size`` bytes as the messages that carry it: frames of at most
+    ``frame`` bytes (0: the whole message)."""
+    step = frame or size
+    return [bytes([fill]) * min(step, size - start) for start in range(0, size, step)]
+
+
+def _serve(size: int, frame: int, ports: Any, stop: Any) -> None:
     """The server process: pull answers the instruction, push takes a reply, the stream
-    does both once per round."""
-    instruction = b"\x01" * size
+    does both once per round (each message a frame, with ``frame``)."""
+    pieces = _pieces(size, frame, 1)
+    instruction = pieces[0]
 
     async def pull(_request: bytes, _context: Any) -> bytes:
         return instruction
 
     async def push(request: bytes, _context: Any) -> bytes:
-        return b"ok" if len(request) == size else b"bad"
+        return b"ok" if 0 < len(request) <= len(pieces[0]) else b"bad"
 
     async def stream(_requests: Any, context: Any) -> None:
         while True:
-            await context.write(instruction)
-            reply = await context.read()
-            if reply is grpc.aio.EOF:
-                return
+            for piece in pieces:
+                await context.write(piece)
+            for _ in pieces:
+                reply = await context.read()
+                if reply is grpc.aio.EOF:
+                    return
 
     handlers = {
         "Pull": grpc.unary_unary_rpc_method_handler(pull),
@@ -77,11 +91,11 @@ def _serve(size: int, ports: Any, stop: Any) -> None:
 
 
 def _nodes(
-    mode: str, port: int, count: int, size: int, rounds: int, barrier: Any, out: Any
+    mode: str, port: int, count: int, size: int, frame: int, rounds: int, barrier: Any, out: Any
 ) -> None:
     """A client process: ``count`` nodes; each round starts when every process's nodes
     are ready (``barrier``); reports each round's duration as this process saw it."""
-    reply = b"\x02" * size
+    pieces = _pieces(size, frame, 2)
 
     async def main() -> None:
         channels = [
@@ -96,12 +110,14 @@ def _nodes(
 
             async def node(i: int) -> None:
                 if mode == "bidi":
-                    instruction = await calls[i].read()
-                    assert len(instruction) == size
-                    await calls[i].write(reply)
+                    got = [len(await calls[i].read()) for _ in pieces]
+                    assert sum(got) == size
+                    for piece in pieces:
+                        await calls[i].write(piece)
                 else:
-                    assert len(await pulls[i](b"")) == size
-                    assert await pushes[i](reply) == b"ok"
+                    for piece in pieces:  # each pull answers one frame's worth
+                        assert len(await pulls[i](b"")) == len(pieces[0])
+                        assert await pushes[i](piece) == b"ok"
 
             await asyncio.gather(*(node(i) for i in range(count)))  # connect, warm up
             loop = asyncio.get_running_loop()
@@ -132,7 +148,7 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """One run of ``mode``: every round's time (slowest process) and the server's CPU."""
     ctx = mp.get_context("spawn")
     ports, stop, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-    server = ctx.Process(target=_serve, args=(args.size, ports, stop), daemon=True)
+    server = ctx.Process(target=_serve, args=(args.size, args.frame, ports, stop), daemon=True)
     server.start()
     procs: list[Any] = []
     try:
@@ -145,7 +161,7 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         procs = [
             ctx.Process(
                 target=_nodes,
-                args=(mode, port, n, args.size, args.rounds, barrier, out),
+                args=(mode, port, n, args.size, args.frame, args.rounds, barrier, out),
                 daemon=True,
             )
             for n in share
@@ -181,6 +197,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
+        "--frame", type=int, default=0, help="bytes per message: the exchange in frames (0: whole)"
+    )
+    parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "results" / "grpc_floor.json")
     )
     args = parser.parse_args()
@@ -202,8 +221,10 @@ def main() -> int:
         summary["rere"]["server_cpu_us_per_node_round"]
         / summary["bidi"]["server_cpu_us_per_node_round"]
     )
+    framed = f", in frames of {args.frame:,} bytes" if args.frame else ""
     print(
-        f"grpcio alone, {args.nodes} nodes x {args.size:,} bytes, {args.processes} client processes"
+        f"grpcio alone, {args.nodes} nodes x {args.size:,} bytes{framed}, "
+        f"{args.processes} client processes"
     )
     print("| exchange | round (median) | server CPU per node and round |")
     print("|---|---|---|")
