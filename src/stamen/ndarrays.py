@@ -170,6 +170,13 @@ class ReceivedBuffer(np.ndarray[Any, np.dtype[np.uint8]]):
         self._callbacks = []
         self._release = None
 
+    def land(self, offset: int, chunk: bytes | memoryview) -> ReceivedBuffer:
+        """Copy ``chunk`` (a frame of the message, landing) in at ``offset``; return the
+        buffer that holds the message from now on: this one (a spill file's may hand it
+        over to memory, :class:`~stamen.server.spill.SpillBuffer`)."""
+        self.data[offset : offset + len(chunk)] = chunk
+        return self
+
     def when_released(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once, from any thread) when the buffer is freed or kept.
 

@@ -562,11 +562,12 @@ def _resident_kb_of(directory: Path) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_a_result_read_in_parts_leaves_none_of_its_pages_behind(tmp_path: Path) -> None:
     """A tensor inside a received message starts at no particular page: reading each of
-    its parts maps the kernel's fault-around window before it, the end of the part
-    released just before. Releasing a part lets that go too, so spilled results checked
-    in 256 KB parts hold none of their pages afterwards (each held ~22 MB of 100 MB)."""
+    its parts maps pages before it, of the part released just before: the kernel's
+    fault-around window, or the whole page-cache folio (up to 2 MiB: the file is written
+    in 4 MiB frames). Releasing a part lets those go too, so spilled results checked in
+    256 KB parts hold none of their pages afterwards (each held ~22 MB of 100 MB)."""
     from stamen.server.strategy.validate import _all_finite
-    from stamen.wire import decode_reply, encode_reply
+    from stamen.wire import FrameReader, Payload, decode_reply, encode_reply
 
     close_segments(str(tmp_path))
     values = np.ones(25_000_000, np.float32)
@@ -576,19 +577,19 @@ def test_a_result_read_in_parts_leaves_none_of_its_pages_behind(tmp_path: Path) 
     resident: list[int] = []
     kept: list[FitRes] = []
     for _ in range(3):  # a round's results, one after the other in one spill file
-        buffer = receive_buffer(len(message), str(tmp_path))
-        step = 4 << 20
-        for at in range(0, len(message), step):  # as frames land: written, then let go
-            buffer[at : at + step] = np.frombuffer(message, np.uint8)[at : at + step]
-            release(memoryview(buffer)[at : at + step])
-        received = decode_reply(buffer.data.toreadonly())
+        reader = FrameReader()
+        reader.bound(None, 0, lambda size: receive_buffer(size, str(tmp_path)))
+        wholes = [reader.feed(frame) for frame in Payload([message]).messages(4 << 20)]
+        buffer = wholes[-1]
+        assert buffer is not None
+        received = decode_reply(buffer)
         assert isinstance(received, FitRes)
         reply = store.take(None, received)  # whole: read back with readahead from here on
         kept.append(reply)
         [view] = parameters_to_views(reply.parameters)
         assert _all_finite(view)
         resident.append(_resident_kb_of(tmp_path))
-        del view, received, buffer
+        del view, received, buffer, wholes
     assert all(kb <= 64 for kb in resident), resident
     kept.clear()
     store.end(1)
@@ -642,3 +643,54 @@ def test_the_old_model_is_parked_from_its_own_threshold_not_the_results_budget()
     del big, before
     store.close()
     tight.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_frames_land_in_a_spill_file_without_mapping_its_pages(tmp_path: Path) -> None:
+    """A large result received into a spill file is written through the file's
+    descriptor: while 16 MB of frames land, none of the file's pages is in this
+    process's memory; the message then reads back whole, through the mapping."""
+    from stamen.wire import FrameReader, Payload
+
+    close_segments(str(tmp_path))
+    message = np.random.default_rng(5).integers(0, 255, 16 << 20, np.uint8).tobytes()
+    reader = FrameReader()
+    reader.bound(None, 0, lambda size: receive_buffer(size, str(tmp_path)))
+    resident: list[int] = []
+    whole = None
+    for frame in Payload([message]).messages(1 << 20):
+        whole = reader.feed(frame)
+        resident.append(_resident_kb_of(tmp_path))
+    assert whole is not None and max(resident) == 0, resident
+    assert bytes(whole) == message
+    assert is_spilled(Parameters(tensors=[whole], tensor_type="numpy.ndarray"))
+    del whole
+
+
+def test_a_spill_file_that_fills_up_moves_the_message_to_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame the spill file cannot take (the disk is full) moves the message being
+    received to memory, the frames already written read back from the file: the result
+    arrives whole, and the server says why it holds it in memory."""
+    from stamen.wire import FrameReader, Payload
+
+    close_segments(str(tmp_path))
+    spill_module._warned.discard(str(tmp_path))
+    message = np.random.default_rng(6).integers(0, 255, 4 << 20, np.uint8).tobytes()
+    real, writes = spill_module._write, [0]
+
+    def fills_up(fd: int, data: memoryview, offset: int) -> None:
+        writes[0] += 1
+        if writes[0] > 2:
+            raise OSError(28, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(spill_module, "_write", fills_up)
+    reader = FrameReader()
+    reader.bound(None, 0, lambda size: receive_buffer(size, str(tmp_path)))
+    with caplog.at_level("WARNING", logger="stamen.server"):
+        wholes = [reader.feed(frame) for frame in Payload([message]).messages(1 << 20)]
+    assert writes[0] == 3 and wholes[-1] is not None and bytes(wholes[-1]) == message
+    assert not is_spilled(Parameters(tensors=[wholes[-1]], tensor_type="numpy.ndarray"))
+    assert any("No space left" in r.getMessage() for r in caplog.records)

@@ -213,11 +213,6 @@ class Reader(Protocol):
         """Bytes received of the message being put together."""
         ...
 
-    @property
-    def written(self) -> memoryview | None:
-        """The bytes of the message in progress received so far; None if none is."""
-        ...
-
     def reset(self) -> None:
         """Drop a partial message."""
         ...

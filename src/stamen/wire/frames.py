@@ -327,11 +327,6 @@ class FrameReader:
         """True while a framed message is incomplete."""
         return self._buffer is not None
 
-    @property
-    def written(self) -> memoryview | None:
-        """The bytes of the message in progress received so far; None if none is."""
-        return None if self._view is None else self._view[: self.received]
-
     def bound(
         self,
         max_total: int | None,
@@ -405,11 +400,14 @@ class FrameReader:
                 f"a frame of {len(chunk)} bytes at offset {offset}: frames but the last "
                 f"carry at least {self.min_frame} bytes"
             )
-        assert self._view is not None
-        self._view[offset:end] = chunk
+        assert self._buffer is not None
+        moved = self._buffer.land(offset, chunk)
+        if moved is not self._buffer:
+            self._buffer, self._view = moved, moved.data
         self.received = end
         if end < total:
             return None
+        assert self._view is not None
         whole = self._view.toreadonly()
         self._buffer = self._view = None
         self._total = self.received = 0

@@ -52,7 +52,7 @@ from ...wire.codec import DEFAULT_REPLY_LIMITS, ReplyLimits
 from ..client_manager import ClientManager
 from ..client_proxy import RemoteClientProxy
 from ..events import NodeJoined, NodeLeft, RunEvents
-from ..spill import receive_buffer, release
+from ..spill import receive_buffer
 from .auth import NodeAuthenticator
 from .slots import ReceiveSlots
 
@@ -547,18 +547,12 @@ class Fleet:
         task = node.mailbox.in_flight(task_id)
         if not node.reader.in_progress:
             self.bound_reader(node, task)
-        before = node.reader.received
         try:
             whole = node.reader.feed(data)
         except DecodeError as exc:
             self.release_slot(node)
             self.state.fail(node, task_id, exc)
             raise
-        if task is not None and _spilled_on_arrival(task, node.slot):
-            # Written into a spill file: its pages need not stay in memory once written.
-            written = whole if whole is not None else node.reader.written
-            if written is not None:
-                release(memoryview(written)[before if whole is None else 0 :])
         if whole is not None:
             self.pass_slot(node, task_id, whole)
         return whole
