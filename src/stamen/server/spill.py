@@ -209,10 +209,13 @@ class _Segment:
             # kept while results go to this file.
             self.fd = os.dup(file.fileno())
         weakref.finalize(self, os.close, self.fd)
-        # Results are written into holes of a sparse file: with the kernel's readahead,
-        # each write fault zero-filled a large readahead window first (a 10 x 100 MB
-        # round received its results in 10 s instead of 3). Once written, a result is
-        # read back in order: readahead is turned on again for it (:func:`_readable`).
+        # Results were written into holes of the sparse file through this mapping: with
+        # the kernel's readahead, each write fault zero-filled a large readahead window
+        # first (a 10 x 100 MB round received its results in 10 s instead of 3). They
+        # are written through the descriptor now (:class:`SpillBuffer`), so no write
+        # faults; until a result is whole, readahead stays off for what reads it (its
+        # header, decoded). Once whole, a result is read back in order: readahead is
+        # turned on again for it (:func:`_readable`).
         _advise(self.mapping, "MADV_RANDOM")
         _register(self.mapping, directory)
         self.used = 0

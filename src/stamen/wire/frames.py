@@ -317,7 +317,6 @@ class FrameReader:
         self.min_frame = min_frame
         self.allocate: Callable[[int], ReceivedBuffer] | None = None
         self._buffer: ReceivedBuffer | None = None
-        self._view: memoryview | None = None
         self._total = 0
         self.received = 0
         """Bytes received of the message being put together (0: none in progress)."""
@@ -344,7 +343,7 @@ class FrameReader:
 
     def reset(self) -> None:
         """Drop a partial message (its sender gave it up)."""
-        self._buffer = self._view = None
+        self._buffer = None
         self._total = self.received = 0
 
     def feed(self, data: bytes | memoryview) -> bytes | memoryview | None:
@@ -384,7 +383,6 @@ class FrameReader:
                     "bytes expected here"
                 )
             self._buffer = (self.allocate or ReceivedBuffer.allocate)(total)
-            self._view = self._buffer.data
             self._total = total
         if total != self._total:
             raise DecodeError(
@@ -401,15 +399,12 @@ class FrameReader:
                 f"carry at least {self.min_frame} bytes"
             )
         assert self._buffer is not None
-        moved = self._buffer.land(offset, chunk)
-        if moved is not self._buffer:
-            self._buffer, self._view = moved, moved.data
+        self._buffer = self._buffer.land(offset, chunk)  # a spill file's may move to memory
         self.received = end
         if end < total:
             return None
-        assert self._view is not None
-        whole = self._view.toreadonly()
-        self._buffer = self._view = None
+        whole = self._buffer.data.toreadonly()
+        self._buffer = None
         self._total = self.received = 0
         return whole
 
