@@ -172,7 +172,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return found + targets_19(results) + auth_targets(results)
 
 
-MEMORY_POINTS = ("B", "Bsub", "Bmed", "B50", "B50sub", "B50med")
+MEMORY_POINTS = ("B", "Bsub", "Bmed", "Bown", "B50", "B50sub", "B50med", "B50own")
 """The points whose server peak RSS issue #19 bounds: 3 x the model plus a fixed overhead."""
 AUTH_POINTS = ("A", "B", "C")
 """The points run by authenticated nodes too (``run.py``'s ``A-auth``...)."""

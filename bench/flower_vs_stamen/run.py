@@ -13,9 +13,10 @@ throughput and memcpy bandwidth, best of a few tries); each workload's floor is 
 its round's bytes alone take at those speeds, and the report gives both frameworks' round
 times as multiples of it.
 
-The server's strategy takes one of three forms (``workload.STRATEGY_FORMS``): FedAvg (every
+The server's strategy takes one of four forms (``workload.STRATEGY_FORMS``): FedAvg (every
 workload but those below), a FedAvg subclass overriding ``aggregate_fit`` to save the model
-every round (``Bsub``) and FedMedian (``Bmed``), B's federation in each.
+every round (``Bsub``), FedMedian (``Bmed``) and a ``Strategy`` of one's own written as
+Flower's FedAvg is (``Bown``), B's federation in each (and B50's: ``B50sub``...).
 
 Workloads A-D run their nodes as threads calling the framework's own ``start_client``
 (``clients.py``); E (1,000 nodes) and E10k (10,000, Stamen only: Flower's server caps near
@@ -64,7 +65,7 @@ from relay import SpliceRelay  # noqa: E402
 from workload import SharedCounter, Workload  # noqa: E402
 
 ASYNCIO = "asyncio"
-SUB, MED = "subclass", "fedmedian"
+SUB, MED, OWN = "subclass", "fedmedian", "own"
 FULL = {
     "A": Workload("A", 10, 4_000_000, rounds=3, processes=2, repeat=3, timeout=240),
     "B": Workload("B", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600),
@@ -75,6 +76,9 @@ FULL = {
     "Bmed": Workload(
         "Bmed", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=MED
     ),
+    "Bown": Workload(
+        "Bown", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=OWN
+    ),
     # 50 clients x 40 MB: the memory bound with many results, in the three forms.
     "B50": Workload("B50", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600),
     "B50sub": Workload(
@@ -82,6 +86,9 @@ FULL = {
     ),
     "B50med": Workload(
         "B50med", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600, strategy=MED
+    ),
+    "B50own": Workload(
+        "B50own", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600, strategy=OWN
     ),
     "C": Workload("C", 100, 400_000, rounds=3, processes=4, repeat=3, timeout=300),
     "D": Workload("D", 2, 400_000_000, rounds=3, processes=2, repeat=1, timeout=600),
@@ -105,9 +112,11 @@ QUICK = {
     "B": Workload("B", 4, 1_000_000, rounds=2, processes=2, repeat=1, timeout=60),
     "Bsub": Workload("Bsub", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=SUB),
     "Bmed": Workload("Bmed", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=MED),
+    "Bown": Workload("Bown", 4, 1_000_000, 2, processes=2, repeat=1, timeout=60, strategy=OWN),
     "B50": Workload("B50", 6, 400_000, rounds=2, processes=2, repeat=1, timeout=60),
     "B50sub": Workload("B50sub", 6, 400_000, 2, processes=2, repeat=1, timeout=60, strategy=SUB),
     "B50med": Workload("B50med", 6, 400_000, 2, processes=2, repeat=1, timeout=60, strategy=MED),
+    "B50own": Workload("B50own", 6, 400_000, 2, processes=2, repeat=1, timeout=60, strategy=OWN),
     "C": Workload("C", 10, 4_000, rounds=2, processes=2, repeat=1, timeout=60),
     "D": Workload("D", 2, 4_000_000, rounds=2, processes=2, repeat=1, timeout=60),
     "E": Workload("E", 40, 4_000, 2, processes=2, repeat=1, timeout=60, harness=ASYNCIO),
@@ -163,9 +172,11 @@ ORDER = (
     "B-auth",
     "Bsub",
     "Bmed",
+    "Bown",
     "B50",
     "B50sub",
     "B50med",
+    "B50own",
     "C",
     "C-rere",
     "C-rest",

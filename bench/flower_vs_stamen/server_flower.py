@@ -1,17 +1,17 @@
 """The Flower 1.12 server of a benchmark run (run with the Flower venv's python).
 
 Usage: ``server_flower.py --clients N --model-bytes M --rounds R --out REPORT.json
-[--counter FILE] [--strategy fedavg|subclass|fedmedian]``
+[--counter FILE] [--strategy fedavg|subclass|fedmedian|own]``
 
 ``flwr.server.start_server`` (grpc-bidi) with Flower's own strategy of the form asked for
-(``workload.strategy_class``: FedAvg, a FedAvg subclass saving the model, FedMedian),
-timed from ``configure_fit`` to the end of ``aggregate_fit`` (``workload.timed``), on
-127.0.0.1 with a port chosen by the OS. Flower's address parser refuses port 0 and Flower
-does not report the port it bound, so (as ``tests/interop/peers/flower_server.py`` does)
-Flower is handed a placeholder address that is never bound: its "port in use" check skips
-the placeholder, gRPC's ``add_insecure_port`` binds 127.0.0.1:0 in its stead, and
-``PORT <n>`` is printed once the gRPC server has started. Everything else is Flower's
-default.
+(``workload.strategy_class``: FedAvg, a FedAvg subclass saving the model, FedMedian, a
+Strategy of one's own), timed from ``configure_fit`` to the end of ``aggregate_fit``
+(``workload.timed``), on 127.0.0.1 with a port chosen by the OS. Flower's address parser
+refuses port 0 and Flower does not report the port it bound, so (as
+``tests/interop/peers/flower_server.py`` does) Flower is handed a placeholder address that
+is never bound: its "port in use" check skips the placeholder, gRPC's ``add_insecure_port``
+binds 127.0.0.1:0 in its stead, and ``PORT <n>`` is printed once the gRPC server has
+started. Everything else is Flower's default.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """The Stamen server of a benchmark run (run with the Stamen venv's python).
 
 Usage: ``server_stamen.py --clients N --model-bytes M --rounds R --out REPORT.json
-[--counter FILE] [--rest] [--strategy fedavg|subclass|fedmedian] [--authorized-keys PEM]``
+[--counter FILE] [--rest] [--strategy fedavg|subclass|fedmedian|own] [--authorized-keys PEM]``
 
 Serves grpc-bidi and grpc-rere (and, with ``--rest``, rest) on 127.0.0.1, ports chosen by
-the OS, prints ``PORT <n>`` (and ``REST_PORT <n>``) once listening, runs ``R`` rounds of the
-strategy form asked for (``workload.strategy_class``: FedAvg, a FedAvg subclass saving the
-model, FedMedian) over ``N`` clients starting from a zero model of ``M`` bytes, and writes
-the report of ``workload.server_report`` (round times, bytes on the wire per round, the
-check of the final model, peak RSS) to ``--out``. With ``--authorized-keys`` only nodes
-holding one of those keys are served (node authentication).
+the OS, prints ``PORT <n>`` (and ``REST_PORT <n>``) once listening, runs ``R`` rounds of
+the strategy form asked for (``workload.strategy_class``: FedAvg, a FedAvg subclass saving
+the model, FedMedian, a Strategy of one's own) over ``N`` clients starting from a zero
+model of ``M`` bytes, and writes the report of ``workload.server_report`` (round times,
+bytes on the wire per round, the check of the final model, peak RSS) to ``--out``. With
+``--authorized-keys`` only nodes holding one of those keys are served (node
+authentication).
 
 Every node of a benchmark comes from 127.0.0.1, so the Fleet limits meant for one address
 are lifted (:func:`bench_timing`): no registration rate limit, and REST connections per

@@ -10,11 +10,13 @@ adds the mean of ``k``, ``(clients - 1) / 2``, to every value: after ``rounds`` 
 value is ``rounds * (clients - 1) / 2``. :func:`check_tensors` checks that on the ``.npy``
 bytes of the final model without copying them.
 
-The server's strategy takes one of three forms (:data:`STRATEGY_FORMS`, built for either
+The server's strategy takes one of four forms (:data:`STRATEGY_FORMS`, built for either
 framework by :func:`strategy_class`): the framework's plain FedAvg; a FedAvg subclass that
 overrides ``aggregate_fit``, calls the inherited one and saves every round's model with
-``np.savez`` (the pattern Flower's documentation teaches for saving the model); or
-FedMedian. The median of ``parameters + k`` over ``k = 0 .. clients - 1`` is
+``np.savez`` (the pattern Flower's documentation teaches for saving the model);
+FedMedian; or a strategy of one's own, a ``Strategy`` written from scratch the way
+Flower's FedAvg is (every result decoded with ``parameters_to_ndarrays``, then averaged by
+the framework's ``aggregate``). The median of ``parameters + k`` over ``k = 0 .. clients - 1`` is
 ``parameters + (clients - 1) / 2`` too (for an even count, the mean of the two middle
 values), so every form must end at the same model; the saving form's last saved file is
 checked as well (:func:`check_saved`).
@@ -23,6 +25,7 @@ checked as well (:func:`check_saved`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import mmap
@@ -50,6 +53,7 @@ STRATEGY_FORMS = {
     "fedavg": "FedAvg",
     "subclass": "FedAvg subclass saving the model",
     "fedmedian": "FedMedian",
+    "own": "a Strategy of one's own",
 }
 """The strategy forms a server runs (``--strategy``), with the words a table shows."""
 
@@ -448,6 +452,8 @@ def strategy_class(fl: Any, form: str) -> type:
         return fl.server.strategy.FedMedian
     if form == "fedavg":
         return fl.server.strategy.FedAvg
+    if form == "own":
+        return own_strategy(fl)
 
     class SaveModelFedAvg(fl.server.strategy.FedAvg):  # type: ignore[misc, name-defined]
         """FedAvg saving each round's aggregated model as ``round-<n>.npz`` in
@@ -467,6 +473,61 @@ def strategy_class(fl: Any, form: str) -> type:
             return parameters, metrics
 
     return SaveModelFedAvg
+
+
+def own_strategy(fl: Any) -> type:
+    """A ``Strategy`` of one's own for ``fl`` (``stamen`` or ``flwr``), not a FedAvg
+    subclass: written as Flower's FedAvg is, it asks every client to fit, decodes every
+    result with ``parameters_to_ndarrays`` and averages them with the framework's
+    ``aggregate`` (``<framework>.server.strategy.aggregate``); no evaluation."""
+    aggregate = importlib.import_module(f"{fl.__name__}.server.strategy.aggregate").aggregate
+
+    class OwnFedAvg(fl.server.strategy.Strategy):  # type: ignore[misc, name-defined]
+        def __init__(
+            self,
+            *,
+            min_fit_clients: int,
+            min_available_clients: int,
+            fraction_evaluate: float,
+            initial_parameters: Any,
+        ) -> None:
+            super().__init__()
+            self.min_fit_clients = min_fit_clients
+            self.min_available_clients = min_available_clients
+            self.initial_parameters = initial_parameters
+
+        def initialize_parameters(self, client_manager: Any) -> Any:
+            initial, self.initial_parameters = self.initial_parameters, None
+            return initial
+
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            clients = client_manager.sample(
+                num_clients=self.min_fit_clients, min_num_clients=self.min_available_clients
+            )
+            fit_ins = fl.common.FitIns(parameters, {})
+            return [(client, fit_ins) for client in clients]
+
+        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+            if not results:
+                return None, {}
+            weights = [
+                (fl.common.parameters_to_ndarrays(fit_res.parameters), fit_res.num_examples)
+                for _, fit_res in results
+            ]
+            return fl.common.ndarrays_to_parameters(aggregate(weights)), {}
+
+        def configure_evaluate(
+            self, server_round: int, parameters: Any, client_manager: Any
+        ) -> Any:
+            return []
+
+        def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
+            return None, {}
+
+        def evaluate(self, server_round: int, parameters: Any) -> Any:
+            return None
+
+    return OwnFedAvg
 
 
 def strategy_kwargs(args: Any, initial: Any, save_dir: str) -> dict[str, Any]:

@@ -47,6 +47,7 @@ __all__ = [
     "as_ndarray",
     "bytes_to_ndarray",
     "bytes_to_ndarray_view",
+    "copy_on_write_with",
     "ndarray_to_bytes",
     "ndarray_to_sendable",
     "ndarray_to_tensor",
@@ -526,23 +527,39 @@ def _view(tensor: bytes | memoryview) -> NDArray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+_copies_on_write: list[Callable[[NDArray], NDArray | None]] = []
+
+
+def copy_on_write_with(provider: Callable[[NDArray], NDArray | None]) -> None:
+    """Have :func:`bytes_to_ndarray` ask ``provider`` for the new array of a tensor before
+    copying it: ``provider(view)`` returns a writable array equal to the read-only
+    ``view`` that no write can make differ from the tensor, or None. The server's spill
+    files provide one (:func:`stamen.server.spill.copy_on_write`)."""
+    _copies_on_write.append(provider)
+
+
 def bytes_to_ndarray(tensor: bytes | memoryview) -> NDArray:
     """Deserialize ``.npy`` bytes (never unpickling) into a new, writable array.
 
     The header is checked before anything is allocated: its shape and dtype must account
     for exactly the bytes that follow, so a forged header cannot make us allocate more
-    than the message holds.
+    than the message holds. A large tensor of a result waiting in a server's spill file
+    is not copied: the array is a copy-on-write mapping of the file
+    (:func:`stamen.server.spill.copy_on_write`), new and writable all the same.
 
     Raises:
         DecodeError: the bytes are not a valid ``.npy`` blob of a non-object dtype.
     """
     try:
-        array = _view(tensor).copy(order="K")
+        view = _view(tensor)
     except Exception as exc:  # numpy's header parser raises many kinds: all mean bad bytes
         raise DecodeError(
             f"tensor of {len(tensor)} bytes is not a valid .npy array: {exc}"
         ) from exc
-    return array
+    for provider in _copies_on_write:
+        if (array := provider(view)) is not None:
+            return array
+    return view.copy(order="K")
 
 
 def bytes_to_ndarray_view(tensor: bytes | memoryview) -> NDArray:

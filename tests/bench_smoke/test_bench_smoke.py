@@ -2,9 +2,10 @@
 
 Runs the driver in ``--quick`` mode (tiny sizes) for Stamen and for real Flower 1.12 (its
 own virtualenv): workload A, and B in the strategy forms that collect a round's results
-(a FedAvg subclass saving the model, FedMedian); checks that every run completed and was
-checked, and that the report relates each round to the machine's floor. It tests the
-harness, not performance: nothing here is timed against a bound.
+(a FedAvg subclass saving the model, FedMedian, a Strategy of one's own); checks that
+every run completed and was checked, and that the report relates each round to the
+machine's floor. It tests the harness, not performance: nothing here is timed against a
+bound.
 """
 
 from __future__ import annotations
@@ -93,14 +94,15 @@ def test_quick_workload_a_runs_on_both_frameworks(tmp_path: Path, wire: str) -> 
 
 def test_quick_strategy_forms_run_on_both_frameworks_against_the_floor(tmp_path: Path) -> None:
     """``Bsub`` (a FedAvg subclass overriding ``aggregate_fit`` to save the model with
-    ``np.savez``) and ``Bmed`` (FedMedian) run on both frameworks and end at the expected
-    model; the subclass saved one file per round, the last one the final model. The
-    floors are measured, and each round is a multiple (> 1: the floor is a lower bound)
-    of its workload's floor."""
-    result, stdout = run_quick(tmp_path, "Bsub,Bmed", "none")
+    ``np.savez``), ``Bmed`` (FedMedian) and ``Bown`` (a ``Strategy`` of one's own, written
+    as Flower's FedAvg is) run on both frameworks and end at the expected model; the
+    subclass saved one file per round, the last one the final model. The floors are
+    measured, and each round is a multiple (> 1: the floor is a lower bound) of its
+    workload's floor."""
+    result, stdout = run_quick(tmp_path, "Bsub,Bmed,Bown", "none")
     floors = result["floors"]
     assert floors["loopback_bytes_per_s"] > 0 and floors["memcpy_bytes_per_s"] > 0
-    for name, form in (("Bsub", "subclass"), ("Bmed", "fedmedian")):
+    for name, form in (("Bsub", "subclass"), ("Bmed", "fedmedian"), ("Bown", "own")):
         entry = result["workloads"][name]
         assert entry["spec"]["strategy"] == form
         clients, model_bytes = entry["spec"]["clients"], entry["spec"]["model_bytes"]
@@ -120,6 +122,7 @@ def test_quick_strategy_forms_run_on_both_frameworks_against_the_floor(tmp_path:
             assert multiples["server_peak_rss_x_model"] > 1
     assert "| Bsub: 4 x 1 MB, FedAvg subclass saving the model |" in stdout
     assert "| Bmed: 4 x 1 MB, FedMedian |" in stdout
+    assert "| Bown: 4 x 1 MB, a Strategy of one's own |" in stdout
 
 
 def test_quick_transport_points_are_compared_with_grpc_bidi(tmp_path: Path) -> None:

@@ -215,11 +215,28 @@ _PEAK = textwrap.dedent(
         del model, parameters
     base = status("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM back to VmRSS
+    class OwnStrategy:
+        # A strategy of one's own, written the way Flower's FedAvg is: every result
+        # decoded with parameters_to_ndarrays, then averaged with aggregate.
+
+        def __init__(self, **kwargs):
+            pass
+
+        def aggregate_fit(self, server_round, results, failures):
+            from stamen.server.strategy.aggregate import aggregate
+
+            weights = [
+                (fl.common.parameters_to_ndarrays(r.parameters), r.num_examples)
+                for _, r in results
+            ]
+            return fl.common.ndarrays_to_parameters(aggregate(weights)), {}
+
     rule = {
         "fedavg": s.FedAvg,
         "median": s.FedMedian,
         "trimmed": s.FedTrimmedAvg,
         "krum": lambda **kw: s.Krum(num_malicious_clients=1, **kw),
+        "own": OwnStrategy,
     }[name](fraction_evaluate=0.0)
     parameters, _ = rule.aggregate_fit(1, results, [])
     grew = status("VmHWM") - base
@@ -230,13 +247,16 @@ _PEAK = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    ("rule", "value"), [("fedavg", 5.5), ("median", 5.5), ("trimmed", 5.5), ("krum", 4.0)]
+    ("rule", "value"),
+    [("fedavg", 5.5), ("median", 5.5), ("trimmed", 5.5), ("krum", 4.0), ("own", 5.5)],
 )
 def test_rules_over_spilled_results_hold_a_few_models_not_all(rule: str, value: float) -> None:
     """Twelve 24 MB results on disk (288 MB): each rule's peak stays within one model (the
     new model, in its encoded place) and a fixed 128 MB (the parts it stacks, 2 x 32 MB;
     pages in flight; the aggregation threads' scratch), not all twelve; what it computes
-    is right (Krum: models 4 to 7 tie, the first wins)."""
+    is right (Krum: models 4 to 7 tie, the first wins). A strategy of one's own that
+    decodes every result with ``parameters_to_ndarrays`` gets copy-on-write arrays of the
+    files, not copies (600 MB at its peak when they were copies)."""
     size, count = 6_000_000, 12  # float32: 24 MB per model
     done = subprocess.run(
         [sys.executable, "-c", _PEAK, rule, str(count), str(size)],
@@ -359,7 +379,7 @@ def _file_of(parameters: Parameters) -> int:
     """The start address of the spill file mapping ``parameters`` lie in."""
     found = spill_module._mapping_at(spill_module._address(parameters.tensors[0]))
     assert found is not None
-    return int(found[0])
+    return found[0].start
 
 
 def _round_of_results(directory: str, value: float) -> list[Parameters]:
@@ -395,12 +415,13 @@ def test_a_spill_file_takes_the_next_rounds_results_once_its_own_are_let_go(
     again[:] = 2
     found = spill_module._mapping_at(spill_module._address(again))
     assert found is not None
-    assert found[2][second_at : second_at + len(second_bytes)] == second_bytes
+    entry, mapping = found
+    assert mapping[second_at : second_at + len(second_bytes)] == second_bytes
     assert bytes(again[:3]) == bytes([2, 2, 2])
     later = _round_of_results(directory, 3.0)  # the same round's other results
-    assert {_file_of(p) for p in later} == {found[0]}
+    assert {_file_of(p) for p in later} == {entry.start}
     assert [float(parameters_to_views(p)[0][-1]) for p in later] == [3.0, 3.0, 3.0]
-    del found, later, again
+    del found, entry, mapping, later, again
     SpillStore(directory).close()
 
 
@@ -694,3 +715,127 @@ def test_a_spill_file_that_fills_up_moves_the_message_to_memory(
     assert writes[0] == 3 and wholes[-1] is not None and bytes(wholes[-1]) == message
     assert not is_spilled(Parameters(tensors=[wholes[-1]], tensor_type="numpy.ndarray"))
     assert any("No space left" in r.getMessage() for r in caplog.records)
+
+
+def _pages_of(array: np.ndarray) -> tuple[int, int]:
+    """The first page of ``array`` and the page after its last."""
+    address = int(array.__array_interface__["data"][0])
+    return address // 4096, -(-(address + array.nbytes) // 4096)
+
+
+def _mapped_pages(array: np.ndarray) -> int:
+    """Pages of ``array`` mapped into this process now (the kernel's page map)."""
+    first, stop = _pages_of(array)
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        entries = os.pread(pagemap.fileno(), 8 * (stop - first), 8 * first)
+    return int(((np.frombuffer(entries, np.uint64) >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+def test_parameters_to_ndarrays_of_a_spilled_result_are_new_arrays_without_a_copy(
+    tmp_path: Path,
+) -> None:
+    """Large layers of a spilled result decode to writable arrays over the spill file,
+    copy on write (no copy made, no page of theirs resident); writing to them changes
+    them alone: not the result's tensors, not its file, not another decoding. Small
+    layers are copied as before; Fortran order and float16 come through as they were."""
+    rng = np.random.default_rng(7)
+    big = rng.normal(size=(1000, 600)).astype(np.float32)  # 2.4 MB
+    fortran = np.asfortranarray(rng.normal(size=(700, 500)))  # 2.8 MB, F order
+    half = rng.normal(size=800_000).astype(np.float16)  # 1.6 MB
+    small = np.arange(10, dtype=np.int64)
+    model = [big, fortran, half, small]
+    spilled = spill_parameters(ndarrays_to_parameters(model), str(tmp_path))
+    before = [bytes(t) for t in spilled.tensors]
+
+    arrays = parameters_to_ndarrays(spilled)
+    for array, original in zip(arrays, model, strict=True):
+        assert array.flags.writeable and array.dtype == original.dtype
+        assert array.shape == original.shape
+        np.testing.assert_array_equal(array, original)
+    assert arrays[1].flags.f_contiguous
+    views = parameters_to_views(spilled)
+    assert not any(np.shares_memory(a, v) for a, v in zip(arrays, views, strict=True))
+    mapped = [spill_module._mapping_at(a.__array_interface__["data"][0]) for a in arrays]
+    assert [m is not None and m[0].segment is None for m in mapped] == [True] * 3 + [False]
+    del mapped
+
+    for array in arrays:
+        array[...] = 0
+    assert [bytes(t) for t in spilled.tensors] == before
+    again = parameters_to_ndarrays(spilled)
+    for array, original in zip(again, model, strict=True):
+        np.testing.assert_array_equal(array, original)
+    del arrays, again, views, spilled
+    SpillStore(str(tmp_path)).close()
+
+
+def test_releasing_a_copy_on_write_array_keeps_what_was_written_to_it(tmp_path: Path) -> None:
+    """The aggregation kernels let a spilled array's pages go once read; a copy-on-write
+    array's pages that were written to are its own data and stay: the mean of written
+    arrays is the mean of what was written, and their unwritten pages go."""
+    size = 1 << 20  # float32: 4 MB, 1,024 pages
+    results = [
+        spill_parameters(ndarrays_to_parameters([np.full(size, k, np.float32)]), str(tmp_path))
+        for k in (1.0, 3.0)
+    ]
+    first, second = (parameters_to_ndarrays(p)[0] for p in results)
+    first[: size // 2] = 10.0  # half the pages written to: its own
+    np.testing.assert_array_equal(second, 3.0)  # read: every page mapped
+    first_page, stop = _pages_of(second)
+    assert _mapped_pages(second) == stop - first_page
+
+    release(second)
+    assert _mapped_pages(second) == 0  # all the file's: let go
+    release(first)
+    assert _mapped_pages(first) >= 512  # the written half stays
+    (mean,) = aggregate([([first], 1), ([second], 1)])
+    np.testing.assert_array_equal(mean[: size // 2], 6.5)
+    np.testing.assert_array_equal(mean[size // 2 :], 2.0)
+    np.testing.assert_array_equal(first[: size // 2], 10.0)
+    np.testing.assert_array_equal(first[size // 2 :], 1.0)
+    del first, second, results
+    SpillStore(str(tmp_path)).close()
+
+
+def test_a_copy_on_write_array_keeps_its_spill_file_from_the_next_round(
+    tmp_path: Path,
+) -> None:
+    """A spill file whose results are let go takes the next round's results over the same
+    bytes, which a copy-on-write array's unwritten pages would show: an array decoded
+    from a result keeps that file out of reuse while it lives."""
+    directory = str(tmp_path)
+    size = 1 << 19
+    spilled = spill_parameters(ndarrays_to_parameters([np.full(size, 1.0, np.float32)]), directory)
+    (kept,) = parameters_to_ndarrays(spilled)
+    start = _file_of(spilled)
+    del spilled
+    close_segments(directory)  # the round ends: its file may be reused once let go
+    later = spill_parameters(ndarrays_to_parameters([np.full(size, 2.0, np.float32)]), directory)
+    assert _file_of(later) != start
+    np.testing.assert_array_equal(kept, 1.0)
+    del kept, later
+    close_segments(directory)
+    reused = spill_parameters(ndarrays_to_parameters([np.full(size, 3.0, np.float32)]), directory)
+    assert _file_of(reused) == start  # once the array is gone, the file is reused
+    del reused
+    SpillStore(directory).close()
+
+
+def test_copy_on_write_views_stop_at_their_limit_and_arrays_are_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each view is a mapping, and a process has a limit of those that its allocator and
+    threads draw on too: past ``PRIVATE_VIEWS_LIMIT`` views, arrays are copies (and
+    the count goes down as views are let go)."""
+    model = [np.full(1 << 19, k, np.float32) for k in range(3)]  # 2 MB layers
+    spilled = spill_parameters(ndarrays_to_parameters(model), str(tmp_path))
+    monkeypatch.setattr(spill_module, "PRIVATE_VIEWS_LIMIT", spill_module._private_views + 2)
+    arrays = parameters_to_ndarrays(spilled)
+    assert [a.flags.owndata for a in arrays] == [False, False, True]
+    for array, original in zip(arrays, model, strict=True):
+        np.testing.assert_array_equal(array, original)
+    del arrays
+    again = parameters_to_ndarrays(spilled)
+    assert [a.flags.owndata for a in again] == [False, False, True]
+    del again, spilled
+    SpillStore(str(tmp_path)).close()

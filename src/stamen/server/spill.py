@@ -36,21 +36,24 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from ..messages import FitRes, Parameters
-from ..ndarrays import Lease, ReceivedBuffer
+from ..ndarrays import Lease, ReceivedBuffer, copy_on_write_with
 
 __all__ = [
+    "COPY_ON_WRITE_FROM",
     "DEFAULT_BUDGET",
+    "PRIVATE_VIEWS_LIMIT",
     "SEGMENT_BYTES",
     "ParkedModels",
     "SpillBuffer",
     "SpillReport",
     "SpillStore",
     "close_segments",
+    "copy_on_write",
     "drop_spares",
     "is_spilled",
     "receive_buffer",
@@ -84,48 +87,69 @@ _ALIGN = max(_PAGE, 4096)
 
 _lock = threading.Lock()
 _starts: list[int] = []
-_maps: list[tuple[int, int, weakref.ref[mmap.mmap], str | None]] = []
-"""(start, end, mapping, directory) of each spill file's mapping, by start address."""
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """A mapping of a spill file: a file's shared mapping, or a private (copy-on-write)
+    view of some of its bytes made by :func:`copy_on_write`."""
+
+    start: int
+    end: int
+    mapping: weakref.ref[mmap.mmap]
+    directory: str | None
+    segment: weakref.ref[_Segment] | None
+    """The file's :class:`_Segment` (its descriptor); None for a private view."""
+
+
+_maps: list[_Mapped] = []
+"""Every spill file mapping, by start address."""
+_private_views = 0
+"""Private views (:func:`copy_on_write`) mapped now."""
 
 
 def _address(buffer: Any) -> int:
     return int(np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0])
 
 
-def _register(mapping: mmap.mmap, directory: str | None) -> None:
+def _register(mapping: mmap.mmap, directory: str | None, segment: _Segment | None) -> None:
     start = _address(mapping)
     ref = weakref.ref(mapping, lambda _: _forget(start))
-    entry = (start, start + len(mapping), ref, directory)
+    owner = None if segment is None else weakref.ref(segment)
+    entry = _Mapped(start, start + len(mapping), ref, directory, owner)
+    global _private_views
     with _lock:
         at = bisect.bisect_left(_starts, start)
         _starts.insert(at, start)
         _maps.insert(at, entry)
+        _private_views += owner is None
 
 
 def _forget(start: int) -> None:
+    global _private_views
     with _lock:
         at = bisect.bisect_left(_starts, start)
         if at < len(_starts) and _starts[at] == start:
             del _starts[at]
-            del _maps[at]
+            _private_views -= _maps.pop(at).segment is None
 
 
-def _mapping_at(address: int) -> tuple[int, int, mmap.mmap, str | None] | None:
+def _mapping_at(address: int) -> tuple[_Mapped, mmap.mmap] | None:
     with _lock:
         at = bisect.bisect_right(_starts, address) - 1
         if at < 0:
             return None
-        start, end, ref, directory = _maps[at]
-    mapping = ref()
-    if mapping is None or not start <= address < end:
+        entry = _maps[at]
+    mapping = entry.mapping()
+    if mapping is None or not entry.start <= address < entry.end:
         return None
-    return start, end, mapping, directory
+    return entry, mapping
 
 
 def spilled_bytes_mapped() -> int:
     """Bytes of spilled results whose files are still mapped (for tests and reports)."""
     with _lock:
-        return sum(end - start for start, end, ref, _ in _maps if ref() is not None)
+        return sum(m.end - m.start for m in _maps if m.mapping() is not None)
 
 
 def _advise(mapping: mmap.mmap, advice: str, start: int = 0, length: int | None = None) -> None:
@@ -137,9 +161,12 @@ def _advise(mapping: mmap.mmap, advice: str, start: int = 0, length: int | None 
             mapping.madvise(flag, start, len(mapping) - start if length is None else length)
 
 
-def _pages(array: np.ndarray[Any, Any] | memoryview | bytes) -> tuple[mmap.mmap, int, int] | None:
-    """The spill file mapping ``array`` lies in, and the pages it covers there (offset,
-    length); None if it is empty or not a spilled result's."""
+def _pages(
+    array: np.ndarray[Any, Any] | memoryview | bytes,
+) -> tuple[mmap.mmap, int, int, bool] | None:
+    """The spill file mapping ``array`` lies in, the pages it covers there (offset,
+    length), and whether the mapping is a private view (:func:`copy_on_write`); None if
+    it is empty or not a spilled result's."""
     if isinstance(array, np.ndarray):
         if array.size == 0:
             return None
@@ -152,9 +179,10 @@ def _pages(array: np.ndarray[Any, Any] | memoryview | bytes) -> tuple[mmap.mmap,
     found = _mapping_at(address)
     if found is None:
         return None
-    start, end, mapping, _ = found
-    first = (address - start) // _PAGE * _PAGE
-    return mapping, first, min(address + nbytes, end) - start - first
+    entry, mapping = found
+    first = (address - entry.start) // _PAGE * _PAGE
+    length = min(address + nbytes, entry.end) - entry.start - first
+    return mapping, first, length, entry.segment is None
 
 
 def _readable(parameters: Parameters) -> None:
@@ -174,12 +202,120 @@ def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
     if not _starts:  # nothing is spilled: the common case costs one test
         return
     if (pages := _pages(array)) is not None:
-        mapping, first, length = pages
+        mapping, first, length, private = pages
         # Reading the start of ``array`` mapped the fault-around window before it too: a
         # part released earlier, mapped again. Let it go with this part, or a result
         # read in parts keeps ~60 KB per part (22 MB of a 100 MB result in 256 KB parts).
         behind = min(first, _FAULT_AROUND)
-        _advise(mapping, "MADV_DONTNEED", first - behind, length + behind)
+        start, length = first - behind, length + behind
+        # In a private view, a page written to is the view's own copy: letting it go
+        # would lose what was written. Such a range stays.
+        if private and _own_pages(_address(mapping) + start, length):
+            return
+        _advise(mapping, "MADV_DONTNEED", start, length)
+
+
+_PAGEMAP = "/proc/self/pagemap"
+_PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
+
+
+def _own_pages(address: int, length: int) -> bool:
+    """Whether a page of ``[address, address + length)`` in a private file mapping has
+    been written to: it is then the process's own page (present and not the file's, or
+    swapped out), as the kernel's page map says. True when that cannot be told (no page
+    map: not Linux), so the caller keeps the pages."""
+    first, stop = address // _PAGE, -(-(address + length) // _PAGE)
+    try:
+        with open(_PAGEMAP, "rb", buffering=0) as pagemap:
+            entries = os.pread(pagemap.fileno(), 8 * (stop - first), 8 * first)
+    except OSError:
+        return True
+    if len(entries) != 8 * (stop - first):
+        return True
+    flags = np.frombuffer(entries, dtype=np.uint64)
+    own = ((flags & _PRESENT) != 0) & ((flags & _FILE) == 0)
+    return bool(own.any() or (flags & _SWAPPED).any())
+
+
+COPY_ON_WRITE_FROM = 1 << 20
+"""Bytes from which :func:`copy_on_write` maps an array instead of letting it be copied
+(a mapping is a kernel object of its own: a model's small layers are copied)."""
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+PRIVATE_VIEWS_LIMIT = _max_map_count() // 4
+"""Private views mapped at once at most: a process has a limit of mappings (Linux's
+``vm.max_map_count``, 65,530 by default), which every allocator and thread stack draws
+on too. Beyond it, arrays are copied."""
+
+
+class _PrivateMap(mmap.mmap):
+    """A private view of a spill file (:func:`copy_on_write`). The arrays decoded over it
+    keep it (their buffer), and it keeps the tensor it was made from (:attr:`source`),
+    and so the spill file's memory, alive: the file is not handed out again to later
+    results while the view may still read it."""
+
+    source: object
+
+
+def copy_on_write(view: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
+    """A new, writable array equal to ``view`` (a read-only array decoded over a spilled
+    result's tensor) without copying it: a private mapping of the same bytes of the spill
+    file, whose pages are the file's until written to (copy on write: a write changes the
+    array only, never the tensor or the file). None — copy it — if ``view`` is not in a
+    spill file, is smaller than :data:`COPY_ON_WRITE_FROM`, or cannot be mapped (already
+    :data:`PRIVATE_VIEWS_LIMIT` views, or no memory map).
+
+    Reading the array maps the file's pages into the process as reading the tensor does;
+    the aggregation kernels let them go part by part (:func:`release`), except pages the
+    array's owner has written to. So a strategy of one's own that decodes every result
+    with ``parameters_to_ndarrays`` and averages them with
+    :func:`~stamen.server.strategy.aggregate.aggregate` holds the results' pages one part
+    at a time, not every result twice.
+    """
+    if not _starts or view.nbytes < COPY_ON_WRITE_FROM or view.dtype.hasobject:
+        return None
+    if _private_views >= PRIVATE_VIEWS_LIMIT:
+        return None
+    order: Literal["C", "F"]
+    if view.flags.c_contiguous:
+        order = "C"
+    elif view.flags.f_contiguous:
+        order = "F"
+    else:
+        return None
+    address = int(view.__array_interface__["data"][0])
+    found = _mapping_at(address)
+    if found is None or found[0].segment is None:
+        return None
+    segment = found[0].segment()
+    if segment is None:
+        return None
+    at = address - found[0].start  # the file's offset: a segment maps its file from 0
+    offset = at // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    inner = at - offset
+    try:
+        private = _PrivateMap(
+            segment.fd,
+            inner + view.nbytes,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=offset,
+        )
+    except (OSError, ValueError, AttributeError):  # no MAP_PRIVATE (Windows), no memory map
+        return None
+    private.source = view
+    _register(private, found[0].directory, None)
+    flat = np.frombuffer(private, dtype=view.dtype, count=view.size, offset=inner)
+    shape: tuple[int, ...] = view.shape
+    return flat.reshape(shape, order=order)
 
 
 # --- writing results out ---------------------------------------------------------------------
@@ -217,7 +353,7 @@ class _Segment:
         # header, decoded). Once whole, a result is read back in order: readahead is
         # turned on again for it (:func:`_readable`).
         _advise(self.mapping, "MADV_RANDOM")
-        _register(self.mapping, directory)
+        _register(self.mapping, directory, self)
         self.used = 0
 
     def take(self, size: int) -> int | None:
@@ -422,7 +558,7 @@ def spilled_like(source: Parameters, parameters: Parameters) -> Parameters:
     for tensor in source.tensors:
         if len(tensor):
             found = _mapping_at(_address(tensor))
-            return parameters if found is None else spill_parameters(parameters, found[3])
+            return parameters if found is None else spill_parameters(parameters, found[0].directory)
     return parameters
 
 
@@ -625,3 +761,6 @@ class SpillStore:
                 report.kept_bytes / 1e6,
             )
         return report
+
+
+copy_on_write_with(copy_on_write)
