@@ -32,6 +32,7 @@ import contextlib
 import logging
 import mmap
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -215,8 +216,23 @@ def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
         _advise(mapping, "MADV_DONTNEED", start, length)
 
 
-_PAGEMAP = "/proc/self/pagemap"
-_PRESENT, _SWAPPED, _FILE = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
+_OWN_PAGE = bytes(int(top & 0x40 != 0 or top & 0xA0 == 0x80) for top in range(256))
+"""By the top byte of a page map entry: 1 if the page is the process's own (swapped out,
+bit 62; or present, bit 63, and not the file's, bit 61)."""
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
+"""Where the top byte of each 8-byte page map entry (native byte order) lies."""
+_pagemap: tuple[int, int] | None = None
+"""(process id, descriptor) of this process's page map, opened once (a child process
+opens its own: the descriptor it inherits reads its parent's)."""
+
+
+def _pagemap_fd() -> int:
+    global _pagemap
+    pid = os.getpid()
+    with _lock:
+        if _pagemap is None or _pagemap[0] != pid:
+            _pagemap = (pid, os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+        return _pagemap[1]
 
 
 def _own_pages(address: int, length: int) -> bool:
@@ -226,15 +242,12 @@ def _own_pages(address: int, length: int) -> bool:
     map: not Linux), so the caller keeps the pages."""
     first, stop = address // _PAGE, -(-(address + length) // _PAGE)
     try:
-        with open(_PAGEMAP, "rb", buffering=0) as pagemap:
-            entries = os.pread(pagemap.fileno(), 8 * (stop - first), 8 * first)
+        entries = os.pread(_pagemap_fd(), 8 * (stop - first), 8 * first)
     except OSError:
         return True
     if len(entries) != 8 * (stop - first):
         return True
-    flags = np.frombuffer(entries, dtype=np.uint64)
-    own = ((flags & _PRESENT) != 0) & ((flags & _FILE) == 0)
-    return bool(own.any() or (flags & _SWAPPED).any())
+    return 1 in entries[_TOP_BYTE::8].translate(_OWN_PAGE)
 
 
 COPY_ON_WRITE_FROM = 1 << 20
