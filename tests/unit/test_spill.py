@@ -839,3 +839,72 @@ def test_copy_on_write_views_stop_at_their_limit_and_arrays_are_copied(
     assert [a.flags.owndata for a in again] == [False, False, True]
     del again, spilled
     SpillStore(str(tmp_path)).close()
+
+
+class Wide(NumPyClient):
+    """Trains by adding ``delta`` to a model of one 1.2 MB float32 layer (copied on write
+    when spilled) and one small layer (copied); holds ``n`` examples."""
+
+    def __init__(self, delta: float, n: int) -> None:
+        self.delta, self.n = np.float32(delta), n
+
+    def get_parameters(self, config: Any) -> list[np.ndarray]:
+        return [np.full(300_000, 10.0, np.float32), np.full(3, 10.0, np.float32)]
+
+    def fit(self, parameters: Any, config: Any) -> Any:
+        return [p + self.delta for p in parameters], self.n, {}
+
+    def evaluate(self, parameters: Any, config: Any) -> Any:
+        return 0.0, self.n, {}
+
+
+class HalvesEachResult(fl.server.strategy.Strategy):
+    """A strategy of one's own, written as Flower's FedAvg is, that works on the decoded
+    results in place (halves them) before averaging them with ``aggregate``."""
+
+    def __init__(self) -> None:
+        self.owned: list[list[bool]] = []
+
+    def initialize_parameters(self, client_manager: Any) -> Any:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        clients = client_manager.sample(num_clients=4, min_num_clients=4)
+        return [(client, fl.common.FitIns(parameters, {})) for client in clients]
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        weights = [(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in results]
+        self.owned.append([a.flags.owndata for arrays, _ in weights for a in arrays])
+        for arrays, _ in weights:
+            for array in arrays:
+                array *= np.float32(0.5)
+        return ndarrays_to_parameters(aggregate(weights)), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Any) -> Any:
+        return None
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_a_strategy_of_ones_own_writes_to_results_on_disk_as_to_results_in_memory(
+    budget: int,
+) -> None:
+    """Results on disk decode to copy-on-write arrays (large layers) that a strategy of
+    one's own can work on in place; what it wrote is what ``aggregate`` averages (its
+    release of the pages read keeps them), as with results in memory."""
+    proxies = [LocalProxy(str(k), Wide(float(k), k + 1)) for k in range(4)]
+    strategy = HalvesEachResult()
+    server = Server(client_manager=_manager(*proxies), strategy=strategy)
+    server.spill = SpillStore(budget=budget)
+    server.fit(num_rounds=2, timeout=None)
+    # a round: g -> sum_k (k+1) (g + k) / 2 / 10 = g / 2 + 1 (from 10: 6, then 4)
+    final = parameters_to_views(server.parameters)
+    np.testing.assert_array_equal(final[0], np.full(300_000, 4.0, np.float32))
+    np.testing.assert_array_equal(final[1], np.full(3, 4.0, np.float32))
+    large_mapped = budget == 0
+    assert strategy.owned == [[not large_mapped, True] * 4] * 2
