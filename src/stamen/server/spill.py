@@ -23,6 +23,12 @@ soon as they have read it (:mod:`~stamen.server.strategy.aggregate`, the result 
 so a rule that reads every result once holds one part of each at a time. Releasing never
 loses data: the pages are read again from the file if they are read again. :func:`release`
 does nothing to memory that is not a spilled result's.
+
+``parameters_to_ndarrays`` of a spilled result makes no copy either
+(:func:`copy_on_write`): its large layers become private mappings of the same bytes of the
+file, new and writable arrays whose pages stay the file's until written to. A strategy of
+one's own that decodes every result and averages them so holds a part of each at a time,
+as the built-in rules do; :func:`release` keeps the pages such an array was written to.
 """
 
 from __future__ import annotations
@@ -210,7 +216,9 @@ def release(array: np.ndarray[Any, Any] | memoryview | bytes) -> None:
         behind = min(first, _FAULT_AROUND)
         start, length = first - behind, length + behind
         # In a private view, a page written to is the view's own copy: letting it go
-        # would lose what was written. Such a range stays.
+        # would lose what was written. Such a range stays. (Releasing is for arrays
+        # being read: a write from another thread between this check and the advice
+        # would be lost, as it would race with the reading anyway.)
         if private and _own_pages(_address(mapping) + start, length):
             return
         _advise(mapping, "MADV_DONTNEED", start, length)
