@@ -82,7 +82,7 @@ FULL = {
     "Bown": Workload(
         "Bown", 10, 100_000_000, rounds=3, processes=2, repeat=1, timeout=600, strategy=OWN
     ),
-    # 50 clients x 40 MB: the memory bound with many results, in the three forms.
+    # 50 clients x 40 MB: the memory bound with many results, in the four forms.
     "B50": Workload("B50", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600),
     "B50sub": Workload(
         "B50sub", 50, 40_000_000, rounds=3, processes=5, repeat=1, timeout=600, strategy=SUB

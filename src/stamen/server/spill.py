@@ -314,12 +314,11 @@ def copy_on_write(view: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
         return None
     address = int(view.__array_interface__["data"][0])
     found = _mapping_at(address)
-    if found is None or found[0].segment is None:
+    entry = None if found is None else found[0]
+    segment = None if entry is None or entry.segment is None else entry.segment()
+    if entry is None or segment is None:  # not spilled, a private view, or a file let go
         return None
-    segment = found[0].segment()
-    if segment is None:
-        return None
-    at = address - found[0].start  # the file's offset: a segment maps its file from 0
+    at = address - entry.start  # the file's offset: a segment maps its file from 0
     offset = at // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
     inner = at - offset
     try:
@@ -333,7 +332,7 @@ def copy_on_write(view: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
     except (OSError, ValueError, AttributeError):  # no MAP_PRIVATE (Windows), no memory map
         return None
     private.source = view
-    _register(private, found[0].directory, None)
+    _register(private, entry.directory, None)
     flat = np.frombuffer(private, dtype=view.dtype, count=view.size, offset=inner)
     shape: tuple[int, ...] = view.shape
     return flat.reshape(shape, order=order)
