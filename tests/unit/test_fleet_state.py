@@ -41,9 +41,17 @@ from stamen.protocol.fleet_server import (
 )
 from stamen.protocol.slots import Admission, SlotLedger
 from stamen.server.client_manager import SimpleClientManager
+from stamen.server.fleet import handler
 from stamen.server.fleet.handler import Fleet
 from stamen.testing import FakeClock
-from stamen.wire import FRAMING, Payload, Verb, encode_instruction_payload, fleet_codec
+from stamen.wire import (
+    FRAMING,
+    Payload,
+    Verb,
+    encode_instruction_payload,
+    encode_reply_payload,
+    fleet_codec,
+)
 
 TIMING = FleetTiming(heartbeat_interval=2.0, heartbeat_timeout=6.0, poll_timeout=4.0)
 REST = Caller("rest", "127.0.0.1:5000")
@@ -235,6 +243,110 @@ def test_reception_decides_per_message() -> None:
     assert state.reception(node, task.task_id, frames[1]) is Reception.FEED
     step = state.request("PUSH", PushRequest(node.node_id, task.task_id, frames[1]), REST)
     assert step == TakeReply(node, task.task_id, frames[1])
+
+
+def test_a_frame_that_overtook_an_earlier_one_is_told_apart() -> None:
+    """``ahead_of_turn``: a frame of a task in flight whose earlier bytes the reader does
+    not have yet; never a first frame, a whole reply, a frame it has, or an ended task's."""
+    state, _ = _state(FakeClock(), max_message_length=4096)
+    node = _create(state)
+    frames = list(_fit_payload(12_000).messages(node.frame_size))
+    assert len(frames) >= 3
+    assert not state.ahead_of_turn(node, 7, frames[1])  # no such task
+    _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
+    tid = task.task_id
+    assert not state.ahead_of_turn(node, tid, frames[0])
+    assert not state.ahead_of_turn(node, tid, b"\x0a\x00")  # a whole reply
+    assert state.ahead_of_turn(node, tid, frames[1]) and state.ahead_of_turn(node, tid, frames[2])
+    assert state.reception(node, tid, frames[0]) is Reception.NEEDS_SLOT
+    assert node.reader.feed(frames[0]) is None
+    assert not state.ahead_of_turn(node, tid, frames[0])  # sent again: it has it
+    assert not state.ahead_of_turn(node, tid, frames[1])
+    assert state.ahead_of_turn(node, tid, frames[2])
+    node.mailbox.fail(tid, ConnectionLost("gone"))
+    assert not state.ahead_of_turn(node, tid, frames[2])  # ended: ignored, not waited for
+
+
+def _fleet_with_node(
+    loop: asyncio.AbstractEventLoop, max_message_length: int = 4096
+) -> tuple[Fleet, NodeRecord]:
+    fleet = Fleet(SimpleClientManager(), loop, max_message_length=max_message_length, timing=TIMING)
+    body = fleet_codec.encode_create_node_request(CreateNodeRequest())
+    created = loop.run_until_complete(
+        fleet.handle(Verb.CREATE_NODE, body, "rest", "peer", method="m", headers={})
+    )
+    node = fleet.state.get(str(fleet_codec.decode_create_node_response(created).node_id))
+    assert node is not None
+    return fleet, node
+
+
+def _push_all(
+    loop: asyncio.AbstractEventLoop, fleet: Fleet, node: NodeRecord, task_id: int, frames: list[Any]
+) -> list[bytes | BaseException]:
+    """Push ``frames`` as concurrent requests, started in the order given."""
+
+    async def pushes() -> list[bytes | BaseException]:
+        calls = [
+            fleet.handle(
+                Verb.PUSH,
+                fleet_codec.encode_push_request(PushRequest(node.node_id, task_id, frame)),
+                "rest",
+                "peer",
+                method="m",
+                headers={},
+            )
+            for frame in frames
+        ]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+
+    return loop.run_until_complete(pushes())
+
+
+def _reply_frames(node: NodeRecord) -> tuple[FitRes, list[Any]]:
+    values = np.arange(4_000, dtype=np.float32)
+    reply = FitRes(Status(Code.OK, ""), Parameters([values.tobytes()], "numpy.ndarray"), 5, {})
+    return reply, list(encode_reply_payload(reply).messages(node.frame_size))
+
+
+def test_frames_pushed_out_of_order_are_taken_in_order(loop: asyncio.AbstractEventLoop) -> None:
+    """Concurrent pushes of one reply's frames may arrive in any order (a node has a few in
+    flight): each waits for the ones before it, and the reply is whole and right."""
+    fleet, node = _fleet_with_node(loop)
+    outcomes = _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
+    reply, frames = _reply_frames(node)
+    assert len(frames) >= 5
+    order = [0, 3, 2, len(frames) - 1, *range(4, len(frames) - 1), 1]
+    answers = _push_all(loop, fleet, node, task.task_id, [frames[i] for i in order])
+    assert all(isinstance(answer, bytes) for answer in answers), answers
+    assert len(outcomes) == 1 and isinstance(outcomes[0], FitRes)
+    got = outcomes[0]
+    assert got.num_examples == 5
+    assert bytes(got.parameters.tensors[0]) == bytes(reply.parameters.tensors[0])
+    assert not fleet._landed  # nothing left waiting
+
+
+def test_a_frame_whose_earlier_one_never_comes_fails_the_reply(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame waits for its earlier ones a bounded time; then the gap is an error, as
+    it was before frames could overtake each other: the push is refused, the task fails."""
+    monkeypatch.setattr(handler, "_FRAME_ORDER_WAIT", 0.2)
+    fleet, node = _fleet_with_node(loop)
+    outcomes = _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
+    _, frames = _reply_frames(node)
+    began = loop.time()
+    answers = _push_all(loop, fleet, node, task.task_id, [frames[0], frames[2]])
+    assert loop.time() - began < 10
+    assert isinstance(answers[0], bytes)
+    assert isinstance(answers[1], FleetError) and answers[1].kind is ErrorKind.INVALID_ARGUMENT
+    assert "expected the frame at offset" in str(answers[1])
+    assert len(outcomes) == 1 and isinstance(outcomes[0], Exception)
 
 
 def test_a_closing_fleet_refuses_requests() -> None:

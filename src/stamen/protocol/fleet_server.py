@@ -247,6 +247,11 @@ class Framing(Protocol):
         """Data bytes per frame on a link bounded by ``max_message_length``."""
         ...
 
+    def offset(self, data: bytes | memoryview) -> int | None:
+        """Where in its message the frame ``data`` starts; None if ``data`` is not a
+        well-formed frame."""
+        ...
+
 
 @dataclass(eq=False)
 class NodeRecord:
@@ -610,6 +615,17 @@ class FleetState:
             if framed and node.slot is None:
                 return Reception.NEEDS_SLOT
         return Reception.FEED
+
+    def ahead_of_turn(self, node: NodeRecord, task_id: int, data: bytes | memoryview) -> bool:
+        """Whether the pushed message ``data`` is a frame of the reply to ``task_id`` that
+        came before an earlier frame of it: a node pushes a large reply's frames a few at
+        a time (``stamen.transport.fleet.PUSHES_IN_FLIGHT``), and concurrent requests may
+        overtake each other. Such a frame waits for the earlier ones
+        (:meth:`reception` would take it for a gap)."""
+        offset = self.framing.offset(data)
+        if not offset or node.mailbox.in_flight(task_id) is None:
+            return False  # a whole reply, a first frame, a malformed one, or an ended task
+        return node.reading_task != task_id or node.reader.received < offset
 
     def stream_reception(self, node: NodeRecord, data: bytes | memoryview) -> Reception:
         """:meth:`reception` on a stream (grpc-bidi), where every message belongs to the

@@ -425,5 +425,14 @@ class Framing:
         """Data bytes per frame on a link bounded by ``max_message_length``."""
         return frame_size(max_message_length)
 
+    def offset(self, data: bytes | memoryview) -> int | None:
+        """Where in its message the frame ``data`` starts; None if ``data`` is not a
+        well-formed frame."""
+        try:
+            frame = read_frame(data)
+        except DecodeError:
+            return None
+        return None if frame is None else frame[1]
+
 
 FRAMING = Framing()

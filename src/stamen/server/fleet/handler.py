@@ -75,6 +75,11 @@ _PUSH_SLOT_WAIT = 10.0
 """Seconds a pushed frame waits for a receive slot before it is taken in anyway (a node's
 push request must not time out behind a slow neighbour)."""
 
+_FRAME_ORDER_WAIT = 10.0
+"""Seconds a pushed frame that came before an earlier frame of its reply waits for it
+(nodes push a large reply's frames a few at a time); then it is taken as it is (a gap is
+an error)."""
+
 Node = NodeRecord
 """A connected node, as the servicers see it (its protocol state)."""
 
@@ -265,6 +270,9 @@ class Fleet:
         self.slots = ReceiveSlots(RECEIVE_SLOTS)
         self._attached: dict[str, _Attachment] = {}
         self._decoded: dict[str, tuple[bytes | memoryview, Reply | DecodeError]] = {}
+        self._landed: dict[str, asyncio.Event] = {}
+        """By node: set when a pushed message of its has been taken (frames that came
+        before an earlier one wait on it)."""
         chosen = timing or FleetTiming()
         self._registrations = TokenBuckets(
             chosen.create_node_rate,
@@ -468,11 +476,35 @@ class Fleet:
 
     async def receive(self, node: Node, task_id: int, data: bytes | memoryview) -> Reply | None:
         """Take one pushed message of the reply to task ``task_id``: a whole reply or a
-        frame of one. Returns the reply once it is whole (and delivers it), else None.
+        frame of one. Returns the reply once it is whole (and delivers it), else None. A
+        frame that came before an earlier one of its reply waits for it first (up to
+        :data:`_FRAME_ORDER_WAIT`).
 
         Raises:
             DecodeError: the bytes are not a valid reply or frame (the task fails with it).
         """
+        await self._in_turn(node, task_id, data)
+        try:
+            return await self._take_pushed(node, task_id, data)
+        finally:
+            landed = self._landed.pop(node.cid, None)
+            if landed is not None:
+                landed.set()  # frames waiting for this one look again
+
+    async def _in_turn(self, node: Node, task_id: int, data: bytes | memoryview) -> None:
+        """Wait until the frames before ``data`` in its reply have been taken (or the
+        task has ended), for :data:`_FRAME_ORDER_WAIT` seconds at most."""
+        deadline = self._loop.time() + _FRAME_ORDER_WAIT
+        while self.state.ahead_of_turn(node, task_id, data):
+            landed = self._landed.setdefault(node.cid, asyncio.Event())
+            try:
+                await asyncio.wait_for(landed.wait(), deadline - self._loop.time())
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                return  # the reader judges it: a gap is an error
+
+    async def _take_pushed(
+        self, node: Node, task_id: int, data: bytes | memoryview
+    ) -> Reply | None:
         step = self.state.reception(node, task_id, data)
         if step is Reception.IGNORE:
             logger.info("node %s: frame of ended task %d ignored", node.cid, task_id)
@@ -582,10 +614,16 @@ class Fleet:
     def close_node(self, node: Node, error: BaseException | None = None) -> None:
         """Remove the node: fail its tasks and drop it from the client manager."""
         self.state.close(node, error)
+        landed = self._landed.pop(node.cid, None)
+        if landed is not None:
+            landed.set()  # its waiting frames find their task ended
 
     def close_all(self, reason: str) -> None:
         """Close every node (server shutdown)."""
         self.state.close_all(reason)
+        landed, self._landed = self._landed, {}
+        for event in landed.values():
+            event.set()
 
     def drop_silent_nodes(self) -> int:
         """Close pull-based nodes silent for longer than the heartbeat timeout."""
