@@ -29,6 +29,7 @@ from stamen.protocol.fleet import (
 )
 from stamen.protocol.fleet_client import FleetClientState
 from stamen.protocol.fleet_server import (
+    FRAMES_AHEAD,
     TRANSITIONS,
     AwaitTask,
     Caller,
@@ -269,6 +270,24 @@ def test_a_frame_that_overtook_an_earlier_one_is_told_apart() -> None:
     assert not state.ahead_of_turn(node, tid, frames[2])  # ended: ignored, not waited for
 
 
+def test_only_a_frame_a_few_frames_ahead_waits() -> None:
+    """A frame more than ``FRAMES_AHEAD`` frames past what the reader has is no
+    overtaking of concurrent pushes: it is a gap at once, not kept waiting."""
+    state, _ = _state(FakeClock(), max_message_length=4096)
+    node = _create(state)
+    frames = list(_fit_payload(40_000).messages(node.frame_size))
+    assert len(frames) > FRAMES_AHEAD + 2
+    _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
+    tid = task.task_id
+    assert state.ahead_of_turn(node, tid, frames[FRAMES_AHEAD])
+    assert not state.ahead_of_turn(node, tid, frames[FRAMES_AHEAD + 1])
+    state.reception(node, tid, frames[0])
+    assert node.reader.feed(frames[0]) is None
+    assert state.ahead_of_turn(node, tid, frames[FRAMES_AHEAD + 1])
+
+
 def _fleet_with_node(
     loop: asyncio.AbstractEventLoop, max_message_length: int = 4096
 ) -> tuple[Fleet, NodeRecord]:
@@ -347,6 +366,28 @@ def test_a_frame_whose_earlier_one_never_comes_fails_the_reply(
     assert isinstance(answers[1], FleetError) and answers[1].kind is ErrorKind.INVALID_ARGUMENT
     assert "expected the frame at offset" in str(answers[1])
     assert len(outcomes) == 1 and isinstance(outcomes[0], Exception)
+
+
+def test_a_node_has_a_few_frames_waiting_at_most(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each waiting push holds its bytes of the request budget: past ``_FRAMES_WAITING``
+    frames of one node waiting at once, the next is taken as it is (a gap fails the
+    reply at once), and the waiting ones then find their task ended."""
+    monkeypatch.setattr(handler, "_FRAME_ORDER_WAIT", 20.0)
+    fleet, node = _fleet_with_node(loop)
+    outcomes = _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
+    _, frames = _reply_frames(node)
+    pushed = [frames[1], frames[2], frames[3], frames[4], frames[2]]
+    assert handler._FRAMES_WAITING == len(pushed) - 1
+    began = loop.time()
+    answers = _push_all(loop, fleet, node, task.task_id, pushed)
+    assert loop.time() - began < 10  # nobody waited out the 20 s
+    assert [isinstance(a, FleetError) for a in answers] == [False] * 4 + [True]
+    assert len(outcomes) == 1 and isinstance(outcomes[0], Exception)
+    assert not fleet._waiting
 
 
 def test_a_closing_fleet_refuses_requests() -> None:

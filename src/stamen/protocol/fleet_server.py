@@ -327,6 +327,12 @@ class TakeReply:
 Step = Respond | AwaitTask | TakeReply
 
 
+FRAMES_AHEAD = 4
+"""Frames ahead of the reader that a pushed frame may be and still wait for the earlier
+ones (:meth:`FleetState.ahead_of_turn`): a node has two in flight, and one sent again
+after a failure may come later still; a frame further ahead is a gap at once."""
+
+
 class Reception(Enum):
     """What to do with one received message of a reply (see :meth:`FleetState.reception`)."""
 
@@ -618,14 +624,17 @@ class FleetState:
 
     def ahead_of_turn(self, node: NodeRecord, task_id: int, data: bytes | memoryview) -> bool:
         """Whether the pushed message ``data`` is a frame of the reply to ``task_id`` that
-        came before an earlier frame of it: a node pushes a large reply's frames a few at
-        a time (``stamen.transport.fleet.PUSHES_IN_FLIGHT``), and concurrent requests may
-        overtake each other. Such a frame waits for the earlier ones
-        (:meth:`reception` would take it for a gap)."""
+        came before an earlier frame of it, at most :data:`FRAMES_AHEAD` frames ahead: a
+        node pushes a large reply's frames a few at a time
+        (``stamen.transport.fleet.PUSHES_IN_FLIGHT``), and concurrent requests may
+        overtake each other. Such a frame waits for the earlier ones (:meth:`reception`
+        would take it for a gap); one further ahead is no such overtaking, and is not
+        kept waiting."""
         offset = self.framing.offset(data)
         if not offset or node.mailbox.in_flight(task_id) is None:
             return False  # a whole reply, a first frame, a malformed one, or an ended task
-        return node.reading_task != task_id or node.reader.received < offset
+        received = node.reader.received if node.reading_task == task_id else 0
+        return received < offset <= received + FRAMES_AHEAD * node.frame_size
 
     def stream_reception(self, node: NodeRecord, data: bytes | memoryview) -> Reception:
         """:meth:`reception` on a stream (grpc-bidi), where every message belongs to the

@@ -80,6 +80,10 @@ _FRAME_ORDER_WAIT = 10.0
 (nodes push a large reply's frames a few at a time); then it is taken as it is (a gap is
 an error)."""
 
+_FRAMES_WAITING = 4
+"""Pushed frames of one node that may wait for an earlier one at once; more are taken as
+they are (each waiting request holds its bytes of the fleet's request budget)."""
+
 Node = NodeRecord
 """A connected node, as the servicers see it (its protocol state)."""
 
@@ -273,6 +277,8 @@ class Fleet:
         self._landed: dict[str, asyncio.Event] = {}
         """By node: set when a pushed message of its has been taken (frames that came
         before an earlier one wait on it)."""
+        self._waiting: dict[str, int] = {}
+        """By node: its pushed frames waiting for an earlier one."""
         chosen = timing or FleetTiming()
         self._registrations = TokenBuckets(
             chosen.create_node_rate,
@@ -494,13 +500,24 @@ class Fleet:
     async def _in_turn(self, node: Node, task_id: int, data: bytes | memoryview) -> None:
         """Wait until the frames before ``data`` in its reply have been taken (or the
         task has ended), for :data:`_FRAME_ORDER_WAIT` seconds at most."""
+        if not self.state.ahead_of_turn(node, task_id, data):
+            return
+        cid = node.cid
+        if self._waiting.get(cid, 0) >= _FRAMES_WAITING:
+            return  # the reader judges it: a gap is an error
+        self._waiting[cid] = self._waiting.get(cid, 0) + 1
         deadline = self._loop.time() + _FRAME_ORDER_WAIT
-        while self.state.ahead_of_turn(node, task_id, data):
-            landed = self._landed.setdefault(node.cid, asyncio.Event())
-            try:
-                await asyncio.wait_for(landed.wait(), deadline - self._loop.time())
-            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
-                return  # the reader judges it: a gap is an error
+        try:
+            while self.state.ahead_of_turn(node, task_id, data):
+                landed = self._landed.setdefault(cid, asyncio.Event())
+                try:
+                    await asyncio.wait_for(landed.wait(), deadline - self._loop.time())
+                except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                    return  # the reader judges it: a gap is an error
+        finally:
+            left = self._waiting.pop(cid) - 1
+            if left:
+                self._waiting[cid] = left
 
     async def _take_pushed(
         self, node: Node, task_id: int, data: bytes | memoryview
