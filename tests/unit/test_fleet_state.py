@@ -323,23 +323,28 @@ def _push_all(
     return loop.run_until_complete(pushes())
 
 
-def _reply_frames(node: NodeRecord) -> tuple[FitRes, list[Any]]:
+def _awaited_reply(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Fleet, NodeRecord, int, list[FitRes | BaseException], FitRes, list[Any]]:
+    """A fleet whose one node has an instruction in flight: the fleet, the node, the
+    task's id, where its outcome goes, a reply to it and that reply's frames."""
+    fleet, node = _fleet_with_node(loop)
+    outcomes = _post(node, _fit_payload(10))
+    task = node.mailbox.take()
+    assert task is not None
     values = np.arange(4_000, dtype=np.float32)
     reply = FitRes(Status(Code.OK, ""), Parameters([values.tobytes()], "numpy.ndarray"), 5, {})
-    return reply, list(encode_reply_payload(reply).messages(node.frame_size))
+    frames = list(encode_reply_payload(reply).messages(node.frame_size))
+    return fleet, node, task.task_id, outcomes, reply, frames
 
 
 def test_frames_pushed_out_of_order_are_taken_in_order(loop: asyncio.AbstractEventLoop) -> None:
     """Concurrent pushes of one reply's frames may arrive in any order (a node has a few in
     flight): each waits for the ones before it, and the reply is whole and right."""
-    fleet, node = _fleet_with_node(loop)
-    outcomes = _post(node, _fit_payload(10))
-    task = node.mailbox.take()
-    assert task is not None
-    reply, frames = _reply_frames(node)
+    fleet, node, task_id, outcomes, reply, frames = _awaited_reply(loop)
     assert len(frames) >= 5
     order = [0, 3, 2, len(frames) - 1, *range(4, len(frames) - 1), 1]
-    answers = _push_all(loop, fleet, node, task.task_id, [frames[i] for i in order])
+    answers = _push_all(loop, fleet, node, task_id, [frames[i] for i in order])
     assert all(isinstance(answer, bytes) for answer in answers), answers
     assert len(outcomes) == 1 and isinstance(outcomes[0], FitRes)
     got = outcomes[0]
@@ -354,13 +359,9 @@ def test_a_frame_whose_earlier_one_never_comes_fails_the_reply(
     """A frame waits for its earlier ones a bounded time; then the gap is an error, as
     it was before frames could overtake each other: the push is refused, the task fails."""
     monkeypatch.setattr(handler, "_FRAME_ORDER_WAIT", 0.2)
-    fleet, node = _fleet_with_node(loop)
-    outcomes = _post(node, _fit_payload(10))
-    task = node.mailbox.take()
-    assert task is not None
-    _, frames = _reply_frames(node)
+    fleet, node, task_id, outcomes, _, frames = _awaited_reply(loop)
     began = loop.time()
-    answers = _push_all(loop, fleet, node, task.task_id, [frames[0], frames[2]])
+    answers = _push_all(loop, fleet, node, task_id, [frames[0], frames[2]])
     assert loop.time() - began < 10
     assert isinstance(answers[0], bytes)
     assert isinstance(answers[1], FleetError) and answers[1].kind is ErrorKind.INVALID_ARGUMENT
@@ -375,15 +376,11 @@ def test_a_node_has_a_few_frames_waiting_at_most(
     frames of one node waiting at once, the next is taken as it is (a gap fails the
     reply at once), and the waiting ones then find their task ended."""
     monkeypatch.setattr(handler, "_FRAME_ORDER_WAIT", 20.0)
-    fleet, node = _fleet_with_node(loop)
-    outcomes = _post(node, _fit_payload(10))
-    task = node.mailbox.take()
-    assert task is not None
-    _, frames = _reply_frames(node)
+    fleet, node, task_id, outcomes, _, frames = _awaited_reply(loop)
     pushed = [frames[1], frames[2], frames[3], frames[4], frames[2]]
-    assert handler._FRAMES_WAITING == len(pushed) - 1
+    assert len(pushed) - 1 == handler._FRAMES_WAITING
     began = loop.time()
-    answers = _push_all(loop, fleet, node, task.task_id, pushed)
+    answers = _push_all(loop, fleet, node, task_id, pushed)
     assert loop.time() - began < 10  # nobody waited out the 20 s
     assert [isinstance(a, FleetError) for a in answers] == [False] * 4 + [True]
     assert len(outcomes) == 1 and isinstance(outcomes[0], Exception)
