@@ -39,6 +39,10 @@ _PUSH_ATTEMPTS = 4
 _PUSH_FIRST_DELAY = 0.1
 """A failed push is sent again up to 3 times, 0.1, 0.2 and 0.4 s later."""
 
+_PUSH_MARGIN = 15.0
+"""Seconds past its request timeout that one attempt of a push may take, at most: what a
+requester waits past gRPC's deadline, and the delay before the attempt."""
+
 PUSHES_IN_FLIGHT = 2
 """Frames of a large reply pushed at once, after the first (which goes alone: it may
 wait on the server for its turn to be received). One at a time, each frame's round trip
@@ -180,15 +184,19 @@ class FleetClientTransport:
         is encoded while they travel. The first failure ends it (once the pushes in
         flight have ended: none goes on after this returns)."""
         in_flight: deque[Future[None]] = deque()
-        bound = _PUSH_ATTEMPTS * (self._request_timeout + 2 * _PUSH_FIRST_DELAY) + 10.0
+        # Past every attempt's own bound (the request timeout, a requester's margin past
+        # it, the delays between attempts): only a push that hangs outside them waits so.
+        bound = _PUSH_ATTEMPTS * (self._request_timeout + _PUSH_MARGIN)
         try:
             for push in pushes:
                 body = codec.encode_push_request(push)
                 in_flight.append(_pusher().submit(self._push, body, push.task_id))
                 if len(in_flight) >= PUSHES_IN_FLIGHT:
-                    _ended(in_flight.popleft(), bound)
+                    _ended(in_flight[0], bound)
+                    in_flight.popleft()
             while in_flight:
-                _ended(in_flight.popleft(), bound)
+                _ended(in_flight[0], bound)
+                in_flight.popleft()
         finally:
             for pending in in_flight:
                 pending.cancel()
