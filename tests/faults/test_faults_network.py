@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -30,9 +31,10 @@ from fault_tools import (
 )
 
 from stamen.client.app import NodeConfig, make_node_config, run_node
+from stamen.client.numpy_client import NumPyClient
 from stamen.clock import SystemClock
 from stamen.errors import ConnectionLost
-from stamen.ndarrays import parameters_to_ndarrays
+from stamen.ndarrays import ndarrays_to_parameters, parameters_to_ndarrays
 from stamen.net import tls as _tls
 from stamen.protocol.fleet import CreateNodeRequest, SimpleRequest
 from stamen.server import ServerConfig
@@ -43,6 +45,7 @@ from stamen.transport.base import ClientTransport, TransportSettings
 from stamen.transport.fleet import FleetClientTransport, Requester
 from stamen.transport.grpc_rere import GrpcRereRequester
 from stamen.transport.rest import RestRequester
+from stamen.typing import Config, NDArrays, Scalar
 from stamen.wire import Verb
 from stamen.wire import fleet_codec as fc
 
@@ -317,14 +320,17 @@ def test_a_reset_during_the_handshake_is_not_a_tls_problem_and_leaks_nothing(
 
 
 class _DroppingPushes:
-    """A node's requester whose first ``count`` pushes fail as a dropped connection:
-    before reaching the server, or after it (the server has the push, its answer is lost)."""
+    """A node's requester whose pushes fail as a dropped connection, ``count`` of them
+    from the ``first``-th on: before reaching the server, or after it (the server has the
+    push, its answer is lost). Pushes may be made from several threads at once."""
 
-    def __init__(self, inner: Requester, *, count: int, delivered: bool) -> None:
+    def __init__(self, inner: Requester, *, count: int, delivered: bool, first: int = 1) -> None:
         self.inner = inner
         self.left = count
         self.delivered = delivered
+        self.first = first
         self.pushes = 0
+        self._lock = threading.Lock()
 
     def open(self) -> None:
         self.inner.open()
@@ -334,13 +340,50 @@ class _DroppingPushes:
 
     def call(self, verb: Verb, body: bytes, timeout: float) -> bytes:
         if verb is Verb.PUSH:
-            self.pushes += 1
-            if self.left > 0:
-                self.left -= 1
+            with self._lock:
+                self.pushes += 1
+                drop = self.pushes >= self.first and self.left > 0
+                self.left -= drop
+            if drop:
                 if self.delivered:
                     self.inner.call(verb, body, timeout)
                 raise ConnectionLost("connection reset by peer (injected)")
         return self.inner.call(verb, body, timeout)
+
+
+def _node_over(
+    srv: RunningServer,
+    transport: str,
+    client: NumPyClient,
+    grpc_max_message_length: int,
+    factory: Callable[[NodeConfig], ClientTransport],
+) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A node on a thread of its own, on the transports ``factory`` makes, that must not
+    need to reconnect; the list gets None when it ends cleanly, else its error."""
+    config = make_node_config(
+        server_address=srv.address_for(transport),
+        client_fn=None,
+        client=client.to_client(),
+        grpc_max_message_length=grpc_max_message_length,
+        root_certificates=None,
+        insecure=True,
+        transport=transport,
+        authentication_keys=None,
+        max_retries=0,
+        max_wait_time=None,
+    )
+    outcome: list[BaseException | None] = []
+
+    def node() -> None:
+        try:
+            run_node(config, clock=SystemClock(), rng=lambda: 0.5, transport_factory=factory)
+            outcome.append(None)
+        except BaseException as exc:  # reported by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=node, name="flaky-node", daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 @pytest.mark.parametrize("delivered", [False, True], ids=["request-lost", "response-lost"])
@@ -367,29 +410,7 @@ def test_a_push_whose_connection_drops_is_sent_again_and_no_result_is_lost(
         running_server(config=ServerConfig(num_rounds=2), strategy=strategy, rest=True) as srv,
         node_threads() as nodes,
     ):
-        config = make_node_config(
-            server_address=srv.address_for(transport),
-            client_fn=None,
-            client=AddClient(1).to_client(),
-            grpc_max_message_length=1 << 20,
-            root_certificates=None,
-            insecure=True,
-            transport=transport,
-            authentication_keys=None,
-            max_retries=0,  # the node must not need to reconnect
-            max_wait_time=None,
-        )
-        outcome: list[BaseException | None] = []
-
-        def flaky_node() -> None:
-            try:
-                run_node(config, clock=SystemClock(), rng=lambda: 0.5, transport_factory=factory)
-                outcome.append(None)
-            except BaseException as exc:  # reported below
-                outcome.append(exc)
-
-        flaky = threading.Thread(target=flaky_node, name="flaky-node", daemon=True)
-        flaky.start()
+        flaky, outcome = _node_over(srv, transport, AddClient(1), 1 << 20, factory)
         nodes.append(_node(srv.address_for(transport), transport, AddClient(2)))
         srv.result(WAIT)
         flaky.join(WAIT)
@@ -400,3 +421,63 @@ def test_a_push_whose_connection_drops_is_sent_again_and_no_result_is_lost(
     assert [strategy.ks(r) for r in (1, 2)] == [[1, 2]] * 2
     assert strategy.failures(1) == [] and strategy.failures(2) == []
     _assert_params(srv, [[1, 2]] * 2)
+
+
+class _AddToLarge(NumPyClient):
+    """Adds ``k`` to a model of one array; its reply goes in many frames on a small link."""
+
+    def __init__(self, k: int, size: int) -> None:
+        self.k = k
+        self.size = size
+
+    def get_parameters(self, config: Config) -> NDArrays:
+        return [np.zeros(self.size, dtype=np.float32)]
+
+    def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        return [p + np.float32(self.k) for p in parameters], self.k, {}
+
+    def evaluate(
+        self, parameters: NDArrays, config: Config
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        return 0.0, self.k, {}
+
+
+@pytest.mark.parametrize("delivered", [False, True], ids=["request-lost", "response-lost"])
+@pytest.mark.parametrize("transport", ["grpc-rere", "rest"])
+def test_a_lost_push_of_a_frame_in_flight_is_sent_again_and_the_reply_is_whole(
+    transport: str, delivered: bool
+) -> None:
+    """A large reply's frames go two at a time after the first. The fourth push fails
+    once as a dropped connection: it is sent again while the next frame is in flight,
+    which the server, having it first, holds until the retried frame is in (or, its
+    answer lost, takes as a frame it has). The round aggregates the reply, no failure,
+    and the model is exact."""
+    size = 20_000  # 80 KB in ~21 frames on a 4 KiB link
+    initial = ndarrays_to_parameters([np.zeros(size, dtype=np.float32)])
+    strategy = FaultFedAvg(
+        start_with=1,
+        min_fit_clients=1,
+        min_evaluate_clients=1,
+        min_available_clients=1,
+        initial_parameters=initial,
+    )
+    requesters: list[_DroppingPushes] = []
+
+    def factory(config: NodeConfig) -> ClientTransport:
+        settings = config.settings
+        inner = GrpcRereRequester(settings) if transport == "grpc-rere" else RestRequester(settings)
+        requester = _DroppingPushes(inner, count=1, delivered=delivered, first=4)
+        requesters.append(requester)
+        return FleetClientTransport(requester, max_message_length=settings.max_message_length)
+
+    with running_server(config=ServerConfig(num_rounds=1), strategy=strategy, rest=True) as srv:
+        thread, outcome = _node_over(srv, transport, _AddToLarge(3, size), 4096, factory)
+        srv.result(WAIT)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        got = parameters_to_ndarrays(srv.server.parameters)
+    assert outcome == [None]
+    assert len(requesters) == 1 and requesters[0].left == 0, "no push was lost"
+    assert requesters[0].pushes > 20
+    assert strategy.failures(1) == []
+    np.testing.assert_array_equal(got[0], np.full(size, 3.0, dtype=np.float32))
