@@ -77,7 +77,8 @@ def _ended(push: Future[None], bound: float) -> None:
 
 
 class Requester(Protocol):
-    """Sends one Fleet request and returns the response body."""
+    """Sends one Fleet request and returns the response body. :meth:`call` is made from
+    several threads at once (a node's heartbeats, and its pushes in flight)."""
 
     def open(self) -> None:
         """Reach the server (raises ConnectError when it cannot be reached)."""
