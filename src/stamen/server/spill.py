@@ -314,9 +314,11 @@ def copy_on_write(view: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
         return None
     address = int(view.__array_interface__["data"][0])
     found = _mapping_at(address)
-    entry = None if found is None else found[0]
-    segment = None if entry is None or entry.segment is None else entry.segment()
-    if entry is None or segment is None:  # not spilled, a private view, or a file let go
+    if found is None:  # not spilled
+        return None
+    entry = found[0]
+    segment = None if entry.segment is None else entry.segment()
+    if segment is None:  # a private view, or its file let go meanwhile
         return None
     at = address - entry.start  # the file's offset: a segment maps its file from 0
     offset = at // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY

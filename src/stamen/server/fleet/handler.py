@@ -493,9 +493,14 @@ class Fleet:
         try:
             return await self._take_pushed(node, task_id, data)
         finally:
-            landed = self._landed.pop(node.cid, None)
-            if landed is not None:
-                landed.set()  # frames waiting for this one look again
+            self._look_again(node.cid)
+
+    def _look_again(self, cid: str) -> None:
+        """The frames of node ``cid`` waiting for an earlier one ask again whether it is
+        in (or their task has ended)."""
+        landed = self._landed.pop(cid, None)
+        if landed is not None:
+            landed.set()
 
     async def _in_turn(self, node: Node, task_id: int, data: bytes | memoryview) -> None:
         """Wait until the frames before ``data`` in its reply have been taken (or the
@@ -631,16 +636,13 @@ class Fleet:
     def close_node(self, node: Node, error: BaseException | None = None) -> None:
         """Remove the node: fail its tasks and drop it from the client manager."""
         self.state.close(node, error)
-        landed = self._landed.pop(node.cid, None)
-        if landed is not None:
-            landed.set()  # its waiting frames find their task ended
+        self._look_again(node.cid)  # its waiting frames find their task ended
 
     def close_all(self, reason: str) -> None:
         """Close every node (server shutdown)."""
         self.state.close_all(reason)
-        landed, self._landed = self._landed, {}
-        for event in landed.values():
-            event.set()
+        for cid in list(self._landed):
+            self._look_again(cid)
 
     def drop_silent_nodes(self) -> int:
         """Close pull-based nodes silent for longer than the heartbeat timeout."""
