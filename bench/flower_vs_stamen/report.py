@@ -220,6 +220,8 @@ def _transport_target(results: dict[str, Any], point: str, suffix: str) -> dict[
     if found is None:
         return {"target": text, "measured": "not run", "met": None, "issue": 19}
     ratio, measured = found
+    if suffix == "rere":
+        measured += _grpc_alone_rere(results, point, TRANSPORT_BOUND)
     return {"target": text, "measured": measured, "met": ratio <= TRANSPORT_BOUND, "issue": 19}
 
 
@@ -242,16 +244,12 @@ def auth_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def targets_19(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets of issue #19: round-time ratios, grpc-rere and rest against grpc-bidi,
     and server memory per strategy form."""
-    found = [
-        _ratio_target(results, "B", 0.10),
-        _ratio_target(results, "Bsub", 0.10),
-        _ratio_target(results, "D", 0.10),
-        _ratio_target(results, "A", 0.25),
-        _ratio_target(results, "C", 0.25),
-        _ratio_target(results, "E500", 0.25),
-    ]
-    for item in found:
+    bounds = {"B": 0.10, "Bsub": 0.10, "D": 0.10, "A": 0.25, "C": 0.25, "E500": 0.25}
+    found = [_ratio_target(results, name, bound) for name, bound in bounds.items()]
+    for item, (name, bound) in zip(found, bounds.items(), strict=True):
         item["issue"] = 19
+        if item["met"] is not None:
+            item["measured"] += _grpc_alone(results, name, bound)
     transports = [
         _transport_target(results, point, suffix)
         for point in ("A", "B", "C", "D")
@@ -303,6 +301,15 @@ def floors_line(floors: dict[str, Any]) -> str:
     return (
         f"floors: loopback {floors['loopback_bytes_per_s'] / 1e9:.2f} GB/s, memcpy "
         f"{floors['memcpy_bytes_per_s'] / 1e9:.2f} GB/s (best of {len(floors['loopback_seconds'])})"
+    )
+
+
+def grpc_floor_line(name: str, floor: dict[str, Any]) -> str:
+    """One line of progress for grpcio alone on ``name``'s exchange."""
+    bidi, rere = floor["bidi"]["median_round_seconds"], floor["rere"]["median_round_seconds"]
+    return (
+        f"grpcio alone, {name}'s exchange: a stream message each way {_short(bidi)}, "
+        f"pull + push calls {_short(rere)} ({rere / bidi:.2f} x)"
     )
 
 
@@ -373,6 +380,10 @@ def _short(value: float) -> str:
     return f"{value * 1e3:.2f} ms" if value < 0.01 else _seconds(value)
 
 
+def _x(value: float) -> str:
+    return f"{value:.2f} x"
+
+
 def _times(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f} x"
 
@@ -404,6 +415,77 @@ def floor_table(results: dict[str, Any]) -> list[str]:
             cells.append(_seconds(s["round_seconds"]) if ok else "—")
             cells.append(_times(floor[framework]["round_x_floor"]))
         cells += [_times(floor[f]["server_peak_rss_x_model"]) for f in ("stamen", "flower")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+GRPC_FLOOR_OF = {"A": "A", "B": "B", "Bsub": "B", "C": "C", "E500": "E500"}
+"""The point whose grpcio-alone exchange (``grpc_floor.py``) each workload's is."""
+
+
+def grpc_floor_of(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """What grpcio alone took for workload ``name``'s exchange, if it was measured."""
+    floor = results.get("grpc_floors", {}).get(GRPC_FLOOR_OF.get(name, ""))
+    return floor if floor and floor["ok"] else None
+
+
+def _grpc_alone(results: dict[str, Any], name: str, bound: float) -> str:
+    """Beside a round-time target of ``name`` (Stamen / Flower <= ``bound``): grpcio alone's
+    round as a multiple of Flower's, and whether the bound lies below it."""
+    floor = grpc_floor_of(results, name)
+    flower = results["workloads"].get(name, {}).get("summary", {}).get("flower")
+    if floor is None or not flower or not flower["round_seconds"]:
+        return ""
+    alone = floor["bidi"]["median_round_seconds"] / flower["round_seconds"]
+    below = ": the bound is below grpcio's own round" if alone > bound else ""
+    return f"; grpcio alone {alone:.3f} x{below}"
+
+
+def _grpc_alone_rere(results: dict[str, Any], point: str, bound: float) -> str:
+    """Beside a grpc-rere target of ``point``: grpcio alone's rere / bidi round ratio."""
+    floor = grpc_floor_of(results, point)
+    if floor is None:
+        return ""
+    ratio = floor["rere"]["median_round_seconds"] / floor["bidi"]["median_round_seconds"]
+    below = ": the bound is below grpcio's own ratio" if ratio > bound else ""
+    return f"; grpcio alone {ratio:.2f} x{below}"
+
+
+def grpc_floor_table(results: dict[str, Any]) -> list[str]:
+    """One row per workload whose exchange grpcio alone ran: its round both ways, and both
+    frameworks' rounds against it."""
+    rows = [
+        "grpcio alone (`bench/transports/grpc_floor.py`, before the runs): each point's "
+        "nodes, bytes and client processes, handlers that do nothing else; grpc-bidi's "
+        "exchange is a stream message each way per node and round (models over 4 MiB in "
+        "4 MiB messages), grpc-rere's a pull call answered with the instruction and a push "
+        "call with the reply. It is the round no framework on grpcio can beat here.",
+        "",
+        "| workload | grpcio alone: stream | Stamen round | Stamen x grpcio | Flower round "
+        "| Flower x grpcio | grpcio alone: pull + push | x stream | Stamen grpc-rere x grpcio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    floors = results.get("grpc_floors", {})
+    for name in (n for n in results["workloads"] if GRPC_FLOOR_OF.get(n) in floors):
+        floor = floors[GRPC_FLOOR_OF[name]]
+        if not floor["ok"]:
+            rows.append(f"| {name} | failed: {reason(floor['error'])} | | | | | | | |")
+            continue
+        bidi, rere = floor["bidi"]["median_round_seconds"], floor["rere"]["median_round_seconds"]
+        cells = [name, _short(bidi)]
+        summary = results["workloads"].get(name, {}).get("summary", {})
+        for framework in ("stamen", "flower"):
+            s = summary.get(framework)
+            ok = s is not None and s["runs_ok"]
+            cells += (
+                [_short(s["round_seconds"]), _x(s["round_seconds"] / bidi)] if ok else ["—"] * 2
+            )
+        cells += [_short(rere), _x(rere / bidi)]
+        stamen_rere = _stamen(results, f"{name}-rere")
+        if stamen_rere and stamen_rere["round_seconds"]:
+            cells.append(_x(stamen_rere["round_seconds"] / rere))
+        else:
+            cells.append("—")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -461,6 +543,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [*workload_table(results), ""]
         if results.get("floors"):
             lines += [*floor_table(results), ""]
+        if results.get("grpc_floors"):
+            lines += [*grpc_floor_table(results), ""]
     if "micro" in results:
         lines += [*micro_table(results["micro"]), ""]
     lines += ["| target (issue) | measured | met |", "|---|---|---|"]

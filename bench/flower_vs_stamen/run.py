@@ -11,7 +11,11 @@ round from inside its strategy (``configure_fit`` after sampling -> end of
 Before the runs, the driver measures the machine's floors (``floors.py``: loopback TCP
 throughput and memcpy bandwidth, best of a few tries); each workload's floor is the time
 its round's bytes alone take at those speeds, and the report gives both frameworks' round
-times as multiples of it.
+times as multiples of it. It also runs A's, B's, C's and E500's exchanges with grpcio alone
+(``bench/transports/grpc_floor.py``: the same nodes, bytes and client processes, handlers
+that do nothing else; ``--no-grpc-floors`` skips them): the round no framework on grpcio
+can beat on this machine, as a stream message each way (grpc-bidi) and as a pull and a
+push call (grpc-rere). Each round-time target is shown beside it.
 
 The server's strategy takes one of four forms (``workload.STRATEGY_FORMS``): FedAvg (every
 workload but those below), a FedAvg subclass overriding ``aggregate_fit`` to save the model
@@ -30,6 +34,7 @@ Usage::
         [--frameworks stamen,flower] [--repeat N] [--rounds N] [--transport grpc-bidi]
         [--flower-python PATH] [--out bench/results/flower_vs_stamen.json] [--readme]
         [--wire kernel|relay|none] [--trace-rss] [--logs DIR] [--stamen-server-prefix CMD]
+        [--no-grpc-floors]
     .venv/bin/python bench/flower_vs_stamen/run.py --render RESULTS.json [--readme]
 
 ``--quick`` shrinks every size (a smoke test of the harness, not a measurement).
@@ -408,6 +413,53 @@ def measure_floors(quick: bool) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+GRPC_FLOOR = HERE.parent / "transports" / "grpc_floor.py"
+GRPC_FLOOR_FRAME = 4 << 20
+"""Bytes per message of a model larger than this in ``grpc_floor.py`` (Stamen's reply
+frame; its instruction frames are 1 MiB)."""
+GRPC_FLOOR_TIMEOUT = 600.0
+
+
+def measure_grpc_floors(
+    table: dict[str, Workload], selected: list[str], quick: bool
+) -> dict[str, Any]:
+    """``grpc_floor.py`` for the exchange of each selected workload that has one
+    (``report.GRPC_FLOOR_OF``: A, B and Bsub, C, E500), a process tree of its own per
+    point: the round time and server CPU of grpcio alone moving the point's bytes between
+    its nodes and client processes as grpc-bidi (a stream message each way) and as
+    grpc-rere (a pull and a push call), handlers that do nothing else. A point whose
+    script fails is recorded with its error."""
+    points = {report.GRPC_FLOOR_OF[n] for n in selected if n in report.GRPC_FLOOR_OF}
+    floors: dict[str, Any] = {}
+    for name in (n for n in ORDER if n in points):
+        load = table[name]
+        frame = GRPC_FLOOR_FRAME if load.model_bytes > GRPC_FLOOR_FRAME else 0
+        # Whole-message points take 20 rounds (their round is 30-120 ms); framed ones 3.
+        rounds, repeat = (load.rounds, 1) if quick else (3, 1) if frame else (20, 3)
+        with tempfile.TemporaryDirectory(prefix="bench-grpc-floor-") as tmp:
+            out = Path(tmp) / "floor.json"
+            argv = [sys.executable, str(GRPC_FLOOR), "--nodes", str(load.clients)]
+            argv += ["--size", str(load.model_bytes), "--processes", str(load.processes)]
+            argv += ["--rounds", str(rounds), "--repeat", str(repeat), "--frame", str(frame)]
+            argv += ["--out", str(out)]
+            try:
+                done = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=GRPC_FLOOR_TIMEOUT, check=False
+                )
+            except subprocess.TimeoutExpired:
+                floors[name] = {"ok": False, "error": f"no result in {GRPC_FLOOR_TIMEOUT:g} s"}
+                continue
+            if done.returncode != 0 or not out.exists():
+                error = f"grpc_floor.py exit {done.returncode}: {done.stderr[-2000:]}"
+                floors[name] = {"ok": False, "error": error}
+                continue
+            record = json.loads(out.read_text(encoding="utf-8"))
+        floors[name] = {"ok": True, "frame": frame, "rounds": rounds, "repeat": repeat}
+        floors[name] |= {mode: record["summary"][mode] for mode in ("bidi", "rere")}
+        print(report.grpc_floor_line(name, floors[name]), flush=True)
+    return floors
+
+
 def flower_python(given: str | None) -> str:
     """Flower's interpreter: the option, ``$STAMEN_FLWR_PYTHON`` or ``.venv-flwr``."""
     return given or os.environ.get("STAMEN_FLWR_PYTHON") or str(REPO / ".venv-flwr/bin/python")
@@ -441,6 +493,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only print (and with --readme write) the tables of an earlier results JSON",
     )
     parser.add_argument("--logs", type=Path, default=None, help="keep every process's log here")
+    parser.add_argument(
+        "--grpc-floors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run A's, B's, C's and E500's exchanges with grpcio alone too (grpc_floor.py)",
+    )
     options = parser.parse_args(argv)
     options.flower_python = flower_python(options.flower_python)
     if "flower" in options.frameworks.split(",") and not Path(options.flower_python).exists():
@@ -484,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {},
     }
     print(report.floors_line(results["floors"]), flush=True)
+    if options.grpc_floors:  # before the runs too, on the quiet machine
+        results["grpc_floors"] = measure_grpc_floors(table, selected, options.quick)
     with tempfile.TemporaryDirectory(prefix="bench-fvs-") as tmp:
         log_dir = Path(tmp)
         if options.logs is not None:

@@ -20,6 +20,9 @@ With ``--frame``, each message goes as frames of that many bytes, as Stamen send
 models larger than a frame (the server's instruction in 1 MiB frames, a node's reply in
 4 MiB ones): what grpcio alone takes for B's exchange, against Stamen's B round.
 
+``make bench`` (``bench/flower_vs_stamen/run.py``) runs it for A's, B's, C's and E500's
+exchanges before its runs and reports each point's round against it.
+
 Usage: python bench/transports/grpc_floor.py [--nodes 100] [--size 400000] [--rounds 20]
        [--processes 4] [--repeat 3] [--frame 0] [--out bench/results/grpc_floor.json]
 """
@@ -217,10 +220,10 @@ def main() -> int:
         for mode, runs in results.items()
     }
     ratio = summary["rere"]["median_round_seconds"] / summary["bidi"]["median_round_seconds"]
-    cpu_ratio = (
-        summary["rere"]["server_cpu_us_per_node_round"]
-        / summary["bidi"]["server_cpu_us_per_node_round"]
-    )
+    # A tiny exchange (the bench's --quick sizes) may use less server CPU than the clock
+    # ticks: no ratio then.
+    cpu_bidi = summary["bidi"]["server_cpu_us_per_node_round"]
+    cpu_ratio = summary["rere"]["server_cpu_us_per_node_round"] / cpu_bidi if cpu_bidi else None
     framed = f", in frames of {args.frame:,} bytes" if args.frame else ""
     print(
         f"grpcio alone, {args.nodes} nodes x {args.size:,} bytes{framed}, "
@@ -235,7 +238,8 @@ def main() -> int:
         seconds = summary[mode]["median_round_seconds"]
         cpu_us = summary[mode]["server_cpu_us_per_node_round"]
         print(f"| {text} | {seconds * 1e3:.1f} ms | {cpu_us:.0f} us |")
-    print(f"rere / bidi: round {ratio:.2f}x, server CPU {cpu_ratio:.2f}x")
+    cpu_text = "not measurable" if cpu_ratio is None else f"{cpu_ratio:.2f}x"
+    print(f"rere / bidi: round {ratio:.2f}x, server CPU {cpu_text}")
     record = {
         "machine": {
             "cpus": os.cpu_count(),

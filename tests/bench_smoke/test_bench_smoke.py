@@ -142,6 +142,14 @@ def test_quick_transport_points_are_compared_with_grpc_bidi(tmp_path: Path) -> N
         bidi = result["workloads"]["A"]["summary"]["stamen"]["round_seconds"]
         assert target["measured"].startswith(f"{other / bidi:.2f} x"), target
     assert "A-rere round time <= 1.3 x A (grpc-bidi)" in stdout
+    # grpcio alone ran A's exchange both ways before the runs, and the report shows it.
+    floor = result["grpc_floors"]["A"]
+    assert floor["ok"], floor
+    assert floor["bidi"]["median_round_seconds"] > 0 and floor["rere"]["median_round_seconds"] > 0
+    assert "grpcio alone, A's exchange: a stream message each way" in stdout
+    [row] = [line for line in stdout.splitlines() if line.startswith("| A | ")]
+    rere = result["workloads"]["A-rere"]["summary"]["stamen"]["round_seconds"]
+    assert row.endswith(f"| {rere / floor['rere']['median_round_seconds']:.2f} x |"), row
 
 
 def test_quick_auth_point_runs_authenticated_nodes_against_a(tmp_path: Path) -> None:

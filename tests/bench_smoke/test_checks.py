@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +30,19 @@ def harness_module(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def in_harness(script: str) -> Any:
+    """What ``script`` prints as JSON, run by a fresh interpreter with the harness's
+    directory first on its path (its modules import each other by their plain names)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(HARNESS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout)
 
 
 floors = harness_module("floors")
@@ -106,16 +120,60 @@ print(json.dumps([
     report.reason("timed out; server: \\x1b[93mWARNING\\x1b[0m: slow"),
 ]))
 """
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(HARNESS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert json.loads(done.stdout) == [
+    assert in_harness(script) == [
         True,
         "server failed (exit -9), killed by signal 9",
         "ValueError: bad",
         "timed out; server: WARNING: slow",
+    ]
+
+
+def test_targets_say_when_their_bound_is_below_what_grpcio_alone_takes() -> None:
+    """A round-time target is shown beside grpcio alone's round for the same exchange (as
+    a multiple of Flower's round), and said to be below it when it is; a grpc-rere
+    target beside grpcio's own pull + push over stream ratio. The table relates both
+    frameworks' rounds to grpcio's."""
+    script = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import report
+
+def entry(stamen, flower):
+    summary = {"stamen": {"round_seconds": stamen, "runs_ok": 1},
+               "flower": {"round_seconds": flower, "runs_ok": 1}}
+    if flower:
+        summary["ratio"] = {"round_seconds": stamen / flower}
+    return {"summary": summary, "title": "t"}
+
+results = {
+    "workloads": {"A": entry(0.056, 0.169), "C": entry(0.105, 0.253),
+                  "A-rere": entry(0.070, None), "C-rere": entry(0.190, None)},
+    "grpc_floors": {
+        "A": {"ok": True, "bidi": {"median_round_seconds": 0.048},
+              "rere": {"median_round_seconds": 0.0768}},
+        "C": {"ok": True, "bidi": {"median_round_seconds": 0.054},
+              "rere": {"median_round_seconds": 0.1134}},
+    },
+}
+found = {t["target"]: t["measured"] for t in report.targets_19(results)}
+rows = [r for r in report.grpc_floor_table(results) if r.startswith("| A")]
+print(json.dumps([
+    found["A round time <= 0.25 x Flower"],
+    found["C round time <= 0.25 x Flower"],
+    found["A-rere round time <= 1.3 x A (grpc-bidi)"],
+    found["C-rere round time <= 1.3 x C (grpc-bidi)"],
+    rows,
+]))
+"""
+    a, c, a_rere, c_rere, rows = in_harness(script)
+    # 0.048 / 0.169 = 0.284: no framework on grpcio reaches 0.25x of Flower's 0.169 s.
+    assert a == "0.331 x; grpcio alone 0.284 x: the bound is below grpcio's own round"
+    assert c == "0.415 x; grpcio alone 0.213 x"  # 0.054 / 0.253: below the bound
+    assert a_rere == (
+        "1.25 x (0.070 s / 0.056 s); grpcio alone 1.60 x: the bound is below grpcio's own ratio"
+    )
+    assert c_rere.endswith("; grpcio alone 2.10 x: the bound is below grpcio's own ratio")
+    # One row per grpc-bidi workload; its grpc-rere point in the last column (0.070 / 0.0768).
+    assert rows == [
+        "| A | 0.048 s | 0.056 s | 1.17 x | 0.169 s | 3.52 x | 0.077 s | 1.60 x | 0.91 x |"
     ]
