@@ -3,12 +3,14 @@ buffer pool reuses received messages and encoded tensors only once nothing reads
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -273,8 +275,9 @@ def test_a_buffer_the_system_cannot_map_is_a_memory_error(monkeypatch: pytest.Mo
 # and whether Stamen's own record says a setting was applied.
 _IMPORT_PROBE = textwrap.dedent(
     """
-    import ctypes, json, sys
+    import ctypes, gc, json, sys
 
+    threshold = gc.get_threshold()
     looked_up = []
     original = ctypes.CDLL.__getitem__
 
@@ -287,16 +290,20 @@ _IMPORT_PROBE = textwrap.dedent(
     from stamen import memory
 
     at_import, applied = list(looked_up), [memory._arenas_limited, memory._tuned]
+    collector = [memory._collector, gc.get_threshold()]
     memory.tune_allocator()  # the probe sees a call when there is one
-    print(json.dumps({"at_import": at_import, "applied": applied, "after": looked_up}))
+    print(json.dumps(
+        {"at_import": at_import, "applied": applied, "after": looked_up, "gc": collector}
+    ))
     """
 )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_importing_stamen_changes_no_process_wide_setting() -> None:
-    """malloc settings bind the whole process: only an entry point (start_client,
-    start_server, start_simulation, the CLI) or the program itself applies them."""
+    """malloc and garbage collector settings bind the whole process: only an entry point
+    (start_client, start_server, start_simulation, the CLI) or the program itself applies
+    them."""
     env = {k: v for k, v in os.environ.items() if k != "STAMEN_MALLOC_TUNING"}
     done = subprocess.run(
         [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, timeout=120, env=env
@@ -306,3 +313,58 @@ def test_importing_stamen_changes_no_process_wide_setting() -> None:
     assert "mallopt" not in report["at_import"], report
     assert report["applied"] == [None, None], report
     assert "mallopt" in report["after"], report  # the spy would have seen it
+    # Nor the cyclic garbage collector's thresholds (Python's defaults: 700, 10, 10).
+    assert report["gc"] == [None, [700, 10, 10]], report
+
+
+# --- The cyclic garbage collector, scaled by a round's nodes ------------------------------
+
+
+@pytest.fixture
+def collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Stamen's collector tuning undone and Python's thresholds restored after the test;
+    yields the young-generation threshold before it."""
+    saved = gc.get_threshold()
+    monkeypatch.setattr(memory, "_collector", None)
+    monkeypatch.delenv("STAMEN_GC_TUNING", raising=False)
+    try:
+        yield saved[0]
+    finally:
+        gc.set_threshold(*saved)
+
+
+def test_a_tuned_collector_scales_with_the_nodes_of_a_round(collector: int) -> None:
+    _, second, third = gc.get_threshold()
+    per_node = memory.GC_ALLOCATIONS_PER_NODE
+    assert memory.scale_collector(10_000) == collector  # not tuned: nothing changes
+    assert gc.get_threshold()[0] == collector
+    assert memory.tune_collector()
+    assert memory.scale_collector(10_000) == 10_000 * per_node
+    assert gc.get_threshold() == (10_000 * per_node, second, third)  # the others kept
+    assert memory.scale_collector(2) == collector  # never below Python's own
+    assert gc.get_threshold()[0] == collector
+    assert memory.scale_collector(500) == max(collector, 500 * per_node)
+
+
+def test_a_threshold_the_program_set_itself_is_left_alone(collector: int) -> None:
+    memory.tune_collector()
+    memory.scale_collector(1_000)
+    gc.set_threshold(1_234, 5, 6)
+    assert memory.scale_collector(10_000) == 1_234
+    assert gc.get_threshold() == (1_234, 5, 6)
+
+
+def test_a_collector_without_automatic_collections_stays_so(collector: int) -> None:
+    gc.set_threshold(0)  # how a program turns automatic collection off
+    memory.tune_collector()
+    assert memory.scale_collector(10_000) == 0
+    assert gc.get_threshold()[0] == 0
+
+
+def test_stamen_gc_tuning_0_leaves_the_collector_alone(
+    collector: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAMEN_GC_TUNING", "0")
+    assert not memory.tune_collector()
+    assert memory.scale_collector(10_000) == collector
+    assert gc.get_threshold()[0] == collector

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stamen import memory
 from stamen.client import Client, NumPyClient
 from stamen.client.dispatch import handle
 from stamen.context import Context, RecordSet
@@ -510,6 +512,29 @@ def test_fit_round_counts_a_failing_client_as_failure() -> None:
     assert any(isinstance(f, ConnectionLost) for f in failures)
     assert parameters is not None
     assert parameters_to_ndarrays(parameters)[0].tolist() == [2.5]
+
+
+def test_a_round_scales_a_tuned_collector_with_its_nodes(monkeypatch: Any) -> None:
+    """With the server's entry point's collector tuning in effect, a fit round sets the
+    garbage collector's young-generation threshold for the nodes it instructs."""
+    saved = gc.get_threshold()
+    monkeypatch.setattr(memory, "_collector", None)
+    monkeypatch.delenv("STAMEN_GC_TUNING", raising=False)
+    monkeypatch.setattr(memory, "GC_ALLOCATIONS_PER_NODE", 10_000)
+    a, b, bad = _three_clients()
+    server = Server(
+        client_manager=_manager(a, b, bad),
+        strategy=FedAvg(initial_parameters=ndarrays_to_parameters([np.zeros(1)])),
+    )
+    server.parameters = ndarrays_to_parameters([np.zeros(1)])
+    try:
+        server.fit_round(1, timeout=None)
+        assert gc.get_threshold() == saved  # not tuned: left alone
+        memory.tune_collector()
+        server.fit_round(2, timeout=None)
+        assert gc.get_threshold() == (3 * 10_000, saved[1], saved[2])
+    finally:
+        gc.set_threshold(*saved)
 
 
 def test_run_instructions_keeps_order_and_splits_failures() -> None:

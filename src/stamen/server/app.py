@@ -167,9 +167,10 @@ def start_server(
         NotEnoughClients: too few clients connected in time.
         RunError: the run failed (every client is told why before this is raised).
     """
-    from ..memory import tune_allocator
+    from ..memory import tune_allocator, tune_collector
 
     tune_allocator()  # process-wide malloc settings: entry points only, never at import
+    tune_collector()  # and the cyclic GC's, scaled by each round's nodes
     parse_address(server_address)
     if rest_address is not None:
         parse_address(rest_address, field="rest_address")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, InvalidResult, ProtocolError, RunError
+from ..memory import scale_collector
 from ..messages import (
     Code,
     DisconnectRes,
@@ -485,6 +486,7 @@ class Server:
         if not instructions:
             logger.info("round %d: no clients selected for fit", server_round)
             return None
+        scale_collector(len(instructions))  # if the entry point tuned it (stamen.memory)
         accumulator = self.strategy.fit_accumulator(server_round)
         # Without an accumulator every result is kept to the end: beyond the RAM budget,
         # in spill files that the aggregation reads a part at a time; a prefold sees

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from ...errors import ConfigError
-from ...memory import tune_allocator
+from ...memory import tune_allocator, tune_collector
 from ...net.address import parse_address
 from ...net.limits import grpc_message_options
 from ...net.loop import LoopThread
@@ -197,6 +197,7 @@ class FleetService:
             ConfigError: an address cannot be bound (in use, or not an address here).
         """
         tune_allocator()
+        tune_collector()  # rounds scale the cyclic GC with their nodes
         raise_descriptor_limit()
         self._loop_thread.start()
         try:
