@@ -459,7 +459,8 @@ def grpc_floor_table(results: dict[str, Any]) -> list[str]:
         "nodes, bytes and client processes, handlers that do nothing else; grpc-bidi's "
         "exchange is a stream message each way per node and round (models over 4 MiB in "
         "4 MiB messages), grpc-rere's a pull call answered with the instruction and a push "
-        "call with the reply. It is the round no framework on grpcio can beat here.",
+        "call with the reply: a lower bound here for a framework that moves the same messages "
+        "with grpcio.",
         "",
         "| workload | grpcio alone: stream | Stamen round | Stamen x grpcio | Flower round "
         "| Flower x grpcio | grpcio alone: pull + push | x stream | Stamen grpc-rere x grpcio |",

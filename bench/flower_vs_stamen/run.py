@@ -13,9 +13,10 @@ throughput and memcpy bandwidth, best of a few tries); each workload's floor is 
 its round's bytes alone take at those speeds, and the report gives both frameworks' round
 times as multiples of it. It also runs A's, B's, C's and E500's exchanges with grpcio alone
 (``bench/transports/grpc_floor.py``: the same nodes, bytes and client processes, handlers
-that do nothing else; ``--no-grpc-floors`` skips them): the round no framework on grpcio
-can beat on this machine, as a stream message each way (grpc-bidi) and as a pull and a
-push call (grpc-rere). Each round-time target is shown beside it.
+that do nothing else; ``--no-grpc-floors`` skips them): on this machine, a lower bound for
+a framework that moves the same messages with grpcio, as a stream message each way
+(grpc-bidi) and as a pull and a push call (grpc-rere). Each round-time target is shown
+beside it.
 
 The server's strategy takes one of four forms (``workload.STRATEGY_FORMS``): FedAvg (every
 workload but those below), a FedAvg subclass overriding ``aggregate_fit`` to save the model

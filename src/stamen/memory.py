@@ -151,8 +151,8 @@ def tune_allocator() -> bool:
 GC_ALLOCATIONS_PER_NODE = 40
 """Net allocations per node of a round between two collections of the cyclic garbage
 collector's young generation, once :func:`tune_collector` is in effect. A round of 500
-small-model nodes allocates ~50 objects per node on the server: it then sees a young
-collection about every round and a full one every few dozen, whatever its node count."""
+small-model nodes allocates ~50 objects per node on the server: it then sees about one
+young collection a round and a full one at most every hundred, whatever its node count."""
 
 _collector: list[int] | None = None
 """[Python's young-generation threshold before tuning, the threshold last set here];
