@@ -368,3 +368,14 @@ def test_stamen_gc_tuning_0_leaves_the_collector_alone(
     assert not memory.tune_collector()
     assert memory.scale_collector(10_000) == collector
     assert gc.get_threshold()[0] == collector
+
+
+def test_a_threshold_set_before_tuning_is_the_floor(collector: int) -> None:
+    """docs/operations.md: a threshold the program set before the server started is the
+    floor instead of Python's own."""
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(5_000, second, third)
+    memory.tune_collector()
+    assert memory.scale_collector(10) == 5_000
+    assert memory.scale_collector(1_000) == 1_000 * memory.GC_ALLOCATIONS_PER_NODE
+    assert memory.scale_collector(10) == 5_000
