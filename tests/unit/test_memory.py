@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -318,19 +317,6 @@ def test_importing_stamen_changes_no_process_wide_setting() -> None:
 
 
 # --- The cyclic garbage collector, scaled by a round's nodes ------------------------------
-
-
-@pytest.fixture
-def collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
-    """Stamen's collector tuning undone and Python's thresholds restored after the test;
-    yields the young-generation threshold before it."""
-    saved = gc.get_threshold()
-    monkeypatch.setattr(memory, "_collector", None)
-    monkeypatch.delenv("STAMEN_GC_TUNING", raising=False)
-    try:
-        yield saved[0]
-    finally:
-        gc.set_threshold(*saved)
 
 
 def test_a_tuned_collector_scales_with_the_nodes_of_a_round(collector: int) -> None:

@@ -514,12 +514,10 @@ def test_fit_round_counts_a_failing_client_as_failure() -> None:
     assert parameters_to_ndarrays(parameters)[0].tolist() == [2.5]
 
 
-def test_a_round_scales_a_tuned_collector_with_its_nodes(monkeypatch: Any) -> None:
+def test_a_round_scales_a_tuned_collector_with_its_nodes(collector: int, monkeypatch: Any) -> None:
     """With the server's entry point's collector tuning in effect, a fit round sets the
     garbage collector's young-generation threshold for the nodes it instructs."""
-    saved = gc.get_threshold()
-    monkeypatch.setattr(memory, "_collector", None)
-    monkeypatch.delenv("STAMEN_GC_TUNING", raising=False)
+    _, second, third = gc.get_threshold()
     monkeypatch.setattr(memory, "GC_ALLOCATIONS_PER_NODE", 10_000)
     a, b, bad = _three_clients()
     server = Server(
@@ -527,14 +525,11 @@ def test_a_round_scales_a_tuned_collector_with_its_nodes(monkeypatch: Any) -> No
         strategy=FedAvg(initial_parameters=ndarrays_to_parameters([np.zeros(1)])),
     )
     server.parameters = ndarrays_to_parameters([np.zeros(1)])
-    try:
-        server.fit_round(1, timeout=None)
-        assert gc.get_threshold() == saved  # not tuned: left alone
-        memory.tune_collector()
-        server.fit_round(2, timeout=None)
-        assert gc.get_threshold() == (3 * 10_000, saved[1], saved[2])
-    finally:
-        gc.set_threshold(*saved)
+    server.fit_round(1, timeout=None)
+    assert gc.get_threshold() == (collector, second, third)  # not tuned: left alone
+    memory.tune_collector()
+    server.fit_round(2, timeout=None)
+    assert gc.get_threshold() == (3 * 10_000, second, third)
 
 
 def test_run_instructions_keeps_order_and_splits_failures() -> None:
